@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Checks a running demo with the official OpenAI Python SDK (pip install openai).
+
+Usage: scripts/smoke_openai.py [http://127.0.0.1:8080]
+Exercises both URL layouts, streamed and non-streamed chat, completions, embeddings, the
+models list, and the NotFoundError an unknown model must raise. Exits non-zero on failure.
+"""
+import sys
+
+import openai
+from openai import OpenAI
+
+base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080"
+LLAMA = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+MESSAGES = [{"role": "user", "content": "Hello from the OpenAI SDK"}]
+
+
+def check(name, cond):
+    print(("ok   " if cond else "FAIL ") + name)
+    if not cond:
+        sys.exit(1)
+
+
+for url in (f"{base}/resource_server/sophia/vllm/v1", f"{base}/v1"):
+    client = OpenAI(base_url=url, api_key="demo-token", max_retries=0)
+    resp = client.chat.completions.create(model=LLAMA, messages=MESSAGES, max_tokens=8)
+    check(f"{url}: chat", bool(resp.choices[0].message.content) and resp.usage.completion_tokens == 8)
+
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model=LLAMA, messages=MESSAGES, max_tokens=8, stream=True)
+        if c.choices
+    ]
+    check(f"{url}: streamed chat ({len(pieces)} chunks)", len(pieces) >= 8 and "".join(pieces).strip())
+
+    comp = client.completions.create(model="llama-3.1-8b", prompt="Once upon a time", max_tokens=4)
+    check(f"{url}: completions via alias", comp.choices[0].text.count("tok") == 4)
+
+    try:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+        check(f"{url}: unknown model raises NotFoundError", False)
+    except openai.NotFoundError as e:
+        check(f"{url}: unknown model raises NotFoundError ({e.code})", "no-such-model" in str(e))
+
+client = OpenAI(base_url=f"{base}/v1", api_key="demo-token", max_retries=0)
+emb = client.embeddings.create(model="Salesforce/SFR-Embedding-Mistral", input=["a", "b"])
+check("embeddings", len(emb.data) == 2 and len(emb.data[0].embedding) > 0)
+ids = [m.id for m in client.models.list()]
+check(f"models list {ids}", LLAMA in ids and "gpt-oss-120b" in ids)
+metis = OpenAI(base_url=f"{base}/resource_server/metis/api/v1", api_key="demo-token", max_retries=0)
+out = metis.chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, max_tokens=3)
+check("metis direct API behind its own key", out.choices[0].message.content.count("tok") == 3)
+print("all OpenAI SDK checks passed")

@@ -1,0 +1,7 @@
+//! Answers the gateway gives without a backend: model and endpoint listings on the API
+//! listener, and health and metrics on the admin listener.
+
+pub mod listings;
+mod service;
+
+pub use service::AdminApp;

@@ -1,0 +1,303 @@
+//! The catalog: which clusters, frameworks and models exist, their aliases, and each model's
+//! deployment (where it runs, how to reach it, and the live state of its backend instances).
+//!
+//! It is built once from the validated configuration and answers name lookups without
+//! allocating beyond the normalized key. "Which backend now" lives in [`pool`].
+
+mod discovery;
+mod monitor;
+mod pool;
+mod selection;
+
+pub use monitor::BackendMonitor;
+pub use pool::{BackendPool, Instance, InstanceGuard, PoolError, UpstreamSettings};
+
+use crate::config::{AccessList, BackendAddr, Config, Endpoint};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Model names match when they are equal after dropping everything but letters and digits
+/// and lower-casing (FIRST matches slugified names the same way).
+pub fn normalize_model_name(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// One model on one cluster/framework and everything needed to serve it.
+#[derive(Debug)]
+pub struct Deployment {
+    pub cluster: String,
+    pub framework: String,
+    /// The canonical model name (as configured).
+    pub model: String,
+    pub aliases: Vec<String>,
+    /// The name the backend expects in `model`.
+    pub backend_model: String,
+    /// Endpoints offered by this deployment.
+    pub endpoints: Vec<Endpoint>,
+    /// Who may use the cluster, and the model on it.
+    pub cluster_access: AccessList,
+    pub model_access: AccessList,
+    /// Backend instances and their live state.
+    pub pool: Arc<BackendPool>,
+}
+
+impl Deployment {
+    pub fn offers(&self, endpoint: Endpoint) -> bool {
+        self.endpoints.contains(&endpoint)
+    }
+}
+
+/// Why a lookup found nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupError {
+    ClusterNotFound { cluster: String },
+    FrameworkNotFound { cluster: String, framework: String },
+    ModelNotFound { cluster: Option<String>, model: String },
+}
+
+/// Frameworks of a cluster, models of a framework.
+#[derive(Debug, Default)]
+pub struct ClusterEntry {
+    pub frameworks: BTreeMap<String, FrameworkEntry>,
+}
+
+#[derive(Debug, Default)]
+pub struct FrameworkEntry {
+    pub endpoints: Vec<Endpoint>,
+    /// Deployments in configuration order.
+    pub deployments: Vec<Arc<Deployment>>,
+    by_name: HashMap<String, usize>,
+}
+
+/// All clusters and models.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    clusters: BTreeMap<String, ClusterEntry>,
+    /// Normalized model name or alias → deployments across clusters (federated routes).
+    federated: HashMap<String, Vec<Arc<Deployment>>>,
+}
+
+/// Something missing from the environment when the catalog is built for serving.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct CatalogError {
+    pub field: String,
+    pub message: String,
+}
+
+impl Catalog {
+    /// Builds the catalog. Reads backend API keys from the environment (an unset variable is
+    /// an error: the gateway would otherwise fail every request to that backend).
+    pub fn build(config: &Config) -> Result<Catalog, CatalogError> {
+        let mut catalog = Catalog::default();
+        for (cluster_name, cluster) in &config.clusters {
+            let mut entry = ClusterEntry::default();
+            for (fw_name, fw) in &cluster.frameworks {
+                let mut fw_entry = FrameworkEntry {
+                    endpoints: fw.endpoints.clone(),
+                    ..Default::default()
+                };
+                for (i, m) in fw.models.iter().enumerate() {
+                    let field = format!("clusters.{cluster_name}.frameworks.{fw_name}.models[{i}]");
+                    let api_key = match &m.api_key_env {
+                        None => None,
+                        Some(var) => Some(std::env::var(var).map_err(|_| CatalogError {
+                            field: format!("{field}.api_key_env"),
+                            message: format!(
+                                "the environment variable {var} is not set; export the \
+                                 backend's API key in it"
+                            ),
+                        })?),
+                    };
+                    let addrs = m
+                        .backends
+                        .iter()
+                        .map(|b| BackendAddr::parse(b, m.tls))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|message| CatalogError {
+                            field: format!("{field}.backends"),
+                            message,
+                        })?;
+                    let settings = UpstreamSettings::new(&config.upstream, m, api_key);
+                    let pool = BackendPool::new(
+                        addrs,
+                        settings,
+                        m.health_path.as_deref(),
+                        &config.health_check,
+                    );
+                    let deployment = Arc::new(Deployment {
+                        cluster: cluster_name.clone(),
+                        framework: fw_name.clone(),
+                        model: m.name.clone(),
+                        aliases: m.aliases.clone(),
+                        backend_model: m.backend_model.clone().unwrap_or_else(|| m.name.clone()),
+                        endpoints: fw.endpoints.clone(),
+                        cluster_access: AccessList {
+                            allowed_groups: cluster.allowed_groups.clone(),
+                            allowed_domains: cluster.allowed_domains.clone(),
+                        },
+                        model_access: AccessList {
+                            allowed_groups: m.allowed_groups.clone(),
+                            allowed_domains: m.allowed_domains.clone(),
+                        },
+                        pool: Arc::new(pool),
+                    });
+                    for name in std::iter::once(&m.name).chain(&m.aliases) {
+                        let key = normalize_model_name(name);
+                        fw_entry.by_name.insert(key.clone(), fw_entry.deployments.len());
+                        let list = catalog.federated.entry(key).or_default();
+                        if !list.iter().any(|d| Arc::ptr_eq(d, &deployment)) {
+                            list.push(deployment.clone());
+                        }
+                    }
+                    fw_entry.deployments.push(deployment);
+                }
+                entry.frameworks.insert(fw_name.clone(), fw_entry);
+            }
+            catalog.clusters.insert(cluster_name.clone(), entry);
+        }
+        Ok(catalog)
+    }
+
+    /// The deployment of `model` on `cluster`/`framework` (FIRST's URL layout).
+    pub fn resolve(
+        &self,
+        cluster: &str,
+        framework: &str,
+        model: &str,
+    ) -> Result<&Arc<Deployment>, LookupError> {
+        let c = self
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| LookupError::ClusterNotFound {
+                cluster: cluster.to_string(),
+            })?;
+        let fw = c
+            .frameworks
+            .get(framework)
+            .ok_or_else(|| LookupError::FrameworkNotFound {
+                cluster: cluster.to_string(),
+                framework: framework.to_string(),
+            })?;
+        fw.by_name
+            .get(&normalize_model_name(model))
+            .map(|&i| &fw.deployments[i])
+            .ok_or_else(|| LookupError::ModelNotFound {
+                cluster: Some(cluster.to_string()),
+                model: model.to_string(),
+            })
+    }
+
+    /// Every deployment of `model` across clusters (federated `/v1/...` routes).
+    pub fn resolve_federated(&self, model: &str) -> Result<&[Arc<Deployment>], LookupError> {
+        self.federated
+            .get(&normalize_model_name(model))
+            .map(Vec::as_slice)
+            .ok_or_else(|| LookupError::ModelNotFound {
+                cluster: None,
+                model: model.to_string(),
+            })
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&ClusterEntry> {
+        self.clusters.get(name)
+    }
+
+    pub fn clusters(&self) -> impl Iterator<Item = (&String, &ClusterEntry)> {
+        self.clusters.iter()
+    }
+
+    /// Every deployment, cluster by cluster, in configuration order.
+    pub fn deployments(&self) -> impl Iterator<Item = &Arc<Deployment>> {
+        self.clusters
+            .values()
+            .flat_map(|c| c.frameworks.values())
+            .flat_map(|f| f.deployments.iter())
+    }
+
+    /// Whether any cluster or model restricts access by group.
+    pub fn uses_group_acls(&self) -> bool {
+        self.deployments()
+            .any(|d| !d.cluster_access.allowed_groups.is_empty() || !d.model_access.allowed_groups.is_empty())
+    }
+
+    /// Resolves every backend host name once (at start-up, before traffic).
+    pub async fn discover_all(&self) {
+        for d in self.deployments() {
+            d.pool.discover().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Catalog {
+        let cfg = crate::config::parse(
+            std::path::Path::new("t.yaml"),
+            r#"
+auth: {mode: none}
+clusters:
+  sophia:
+    frameworks:
+      vllm:
+        models:
+          - name: meta-llama/Meta-Llama-3.1-8B-Instruct
+            aliases: [llama3-8b]
+            backends: [127.0.0.1:1]
+  polaris:
+    frameworks:
+      vllm:
+        models:
+          - name: meta-llama/Meta-Llama-3.1-8B-Instruct
+            backends: [127.0.0.1:2]
+"#,
+        )
+        .unwrap();
+        Catalog::build(&cfg).unwrap()
+    }
+
+    #[test]
+    fn names_match_ignoring_case_and_punctuation() {
+        let c = catalog();
+        for name in [
+            "meta-llama/Meta-Llama-3.1-8B-Instruct",
+            "META_LLAMA meta llama 3.1 8b instruct",
+            "Llama3-8B",
+        ] {
+            let d = c.resolve("sophia", "vllm", name).unwrap();
+            assert_eq!(d.model, "meta-llama/Meta-Llama-3.1-8B-Instruct");
+        }
+    }
+
+    #[test]
+    fn misses_say_what_is_missing() {
+        let c = catalog();
+        assert!(matches!(
+            c.resolve("nowhere", "vllm", "x"),
+            Err(LookupError::ClusterNotFound { .. })
+        ));
+        assert!(matches!(
+            c.resolve("sophia", "tgi", "x"),
+            Err(LookupError::FrameworkNotFound { .. })
+        ));
+        assert!(matches!(
+            c.resolve("sophia", "vllm", "gpt-5"),
+            Err(LookupError::ModelNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn federated_lists_every_cluster() {
+        let c = catalog();
+        let all = c.resolve_federated("meta-llama/meta-llama-3.1-8b-instruct").unwrap();
+        let clusters: Vec<_> = all.iter().map(|d| d.cluster.as_str()).collect();
+        assert_eq!(clusters, ["polaris", "sophia"]);
+        // An alias of one cluster only finds that cluster.
+        assert_eq!(c.resolve_federated("llama3-8b").unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,264 @@
+//! A deployment's backend instances: membership and health through pingora-load-balancing,
+//! least-in-flight choice, and admission control (a cap on concurrent requests per instance,
+//! with a bounded wait when every healthy instance is full).
+
+use super::discovery::ResolvingDiscovery;
+use super::selection::LeastInFlight;
+use crate::config::{self, BackendAddr};
+use pingora::lb::health_check::HttpHealthCheck;
+use pingora::lb::{Backends, LoadBalancer};
+use pingora::prelude::HttpPeer;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How to talk to a deployment's backends.
+#[derive(Clone)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_concurrent: usize,
+    pub admission_wait: Duration,
+    /// `Bearer <key>` for direct APIs; marked sensitive so it is never printed.
+    pub authorization: Option<http::HeaderValue>,
+}
+
+impl UpstreamSettings {
+    pub fn new(d: &config::UpstreamDefaults, m: &config::Model, api_key: Option<String>) -> Self {
+        let authorization = api_key.and_then(|k| {
+            let mut v = http::HeaderValue::from_str(&format!("Bearer {k}")).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        UpstreamSettings {
+            connect_timeout: m.connect_timeout.unwrap_or(d.connect_timeout),
+            read_timeout: m.read_timeout.unwrap_or(d.read_timeout),
+            write_timeout: d.write_timeout,
+            idle_timeout: d.idle_timeout,
+            max_concurrent: m
+                .max_concurrent_per_backend
+                .unwrap_or(d.max_concurrent_per_backend),
+            admission_wait: d.admission_wait,
+            authorization,
+        }
+    }
+}
+
+impl fmt::Debug for UpstreamSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamSettings")
+            .field("read_timeout", &self.read_timeout)
+            .field("max_concurrent", &self.max_concurrent)
+            .field("has_api_key", &self.authorization.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One backend instance (one resolved address) and its live counters.
+#[derive(Debug)]
+pub struct Instance {
+    pub addr: BackendAddr,
+    pub socket: SocketAddr,
+    in_flight: AtomicUsize,
+    released: Arc<Notify>,
+}
+
+impl Instance {
+    pub(super) fn new(addr: BackendAddr, socket: SocketAddr, released: Arc<Notify>) -> Self {
+        Instance {
+            addr,
+            socket,
+            in_flight: AtomicUsize::new(0),
+            released,
+        }
+    }
+
+    /// Requests the gateway has sent to this instance that have not finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// A stable name for logs and metric labels: `host:port`.
+    pub fn id(&self) -> String {
+        self.addr.authority()
+    }
+
+    /// Takes a slot if fewer than `cap` requests are in flight.
+    pub(super) fn try_reserve(&self, cap: usize) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+}
+
+/// A reserved slot on an instance; dropping it frees the slot and wakes a waiting request.
+#[derive(Debug)]
+pub struct InstanceGuard {
+    instance: Arc<Instance>,
+}
+
+impl InstanceGuard {
+    pub fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
+}
+
+impl Drop for InstanceGuard {
+    fn drop(&mut self) {
+        self.instance.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.instance.released.notify_one();
+    }
+}
+
+/// Why no instance could be given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolError {
+    /// No instance is healthy (or every healthy one was already tried).
+    NoHealthyBackend,
+    /// Every healthy instance stayed at its concurrency cap for the whole admission wait.
+    AtCapacity,
+}
+
+/// The instances of one deployment.
+pub struct BackendPool {
+    lb: LoadBalancer<LeastInFlight>,
+    pub settings: UpstreamSettings,
+    released: Arc<Notify>,
+}
+
+impl fmt::Debug for BackendPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendPool")
+            .field("instances", &self.instances().len())
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl BackendPool {
+    pub fn new(
+        addrs: Vec<BackendAddr>,
+        settings: UpstreamSettings,
+        health_path: Option<&str>,
+        hc: &config::HealthCheck,
+    ) -> Self {
+        let released = Arc::new(Notify::new());
+        let tls = addrs.first().is_some_and(BackendAddr::tls);
+        let host = addrs
+            .first()
+            .map(|a| a.host.clone())
+            .unwrap_or_else(|| "localhost".into());
+        let discovery = ResolvingDiscovery::new(addrs, released.clone());
+        let mut lb = LoadBalancer::from_backends(Backends::new(Box::new(discovery)));
+        if let Some(path) = health_path {
+            let mut check = HttpHealthCheck::new(&host, tls);
+            check.req.set_uri(
+                path.parse()
+                    .unwrap_or_else(|_| http::Uri::from_static("/health")),
+            );
+            check.peer_template.options.connection_timeout = Some(hc.timeout);
+            check.peer_template.options.read_timeout = Some(hc.timeout);
+            check.consecutive_failure = hc.failures_to_down.max(1);
+            check.consecutive_success = hc.successes_to_up.max(1);
+            check.reuse_connection = true;
+            lb.set_health_check(Box::new(check));
+        }
+        BackendPool {
+            lb,
+            settings,
+            released,
+        }
+    }
+
+    /// Re-resolves host names and updates membership.
+    pub async fn discover(&self) {
+        if let Err(e) = self.lb.update().await {
+            log::warn!("backend discovery failed: {e}");
+        }
+    }
+
+    /// Runs one round of health checks (all instances in parallel).
+    pub async fn check_health(&self) {
+        self.lb.backends().run_health_check(true).await;
+    }
+
+    /// Every instance with its health.
+    pub fn instances(&self) -> Vec<(Arc<Instance>, bool)> {
+        let backends = self.lb.backends();
+        backends
+            .get_backend()
+            .iter()
+            .filter_map(|b| Some((b.ext.get::<Arc<Instance>>()?.clone(), backends.ready(b))))
+            .collect()
+    }
+
+    pub fn has_healthy(&self) -> bool {
+        let backends = self.lb.backends();
+        backends.get_backend().iter().any(|b| backends.ready(b))
+    }
+
+    /// Reserves the healthy instance with the fewest requests in flight, skipping `exclude`
+    /// (instances already tried for this request). Does not wait.
+    pub fn try_acquire(&self, exclude: &[SocketAddr]) -> Result<InstanceGuard, PoolError> {
+        let cap = self.settings.max_concurrent;
+        let saw_healthy = std::cell::Cell::new(false);
+        let picked = self.lb.select_with(b"", usize::MAX, |b, healthy| {
+            let Some(inst) = b.ext.get::<Arc<Instance>>() else {
+                return false;
+            };
+            if !healthy || exclude.contains(&inst.socket) {
+                return false;
+            }
+            saw_healthy.set(true);
+            inst.try_reserve(cap)
+        });
+        match picked.and_then(|b| b.ext.get::<Arc<Instance>>().cloned()) {
+            Some(instance) => Ok(InstanceGuard { instance }),
+            None if saw_healthy.get() => Err(PoolError::AtCapacity),
+            None => Err(PoolError::NoHealthyBackend),
+        }
+    }
+
+    /// Like [`Self::try_acquire`], but when every healthy instance is full, waits up to the
+    /// admission wait for a slot to free.
+    pub async fn acquire(&self, exclude: &[SocketAddr]) -> Result<InstanceGuard, PoolError> {
+        let deadline = tokio::time::Instant::now() + self.settings.admission_wait;
+        loop {
+            // Register interest before looking, so a release in between is not missed.
+            let notified = self.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_acquire(exclude) {
+                Err(PoolError::AtCapacity) => {}
+                done => return done,
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(PoolError::AtCapacity);
+            }
+        }
+    }
+
+    /// The Pingora peer for an instance, with this deployment's timeouts.
+    pub fn peer(&self, instance: &Instance) -> HttpPeer {
+        let tls = instance.addr.tls();
+        let sni = if tls && instance.addr.host.parse::<std::net::IpAddr>().is_err() {
+            instance.addr.host.clone()
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new(instance.socket, tls, sni);
+        let s = &self.settings;
+        peer.options.connection_timeout = Some(s.connect_timeout);
+        peer.options.read_timeout = Some(s.read_timeout);
+        peer.options.write_timeout = Some(s.write_timeout);
+        peer.options.idle_timeout = Some(s.idle_timeout);
+        peer
+    }
+}

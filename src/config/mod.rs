@@ -1,0 +1,504 @@
+//! The gateway's YAML configuration: the types below *are* the documentation of the file
+//! (`conf/gateway.yaml` is the commented example). `load` parses and validates once; the rest
+//! of the code trusts what it returns. Errors name the file, the line (when it can be found),
+//! the field and what is wrong, so `firstgate check` can point an operator at the mistake.
+
+mod auth;
+mod backend;
+mod error;
+
+pub use auth::{
+    AccessList, AccessRules, AuthConfig, AuthMode, GlobusAuthConfig, JwtConfig, TokenCacheConfig,
+};
+pub use backend::{BackendAddr, Scheme};
+pub use error::ConfigError;
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect (the OpenAI-compatible API). Default `127.0.0.1:8080`.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Health and Prometheus metrics. Default `127.0.0.1:9090`; keep it off the public network.
+    #[serde(default = "defaults::admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Worker threads of the proxy service (Pingora defaults to 1; we default to the core count).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// How clients authenticate and who may use the gateway. Required: write `mode: none`
+    /// explicitly to accept any token (local development).
+    pub auth: AuthConfig,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Defaults for every backend; a model may override each field.
+    #[serde(default)]
+    pub upstream: UpstreamDefaults,
+    /// Active health checking of backends.
+    #[serde(default)]
+    pub health_check: HealthCheck,
+    /// Shutdown behaviour.
+    #[serde(default)]
+    pub shutdown: Shutdown,
+    /// Clusters by name, e.g. `sophia`, `metis`. The name appears in FIRST's URL layout
+    /// `/resource_server/{cluster}/{framework}/v1/...`.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, Cluster>,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted, in bytes (413 above). Default 20 MiB, as FIRST's nginx.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 20 * 1024 * 1024,
+        }
+    }
+}
+
+/// Connection behaviour towards backends. Durations are written like `2s`, `500ms`, `5m`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamDefaults {
+    /// TCP (and TLS) connect timeout. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for any single read from the backend: bounds the time to first token and
+    /// the gap between streamed tokens, not the whole answer. Default 300 s.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Longest wait for a single write to the backend. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// How long an idle pooled connection is kept. Keep it below the backend's keep-alive
+    /// timeout (uvicorn, under vLLM, closes idle connections after 5 s). Default 4 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most requests one backend instance is given at once (admission control). Default 256.
+    pub max_concurrent_per_backend: usize,
+    /// How long a request waits for a free slot when every healthy backend of its model is at
+    /// `max_concurrent_per_backend`, before it is answered 503. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub admission_wait: Duration,
+}
+
+impl Default for UpstreamDefaults {
+    fn default() -> Self {
+        UpstreamDefaults {
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(300),
+            write_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(4),
+            max_concurrent_per_backend: 256,
+            admission_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Active HTTP health checks (`GET <path>` must answer 2xx).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheck {
+    /// Time between two rounds of checks. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Per-check timeout. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failures before a backend is taken out of rotation. Default 1.
+    pub failures_to_down: usize,
+    /// Consecutive successes before it is put back. Default 1.
+    pub successes_to_up: usize,
+    /// How often backend host names are resolved again. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub resolve_interval: Duration,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failures_to_down: 1,
+            successes_to_up: 1,
+            resolve_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Graceful shutdown (SIGTERM) behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    /// How long in-flight requests (long streams) may run after shutdown starts. Pingora's own
+    /// default is 300 s, always slept; ours is 30 s.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+    /// After the grace period, how long services get to stop before they are dropped.
+    #[serde(with = "humantime_serde")]
+    pub final_timeout: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            grace_period: Duration::from_secs(30),
+            final_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One cluster (a facility resource: Sophia, Polaris, Metis, ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// Only members of one of these Globus groups may use the cluster (empty: anyone admitted).
+    #[serde(default)]
+    pub allowed_groups: Vec<String>,
+    /// Only users from these domains may use the cluster (empty: any).
+    #[serde(default)]
+    pub allowed_domains: Vec<String>,
+    /// Frameworks by name (`vllm`, `api`, ...), the second segment of FIRST's URL layout.
+    pub frameworks: BTreeMap<String, Framework>,
+}
+
+/// One inference framework on a cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Framework {
+    /// OpenAI endpoints offered. Default: all three.
+    #[serde(default = "defaults::endpoints")]
+    pub endpoints: Vec<Endpoint>,
+    /// The models served.
+    pub models: Vec<Model>,
+}
+
+/// The OpenAI endpoints the gateway serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+pub enum Endpoint {
+    #[serde(rename = "chat/completions")]
+    ChatCompletions,
+    #[serde(rename = "completions")]
+    Completions,
+    #[serde(rename = "embeddings")]
+    Embeddings,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 3] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+    ];
+
+    /// The path after `/v1/`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat/completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    /// Parses the path after `/v1/`.
+    pub fn from_path(path: &str) -> Option<Endpoint> {
+        Endpoint::ALL.into_iter().find(|e| e.path() == path)
+    }
+}
+
+/// One model served on a cluster/framework, and where it runs (its deployment).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    /// The name clients use, e.g. `meta-llama/Meta-Llama-3.1-8B-Instruct`. Matching ignores case
+    /// and punctuation, so `meta-llama-meta-llama-3.1-8b-instruct` finds it too.
+    pub name: String,
+    /// Other names clients may use (matched the same way).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// The model name the backend expects, when it differs from `name`.
+    #[serde(default)]
+    pub backend_model: Option<String>,
+    /// Backend instances: `host:port` or a URL `http(s)://host[:port][/base]`. The base path
+    /// defaults to `/v1`; requests go to `{base}/chat/completions` and so on.
+    pub backends: Vec<String>,
+    /// Talk TLS to `host:port` backends (URL backends say it with their scheme).
+    #[serde(default)]
+    pub tls: bool,
+    /// Name of the environment variable holding the backend's bearer key (direct APIs such as
+    /// Metis). The client's own Authorization header is never forwarded.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Only members of one of these groups may use (and see) the model.
+    #[serde(default)]
+    pub allowed_groups: Vec<String>,
+    /// Only users from these domains may use (and see) the model.
+    #[serde(default)]
+    pub allowed_domains: Vec<String>,
+    /// Health-check path; `null` turns active checks off for this model. Default `/health`.
+    #[serde(default = "defaults::health_path")]
+    pub health_path: Option<String>,
+    /// Overrides of the `upstream:` defaults for this model.
+    #[serde(default)]
+    pub max_concurrent_per_backend: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+}
+
+mod defaults {
+    use super::Endpoint;
+    use std::net::SocketAddr;
+
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8080))
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9090))
+    }
+    pub fn endpoints() -> Vec<Endpoint> {
+        Endpoint::ALL.to_vec()
+    }
+    pub fn health_path() -> Option<String> {
+        Some("/health".to_string())
+    }
+}
+
+/// A configuration file, read and checked.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub path: PathBuf,
+    pub config: Config,
+}
+
+/// Reads, parses and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
+    let source = std::fs::read_to_string(path).map_err(|e| ConfigError::io(path, e))?;
+    let config = parse(path, &source)?;
+    Ok(LoadedConfig {
+        path: path.to_path_buf(),
+        config,
+    })
+}
+
+/// Parses and validates configuration text; `path` is only used in error messages.
+pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
+    let config: Config =
+        serde_yaml_ng::from_str(source).map_err(|e| ConfigError::syntax(path, e))?;
+    validate(&config).map_err(|e| e.located(path, source))?;
+    Ok(config)
+}
+
+/// Semantic checks serde cannot express. Errors carry the field path and the offending text,
+/// which `ConfigError::located` turns into a line number.
+fn validate(config: &Config) -> Result<(), error::Invalid> {
+    use error::Invalid;
+    check_auth(&config.auth)?;
+    if config.listen == config.admin_listen {
+        return Err(Invalid::new("admin_listen", "must differ from `listen`").near("admin_listen"));
+    }
+    if config.threads == Some(0) {
+        return Err(Invalid::new("threads", "must be at least 1").near("threads"));
+    }
+    if config.limits.max_body_bytes == 0 {
+        return Err(Invalid::new("limits.max_body_bytes", "must be at least 1").near("max_body_bytes"));
+    }
+    if config.upstream.max_concurrent_per_backend == 0 {
+        return Err(Invalid::new(
+            "upstream.max_concurrent_per_backend",
+            "must be at least 1",
+        )
+        .near("max_concurrent_per_backend"));
+    }
+    for (cluster_name, cluster) in &config.clusters {
+        check_name(&format!("clusters.{cluster_name}"), cluster_name)?;
+        for (fw_name, fw) in &cluster.frameworks {
+            let fw_path = format!("clusters.{cluster_name}.frameworks.{fw_name}");
+            check_name(&fw_path, fw_name)?;
+            if fw.endpoints.is_empty() {
+                return Err(Invalid::new(format!("{fw_path}.endpoints"), "lists no endpoint")
+                    .near(fw_name));
+            }
+            // Names that normalize alike would make model lookup ambiguous.
+            let mut seen: BTreeMap<String, String> = BTreeMap::new();
+            for (i, model) in fw.models.iter().enumerate() {
+                let path = format!("{fw_path}.models[{i}]");
+                check_model(&path, model)?;
+                for name in std::iter::once(&model.name).chain(&model.aliases) {
+                    let key = crate::catalog::normalize_model_name(name);
+                    if key.is_empty() {
+                        return Err(Invalid::new(
+                            &path,
+                            format!("model name or alias {name:?} has no letter or digit"),
+                        )
+                        .near(name));
+                    }
+                    if let Some(other) = seen.insert(key, name.clone()) {
+                        return Err(Invalid::new(
+                            &path,
+                            format!(
+                                "{name:?} is the same model name as {other:?} once case and \
+                                 punctuation are ignored; rename or remove one"
+                            ),
+                        )
+                        .near(name));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_auth(auth: &AuthConfig) -> Result<(), error::Invalid> {
+    use error::Invalid;
+    match auth.mode {
+        AuthMode::Globus if auth.globus.is_none() => Err(Invalid::new(
+            "auth.globus",
+            "mode is globus: add a `globus:` section with client_id and client_secret_env",
+        )
+        .near("mode")),
+        AuthMode::Jwt if auth.jwt.is_none() => Err(Invalid::new(
+            "auth.jwt",
+            "mode is jwt: add a `jwt:` section with jwks_url, issuer and audience",
+        )
+        .near("mode")),
+        _ => Ok(()),
+    }
+}
+
+fn check_name(path: &str, name: &str) -> Result<(), error::Invalid> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(error::Invalid::new(
+            path,
+            format!("{name:?} may only use letters, digits, '-', '_' and '.' (it is part of URLs)"),
+        )
+        .near(name))
+    }
+}
+
+fn check_model(path: &str, model: &Model) -> Result<(), error::Invalid> {
+    use error::Invalid;
+    if model.name.trim().is_empty() {
+        return Err(Invalid::new(format!("{path}.name"), "must not be empty"));
+    }
+    if model.backends.is_empty() {
+        return Err(Invalid::new(
+            format!("{path}.backends"),
+            "lists no backend; give at least one host:port or URL",
+        )
+        .near(&model.name));
+    }
+    for (j, b) in model.backends.iter().enumerate() {
+        BackendAddr::parse(b, model.tls)
+            .map_err(|why| Invalid::new(format!("{path}.backends[{j}]"), why).near(b))?;
+    }
+    if let Some(var) = &model.api_key_env {
+        if var.is_empty() || var.contains('=') {
+            return Err(Invalid::new(
+                format!("{path}.api_key_env"),
+                "must name an environment variable",
+            )
+            .near(var));
+        }
+    }
+    if let Some(p) = &model.health_path {
+        if !p.starts_with('/') {
+            return Err(Invalid::new(format!("{path}.health_path"), "must start with '/'").near(p));
+        }
+    }
+    if model.max_concurrent_per_backend == Some(0) {
+        return Err(Invalid::new(
+            format!("{path}.max_concurrent_per_backend"),
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("test.yaml"), s)
+    }
+
+    const GOOD: &str = r#"
+auth: {mode: none}
+clusters:
+  sophia:
+    frameworks:
+      vllm:
+        models:
+          - name: meta-llama/Meta-Llama-3.1-8B-Instruct
+            aliases: [llama3-8b]
+            backends: [127.0.0.1:8001, "http://127.0.0.1:8002"]
+"#;
+
+    #[test]
+    fn good_config_gets_defaults() {
+        let c = parse_str(GOOD).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.limits.max_body_bytes, 20 * 1024 * 1024);
+        let fw = &c.clusters["sophia"].frameworks["vllm"];
+        assert_eq!(fw.endpoints.len(), 3);
+        assert_eq!(fw.models[0].health_path.as_deref(), Some("/health"));
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_field() {
+        let src = GOOD.replace("aliases:", "alias:");
+        let e = parse_str(&src).unwrap_err().to_string();
+        assert!(e.starts_with("test.yaml:"), "{e}");
+        assert!(e.starts_with("test.yaml:9:"), "{e}");
+        assert!(e.contains("alias"), "{e}");
+    }
+
+    #[test]
+    fn bad_backend_names_line_field_and_reason() {
+        let src = GOOD.replace("127.0.0.1:8001", "127.0.0.1:99999");
+        let e = parse_str(&src).unwrap_err().to_string();
+        assert!(e.starts_with("test.yaml:10:"), "{e}");
+        assert!(
+            e.contains("clusters.sophia.frameworks.vllm.models[0].backends[0]"),
+            "{e}"
+        );
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn ambiguous_model_names_are_refused() {
+        let src = GOOD.replace("[llama3-8b]", "[Meta-Llama/meta-llama-3.1-8b-instruct]");
+        let e = parse_str(&src).unwrap_err().to_string();
+        assert!(e.contains("same model name"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let src = format!("upstream:\n  read_timeout: 5m\n  connect_timeout: 250ms\n{GOOD}");
+        let c = parse_str(&src).unwrap();
+        assert_eq!(c.upstream.read_timeout, Duration::from_secs(300));
+        assert_eq!(c.upstream.connect_timeout, Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,200 @@
+//! `firstgate demo`: the gateway and simulated clusters on one machine, no outside service.
+//!
+//! Every backend address in the demo configuration gets a simulated vLLM server serving the
+//! models configured there; then the gateway starts with that configuration.
+
+use crate::config::{self, Config};
+use crate::sim::vllm::{VllmSim, VllmSimConfig};
+use anyhow::{bail, Context};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The demo configuration shipped with the binary, used when `conf/demo.yaml` is not around.
+const EMBEDDED_DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
+
+/// Options of `firstgate demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub config: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    /// Simulated time to first token and between tokens.
+    pub ttft: Duration,
+    pub itl: Duration,
+}
+
+/// Runs the demo until interrupted.
+pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    let mut config = load(&opts.config)?;
+    if let Some(l) = opts.listen {
+        config.listen = l;
+    }
+    if let Some(l) = opts.admin_listen {
+        config.admin_listen = l;
+    }
+    let keys = provide_api_keys(&config);
+    let sims = simulated_backends(&config, &keys, &opts)?;
+    start_simulators(sims)?;
+    let server = crate::server::build(&config)?;
+    print_banner(&config);
+    server.run_forever()
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    match std::fs::read_to_string(path) {
+        Ok(source) => Ok(config::parse(path, &source)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new("conf/demo.yaml") => {
+            Ok(config::parse(Path::new("(built-in) conf/demo.yaml"), EMBEDDED_DEMO_CONFIG)?)
+        }
+        Err(e) => bail!("{}: cannot read the demo configuration: {e}", path.display()),
+    }
+}
+
+/// Puts a development key in each `api_key_env` variable that is unset, and returns the key
+/// each variable holds so the simulators can require it.
+fn provide_api_keys(config: &Config) -> BTreeMap<String, String> {
+    let mut keys = BTreeMap::new();
+    for m in all_models(config) {
+        if let Some(var) = &m.api_key_env {
+            let key = std::env::var(var).unwrap_or_else(|_| {
+                let key = format!("demo-key-{}", var.to_lowercase());
+                // Single-threaded here: no other thread reads the environment yet.
+                std::env::set_var(var, &key);
+                key
+            });
+            keys.insert(var.clone(), key);
+        }
+    }
+    keys
+}
+
+fn all_models(config: &Config) -> impl Iterator<Item = &config::Model> {
+    config
+        .clusters
+        .values()
+        .flat_map(|c| c.frameworks.values())
+        .flat_map(|f| f.models.iter())
+}
+
+/// One simulator per backend address, serving every model configured on it.
+fn simulated_backends(
+    config: &Config,
+    keys: &BTreeMap<String, String>,
+    opts: &DemoOptions,
+) -> anyhow::Result<BTreeMap<SocketAddr, VllmSimConfig>> {
+    let mut sims: BTreeMap<SocketAddr, VllmSimConfig> = BTreeMap::new();
+    for m in all_models(config) {
+        let served = m.backend_model.clone().unwrap_or_else(|| m.name.clone());
+        for b in &m.backends {
+            let addr = config::BackendAddr::parse(b, m.tls).map_err(anyhow::Error::msg)?;
+            let ip = addr.host.parse().with_context(|| {
+                format!("the demo simulates backends on IP addresses only, not {:?}", addr.host)
+            })?;
+            let sim = sims.entry(SocketAddr::new(ip, addr.port)).or_insert_with(|| VllmSimConfig {
+                models: Vec::new(),
+                embedding_models: Vec::new(),
+                api_key: m.api_key_env.as_ref().and_then(|v| keys.get(v).cloned()),
+                ttft: opts.ttft,
+                itl: opts.itl,
+                name: format!("sim {}", addr.authority()),
+                ..VllmSimConfig::default()
+            });
+            // Demo convention: models named like embedding models are served as such.
+            if served.to_lowercase().contains("embed") {
+                sim.embedding_models.push(served.clone());
+            } else {
+                sim.models.push(served.clone());
+            }
+        }
+    }
+    Ok(sims)
+}
+
+/// Starts the simulators on their own runtime thread and waits until all listen.
+fn start_simulators(sims: BTreeMap<SocketAddr, VllmSimConfig>) -> anyhow::Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    std::thread::Builder::new()
+        .name("demo-simulators".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut running = Vec::new();
+                for (addr, cfg) in sims {
+                    match VllmSim::start(addr, cfg).await {
+                        Ok(sim) => running.push(sim),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(anyhow::anyhow!(
+                                "cannot start the simulated backend on {addr}: {e} \
+                                 (is another demo running?)"
+                            )));
+                            return;
+                        }
+                    }
+                }
+                let _ = ready_tx.send(Ok(()));
+                // Keep the simulators alive as long as the process runs.
+                std::future::pending::<()>().await;
+                drop(running);
+            });
+        })
+        .context("cannot start the simulator thread")?;
+    ready_rx
+        .recv()
+        .context("the simulator thread stopped before it was ready")?
+}
+
+fn print_banner(config: &Config) {
+    let api = format!("http://{}", config.listen);
+    let admin = format!("http://{}", config.admin_listen);
+    let mut models = String::new();
+    for (cluster, c) in &config.clusters {
+        for (fw, f) in &c.frameworks {
+            for m in &f.models {
+                models.push_str(&format!("    {cluster}/{fw}: {}\n", m.name));
+            }
+        }
+    }
+    println!(
+        r#"
+firstgate demo — gateway and simulated clusters on this machine
+
+  API        {api}/v1                      (OpenAI layout, the gateway picks the cluster)
+             {api}/resource_server/sophia/vllm/v1   (FIRST layout)
+  Admin      {admin}/health   {admin}/metrics
+  Models
+{models}
+  Authentication is not configured yet: any bearer token is accepted.
+
+Try it:
+
+  curl -N {api}/resource_server/sophia/vllm/v1/chat/completions \
+    -H 'Authorization: Bearer demo-token' -H 'Content-Type: application/json' \
+    -d '{{"model": "meta-llama/Meta-Llama-3.1-8B-Instruct", "stream": true,
+         "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+  python3 - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{api}/v1", api_key="demo-token")
+for chunk in client.chat.completions.create(
+        model="meta-llama/Meta-Llama-3.1-8B-Instruct", stream=True,
+        messages=[{{"role": "user", "content": "Hello!"}}]):
+    print(chunk.choices[0].delta.content or "", end="", flush=True) if chunk.choices else None
+print()
+PY
+
+Stop with Ctrl-C.
+"#
+    );
+}

@@ -1,0 +1,19 @@
+//! firstgate: an OpenAI-compatible inference gateway for HPC facilities, built on Pingora.
+//!
+//! Reading order: `config` (what operators write) → `auth` (who the request is from,
+//! may they) → `catalog` (what exists and its live
+//! state) → `openai` (protocol pieces) → `policy` (where a request goes) → `proxy` (one
+//! request's trip through Pingora's phases) → `admin` (listings, health, metrics) → `server`
+//! (how the services are assembled) → `demo` and `sim` (everything on one machine).
+
+pub mod admin;
+pub mod auth;
+pub mod catalog;
+pub mod config;
+//TMP pub mod demo;
+pub mod metrics;
+pub mod openai;
+pub mod policy;
+pub mod proxy;
+pub mod server;
+pub mod sim;

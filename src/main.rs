@@ -1,0 +1,107 @@
+//! The `firstgate` command: serve, check a configuration, or run the demo.
+
+use clap::{Parser, Subcommand};
+use firstgate::{config, demo, server};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "firstgate", version, about = "OpenAI-compatible inference gateway for HPC facilities")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// The configuration file (see conf/gateway.yaml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration without serving; exits non-zero with file, line and field.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the gateway with simulated clusters on this machine (no outside service).
+    Demo {
+        /// The demo configuration.
+        #[arg(long, short, default_value = "conf/demo.yaml")]
+        config: PathBuf,
+        /// Address of the API listener (overrides the configuration).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Address of the admin listener (overrides the configuration).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// Simulated time to first token, in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        ttft_ms: u64,
+        /// Simulated time between tokens, in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        itl_ms: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let result = match Cli::parse().command {
+        Command::Serve { config } => serve(&config),
+        Command::Check { config } => check(&config),
+        Command::Demo {
+            config,
+            listen,
+            admin_listen,
+            ttft_ms,
+            itl_ms,
+        } => demo::run(demo::DemoOptions {
+            config,
+            listen,
+            admin_listen,
+            ttft: Duration::from_millis(ttft_ms),
+            itl: Duration::from_millis(itl_ms),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+    let loaded = config::load(path)?;
+    server::build(&loaded.config)?.run_forever()
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let loaded = config::load(path)?;
+    let c = &loaded.config;
+    let models: usize = c
+        .clusters
+        .values()
+        .flat_map(|c| c.frameworks.values())
+        .map(|f| f.models.len())
+        .sum();
+    println!(
+        "{}: OK ({} clusters, {models} models)",
+        path.display(),
+        c.clusters.len()
+    );
+    Ok(())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

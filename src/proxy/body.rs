@@ -1,0 +1,75 @@
+//! Reading the request body before choosing the upstream.
+//!
+//! Pingora 0.9 forwards a body that a filter consumed only from its retry buffer, which holds
+//! at most 64 KiB. So we arm the retry buffer once at most 64 KiB remain (the "tail"), keep the
+//! whole body ourselves, and swap it back in `request_body_filter` on every upstream attempt.
+//! Bodies of unknown length over 64 KiB cannot be replayed: those get 411.
+
+use crate::openai::ApiError;
+use bytes::{Bytes, BytesMut};
+use pingora::proxy::Session;
+
+/// Mirrors pingora-core's `BODY_BUF_LIMIT` (not configurable in 0.9).
+const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
+
+/// Reads the whole body, at most `max` bytes.
+pub async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            413,
+            "request_too_large",
+            format!("The request body is larger than this gateway's limit of {max} bytes."),
+        )
+    };
+    let headers = &session.req_header().headers;
+    let length: Option<usize> = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse().ok());
+    if length.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let expects_continue = headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        // Nobody else sends it once we read the body ourselves; clients would stall ~1 s.
+        session
+            .write_continue_response()
+            .await
+            .map_err(|_| read_failed())?;
+    }
+
+    let mut buf = BytesMut::with_capacity(length.unwrap_or(16 * 1024).min(max));
+    let mut armed = false;
+    loop {
+        if !armed && length.is_none_or(|n| n - buf.len() <= RETRY_BUFFER_LIMIT) {
+            session.enable_retry_buffering();
+            armed = true;
+        }
+        match session.read_request_body().await.map_err(|_| read_failed())? {
+            Some(chunk) => {
+                if buf.len() + chunk.len() > max {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            None => break,
+        }
+    }
+    if !buf.is_empty() && session.get_retry_buffer().is_none() {
+        return Err(ApiError::new(
+            411,
+            "length_required",
+            format!(
+                "Bodies over {} KiB must be sent with a Content-Length header.",
+                RETRY_BUFFER_LIMIT / 1024
+            ),
+        ));
+    }
+    Ok(buf.freeze())
+}
+
+fn read_failed() -> ApiError {
+    ApiError::invalid_request("The request body could not be read completely.")
+}

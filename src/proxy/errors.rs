@@ -1,0 +1,185 @@
+//! The one place where the domain's failures become HTTP errors for the client.
+
+use crate::catalog::{Deployment, LookupError, PoolError};
+use crate::config::Endpoint;
+use super::routes::RouteError;
+use crate::auth::AuthError;
+use crate::openai::ApiError;
+use pingora::{Error, ErrorSource, ErrorType};
+
+pub fn route(e: RouteError, method: &http::Method, path: &str) -> ApiError {
+    match e {
+        RouteError::NotFound => ApiError::new(
+            404,
+            "not_found",
+            format!(
+                "No route {method} {path}. Inference is POST /v1/chat/completions (or \
+                 completions, embeddings), or /resource_server/{{cluster}}/{{framework}}/v1/...; \
+                 GET /v1/models lists models."
+            ),
+        ),
+        RouteError::MethodNotAllowed { allow } => ApiError::method_not_allowed(
+            allow,
+            format!("{path} does not accept {method}; use {allow}."),
+        ),
+    }
+}
+
+pub fn lookup(e: LookupError) -> ApiError {
+    match e {
+        LookupError::ClusterNotFound { cluster } => ApiError::new(
+            404,
+            "cluster_not_found",
+            format!(
+                "The cluster '{cluster}' does not exist. GET /resource_server/list-endpoints \
+                 lists the clusters and models you can use."
+            ),
+        ),
+        LookupError::FrameworkNotFound { cluster, framework } => ApiError::new(
+            400,
+            "unsupported_framework",
+            format!(
+                "The framework '{framework}' is not available on cluster '{cluster}'. \
+                 GET /resource_server/list-endpoints lists what each cluster offers."
+            ),
+        ),
+        LookupError::ModelNotFound {
+            cluster: Some(cluster),
+            model,
+        } => ApiError::new(
+            404,
+            "endpoint_not_found",
+            format!(
+                "The model '{model}' is not served on cluster '{cluster}'. \
+                 GET /resource_server/{cluster}/models lists the models there."
+            ),
+        )
+        .with_param("model"),
+        LookupError::ModelNotFound {
+            cluster: None,
+            model,
+        } => ApiError::new(
+            404,
+            "endpoint_not_found",
+            format!("The model '{model}' does not exist. GET /v1/models lists the models you can use."),
+        )
+        .with_param("model"),
+    }
+}
+
+pub fn endpoint_not_offered(d: &Deployment, endpoint: Endpoint) -> ApiError {
+    ApiError::new(
+        400,
+        "unsupported_endpoint",
+        format!(
+            "'/v1/{}' is not available for model '{}' on cluster '{}'.",
+            endpoint.path(),
+            d.model,
+            d.cluster
+        ),
+    )
+}
+
+pub fn pool(e: PoolError, d: &Deployment) -> ApiError {
+    match e {
+        PoolError::NoHealthyBackend => ApiError::new(
+            503,
+            "service_unavailable",
+            format!(
+                "No healthy backend is serving model '{}' on cluster '{}' right now. \
+                 Try again shortly.",
+                d.model, d.cluster
+            ),
+        )
+        .with_retry_after(5),
+        PoolError::AtCapacity => ApiError::new(
+            503,
+            "backend_busy",
+            format!(
+                "Every backend of model '{}' on cluster '{}' is at its concurrency limit. \
+                 Try again shortly.",
+                d.model, d.cluster
+            ),
+        )
+        .with_retry_after(1),
+    }
+}
+
+/// Maps a proxying failure to the client's error; `None` when there is nobody to answer
+/// (the client went away).
+pub fn proxy(e: &Error, d: Option<&Deployment>) -> Option<ApiError> {
+    let (model, cluster) = d.map_or(("?", "?"), |d| (d.model.as_str(), d.cluster.as_str()));
+    if let ErrorType::HTTPStatus(code) = e.etype() {
+        return Some(ApiError::new(*code, "upstream_error", "The request failed."));
+    }
+    match e.esource() {
+        ErrorSource::Downstream => None,
+        ErrorSource::Upstream => Some(match e.etype() {
+            ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::ConnectProxyFailure
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout => d.map_or_else(
+                || ApiError::new(503, "service_unavailable", "No backend could be reached."),
+                |d| pool(PoolError::NoHealthyBackend, d),
+            ),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => ApiError::new(
+                504,
+                "upstream_timeout",
+                format!("The backend of model '{model}' on cluster '{cluster}' stopped answering."),
+            ),
+            _ => ApiError::new(
+                502,
+                "upstream_error",
+                format!(
+                    "The backend of model '{model}' on cluster '{cluster}' failed while \
+                     answering. Try again."
+                ),
+            ),
+        }),
+        ErrorSource::Internal | ErrorSource::Unset => Some(ApiError::new(
+            500,
+            "internal_error",
+            "The gateway failed to handle the request; the error is logged.",
+        )),
+    }
+}
+
+/// How to get a fresh token, appended to 401 messages.
+const TOKEN_HELP: &str = "Get a fresh access token (for ALCF: `python inference_auth_token.py \
+    get_access_token`) and send it as 'Authorization: Bearer <token>'.";
+
+pub fn auth(e: AuthError) -> ApiError {
+    match e {
+        AuthError::MissingToken => ApiError::new(
+            401,
+            "unauthorized",
+            format!("Missing ('Authorization': 'Bearer <your-access-token>') in request headers. {TOKEN_HELP}"),
+        ),
+        AuthError::MalformedHeader => ApiError::new(
+            401,
+            "unauthorized",
+            format!("The Authorization header must be 'Bearer <your-access-token>'. {TOKEN_HELP}"),
+        ),
+        AuthError::InvalidToken => ApiError::new(
+            401,
+            "unauthorized",
+            format!("Token is either not active or invalid. {TOKEN_HELP}"),
+        ),
+        AuthError::Expired => ApiError::new(401, "unauthorized", format!("Access token expired. {TOKEN_HELP}")),
+        AuthError::WrongAudience(why) => ApiError::new(
+            401,
+            "unauthorized",
+            format!("The token was not issued for this service: {why}. {TOKEN_HELP}"),
+        ),
+        AuthError::Forbidden { message, .. } => ApiError::new(403, "permission_denied", message),
+        AuthError::Unavailable(_) => ApiError::new(
+            503,
+            "auth_unavailable",
+            "The identity provider cannot be reached to check your token. Try again shortly.",
+        )
+        .with_retry_after(5),
+    }
+}

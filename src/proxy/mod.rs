@@ -1,0 +1,493 @@
+//! The Pingora `ProxyHttp` implementation: one request's trip through the phases.
+//!
+//! Each phase is a short step that calls into the domain modules: `routes` (which route),
+//! `body` + `openai` (read and check the body), `catalog` (which model, which instance),
+//! `policy` (which deployment), `errors` (what the client is told), `admin::listings` (reads).
+
+mod body;
+mod ctx;
+mod errors;
+mod respond;
+mod routes;
+
+pub use ctx::RequestCtx;
+
+use crate::admin::listings;
+use crate::auth::{rules, Authenticator, CacheOutcome, Identity};
+use crate::catalog::{Catalog, Deployment, PoolError};
+use crate::metrics::Metrics;
+use crate::openai::{parse_control_fields, ApiError};
+use crate::policy;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+use routes::{Read, Route};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Request headers that must not travel to a backend: hop-by-hop headers, the client's
+/// credentials, and encodings we want to see in plain text.
+const STRIPPED_UPSTREAM_HEADERS: [&str; 9] = [
+    "authorization",
+    "proxy-authorization",
+    "connection",
+    "keep-alive",
+    "te",
+    "upgrade",
+    "expect",
+    "transfer-encoding",
+    "accept-encoding",
+];
+
+/// The gateway's proxy logic.
+pub struct Gateway {
+    catalog: Arc<Catalog>,
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+    max_body_bytes: usize,
+    /// Unix time of start-up, reported as `created` in model listings.
+    started_unix: u64,
+}
+
+impl Gateway {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        auth: Arc<Authenticator>,
+        metrics: Arc<Metrics>,
+        max_body_bytes: usize,
+    ) -> Self {
+        let started_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Gateway {
+            catalog,
+            auth,
+            metrics,
+            max_body_bytes,
+            started_unix,
+        }
+    }
+
+    /// Authenticates the request (the token cache makes this cheap for a known token).
+    async fn authenticate(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Arc<Identity>, ApiError> {
+        let t = Instant::now();
+        let header = session.req_header().headers.get(http::header::AUTHORIZATION);
+        let (result, outcome) = self.auth.authenticate(header.map(|h| h.as_bytes())).await;
+        if let Some(outcome) = outcome {
+            let label = match outcome {
+                CacheOutcome::Hit => {
+                    ctx.charge(t);
+                    "hit"
+                }
+                CacheOutcome::Miss => "miss",
+            };
+            self.metrics.auth_cache.with_label_values(&[label]).inc();
+        }
+        result.map_err(errors::auth)
+    }
+
+    /// Answers a read route for `identity`, showing only what it may use.
+    fn read(&self, read: &Read, query: Option<&str>, identity: &Identity) -> Result<Bytes, ApiError> {
+        let visible = |d: &Deployment| {
+            rules::may_see(identity, &d.cluster_access) && rules::may_see(identity, &d.model_access)
+        };
+        Ok(match read {
+            Read::Models => listings::models(&self.catalog, self.started_unix, visible),
+            Read::ListEndpoints => listings::list_endpoints(&self.catalog, visible),
+            Read::Health => Bytes::from_static(br#"{"status":"ok"}"#),
+            Read::Whoami => Bytes::from(identity.whoami().to_string()),
+            Read::ClusterModels { cluster } => {
+                let model_id = query.and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("model_id="))
+                        .filter(|v| !v.is_empty())
+                });
+                listings::cluster_models(&self.catalog, cluster, model_id, visible).ok_or_else(|| {
+                    match model_id {
+                        Some(m) if self.catalog.cluster(cluster).is_some() => {
+                            errors::lookup(crate::catalog::LookupError::ModelNotFound {
+                                cluster: Some(cluster.clone()),
+                                model: m.to_string(),
+                            })
+                        }
+                        _ => errors::lookup(crate::catalog::LookupError::ClusterNotFound {
+                            cluster: cluster.clone(),
+                        }),
+                    }
+                })?
+            }
+        })
+    }
+
+    /// Whether `identity` may use `d`; the error names the rule that failed.
+    fn check_access(identity: &Identity, d: &Deployment) -> Result<(), ApiError> {
+        rules::check_access(identity, &d.cluster_access, &format!("cluster '{}'", d.cluster))
+            .and_then(|()| {
+                rules::check_access(
+                    identity,
+                    &d.model_access,
+                    &format!("model '{}' on cluster '{}'", d.model, d.cluster),
+                )
+            })
+            .map_err(errors::auth)
+    }
+
+    /// Routes, authenticates, and either answers (`Some(body)`) or prepares the proxying (`None`).
+    async fn serve(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: Route,
+        query: Option<&str>,
+    ) -> Result<Option<Bytes>, ApiError> {
+        if route == Route::Read(Read::Health) {
+            return Ok(Some(Bytes::from_static(br#"{"status":"ok"}"#)));
+        }
+        let identity = self.authenticate(session, ctx).await?;
+        ctx.identity = Some(identity.clone());
+        match route {
+            Route::Read(read) => {
+                let t = Instant::now();
+                let body = self.read(&read, query, &identity);
+                ctx.charge(t);
+                body.map(Some)
+            }
+            route => self.prepare_inference(session, ctx, route, &identity).await.map(|()| None),
+        }
+    }
+
+    /// Reads and checks the body, finds the deployment and reserves an instance.
+    async fn prepare_inference(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: Route,
+        identity: &Identity,
+    ) -> Result<(), ApiError> {
+        let Route::Inference {
+            cluster,
+            framework,
+            endpoint,
+        } = route
+        else {
+            unreachable!("only inference routes are prepared");
+        };
+        let body = body::read_body(session, self.max_body_bytes).await?;
+        let t = Instant::now();
+        let control = parse_control_fields(&body, endpoint)?;
+        let deployment = match (&cluster, &framework) {
+            (Some(c), Some(f)) => {
+                let d = self
+                    .catalog
+                    .resolve(c, f, &control.model)
+                    .map_err(errors::lookup)?;
+                Self::check_access(identity, d)?;
+                d.clone()
+            }
+            _ => {
+                let all = self
+                    .catalog
+                    .resolve_federated(&control.model)
+                    .map_err(errors::lookup)?;
+                let allowed: Vec<Arc<Deployment>> = all
+                    .iter()
+                    .filter(|d| Self::check_access(identity, d).is_ok())
+                    .cloned()
+                    .collect();
+                if allowed.is_empty() {
+                    // Say which rule refused, from the first deployment.
+                    Self::check_access(identity, &all[0])?;
+                }
+                policy::choose_federated(&allowed, endpoint)
+                    .ok_or_else(|| errors::endpoint_not_offered(&all[0], endpoint))?
+                    .clone()
+            }
+        };
+        if !deployment.offers(endpoint) {
+            return Err(errors::endpoint_not_offered(&deployment, endpoint));
+        }
+        let body = if control.model == deployment.backend_model {
+            body
+        } else {
+            control.with_model(&body, &deployment.backend_model)
+        };
+        ctx.endpoint = Some(endpoint);
+        ctx.stream = control.stream;
+        ctx.body = Some(body);
+        ctx.route_kind = "direct";
+        let first_try = deployment.pool.try_acquire(&[]);
+        ctx.charge(t);
+        let slot = match first_try {
+            Err(PoolError::AtCapacity) => deployment.pool.acquire(&[]).await,
+            other => other,
+        }
+        .map_err(|e| errors::pool(e, &deployment))?;
+        ctx.slot = Some(slot);
+        self.metrics
+            .in_flight
+            .with_label_values(&[&deployment.cluster, &deployment.model])
+            .inc();
+        ctx.counted_in_flight = true;
+        ctx.deployment = Some(deployment);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+        let t = Instant::now();
+        let req = session.req_header();
+        let matched = routes::match_route(&req.method, req.uri.path())
+            .map_err(|e| errors::route(e, &req.method, req.uri.path()));
+        let query = req.uri.query().map(str::to_owned);
+        ctx.charge(t);
+        let outcome = match matched {
+            Ok(route) => self.serve(session, ctx, route, query.as_deref()).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(None) => Ok(false),
+            Ok(Some(body)) => {
+                respond::send_json(session, 200, body, &[]).await?;
+                Ok(true)
+            }
+            Err(err) => {
+                respond::send_error(session, &err).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+        let t = Instant::now();
+        let deployment = ctx
+            .deployment
+            .clone()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no deployment chosen"))?;
+        if !ctx.tried.is_empty() {
+            // A retry: free the failed slot and take another instance, or the same one again
+            // when only its pooled connection was stale.
+            ctx.slot = None;
+            let mut next = deployment.pool.try_acquire(&ctx.tried);
+            if next.is_err() && ctx.stale_connection {
+                next = deployment.pool.try_acquire(&[]);
+            }
+            match next {
+                Ok(slot) => ctx.slot = Some(slot),
+                Err(e) => {
+                    ctx.failure = Some(errors::pool(e, &deployment));
+                    return Err(Error::explain(ErrorType::HTTPStatus(503), "no backend left to retry"));
+                }
+            }
+        }
+        let slot = ctx
+            .slot
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no instance reserved"))?;
+        ctx.tried.push(slot.instance().socket);
+        let peer = deployment.pool.peer(slot.instance());
+        ctx.charge(t);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let t = Instant::now();
+        let (Some(deployment), Some(slot), Some(endpoint)) = (&ctx.deployment, &ctx.slot, ctx.endpoint) else {
+            return Err(Error::explain(ErrorType::InternalError, "upstream request without a target"));
+        };
+        let addr = &slot.instance().addr;
+        let path = format!("{}/{}", addr.base_path, endpoint.path());
+        upstream.set_uri(
+            http::Uri::try_from(path).map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?,
+        );
+        for name in STRIPPED_UPSTREAM_HEADERS {
+            upstream.remove_header(name);
+        }
+        upstream.insert_header("host", addr.authority())?;
+        if let Some(auth) = &deployment.pool.settings.authorization {
+            upstream.insert_header("authorization", auth.clone())?;
+        }
+        let len = ctx.body.as_ref().map_or(0, Bytes::len);
+        upstream.insert_header("content-length", len.to_string())?;
+        ctx.charge(t);
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        // Pingora replays only the buffered tail; put the whole (rewritten) body back.
+        if body.is_some() {
+            if let Some(full) = &ctx.body {
+                *body = Some(full.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if ctx.deployment.is_some() {
+            ctx.first_byte.get_or_insert_with(Instant::now);
+            response.insert_header("x-firstgate-route", "direct")?;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the backend: safe to try another one.
+        if ctx.retries_left > 0 {
+            ctx.retries_left -= 1;
+            ctx.stale_connection = false;
+            e.set_retry(true);
+            self.count_retry(ctx);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer {peer}"));
+        // Retry only a pooled connection the backend had already closed, before any response
+        // byte: the request never ran. Anything else may have run and is not repeated.
+        let retry = client_reused
+            && session.response_written().is_none()
+            && ctx.first_byte.is_none()
+            && ctx.retries_left > 0
+            && e.esource() == &ErrorSource::Upstream;
+        if retry {
+            ctx.retries_left -= 1;
+            ctx.stale_connection = true;
+            self.count_retry(ctx);
+        }
+        e.set_retry(retry);
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let err = ctx
+            .failure
+            .take()
+            .or_else(|| errors::proxy(e, ctx.deployment.as_deref()));
+        let code = match err {
+            Some(err) if session.response_written().is_none() => {
+                if let Err(write) = respond::send_error(session, &err).await {
+                    log::debug!("could not send error response: {write}");
+                }
+                err.status
+            }
+            Some(err) => err.status,
+            None => 0,
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        // A client that hangs up mid-stream is normal for LLM traffic, not an error.
+        error.esource() == &ErrorSource::Downstream
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.slot = None;
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let (cluster, model) = ctx
+            .deployment
+            .as_deref()
+            .map_or(("", ""), |d| (d.cluster.as_str(), d.model.as_str()));
+        let m = &self.metrics;
+        m.requests
+            .with_label_values(&[cluster, model, status_label(status)])
+            .inc();
+        m.overhead
+            .with_label_values(&[ctx.route_kind])
+            .observe(ctx.overhead.as_secs_f64());
+        if ctx.deployment.is_some() {
+            let labels = [cluster, model];
+            m.request_duration
+                .with_label_values(&labels)
+                .observe(ctx.started.elapsed().as_secs_f64());
+            if let Some(first) = ctx.first_byte {
+                m.time_to_first_byte
+                    .with_label_values(&labels)
+                    .observe((first - ctx.started).as_secs_f64());
+            }
+            if ctx.counted_in_flight {
+                m.in_flight.with_label_values(&labels).dec();
+            }
+        }
+    }
+}
+
+impl Gateway {
+    fn count_retry(&self, ctx: &RequestCtx) {
+        if let Some(d) = &ctx.deployment {
+            self.metrics
+                .retries
+                .with_label_values(&[&d.cluster, &d.model])
+                .inc();
+        }
+    }
+}
+
+/// Status codes as static label values (no allocation per request).
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        411 => "411",
+        413 => "413",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        0 => "0",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}

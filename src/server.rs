@@ -1,0 +1,68 @@
+//! Assembles the Pingora server from a validated configuration: the proxy service on the
+//! gateway listener, the admin service (health, metrics), and the backend monitor.
+
+use crate::admin::AdminApp;
+use crate::auth::Authenticator;
+use crate::catalog::{BackendMonitor, Catalog};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use anyhow::Context;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use std::sync::Arc;
+
+/// Builds a ready-to-run server. Resolves backend host names before returning.
+pub fn build(config: &Config) -> anyhow::Result<Server> {
+    let catalog = Arc::new(Catalog::build(config).context("cannot serve this configuration")?);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime to resolve backends")?
+        .block_on(catalog.discover_all());
+
+    let threads = config.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(config.shutdown.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.shutdown.final_timeout.as_secs()),
+        // Pingora's default (128 idle connections in total) is too small for many streams.
+        upstream_keepalive_pool_size: 4096,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let auth = Arc::new(Authenticator::new(&config.auth, catalog.uses_group_acls())?);
+    if !auth.is_enforcing() {
+        log::warn!("auth.mode is none: every bearer token is accepted (development only)");
+    }
+    let metrics = Arc::new(Metrics::new());
+    let gateway = Gateway::new(catalog.clone(), auth, metrics.clone(), config.limits.max_body_bytes);
+    let mut proxy =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "firstgate");
+    proxy.add_tcp(&config.listen.to_string());
+
+    let mut admin = Service::new("firstgate admin".to_string(), AdminApp::new(metrics.clone()));
+    admin.add_tcp(&config.admin_listen.to_string());
+    admin.threads = Some(1);
+
+    let monitor = background_service(
+        "backend monitor",
+        BackendMonitor::new(
+            catalog,
+            metrics,
+            config.health_check.interval,
+            config.health_check.resolve_interval,
+        ),
+    );
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(monitor);
+    Ok(server)
+}

@@ -1,0 +1,175 @@
+//! Test harness: runs the real `firstgate` binary against in-process simulators on ephemeral
+//! loopback ports, and waits on conditions with deadlines (never fixed sleeps).
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use firstgate::sim::vllm::{VllmSim, VllmSimConfig};
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long any awaited condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A port that was free a moment ago (the gateway binds it itself).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral port")
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A simulated vLLM server on an ephemeral port.
+pub async fn sim(models: &[&str], tweak: impl FnOnce(&mut VllmSimConfig)) -> VllmSim {
+    let mut cfg = VllmSimConfig {
+        models: models.iter().map(|m| m.to_string()).collect(),
+        ..VllmSimConfig::default()
+    };
+    tweak(&mut cfg);
+    VllmSim::start("127.0.0.1:0".parse().unwrap(), cfg)
+        .await
+        .expect("simulator starts")
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts `firstgate serve` with `body` (YAML without the listeners) and waits until both
+    /// listeners answer.
+    pub async fn start(body: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.path().join("gateway.yaml");
+        let yaml = format!(
+            "listen: {addr}\nadmin_listen: {admin}\nthreads: 2\n\
+             health_check:\n  interval: 100ms\n  timeout: 500ms\n{body}"
+        );
+        std::fs::write(&config, yaml).expect("write config");
+        let log_path = dir.path().join("gateway.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_firstgate"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start firstgate");
+        let mut gw = Gateway {
+            child,
+            addr,
+            admin,
+            log_path,
+            _dir: dir,
+        };
+        let client = reqwest::Client::new();
+        let health = [gw.admin_url("/health"), gw.url("/resource_server/health")];
+        let exited = wait_for("the gateway to listen", || {
+            let client = client.clone();
+            let health = health.clone();
+            let exited = gw.child.try_wait().ok().flatten();
+            async move {
+                if let Some(status) = exited {
+                    return Some(Some(status));
+                }
+                for url in &health {
+                    match client.get(url).send().await {
+                        Ok(r) if r.status().is_success() => {}
+                        _ => return None,
+                    }
+                }
+                Some(None)
+            }
+        })
+        .await;
+        if let Some(status) = exited {
+            panic!("firstgate exited early ({status}):\n{}", gw.log());
+        }
+        gw
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Everything the gateway logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The Prometheus text from the admin listener.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The YAML of one cluster/framework with one model on `backends`.
+pub fn one_model(cluster: &str, framework: &str, model: &str, backends: &[SocketAddr]) -> String {
+    let list: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+    format!(
+        "clusters:\n  {cluster}:\n    frameworks:\n      {framework}:\n        models:\n          \
+         - name: {model}\n            backends: [{}]\n",
+        list.join(", ")
+    )
+}
+
+/// A chat request body.
+pub fn chat_body(model: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "say hello to the world"}],
+    })
+}
+
+/// Reads an SSE response to the end and returns the `data:` payloads.
+pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
+    let text = resp.text().await.expect("stream body");
+    text.split("\n\n")
+        .filter_map(|ev| ev.trim().strip_prefix("data: ").map(str::to_owned))
+        .collect()
+}
