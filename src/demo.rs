@@ -45,10 +45,18 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
 fn load(path: &Path) -> anyhow::Result<Config> {
     match std::fs::read_to_string(path) {
         Ok(source) => Ok(config::parse(path, &source)?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new("conf/demo.yaml") => {
-            Ok(config::parse(Path::new("(built-in) conf/demo.yaml"), EMBEDDED_DEMO_CONFIG)?)
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound && path == Path::new("conf/demo.yaml") =>
+        {
+            Ok(config::parse(
+                Path::new("(built-in) conf/demo.yaml"),
+                EMBEDDED_DEMO_CONFIG,
+            )?)
         }
-        Err(e) => bail!("{}: cannot read the demo configuration: {e}", path.display()),
+        Err(e) => bail!(
+            "{}: cannot read the demo configuration: {e}",
+            path.display()
+        ),
     }
 }
 
@@ -90,17 +98,22 @@ fn simulated_backends(
         for b in &m.backends {
             let addr = config::BackendAddr::parse(b, m.tls).map_err(anyhow::Error::msg)?;
             let ip = addr.host.parse().with_context(|| {
-                format!("the demo simulates backends on IP addresses only, not {:?}", addr.host)
+                format!(
+                    "the demo simulates backends on IP addresses only, not {:?}",
+                    addr.host
+                )
             })?;
-            let sim = sims.entry(SocketAddr::new(ip, addr.port)).or_insert_with(|| VllmSimConfig {
-                models: Vec::new(),
-                embedding_models: Vec::new(),
-                api_key: m.api_key_env.as_ref().and_then(|v| keys.get(v).cloned()),
-                ttft: opts.ttft,
-                itl: opts.itl,
-                name: format!("sim {}", addr.authority()),
-                ..VllmSimConfig::default()
-            });
+            let sim = sims
+                .entry(SocketAddr::new(ip, addr.port))
+                .or_insert_with(|| VllmSimConfig {
+                    models: Vec::new(),
+                    embedding_models: Vec::new(),
+                    api_key: m.api_key_env.as_ref().and_then(|v| keys.get(v).cloned()),
+                    ttft: opts.ttft,
+                    itl: opts.itl,
+                    name: format!("sim {}", addr.authority()),
+                    ..VllmSimConfig::default()
+                });
             // Demo convention: models named like embedding models are served as such.
             if served.to_lowercase().contains("embed") {
                 sim.embedding_models.push(served.clone());

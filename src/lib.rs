@@ -10,7 +10,7 @@ pub mod admin;
 pub mod auth;
 pub mod catalog;
 pub mod config;
-//TMP pub mod demo;
+pub mod demo;
 pub mod metrics;
 pub mod openai;
 pub mod policy;

@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "firstgate", version, about = "OpenAI-compatible inference gateway for HPC facilities")]
+#[command(
+    name = "firstgate",
+    version,
+    about = "OpenAI-compatible inference gateway for HPC facilities"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -42,12 +42,20 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
         log::warn!("auth.mode is none: every bearer token is accepted (development only)");
     }
     let metrics = Arc::new(Metrics::new());
-    let gateway = Gateway::new(catalog.clone(), auth, metrics.clone(), config.limits.max_body_bytes);
+    let gateway = Gateway::new(
+        catalog.clone(),
+        auth,
+        metrics.clone(),
+        config.limits.max_body_bytes,
+    );
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "firstgate");
     proxy.add_tcp(&config.listen.to_string());
 
-    let mut admin = Service::new("firstgate admin".to_string(), AdminApp::new(metrics.clone()));
+    let mut admin = Service::new(
+        "firstgate admin".to_string(),
+        AdminApp::new(metrics.clone()),
+    );
     admin.add_tcp(&config.admin_listen.to_string());
     admin.threads = Some(1);
 

@@ -8,7 +8,8 @@ fn check(path: &str) -> (bool, String) {
         .args(["check", "--config", path])
         .output()
         .expect("run firstgate");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -27,16 +28,27 @@ fn mistakes_name_file_line_and_field() {
     let path = dir.path().join("bad.yaml");
     std::fs::write(
         &path,
-        "clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n          - name: m\n            backends: [\"node1\"]\n",
+        "auth: {mode: none}\nclusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n          - name: m\n            backends: [\"node1\"]\n",
     )
     .unwrap();
     let (ok, text) = check(path.to_str().unwrap());
     assert!(!ok);
-    let expected = format!("{}:7: clusters.sophia.frameworks.vllm.models[0].backends[0]", path.display());
+    let expected = format!(
+        "{}:8: clusters.sophia.frameworks.vllm.models[0].backends[0]",
+        path.display()
+    );
     assert!(text.contains(&expected), "{text}");
     assert!(text.contains("no port"), "{text}");
 
+    std::fs::write(&path, "clusters: {}\n").unwrap();
+    let (ok, text) = check(path.to_str().unwrap());
+    assert!(!ok);
+    assert!(text.contains("missing field `auth`"), "{text}");
+
     let (ok, text) = check(dir.path().join("missing.yaml").to_str().unwrap());
     assert!(!ok);
-    assert!(text.contains("missing.yaml") && text.contains("cannot read"), "{text}");
+    assert!(
+        text.contains("missing.yaml") && text.contains("cannot read"),
+        "{text}"
+    );
 }

@@ -21,7 +21,7 @@ async fn chat(gw: &Gateway) -> reqwest::Response {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_spread_over_instances_and_survive_one_going_down() {
     let a = sim(&[LLAMA], |_| {}).await;
-    let b = sim(&[LLAMA], |_| {}).await;
+    let mut b = sim(&[LLAMA], |_| {}).await;
     let gw = Gateway::start(&one_model("sophia", "vllm", LLAMA, &[a.addr(), b.addr()])).await;
 
     for _ in 0..6 {
@@ -46,8 +46,8 @@ async fn requests_spread_over_instances_and_survive_one_going_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_instances_down_is_a_503_naming_model_and_cluster() {
-    let a = sim(&[LLAMA], |_| {}).await;
-    let b = sim(&[LLAMA], |_| {}).await;
+    let mut a = sim(&[LLAMA], |_| {}).await;
+    let mut b = sim(&[LLAMA], |_| {}).await;
     let gw = Gateway::start(&one_model("sophia", "vllm", LLAMA, &[a.addr(), b.addr()])).await;
     a.stop_listening().await;
     b.stop_listening().await;
@@ -63,7 +63,9 @@ async fn all_instances_down_is_a_503_naming_model_and_cluster() {
         wait_for("both backends marked down", || async {
             let m = gw.metrics().await;
             (m.matches("firstgate_backend_healthy{").count() == 2
-                && !m.lines().any(|l| l.starts_with("firstgate_backend_healthy{") && l.ends_with(" 1")))
+                && !m
+                    .lines()
+                    .any(|l| l.starts_with("firstgate_backend_healthy{") && l.ends_with(" 1")))
             .then_some(())
         })
         .await;

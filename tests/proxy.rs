@@ -13,7 +13,11 @@ const EMBED: &str = "Salesforce/SFR-Embedding-Mistral";
 
 /// A gateway in front of one chat simulator (cluster sophia, framework vllm) and one
 /// embedding simulator, with a 1 MiB body limit.
-async fn setup() -> (Gateway, firstgate::sim::vllm::VllmSim, firstgate::sim::vllm::VllmSim) {
+async fn setup() -> (
+    Gateway,
+    firstgate::sim::vllm::VllmSim,
+    firstgate::sim::vllm::VllmSim,
+) {
     let chat = sim(&[LLAMA], |_| {}).await;
     let embed = sim(&[], |c| c.embedding_models = vec![EMBED.to_string()]).await;
     let gw = Gateway::start(&format!(
@@ -74,7 +78,7 @@ async fn chat_answers_through_both_url_layouts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_chat_arrives_as_sse_through_both_layouts() {
-    let (gw, _, _) = setup().await;
+    let (gw, _chat, _embed) = setup().await;
     for path in [
         "/resource_server/sophia/vllm/v1/chat/completions",
         "/v1/chat/completions",
@@ -90,7 +94,11 @@ async fn streamed_chat_arrives_as_sse_through_both_layouts() {
         let text: String = events[..events.len() - 1]
             .iter()
             .map(|e| serde_json::from_str::<Value>(e).unwrap())
-            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
             .collect();
         assert_eq!(text, "tok0 tok1 tok2 tok3 tok4 ");
     }
@@ -125,7 +133,7 @@ async fn streams_pass_through_chunk_by_chunk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_and_embeddings() {
-    let (gw, _, embed) = setup().await;
+    let (gw, _chat, embed) = setup().await;
     let resp = post(
         &gw,
         "/resource_server/sophia/vllm/v1/completions",
@@ -150,8 +158,13 @@ async fn completions_and_embeddings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listings_have_the_expected_shapes() {
-    let (gw, _, _) = setup().await;
-    let v: Value = reqwest::get(gw.url("/v1/models")).await.unwrap().json().await.unwrap();
+    let (gw, _chat, _embed) = setup().await;
+    let v: Value = reqwest::get(gw.url("/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["object"], "list");
     let ids: Vec<&str> = v["data"]
         .as_array()
@@ -170,7 +183,10 @@ async fn listings_have_the_expected_shapes() {
         .unwrap();
     let sophia = &v["clusters"]["sophia"];
     assert_eq!(sophia["base_url"], "/resource_server/sophia");
-    assert_eq!(sophia["frameworks"]["vllm"]["models"], json!([EMBED, LLAMA]));
+    assert_eq!(
+        sophia["frameworks"]["vllm"]["models"],
+        json!([EMBED, LLAMA])
+    );
     assert_eq!(
         sophia["frameworks"]["vllm"]["endpoints"],
         json!(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
@@ -184,7 +200,9 @@ async fn listings_have_the_expected_shapes() {
         .unwrap();
     assert_eq!(v[0]["id"], LLAMA);
     assert_eq!(v[0]["framework"], "vllm");
-    let resp = reqwest::get(gw.url("/resource_server/nowhere/models")).await.unwrap();
+    let resp = reqwest::get(gw.url("/resource_server/nowhere/models"))
+        .await
+        .unwrap();
     assert_eq!(error_of(resp).await.0, 404);
 }
 
@@ -194,7 +212,10 @@ async fn bad_requests_get_clear_openai_errors() {
     let chat_path = "/resource_server/sophia/vllm/v1/chat/completions";
 
     let (s, e) = error_of(post(&gw, chat_path, "{not json").await).await;
-    assert_eq!((s, e["type"].as_str()), (400, Some("invalid_request_error")));
+    assert_eq!(
+        (s, e["type"].as_str()),
+        (400, Some("invalid_request_error"))
+    );
     assert!(e["message"].as_str().unwrap().contains("not valid JSON"));
 
     let (s, e) = error_of(post(&gw, chat_path, r#"{"messages":[]}"#).await).await;
@@ -209,11 +230,24 @@ async fn bad_requests_get_clear_openai_errors() {
     let (s, e) = error_of(post(&gw, chat_path, chat_body("gpt-7", false).to_string()).await).await;
     assert_eq!((s, e["code"].as_str()), (404, Some("endpoint_not_found")));
     assert!(e["message"].as_str().unwrap().contains("gpt-7"));
-    let (s, _) = error_of(post(&gw, "/v1/chat/completions", chat_body("gpt-7", false).to_string()).await).await;
+    let (s, _) = error_of(
+        post(
+            &gw,
+            "/v1/chat/completions",
+            chat_body("gpt-7", false).to_string(),
+        )
+        .await,
+    )
+    .await;
     assert_eq!(s, 404);
 
     let (s, e) = error_of(
-        post(&gw, "/resource_server/nowhere/vllm/v1/chat/completions", chat_body(LLAMA, false).to_string()).await,
+        post(
+            &gw,
+            "/resource_server/nowhere/vllm/v1/chat/completions",
+            chat_body(LLAMA, false).to_string(),
+        )
+        .await,
     )
     .await;
     assert_eq!((s, e["code"].as_str()), (404, Some("cluster_not_found")));
@@ -244,7 +278,12 @@ async fn large_bodies_are_forwarded_byte_exact_and_aliases_rewritten() {
         "{{\"messages\": [{{\"role\":\"user\",\"content\":\"{padding}\"}}],   \"model\":\"{LLAMA}\",\"temperature\":1.50}}"
     );
     assert!(body.len() > 64 * 1024);
-    let resp = post(&gw, "/resource_server/sophia/vllm/v1/chat/completions", body.clone()).await;
+    let resp = post(
+        &gw,
+        "/resource_server/sophia/vllm/v1/chat/completions",
+        body.clone(),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(chat.last_request_body().unwrap(), body.as_bytes());
 
@@ -257,7 +296,10 @@ async fn large_bodies_are_forwarded_byte_exact_and_aliases_rewritten() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_token_never_reaches_the_backend() {
-    let api = sim(&["gpt-oss-120b"], |c| c.api_key = Some("backend-secret".into())).await;
+    let api = sim(&["gpt-oss-120b"], |c| {
+        c.api_key = Some("backend-secret".into())
+    })
+    .await;
     let gw_yaml = format!(
         "clusters:\n  metis:\n    frameworks:\n      api:\n        models:\n\
          \x20         - name: gpt-oss-120b\n            backends: [\"http://{}/v1\"]\n            api_key_env: FG_TEST_METIS_KEY\n",
@@ -285,10 +327,18 @@ async fn backend_errors_keep_their_status_and_body() {
     let resp = post(&gw, "/v1/chat/completions", body.to_string()).await;
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["error"]["type"], "BadRequestError", "vLLM's own body: {v}");
+    assert_eq!(
+        v["error"]["type"], "BadRequestError",
+        "vLLM's own body: {v}"
+    );
 
     chat.faults().fail_status.store(500, Ordering::SeqCst);
-    let resp = post(&gw, "/v1/chat/completions", chat_body(LLAMA, false).to_string()).await;
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        chat_body(LLAMA, false).to_string(),
+    )
+    .await;
     assert_eq!(resp.status(), 500);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["message"], "simulated failure");
@@ -317,8 +367,13 @@ async fn a_client_that_hangs_up_cancels_the_backend_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_by_cluster_model_and_status() {
-    let (gw, _, _) = setup().await;
-    post(&gw, "/v1/chat/completions", chat_body(LLAMA, false).to_string()).await;
+    let (gw, _chat, _embed) = setup().await;
+    post(
+        &gw,
+        "/v1/chat/completions",
+        chat_body(LLAMA, false).to_string(),
+    )
+    .await;
     let text = wait_for("backend health in the metrics", || async {
         let t = gw.metrics().await;
         t.contains("firstgate_backend_healthy{").then_some(t)

@@ -46,7 +46,12 @@ struct VerdictExpiry {
 }
 
 impl Expiry<TokenKey, Verdict> for VerdictExpiry {
-    fn expire_after_create(&self, _key: &TokenKey, verdict: &Verdict, _now: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _key: &TokenKey,
+        verdict: &Verdict,
+        _now: Instant,
+    ) -> Option<Duration> {
         Some(match verdict {
             Verdict::Admitted(id) => {
                 let left = Duration::from_secs(id.expires_at.saturating_sub(unix_now()));
@@ -76,7 +81,11 @@ impl TokenCache {
 
     /// The cached verdict, or the one `verify` reaches (shared by every concurrent caller
     /// with the same key). An `Err` from `verify` is returned to all of them and not cached.
-    pub async fn get_or_verify<F>(&self, key: TokenKey, verify: F) -> (Result<Verdict, AuthError>, CacheOutcome)
+    pub async fn get_or_verify<F>(
+        &self,
+        key: TokenKey,
+        verify: F,
+    ) -> (Result<Verdict, AuthError>, CacheOutcome)
     where
         F: Future<Output = Result<Verdict, AuthError>>,
     {

@@ -9,7 +9,8 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::time::Duration;
 
-const GROUPS_SCOPE: &str = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships";
+const GROUPS_SCOPE: &str =
+    "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships";
 const GROUPS_RESOURCE_SERVER: &str = "groups.api.globus.org";
 /// Longest single back-off while a client request waits.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -18,11 +19,17 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GlobusError {
     #[error("{service} unreachable: {reason}")]
-    Unreachable { service: &'static str, reason: String },
+    Unreachable {
+        service: &'static str,
+        reason: String,
+    },
     #[error("{service} answered HTTP {status}")]
     Status { service: &'static str, status: u16 },
     #[error("{service} answered with an unexpected body: {reason}")]
-    BadBody { service: &'static str, reason: String },
+    BadBody {
+        service: &'static str,
+        reason: String,
+    },
     /// The dependent-token grant was refused (`invalid_grant`): the user must consent again.
     #[error("Globus refused the dependent-token grant")]
     GrantRefused,
@@ -158,7 +165,10 @@ impl GlobusClient {
     pub async fn introspect(&self, token: &str) -> Result<Introspection, GlobusError> {
         const SERVICE: &str = "Globus Auth introspection";
         let url = format!("{}/v2/oauth2/token/introspect", self.auth_url);
-        let mut form = vec![("token", token), ("include", "session_info,identity_set_detail")];
+        let mut form = vec![
+            ("token", token),
+            ("include", "session_info,identity_set_detail"),
+        ];
         if !self.policies.is_empty() {
             form.push(("authentication_policies", &self.policies));
         }
@@ -220,7 +230,11 @@ impl GlobusClient {
             .collect())
     }
 
-    async fn send<F>(&self, service: &'static str, request: F) -> Result<reqwest::Response, GlobusError>
+    async fn send<F>(
+        &self,
+        service: &'static str,
+        request: F,
+    ) -> Result<reqwest::Response, GlobusError>
     where
         F: Fn() -> reqwest::RequestBuilder,
     {
@@ -240,7 +254,9 @@ impl GlobusClient {
         let mut attempt = 0;
         loop {
             let retry_in = match request().send().await {
-                Ok(resp) if resp.status().is_success() || accepted.contains(&resp.status().as_u16()) => {
+                Ok(resp)
+                    if resp.status().is_success() || accepted.contains(&resp.status().as_u16()) =>
+                {
                     return Ok(resp)
                 }
                 Ok(resp) => {
@@ -260,7 +276,10 @@ impl GlobusClient {
                     backoff(attempt)
                 }
             };
-            log::warn!("{service}: retrying in {retry_in:?} (attempt {})", attempt + 1);
+            log::warn!(
+                "{service}: retrying in {retry_in:?} (attempt {})",
+                attempt + 1
+            );
             tokio::time::sleep(retry_in.min(MAX_BACKOFF)).await;
             attempt += 1;
         }
@@ -272,7 +291,14 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
-    let secs: u64 = resp.headers().get("retry-after")?.to_str().ok()?.trim().parse().ok()?;
+    let secs: u64 = resp
+        .headers()
+        .get("retry-after")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Some(Duration::from_secs(secs))
 }
 
@@ -287,7 +313,10 @@ fn describe(e: &reqwest::Error) -> String {
     }
 }
 
-async fn json<T: serde::de::DeserializeOwned>(service: &'static str, resp: reqwest::Response) -> Result<T, GlobusError> {
+async fn json<T: serde::de::DeserializeOwned>(
+    service: &'static str,
+    resp: reqwest::Response,
+) -> Result<T, GlobusError> {
     let bytes = resp.bytes().await.map_err(|e| GlobusError::Unreachable {
         service,
         reason: describe(&e),

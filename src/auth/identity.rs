@@ -69,7 +69,10 @@ mod tests {
     #[test]
     fn domain_is_after_the_last_at() {
         assert_eq!(Identity::domain_of("alice@ANL.gov"), "anl.gov");
-        assert_eq!(Identity::domain_of("willy@wonka.com@accounts.google.com"), "accounts.google.com");
+        assert_eq!(
+            Identity::domain_of("willy@wonka.com@accounts.google.com"),
+            "accounts.google.com"
+        );
         assert_eq!(Identity::domain_of("nobody"), "");
     }
 }

@@ -61,15 +61,20 @@ impl JwtVerifier {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.leeway = self.cfg.leeway.as_secs();
         validation.validate_nbf = true;
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidAudience => AuthError::WrongAudience(format!("audience is not {}", self.cfg.audience)),
-                ErrorKind::InvalidIssuer => AuthError::WrongAudience(format!("issuer is not {}", self.cfg.issuer)),
-                _ => AuthError::InvalidToken,
-            }
-        })?;
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::InvalidAudience => {
+                        AuthError::WrongAudience(format!("audience is not {}", self.cfg.audience))
+                    }
+                    ErrorKind::InvalidIssuer => {
+                        AuthError::WrongAudience(format!("issuer is not {}", self.cfg.issuer))
+                    }
+                    _ => AuthError::InvalidToken,
+                }
+            })?;
         self.identity(&data.claims)
     }
 
@@ -77,16 +82,32 @@ impl JwtVerifier {
         let username = claims
             .get(&self.cfg.username_claim)
             .and_then(Value::as_str)
-            .ok_or_else(|| AuthError::WrongAudience(format!("the token has no `{}` claim", self.cfg.username_claim)))?
+            .ok_or_else(|| {
+                AuthError::WrongAudience(format!(
+                    "the token has no `{}` claim",
+                    self.cfg.username_claim
+                ))
+            })?
             .to_string();
         let groups = claims
             .get(&self.cfg.groups_claim)
             .and_then(Value::as_array)
-            .map(|l| l.iter().filter_map(|g| g.as_str().map(str::to_owned)).collect())
+            .map(|l| {
+                l.iter()
+                    .filter_map(|g| g.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
         Ok(Identity {
-            id: claims.get("sub").and_then(Value::as_str).unwrap_or(&username).to_string(),
-            name: claims.get("name").and_then(Value::as_str).map(str::to_owned),
+            id: claims
+                .get("sub")
+                .and_then(Value::as_str)
+                .unwrap_or(&username)
+                .to_string(),
+            name: claims
+                .get("name")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             domain: Identity::domain_of(&username),
             idp_id: None,
             idp_name: Some(self.cfg.issuer.clone()),
@@ -111,7 +132,8 @@ impl JwtVerifier {
             return Ok(());
         }
         *last = Some(Instant::now());
-        let unavailable = |e: String| AuthError::Unavailable(format!("JWKS {}: {e}", self.cfg.jwks_url));
+        let unavailable =
+            |e: String| AuthError::Unavailable(format!("JWKS {}: {e}", self.cfg.jwks_url));
         let resp = self
             .http
             .get(&self.cfg.jwks_url)
@@ -122,7 +144,11 @@ impl JwtVerifier {
             return Err(unavailable(format!("HTTP {}", resp.status())));
         }
         let set: JwkSet = resp.json().await.map_err(|e| unavailable(e.to_string()))?;
-        log::info!("fetched {} signing keys from {}", set.keys.len(), self.cfg.jwks_url);
+        log::info!(
+            "fetched {} signing keys from {}",
+            set.keys.len(),
+            self.cfg.jwks_url
+        );
         self.keys.store(Arc::new(set));
         Ok(())
     }

@@ -117,7 +117,9 @@ impl Authenticator {
             .get_or_verify(token_key(token), self.verify(token))
             .await;
         let result = match verdict {
-            Ok(Verdict::Admitted(identity)) if identity.expires_at <= unix_now() => Err(AuthError::Expired),
+            Ok(Verdict::Admitted(identity)) if identity.expires_at <= unix_now() => {
+                Err(AuthError::Expired)
+            }
             Ok(Verdict::Admitted(identity)) => Ok(identity),
             Ok(Verdict::Refused(e)) | Err(e) => Err(e),
         };
@@ -141,7 +143,9 @@ impl Authenticator {
                 needs_groups,
             } => {
                 let intro = client.introspect(token).await.map_err(unavailable)?;
-                if let Some(refused) = check_introspection(&intro, required_scope.as_deref(), audience.as_deref()) {
+                if let Some(refused) =
+                    check_introspection(&intro, required_scope.as_deref(), audience.as_deref())
+                {
                     return Ok(Verdict::Refused(refused));
                 }
                 let mut identity = match rules::identify_globus(&intro, &self.rules, policies) {
@@ -194,14 +198,21 @@ fn check_introspection(
         return Some(AuthError::Expired);
     }
     if let Some(scope) = required_scope {
-        let has = intro.scope.as_deref().is_some_and(|s| s.split(' ').any(|x| x == scope));
+        let has = intro
+            .scope
+            .as_deref()
+            .is_some_and(|s| s.split(' ').any(|x| x == scope));
         if !has {
-            return Some(AuthError::WrongAudience(format!("it lacks the scope {scope}")));
+            return Some(AuthError::WrongAudience(format!(
+                "it lacks the scope {scope}"
+            )));
         }
     }
     if let Some(aud) = audience {
         if !intro.aud.as_ref().is_some_and(|a| a.contains(aud)) {
-            return Some(AuthError::WrongAudience(format!("its audience does not include {aud}")));
+            return Some(AuthError::WrongAudience(format!(
+                "its audience does not include {aud}"
+            )));
         }
     }
     None
@@ -210,7 +221,9 @@ fn check_introspection(
 /// `Bearer <token>` (scheme case-insensitive).
 fn bearer_token(header: Option<&[u8]>) -> Result<&str, AuthError> {
     let value = header.ok_or(AuthError::MissingToken)?;
-    let value = std::str::from_utf8(value).map_err(|_| AuthError::MalformedHeader)?.trim();
+    let value = std::str::from_utf8(value)
+        .map_err(|_| AuthError::MalformedHeader)?
+        .trim();
     let (scheme, token) = value.split_once(' ').ok_or(AuthError::MalformedHeader)?;
     let token = token.trim();
     if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.contains(' ') {

@@ -7,13 +7,21 @@ use super::{AuthError, Identity};
 use crate::config::{AccessList, AccessRules};
 
 /// Steps 1–3 for a Globus token: which identity the request is from, if the session admits one.
-pub fn identify_globus(intro: &Introspection, rules: &AccessRules, policies: &[String]) -> Result<Identity, AuthError> {
+pub fn identify_globus(
+    intro: &Introspection,
+    rules: &AccessRules,
+    policies: &[String],
+) -> Result<Identity, AuthError> {
     let username = intro.username.clone().unwrap_or_default();
     let expires_at = intro.exp.unwrap_or(0);
-    let base = |username: String, id: Option<String>, detail: Option<&super::globus::IdentityDetail>| Identity {
+    let base = |username: String,
+                id: Option<String>,
+                detail: Option<&super::globus::IdentityDetail>| Identity {
         id: id.or_else(|| intro.sub.clone()).unwrap_or_default(),
         domain: Identity::domain_of(&username),
-        name: detail.and_then(|d| d.name.clone()).or_else(|| intro.name.clone()),
+        name: detail
+            .and_then(|d| d.name.clone())
+            .or_else(|| intro.name.clone()),
         idp_id: detail.and_then(|d| d.identity_provider.clone()),
         idp_name: detail.and_then(|d| d.identity_provider_display_name.clone()),
         username,
@@ -24,7 +32,7 @@ pub fn identify_globus(intro: &Introspection, rules: &AccessRules, policies: &[S
     };
 
     // 1. Service accounts skip the domain and policy checks.
-    if rules.service_accounts.iter().any(|s| *s == username) {
+    if rules.service_accounts.contains(&username) {
         return Ok(Identity {
             service_account: true,
             ..base(username, None, None)
@@ -77,13 +85,20 @@ pub fn identify_globus(intro: &Introspection, rules: &AccessRules, policies: &[S
 }
 
 /// 3. Every configured policy evaluated, and true.
-fn finish_policies(identity: Identity, intro: &Introspection, policies: &[String]) -> Result<Identity, AuthError> {
+fn finish_policies(
+    identity: Identity,
+    intro: &Introspection,
+    policies: &[String],
+) -> Result<Identity, AuthError> {
     if policies.is_empty() {
         return Ok(identity);
     }
     let evaluations = intro.policy_evaluations.as_ref();
     let all_true = evaluations.is_some_and(|e| {
-        e.len() == policies.len() && policies.iter().all(|p| e.get(p).is_some_and(|v| v.evaluation))
+        e.len() == policies.len()
+            && policies
+                .iter()
+                .all(|p| e.get(p).is_some_and(|v| v.evaluation))
     });
     if all_true {
         Ok(identity)
@@ -123,7 +138,10 @@ pub fn check_groups_and_name(identity: &Identity, rules: &AccessRules) -> Result
         ));
     }
     if identity.username.is_empty() || identity.username.contains(['<', '>']) {
-        return Err(AuthError::forbidden("username", "Permission denied: the token's username is not acceptable."));
+        return Err(AuthError::forbidden(
+            "username",
+            "Permission denied: the token's username is not acceptable.",
+        ));
     }
     Ok(())
 }
@@ -131,7 +149,10 @@ pub fn check_groups_and_name(identity: &Identity, rules: &AccessRules) -> Result
 /// Per-cluster or per-model access list.
 pub fn check_access(identity: &Identity, acl: &AccessList, what: &str) -> Result<(), AuthError> {
     if !acl.allowed_domains.is_empty()
-        && !acl.allowed_domains.iter().any(|d| d.eq_ignore_ascii_case(&identity.domain))
+        && !acl
+            .allowed_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(&identity.domain))
     {
         return Err(AuthError::forbidden(
             "allowed_domains",

@@ -1,1 +1,77 @@
-fn main(){}
+//! `firstgate-sim`: the simulators as a standalone program, for manual testing and benchmarks
+//! against a gateway started with `firstgate serve`.
+
+use clap::{Parser, Subcommand};
+use firstgate::sim::vllm::{VllmSim, VllmSimConfig};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "firstgate-sim",
+    version,
+    about = "Simulators of vLLM and Globus for firstgate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A vLLM OpenAI-compatible server (`vllm serve`) that generates `tok0 tok1 …`.
+    Vllm {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: SocketAddr,
+        /// A generative model to serve (repeatable).
+        #[arg(long = "model")]
+        models: Vec<String>,
+        /// An embedding model to serve (repeatable).
+        #[arg(long = "embedding-model")]
+        embedding_models: Vec<String>,
+        /// Require this bearer key, like `vllm serve --api-key`.
+        #[arg(long, env = "VLLM_API_KEY")]
+        api_key: Option<String>,
+        /// Time to the first token, in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        ttft_ms: u64,
+        /// Time between tokens, in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        itl_ms: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Vllm {
+            listen,
+            models,
+            embedding_models,
+            api_key,
+            ttft_ms,
+            itl_ms,
+        } => {
+            if models.is_empty() && embedding_models.is_empty() {
+                anyhow::bail!("name at least one --model or --embedding-model to serve");
+            }
+            let cfg = VllmSimConfig {
+                name: format!("vllm-sim {listen}"),
+                models,
+                embedding_models,
+                api_key,
+                ttft: Duration::from_millis(ttft_ms),
+                itl: Duration::from_millis(itl_ms),
+                ..VllmSimConfig::default()
+            };
+            let sim = VllmSim::start(listen, cfg)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+            eprintln!("simulated vLLM listening on http://{}", sim.addr());
+            tokio::signal::ctrl_c().await?;
+            sim.shutdown().await;
+        }
+    }
+    Ok(())
+}

@@ -53,9 +53,17 @@ impl Deployment {
 /// Why a lookup found nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LookupError {
-    ClusterNotFound { cluster: String },
-    FrameworkNotFound { cluster: String, framework: String },
-    ModelNotFound { cluster: Option<String>, model: String },
+    ClusterNotFound {
+        cluster: String,
+    },
+    FrameworkNotFound {
+        cluster: String,
+        framework: String,
+    },
+    ModelNotFound {
+        cluster: Option<String>,
+        model: String,
+    },
 }
 
 /// Frameworks of a cluster, models of a framework.
@@ -147,7 +155,9 @@ impl Catalog {
                     });
                     for name in std::iter::once(&m.name).chain(&m.aliases) {
                         let key = normalize_model_name(name);
-                        fw_entry.by_name.insert(key.clone(), fw_entry.deployments.len());
+                        fw_entry
+                            .by_name
+                            .insert(key.clone(), fw_entry.deployments.len());
                         let list = catalog.federated.entry(key).or_default();
                         if !list.iter().any(|d| Arc::ptr_eq(d, &deployment)) {
                             list.push(deployment.clone());
@@ -220,8 +230,9 @@ impl Catalog {
 
     /// Whether any cluster or model restricts access by group.
     pub fn uses_group_acls(&self) -> bool {
-        self.deployments()
-            .any(|d| !d.cluster_access.allowed_groups.is_empty() || !d.model_access.allowed_groups.is_empty())
+        self.deployments().any(|d| {
+            !d.cluster_access.allowed_groups.is_empty() || !d.model_access.allowed_groups.is_empty()
+        })
     }
 
     /// Resolves every backend host name once (at start-up, before traffic).
@@ -294,7 +305,9 @@ clusters:
     #[test]
     fn federated_lists_every_cluster() {
         let c = catalog();
-        let all = c.resolve_federated("meta-llama/meta-llama-3.1-8b-instruct").unwrap();
+        let all = c
+            .resolve_federated("meta-llama/meta-llama-3.1-8b-instruct")
+            .unwrap();
         let clusters: Vec<_> = all.iter().map(|d| d.cluster.as_str()).collect();
         assert_eq!(clusters, ["polaris", "sophia"]);
         // An alias of one cluster only finds that cluster.

@@ -15,7 +15,9 @@ pub struct LeastInFlight {
 
 impl LeastInFlight {
     fn load(b: &Backend) -> usize {
-        b.ext.get::<Arc<Instance>>().map_or(usize::MAX, |i| i.in_flight())
+        b.ext
+            .get::<Arc<Instance>>()
+            .map_or(usize::MAX, |i| i.in_flight())
     }
 }
 
@@ -25,7 +27,12 @@ impl BackendSelection for LeastInFlight {
 
     fn build(backends: &BTreeSet<Backend>) -> Self {
         LeastInFlight {
-            backends: backends.iter().cloned().enumerate().map(|(i, b)| (b, i)).collect(),
+            backends: backends
+                .iter()
+                .cloned()
+                .enumerate()
+                .map(|(i, b)| (b, i))
+                .collect(),
             turn: AtomicUsize::new(0),
         }
     }

@@ -62,7 +62,9 @@ impl BackendAddr {
             None => 80,
         };
         if uri.query().is_some() {
-            return Err(format!("{text:?}: a backend URL cannot have a query string"));
+            return Err(format!(
+                "{text:?}: a backend URL cannot have a query string"
+            ));
         }
         let path = uri.path().trim_end_matches('/');
         let base_path = if has_scheme && !path.is_empty() {
@@ -123,9 +125,15 @@ mod tests {
 
     #[test]
     fn mistakes_are_explained() {
-        assert!(BackendAddr::parse("node1", false).unwrap_err().contains("no port"));
-        assert!(BackendAddr::parse("ftp://x:1", false).unwrap_err().contains("scheme"));
+        assert!(BackendAddr::parse("node1", false)
+            .unwrap_err()
+            .contains("no port"));
+        assert!(BackendAddr::parse("ftp://x:1", false)
+            .unwrap_err()
+            .contains("scheme"));
         assert!(BackendAddr::parse("h:99999", false).is_err());
-        assert!(BackendAddr::parse("h:0", false).unwrap_err().contains("port 0"));
+        assert!(BackendAddr::parse("h:0", false)
+            .unwrap_err()
+            .contains("port 0"));
     }
 }

@@ -315,14 +315,15 @@ fn validate(config: &Config) -> Result<(), error::Invalid> {
         return Err(Invalid::new("threads", "must be at least 1").near("threads"));
     }
     if config.limits.max_body_bytes == 0 {
-        return Err(Invalid::new("limits.max_body_bytes", "must be at least 1").near("max_body_bytes"));
+        return Err(
+            Invalid::new("limits.max_body_bytes", "must be at least 1").near("max_body_bytes")
+        );
     }
     if config.upstream.max_concurrent_per_backend == 0 {
-        return Err(Invalid::new(
-            "upstream.max_concurrent_per_backend",
-            "must be at least 1",
-        )
-        .near("max_concurrent_per_backend"));
+        return Err(
+            Invalid::new("upstream.max_concurrent_per_backend", "must be at least 1")
+                .near("max_concurrent_per_backend"),
+        );
     }
     for (cluster_name, cluster) in &config.clusters {
         check_name(&format!("clusters.{cluster_name}"), cluster_name)?;
@@ -330,8 +331,9 @@ fn validate(config: &Config) -> Result<(), error::Invalid> {
             let fw_path = format!("clusters.{cluster_name}.frameworks.{fw_name}");
             check_name(&fw_path, fw_name)?;
             if fw.endpoints.is_empty() {
-                return Err(Invalid::new(format!("{fw_path}.endpoints"), "lists no endpoint")
-                    .near(fw_name));
+                return Err(
+                    Invalid::new(format!("{fw_path}.endpoints"), "lists no endpoint").near(fw_name),
+                );
             }
             // Names that normalize alike would make model lookup ambiguous.
             let mut seen: BTreeMap<String, String> = BTreeMap::new();

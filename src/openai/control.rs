@@ -146,7 +146,8 @@ fn check_messages(raw: Option<&RawValue>) -> Result<(), ApiError> {
         )
         .with_param("messages")
     };
-    let items: Vec<&RawValue> = serde_json::from_str(raw.ok_or_else(bad)?.get()).map_err(|_| bad())?;
+    let items: Vec<&RawValue> =
+        serde_json::from_str(raw.ok_or_else(bad)?.get()).map_err(|_| bad())?;
     if items.iter().all(|m| m.get().starts_with('{')) {
         Ok(())
     } else {
@@ -216,8 +217,14 @@ mod tests {
         assert!(chat("[1]").unwrap_err().message.contains("JSON object"));
         let e = chat(r#"{"messages":[]}"#).unwrap_err();
         assert_eq!((e.status, e.param), (400, Some("model")));
-        assert_eq!(chat(r#"{"model":"","messages":[]}"#).unwrap_err().status, 400);
-        assert_eq!(chat(r#"{"model":3,"messages":[]}"#).unwrap_err().status, 400);
+        assert_eq!(
+            chat(r#"{"model":"","messages":[]}"#).unwrap_err().status,
+            400
+        );
+        assert_eq!(
+            chat(r#"{"model":3,"messages":[]}"#).unwrap_err().status,
+            400
+        );
         let e = chat(r#"{"model":"m","stream":"yes","messages":[]}"#).unwrap_err();
         assert_eq!(e.param, Some("stream"));
         let e = chat(r#"{"model":"m","messages":["hi"]}"#).unwrap_err();
@@ -235,10 +242,22 @@ mod tests {
     fn prompts_and_inputs() {
         let ok = |ep, b: &str| parse_control_fields(b.as_bytes(), ep).is_ok();
         assert!(ok(Endpoint::Completions, r#"{"model":"m","prompt":"hi"}"#));
-        assert!(ok(Endpoint::Completions, r#"{"model":"m","prompt":[1,2,3]}"#));
-        assert!(ok(Endpoint::Embeddings, r#"{"model":"m","input":[[1,2],[3]]}"#));
-        assert!(ok(Endpoint::Embeddings, r#"{"model":"m","input":["a","b"]}"#));
-        assert!(!ok(Endpoint::Completions, r#"{"model":"m","prompt":[1,"a"]}"#));
+        assert!(ok(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":[1,2,3]}"#
+        ));
+        assert!(ok(
+            Endpoint::Embeddings,
+            r#"{"model":"m","input":[[1,2],[3]]}"#
+        ));
+        assert!(ok(
+            Endpoint::Embeddings,
+            r#"{"model":"m","input":["a","b"]}"#
+        ));
+        assert!(!ok(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":[1,"a"]}"#
+        ));
         assert!(!ok(Endpoint::Completions, r#"{"model":"m"}"#));
         let e = parse_control_fields(
             br#"{"model":"m","input":"x","stream":true}"#,

@@ -47,7 +47,11 @@ pub async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, ApiEr
             session.enable_retry_buffering();
             armed = true;
         }
-        match session.read_request_body().await.map_err(|_| read_failed())? {
+        match session
+            .read_request_body()
+            .await
+            .map_err(|_| read_failed())?
+        {
             Some(chunk) => {
                 if buf.len() + chunk.len() > max {
                     return Err(too_large());

@@ -1,9 +1,9 @@
 //! The one place where the domain's failures become HTTP errors for the client.
 
-use crate::catalog::{Deployment, LookupError, PoolError};
-use crate::config::Endpoint;
 use super::routes::RouteError;
 use crate::auth::AuthError;
+use crate::catalog::{Deployment, LookupError, PoolError};
+use crate::config::Endpoint;
 use crate::openai::ApiError;
 use pingora::{Error, ErrorSource, ErrorType};
 
@@ -61,7 +61,9 @@ pub fn lookup(e: LookupError) -> ApiError {
         } => ApiError::new(
             404,
             "endpoint_not_found",
-            format!("The model '{model}' does not exist. GET /v1/models lists the models you can use."),
+            format!(
+                "The model '{model}' does not exist. GET /v1/models lists the models you can use."
+            ),
         )
         .with_param("model"),
     }
@@ -110,7 +112,11 @@ pub fn pool(e: PoolError, d: &Deployment) -> ApiError {
 pub fn proxy(e: &Error, d: Option<&Deployment>) -> Option<ApiError> {
     let (model, cluster) = d.map_or(("?", "?"), |d| (d.model.as_str(), d.cluster.as_str()));
     if let ErrorType::HTTPStatus(code) = e.etype() {
-        return Some(ApiError::new(*code, "upstream_error", "The request failed."));
+        return Some(ApiError::new(
+            *code,
+            "upstream_error",
+            "The request failed.",
+        ));
     }
     match e.esource() {
         ErrorSource::Downstream => None,

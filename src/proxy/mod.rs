@@ -72,9 +72,16 @@ impl Gateway {
     }
 
     /// Authenticates the request (the token cache makes this cheap for a known token).
-    async fn authenticate(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Arc<Identity>, ApiError> {
+    async fn authenticate(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Arc<Identity>, ApiError> {
         let t = Instant::now();
-        let header = session.req_header().headers.get(http::header::AUTHORIZATION);
+        let header = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION);
         let (result, outcome) = self.auth.authenticate(header.map(|h| h.as_bytes())).await;
         if let Some(outcome) = outcome {
             let label = match outcome {
@@ -90,7 +97,12 @@ impl Gateway {
     }
 
     /// Answers a read route for `identity`, showing only what it may use.
-    fn read(&self, read: &Read, query: Option<&str>, identity: &Identity) -> Result<Bytes, ApiError> {
+    fn read(
+        &self,
+        read: &Read,
+        query: Option<&str>,
+        identity: &Identity,
+    ) -> Result<Bytes, ApiError> {
         let visible = |d: &Deployment| {
             rules::may_see(identity, &d.cluster_access) && rules::may_see(identity, &d.model_access)
         };
@@ -105,8 +117,8 @@ impl Gateway {
                         .find_map(|kv| kv.strip_prefix("model_id="))
                         .filter(|v| !v.is_empty())
                 });
-                listings::cluster_models(&self.catalog, cluster, model_id, visible).ok_or_else(|| {
-                    match model_id {
+                listings::cluster_models(&self.catalog, cluster, model_id, visible).ok_or_else(
+                    || match model_id {
                         Some(m) if self.catalog.cluster(cluster).is_some() => {
                             errors::lookup(crate::catalog::LookupError::ModelNotFound {
                                 cluster: Some(cluster.clone()),
@@ -116,23 +128,27 @@ impl Gateway {
                         _ => errors::lookup(crate::catalog::LookupError::ClusterNotFound {
                             cluster: cluster.clone(),
                         }),
-                    }
-                })?
+                    },
+                )?
             }
         })
     }
 
     /// Whether `identity` may use `d`; the error names the rule that failed.
     fn check_access(identity: &Identity, d: &Deployment) -> Result<(), ApiError> {
-        rules::check_access(identity, &d.cluster_access, &format!("cluster '{}'", d.cluster))
-            .and_then(|()| {
-                rules::check_access(
-                    identity,
-                    &d.model_access,
-                    &format!("model '{}' on cluster '{}'", d.model, d.cluster),
-                )
-            })
-            .map_err(errors::auth)
+        rules::check_access(
+            identity,
+            &d.cluster_access,
+            &format!("cluster '{}'", d.cluster),
+        )
+        .and_then(|()| {
+            rules::check_access(
+                identity,
+                &d.model_access,
+                &format!("model '{}' on cluster '{}'", d.model, d.cluster),
+            )
+        })
+        .map_err(errors::auth)
     }
 
     /// Routes, authenticates, and either answers (`Some(body)`) or prepares the proxying (`None`).
@@ -155,7 +171,10 @@ impl Gateway {
                 ctx.charge(t);
                 body.map(Some)
             }
-            route => self.prepare_inference(session, ctx, route, &identity).await.map(|()| None),
+            route => self
+                .prepare_inference(session, ctx, route, &identity)
+                .await
+                .map(|()| None),
         }
     }
 
@@ -244,7 +263,11 @@ impl ProxyHttp for Gateway {
         RequestCtx::new()
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
         let t = Instant::now();
         let req = session.req_header();
         let matched = routes::match_route(&req.method, req.uri.path())
@@ -268,7 +291,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         let t = Instant::now();
         let deployment = ctx
             .deployment
@@ -286,7 +313,10 @@ impl ProxyHttp for Gateway {
                 Ok(slot) => ctx.slot = Some(slot),
                 Err(e) => {
                     ctx.failure = Some(errors::pool(e, &deployment));
-                    return Err(Error::explain(ErrorType::HTTPStatus(503), "no backend left to retry"));
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(503),
+                        "no backend left to retry",
+                    ));
                 }
             }
         }
@@ -307,13 +337,19 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         let t = Instant::now();
-        let (Some(deployment), Some(slot), Some(endpoint)) = (&ctx.deployment, &ctx.slot, ctx.endpoint) else {
-            return Err(Error::explain(ErrorType::InternalError, "upstream request without a target"));
+        let (Some(deployment), Some(slot), Some(endpoint)) =
+            (&ctx.deployment, &ctx.slot, ctx.endpoint)
+        else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "upstream request without a target",
+            ));
         };
         let addr = &slot.instance().addr;
         let path = format!("{}/{}", addr.base_path, endpoint.path());
         upstream.set_uri(
-            http::Uri::try_from(path).map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?,
+            http::Uri::try_from(path)
+                .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?,
         );
         for name in STRIPPED_UPSTREAM_HEADERS {
             upstream.remove_header(name);
@@ -399,7 +435,12 @@ impl ProxyHttp for Gateway {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let err = ctx
             .failure
             .take()

@@ -37,7 +37,9 @@ pub enum Read {
 pub enum RouteError {
     NotFound,
     /// The path exists for another method; the value is the `Allow` header.
-    MethodNotAllowed { allow: &'static str },
+    MethodNotAllowed {
+        allow: &'static str,
+    },
 }
 
 /// Matches a request line.
@@ -46,7 +48,11 @@ pub fn match_route(method: &Method, path: &str) -> Result<Route, RouteError> {
     if *method == expected {
         Ok(route)
     } else {
-        let allow = if expected == Method::GET { "GET" } else { "POST" };
+        let allow = if expected == Method::GET {
+            "GET"
+        } else {
+            "POST"
+        };
         Err(RouteError::MethodNotAllowed { allow })
     }
 }
@@ -116,7 +122,11 @@ mod tests {
     fn federated_and_reads() {
         assert!(matches!(
             match_route(&Method::POST, "/v1/embeddings"),
-            Ok(Route::Inference { cluster: None, endpoint: Endpoint::Embeddings, .. })
+            Ok(Route::Inference {
+                cluster: None,
+                endpoint: Endpoint::Embeddings,
+                ..
+            })
         ));
         assert_eq!(
             match_route(&Method::GET, "/v1/models"),
@@ -124,7 +134,9 @@ mod tests {
         );
         assert_eq!(
             match_route(&Method::GET, "/resource_server/metis/models"),
-            Ok(Route::Read(Read::ClusterModels { cluster: "metis".into() }))
+            Ok(Route::Read(Read::ClusterModels {
+                cluster: "metis".into()
+            }))
         );
     }
 
@@ -138,8 +150,18 @@ mod tests {
             match_route(&Method::POST, "/v1/models"),
             Err(RouteError::MethodNotAllowed { allow: "GET" })
         );
-        for p in ["/", "/v1/chat", "/v1/chat/completions/", "/resource_server//vllm/v1/completions", "/nope"] {
-            assert_eq!(match_route(&Method::POST, p), Err(RouteError::NotFound), "{p}");
+        for p in [
+            "/",
+            "/v1/chat",
+            "/v1/chat/completions/",
+            "/resource_server//vllm/v1/completions",
+            "/nope",
+        ] {
+            assert_eq!(
+                match_route(&Method::POST, p),
+                Err(RouteError::NotFound),
+                "{p}"
+            );
         }
     }
 }

@@ -1,1 +1,4 @@
-//! placeholder
+//! Simulators of the outside world that speak the real wire formats, for tests, benchmarks and
+//! the demo. The gateway never imports them; they stand where vLLM and Globus would.
+
+pub mod vllm;

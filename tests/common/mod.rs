@@ -68,7 +68,7 @@ impl Gateway {
         let config = dir.path().join("gateway.yaml");
         let yaml = format!(
             "listen: {addr}\nadmin_listen: {admin}\nthreads: 2\n\
-             health_check:\n  interval: 100ms\n  timeout: 500ms\n{body}"
+             auth:\n  mode: none\nhealth_check:\n  interval: 100ms\n  timeout: 500ms\n{body}"
         );
         std::fs::write(&config, yaml).expect("write config");
         let log_path = dir.path().join("gateway.log");
@@ -141,6 +141,9 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- gateway log ---\n{}", self.log());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

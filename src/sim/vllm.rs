@@ -1,0 +1,824 @@
+//! A simulated vLLM OpenAI-compatible server (`vllm serve`), faithful on the wire: the same
+//! routes, JSON shapes, SSE framing, error bodies and `--api-key` behaviour, with generated
+//! text (`tok0 tok1 …`) instead of a model. Tests and the demo drive it; the counters and fault
+//! knobs let a test observe what reached the backend and make it misbehave.
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// What a simulated server serves and how fast it "generates".
+#[derive(Debug, Clone)]
+pub struct VllmSimConfig {
+    /// Shown in logs only.
+    pub name: String,
+    /// Generative models (chat and completions).
+    pub models: Vec<String>,
+    /// Embedding models (`/v1/embeddings` only).
+    pub embedding_models: Vec<String>,
+    /// Like `vllm serve --api-key`: requests to `/v1/*` must carry `Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Time to the first token.
+    pub ttft: Duration,
+    /// Time between tokens.
+    pub itl: Duration,
+    /// Tokens generated when the request sets no `max_tokens`.
+    pub default_max_tokens: u32,
+    /// Context length reported by `/v1/models` and enforced on `max_tokens`.
+    pub max_model_len: u32,
+    /// Length of the generated embedding vectors.
+    pub embedding_dim: usize,
+}
+
+impl Default for VllmSimConfig {
+    fn default() -> Self {
+        VllmSimConfig {
+            name: "vllm-sim".into(),
+            models: Vec::new(),
+            embedding_models: Vec::new(),
+            api_key: None,
+            ttft: Duration::ZERO,
+            itl: Duration::ZERO,
+            default_max_tokens: 16,
+            max_model_len: 8192,
+            embedding_dim: 16,
+        }
+    }
+}
+
+/// What reached the simulator. All counters only grow, except `running`.
+#[derive(Debug, Default)]
+pub struct SimStats {
+    /// Inference requests (`POST /v1/...`), valid or not.
+    pub requests: AtomicU64,
+    pub chat_requests: AtomicU64,
+    pub completion_requests: AtomicU64,
+    pub embedding_requests: AtomicU64,
+    pub streams_started: AtomicU64,
+    pub streams_completed: AtomicU64,
+    /// Streams whose client went away before the last chunk.
+    pub streams_cancelled: AtomicU64,
+    /// Generations in progress now.
+    pub running: AtomicU64,
+    pub health_checks: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+}
+
+impl SimStats {
+    /// The counters as JSON (served at `GET /_sim/stats`).
+    pub fn snapshot(&self) -> Value {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "requests": g(&self.requests),
+            "chat_requests": g(&self.chat_requests),
+            "completion_requests": g(&self.completion_requests),
+            "embedding_requests": g(&self.embedding_requests),
+            "streams_started": g(&self.streams_started),
+            "streams_completed": g(&self.streams_completed),
+            "streams_cancelled": g(&self.streams_cancelled),
+            "running": g(&self.running),
+            "health_checks": g(&self.health_checks),
+            "prompt_tokens": g(&self.prompt_tokens),
+            "generation_tokens": g(&self.generation_tokens),
+        })
+    }
+}
+
+/// Misbehaviour on demand (also settable with `POST /_sim/faults`).
+#[derive(Debug, Default)]
+pub struct SimFaults {
+    /// When non-zero, inference requests fail with this status and a vLLM error body.
+    pub fail_status: AtomicU16,
+    /// When non-zero, streams break off (connection reset) after this many chunks.
+    pub close_after_chunks: AtomicU32,
+    /// `GET /health` answers 503, as vLLM does when its engine died.
+    pub unhealthy: AtomicBool,
+}
+
+impl SimFaults {
+    fn snapshot(&self) -> Value {
+        json!({
+            "fail_status": self.fail_status.load(Ordering::Relaxed),
+            "close_after_chunks": self.close_after_chunks.load(Ordering::Relaxed),
+            "unhealthy": self.unhealthy.load(Ordering::Relaxed),
+        })
+    }
+}
+
+struct Shared {
+    cfg: VllmSimConfig,
+    stats: SimStats,
+    faults: SimFaults,
+    last_request: Mutex<Option<(HeaderMap, Bytes)>>,
+    started: u64,
+}
+
+/// A running simulator. Dropping it stops it.
+pub struct VllmSim {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    serving: Option<Serving>,
+}
+
+/// One `axum::serve` run: the signal that stops it and word that its listener is closed.
+struct Serving {
+    stop: oneshot::Sender<()>,
+    listener_closed: oneshot::Receiver<()>,
+}
+
+impl VllmSim {
+    /// Binds `addr` (port 0 picks one) and serves until dropped.
+    pub async fn start(addr: SocketAddr, cfg: VllmSimConfig) -> std::io::Result<VllmSim> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            cfg,
+            stats: SimStats::default(),
+            faults: SimFaults::default(),
+            last_request: Mutex::new(None),
+            started: unix_now(),
+        });
+        let serving = serve(listener, shared.clone());
+        Ok(VllmSim {
+            addr,
+            shared,
+            serving: Some(serving),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> &SimStats {
+        &self.shared.stats
+    }
+
+    pub fn faults(&self) -> &SimFaults {
+        &self.shared.faults
+    }
+
+    /// The body of the last inference request, byte for byte.
+    pub fn last_request_body(&self) -> Option<Bytes> {
+        let last = self.shared.last_request.lock().unwrap();
+        last.as_ref().map(|(_, b)| b.clone())
+    }
+
+    /// The headers of the last inference request.
+    pub fn last_request_headers(&self) -> Option<HeaderMap> {
+        let last = self.shared.last_request.lock().unwrap();
+        last.as_ref().map(|(h, _)| h.clone())
+    }
+
+    /// Closes the listening socket and idle keep-alive connections, as a node that went down
+    /// would refuse connections. Requests in flight finish.
+    pub async fn stop_listening(&mut self) {
+        if let Some(serving) = self.serving.take() {
+            let _ = serving.stop.send(());
+            let _ = serving.listener_closed.await;
+        }
+    }
+
+    /// Listens again on the same address.
+    pub async fn resume_listening(&mut self) -> std::io::Result<()> {
+        if self.serving.is_none() {
+            let listener = TcpListener::bind(self.addr).await?;
+            self.serving = Some(serve(listener, self.shared.clone()));
+        }
+        Ok(())
+    }
+
+    /// Stops listening and closes idle connections.
+    pub async fn shutdown(mut self) {
+        self.stop_listening().await;
+    }
+}
+
+impl Drop for VllmSim {
+    fn drop(&mut self) {
+        if let Some(serving) = self.serving.take() {
+            let _ = serving.stop.send(());
+        }
+    }
+}
+
+/// A listener that reports when axum has dropped it.
+struct ReportingListener {
+    inner: TcpListener,
+    _closed: oneshot::Sender<()>,
+}
+
+impl axum::serve::Listener for ReportingListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        axum::serve::Listener::accept(&mut self.inner).await
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+fn serve(listener: TcpListener, shared: Arc<Shared>) -> Serving {
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let (closed_tx, listener_closed) = oneshot::channel();
+    let listener = ReportingListener {
+        inner: listener,
+        _closed: closed_tx,
+    };
+    let app = router(shared);
+    tokio::spawn(async move {
+        let signal = async {
+            let _ = stop_rx.await;
+        };
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(signal)
+            .await;
+    });
+    Serving {
+        stop,
+        listener_closed,
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route(
+            "/version",
+            get(|| async { Json(json!({"version": "0.11.0-sim"})) }),
+        )
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route(
+            "/_sim/stats",
+            get(|State(s): State<Arc<Shared>>| async move { Json(s.stats.snapshot()) }),
+        )
+        .route("/_sim/faults", get(get_faults).post(set_faults))
+        .fallback(|| async {
+            Refusal::Error {
+                status: StatusCode::NOT_FOUND,
+                kind: "NotFoundError",
+                message: "Not Found".into(),
+                param: None,
+            }
+        })
+        .with_state(shared)
+}
+
+async fn health(State(s): State<Arc<Shared>>) -> StatusCode {
+    s.stats.health_checks.fetch_add(1, Ordering::Relaxed);
+    if s.faults.unhealthy.load(Ordering::Relaxed) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+/// A few of vLLM's own Prometheus series, enough for load-aware policies.
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let mut out = String::new();
+    let running = s.stats.running.load(Ordering::Relaxed);
+    let prompt = s.stats.prompt_tokens.load(Ordering::Relaxed);
+    let generated = s.stats.generation_tokens.load(Ordering::Relaxed);
+    for name in s.cfg.models.iter().chain(&s.cfg.embedding_models) {
+        out.push_str(&format!(
+            "vllm:num_requests_running{{model_name=\"{name}\"}} {running}\n\
+             vllm:num_requests_waiting{{model_name=\"{name}\"}} 0\n\
+             vllm:prompt_tokens_total{{model_name=\"{name}\"}} {prompt}\n\
+             vllm:generation_tokens_total{{model_name=\"{name}\"}} {generated}\n"
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn models(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_key(&s, &headers) {
+        return r.into_response();
+    }
+    let data: Vec<Value> = s
+        .cfg
+        .models
+        .iter()
+        .chain(&s.cfg.embedding_models)
+        .map(|id| {
+            json!({
+                "id": id, "object": "model", "created": s.started, "owned_by": "vllm",
+                "root": id, "parent": null, "max_model_len": s.cfg.max_model_len,
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn get_faults(State(s): State<Arc<Shared>>) -> Json<Value> {
+    Json(s.faults.snapshot())
+}
+
+async fn set_faults(State(s): State<Arc<Shared>>, Json(v): Json<Value>) -> Json<Value> {
+    if let Some(n) = v["fail_status"].as_u64() {
+        s.faults.fail_status.store(n as u16, Ordering::Relaxed);
+    }
+    if let Some(n) = v["close_after_chunks"].as_u64() {
+        s.faults
+            .close_after_chunks
+            .store(n as u32, Ordering::Relaxed);
+    }
+    if let Some(b) = v["unhealthy"].as_bool() {
+        s.faults.unhealthy.store(b, Ordering::Relaxed);
+    }
+    Json(s.faults.snapshot())
+}
+
+/// Why the simulator refuses a request, answered as vLLM would.
+enum Refusal {
+    /// A missing or wrong `--api-key`: vLLM's bare `{"error": "Unauthorized"}`.
+    Unauthorized,
+    /// vLLM's `ErrorResponse` body, as served since v0.10.
+    Error {
+        status: StatusCode,
+        kind: &'static str,
+        message: String,
+        param: Option<&'static str>,
+    },
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "Unauthorized"})),
+            )
+                .into_response(),
+            Refusal::Error {
+                status,
+                kind,
+                message,
+                param,
+            } => {
+                let body = json!({"error": {
+                    "message": message, "type": kind, "param": param, "code": status.as_u16(),
+                }});
+                (status, Json(body)).into_response()
+            }
+        }
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> Refusal {
+    Refusal::Error {
+        status: StatusCode::BAD_REQUEST,
+        kind: "BadRequestError",
+        message: message.into(),
+        param: None,
+    }
+}
+
+fn check_key(s: &Shared, headers: &HeaderMap) -> Result<(), Refusal> {
+    let Some(key) = &s.cfg.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(Refusal::Unauthorized)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+/// Everything common to the three inference routes, up to a validated request.
+struct Accepted {
+    body: Value,
+    model: String,
+    prompt_tokens: u64,
+}
+
+fn accept(s: &Shared, api: Api, headers: HeaderMap, raw: Bytes) -> Result<Accepted, Refusal> {
+    s.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let counter = match api {
+        Api::Chat => &s.stats.chat_requests,
+        Api::Completions => &s.stats.completion_requests,
+        Api::Embeddings => &s.stats.embedding_requests,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    *s.last_request.lock().unwrap() = Some((headers.clone(), raw.clone()));
+    check_key(s, &headers)?;
+    let fail = s.faults.fail_status.load(Ordering::Relaxed);
+    if fail != 0 {
+        let status = StatusCode::from_u16(fail).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let kind = if status.is_client_error() {
+            "BadRequestError"
+        } else {
+            "InternalServerError"
+        };
+        return Err(Refusal::Error {
+            status,
+            kind,
+            message: "simulated failure".into(),
+            param: None,
+        });
+    }
+    let body: Value =
+        serde_json::from_slice(&raw).map_err(|e| bad_request(format!("JSON decode error: {e}")))?;
+    let Some(model) = body["model"].as_str().map(str::to_owned) else {
+        return Err(bad_request("Field required: model"));
+    };
+    let generative = s.cfg.models.contains(&model);
+    let embedding = s.cfg.embedding_models.contains(&model);
+    if !generative && !embedding {
+        return Err(Refusal::Error {
+            status: StatusCode::NOT_FOUND,
+            kind: "NotFoundError",
+            message: format!("The model `{model}` does not exist."),
+            param: Some("model"),
+        });
+    }
+    let text = match api {
+        Api::Chat if generative => chat_text(&body["messages"])
+            .ok_or_else(|| bad_request("Field required: messages (a list of messages)"))?,
+        Api::Completions if generative => {
+            input_text(&body["prompt"]).ok_or_else(|| bad_request("Field required: prompt"))?
+        }
+        Api::Embeddings if embedding => {
+            input_text(&body["input"]).ok_or_else(|| bad_request("Field required: input"))?
+        }
+        Api::Embeddings => return Err(bad_request("The model does not support Embeddings API")),
+        Api::Chat => {
+            return Err(bad_request(
+                "The model does not support Chat Completions API",
+            ))
+        }
+        Api::Completions => return Err(bad_request("The model does not support Completions API")),
+    };
+    let prompt_tokens = text.split_whitespace().count() as u64;
+    s.stats
+        .prompt_tokens
+        .fetch_add(prompt_tokens, Ordering::Relaxed);
+    Ok(Accepted {
+        body,
+        model,
+        prompt_tokens,
+    })
+}
+
+fn chat_text(messages: &Value) -> Option<String> {
+    let mut out = String::new();
+    for m in messages.as_array()? {
+        match &m["content"] {
+            Value::String(t) => out.push_str(t),
+            Value::Array(parts) => {
+                for p in parts {
+                    out.push_str(p["text"].as_str().unwrap_or_default());
+                    out.push(' ');
+                }
+            }
+            _ => {}
+        }
+        out.push(' ');
+    }
+    Some(out)
+}
+
+fn input_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(t) => Some(t.clone()),
+        Value::Array(items) => Some(
+            items
+                .iter()
+                .map(|i| i.as_str().unwrap_or("t"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        _ => None,
+    }
+}
+
+/// How many tokens to generate, and whether that ends the answer on `length` or `stop`.
+fn token_budget(s: &Shared, body: &Value) -> Result<(u32, &'static str), Refusal> {
+    let requested = body
+        .get("max_completion_tokens")
+        .filter(|v| !v.is_null())
+        .or_else(|| body.get("max_tokens").filter(|v| !v.is_null()));
+    match requested {
+        None => Ok((s.cfg.default_max_tokens, "stop")),
+        Some(v) => match v.as_i64() {
+            Some(n) if n >= 1 && n <= i64::from(s.cfg.max_model_len) => Ok((n as u32, "length")),
+            Some(n) if n >= 1 => Err(bad_request(format!(
+                "This model's maximum context length is {} tokens. However, you requested {n} \
+                 tokens. Please reduce the length of the input messages.",
+                s.cfg.max_model_len
+            ))),
+            Some(n) => Err(bad_request(format!(
+                "max_tokens must be at least 1, got {n}."
+            ))),
+            None => Err(bad_request("max_tokens: Input should be a valid integer")),
+        },
+    }
+}
+
+fn usage(prompt: u64, completion: u64) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+        "prompt_tokens_details": null,
+    })
+}
+
+async fn chat(State(s): State<Arc<Shared>>, headers: HeaderMap, raw: Bytes) -> Response {
+    generate(s, Api::Chat, headers, raw).await
+}
+
+async fn completions(State(s): State<Arc<Shared>>, headers: HeaderMap, raw: Bytes) -> Response {
+    generate(s, Api::Completions, headers, raw).await
+}
+
+async fn generate(s: Arc<Shared>, api: Api, headers: HeaderMap, raw: Bytes) -> Response {
+    let req = match accept(&s, api, headers, raw) {
+        Ok(r) => r,
+        Err(r) => return r.into_response(),
+    };
+    let (tokens, finish) = match token_budget(&s, &req.body) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let id = format!(
+        "{}-{:032x}",
+        if api == Api::Chat { "chatcmpl" } else { "cmpl" },
+        fastrand::u128(..)
+    );
+    if req.body["stream"].as_bool() == Some(true) {
+        let include_usage = req.body["stream_options"]["include_usage"].as_bool() == Some(true);
+        return stream(s, api, id, req, tokens, finish, include_usage);
+    }
+
+    let _running = Running::new(&s);
+    tokio::time::sleep(s.cfg.ttft + s.cfg.itl * tokens.saturating_sub(1)).await;
+    s.stats
+        .generation_tokens
+        .fetch_add(u64::from(tokens), Ordering::Relaxed);
+    let text: String = (0..tokens).map(|i| format!("tok{i} ")).collect();
+    let created = unix_now();
+    let choice = match api {
+        Api::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "reasoning_content": null, "content": text, "tool_calls": []},
+            "logprobs": null, "finish_reason": finish, "stop_reason": null,
+        }),
+        _ => json!({
+            "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+            "stop_reason": null, "prompt_logprobs": null,
+        }),
+    };
+    let object = if api == Api::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    Json(json!({
+        "id": id, "object": object, "created": created, "model": req.model,
+        "choices": [choice], "usage": usage(req.prompt_tokens, u64::from(tokens)),
+        "prompt_logprobs": null, "kv_transfer_params": null,
+    }))
+    .into_response()
+}
+
+/// Counts a generation as running for as long as it lives.
+struct Running(Arc<Shared>);
+
+impl Running {
+    fn new(s: &Arc<Shared>) -> Running {
+        s.stats.running.fetch_add(1, Ordering::Relaxed);
+        Running(s.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.stats.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// State of one SSE stream; dropped early (client gone) it counts as cancelled.
+struct StreamState {
+    s: Arc<Shared>,
+    api: Api,
+    id: String,
+    model: String,
+    created: u64,
+    prompt_tokens: u64,
+    tokens: u32,
+    finish: &'static str,
+    include_usage: bool,
+    /// Chunks sent so far (the role chunk of a chat counts as one).
+    sent: u32,
+    /// Tokens generated so far.
+    next: u32,
+    usage_sent: bool,
+    done: bool,
+    _running: Running,
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        let counter = if self.done {
+            &self.s.stats.streams_completed
+        } else {
+            &self.s.stats.streams_cancelled
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl StreamState {
+    fn chunk(&self, choices: Value, usage: Value) -> String {
+        let object = if self.api == Api::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let mut v = json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": choices,
+        });
+        if !usage.is_null() {
+            v["usage"] = usage;
+        }
+        format!("data: {v}\n\n")
+    }
+
+    fn choice(&self, text: &str, finish: Option<&str>, first: bool) -> Value {
+        match self.api {
+            Api::Chat => {
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else {
+                    json!({"content": text})
+                };
+                json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
+            }
+            _ => json!([{
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+                "stop_reason": null,
+            }]),
+        }
+    }
+
+    /// The next SSE event, or `None` when the stream is over.
+    async fn next_event(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        let limit = self.s.faults.close_after_chunks.load(Ordering::Relaxed);
+        if limit != 0 && self.sent >= limit && !self.done {
+            return Some(Err(std::io::Error::other("simulated crash mid-stream")));
+        }
+        let event = if self.api == Api::Chat && self.sent == 0 {
+            // vLLM opens a chat stream with the assistant role and empty content.
+            self.chunk(self.choice("", None, true), Value::Null)
+        } else if self.next < self.tokens {
+            let delay = if self.next == 0 {
+                self.s.cfg.ttft
+            } else {
+                self.s.cfg.itl
+            };
+            tokio::time::sleep(delay).await;
+            let i = self.next;
+            self.next += 1;
+            self.s
+                .stats
+                .generation_tokens
+                .fetch_add(1, Ordering::Relaxed);
+            let finish = (self.next == self.tokens).then_some(self.finish);
+            self.chunk(self.choice(&format!("tok{i} "), finish, false), Value::Null)
+        } else if self.include_usage && !self.usage_sent {
+            // `stream_options.include_usage`: one last chunk with no choices and the usage.
+            self.usage_sent = true;
+            self.chunk(json!([]), usage(self.prompt_tokens, u64::from(self.tokens)))
+        } else if !self.done {
+            self.done = true;
+            "data: [DONE]\n\n".to_owned()
+        } else {
+            return None;
+        };
+        self.sent += 1;
+        Some(Ok(Bytes::from(event)))
+    }
+}
+
+fn stream(
+    s: Arc<Shared>,
+    api: Api,
+    id: String,
+    req: Accepted,
+    tokens: u32,
+    finish: &'static str,
+    include_usage: bool,
+) -> Response {
+    s.stats.streams_started.fetch_add(1, Ordering::Relaxed);
+    let state = StreamState {
+        _running: Running::new(&s),
+        s,
+        api,
+        id,
+        model: req.model,
+        created: unix_now(),
+        prompt_tokens: req.prompt_tokens,
+        tokens,
+        finish,
+        include_usage,
+        sent: 0,
+        next: 0,
+        usage_sent: false,
+        done: false,
+    };
+    let body = futures_util::stream::unfold(state, |mut st| async move {
+        st.next_event().await.map(|ev| (ev, st))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .body(Body::from_stream(body))
+        .expect("a valid response")
+}
+
+async fn embeddings(State(s): State<Arc<Shared>>, headers: HeaderMap, raw: Bytes) -> Response {
+    let req = match accept(&s, Api::Embeddings, headers, raw) {
+        Ok(r) => r,
+        Err(r) => return r.into_response(),
+    };
+    let inputs: Vec<String> = match &req.body["input"] {
+        Value::Array(items) => items.iter().map(|i| i.to_string()).collect(),
+        other => vec![other.to_string()],
+    };
+    let base64 = req.body["encoding_format"].as_str() == Some("base64");
+    let _running = Running::new(&s);
+    tokio::time::sleep(s.cfg.ttft).await;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let vector = embed(text, s.cfg.embedding_dim);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"index": i, "object": "embedding", "embedding": embedding})
+        })
+        .collect();
+    Json(json!({
+        "id": format!("embd-{:032x}", fastrand::u128(..)),
+        "object": "list", "created": unix_now(), "model": req.model, "data": data,
+        "usage": {"prompt_tokens": req.prompt_tokens, "total_tokens": req.prompt_tokens,
+                  "completion_tokens": 0, "prompt_tokens_details": null},
+    }))
+    .into_response()
+}
+
+/// A deterministic unit vector derived from the text, so equal inputs embed equally.
+fn embed(text: &str, dim: usize) -> Vec<f32> {
+    let mut rng = fastrand::Rng::with_seed(text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    }));
+    let v: Vec<f32> = (0..dim).map(|_| rng.f32() - 0.5).collect();
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    v.into_iter().map(|x| x / norm).collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
