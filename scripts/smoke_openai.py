@@ -3,9 +3,14 @@
 
 Usage: scripts/smoke_openai.py [http://127.0.0.1:8080]
 Exercises both URL layouts, streamed and non-streamed chat, completions, embeddings, the
-models list, and the NotFoundError an unknown model must raise. Exits non-zero on failure.
+models list, the NotFoundError an unknown model must raise, and the demo users: demo-alice
+succeeds, demo-bob and demo-mallory get PermissionDeniedError, demo-expired, a made-up token
+and no token get AuthenticationError. Exits non-zero on failure.
 """
+import json
 import sys
+import urllib.error
+import urllib.request
 
 import openai
 from openai import OpenAI
@@ -22,7 +27,7 @@ def check(name, cond):
 
 
 for url in (f"{base}/resource_server/sophia/vllm/v1", f"{base}/v1"):
-    client = OpenAI(base_url=url, api_key="demo-token", max_retries=0)
+    client = OpenAI(base_url=url, api_key="demo-alice", max_retries=0)
     resp = client.chat.completions.create(model=LLAMA, messages=MESSAGES, max_tokens=8)
     check(f"{url}: chat", bool(resp.choices[0].message.content) and resp.usage.completion_tokens == 8)
 
@@ -42,12 +47,41 @@ for url in (f"{base}/resource_server/sophia/vllm/v1", f"{base}/v1"):
     except openai.NotFoundError as e:
         check(f"{url}: unknown model raises NotFoundError ({e.code})", "no-such-model" in str(e))
 
-client = OpenAI(base_url=f"{base}/v1", api_key="demo-token", max_retries=0)
+client = OpenAI(base_url=f"{base}/v1", api_key="demo-alice", max_retries=0)
 emb = client.embeddings.create(model="Salesforce/SFR-Embedding-Mistral", input=["a", "b"])
 check("embeddings", len(emb.data) == 2 and len(emb.data[0].embedding) > 0)
 ids = [m.id for m in client.models.list()]
 check(f"models list {ids}", LLAMA in ids and "gpt-oss-120b" in ids)
-metis = OpenAI(base_url=f"{base}/resource_server/metis/api/v1", api_key="demo-token", max_retries=0)
+metis = OpenAI(base_url=f"{base}/resource_server/metis/api/v1", api_key="demo-alice", max_retries=0)
 out = metis.chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, max_tokens=3)
 check("metis direct API behind its own key", out.choices[0].message.content.count("tok") == 3)
+
+
+def refused(name, api_key, model, error):
+    client = OpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0)
+    try:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2)
+        check(f"{name} raises {error.__name__}", False)
+    except error as e:
+        check(f"{name} raises {error.__name__} ({e.status_code})", True)
+
+
+refused("demo-bob on the restricted gpt-oss-120b", "demo-bob", "gpt-oss-120b", openai.PermissionDeniedError)
+bob = OpenAI(base_url=f"{base}/v1", api_key="demo-bob", max_retries=0)
+check("demo-bob may use Llama", bool(bob.chat.completions.create(model=LLAMA, messages=MESSAGES, max_tokens=2).choices))
+refused("demo-mallory (domain not allowed)", "demo-mallory", LLAMA, openai.PermissionDeniedError)
+refused("demo-expired", "demo-expired", LLAMA, openai.AuthenticationError)
+refused("a made-up token", "made-up-token", LLAMA, openai.AuthenticationError)
+# The SDK insists on an api_key; send the request without any Authorization header instead.
+req = urllib.request.Request(
+    f"{base}/v1/chat/completions",
+    data=json.dumps({"model": LLAMA, "messages": MESSAGES}).encode(),
+    headers={"Content-Type": "application/json"},
+)
+try:
+    urllib.request.urlopen(req)
+    check("no token gets 401", False)
+except urllib.error.HTTPError as e:
+    body = json.loads(e.read())
+    check(f"no token gets 401 ({e.code})", e.code == 401 and body["error"]["type"] == "authentication_error")
 print("all OpenAI SDK checks passed")

@@ -1,9 +1,12 @@
 //! `firstgate demo`: the gateway and simulated clusters on one machine, no outside service.
 //!
 //! Every backend address in the demo configuration gets a simulated vLLM server serving the
-//! models configured there; then the gateway starts with that configuration.
+//! models configured there; a Globus stand-in seeded with the demo users answers for Globus
+//! when `auth.globus.auth_url` is a loopback address; then the gateway starts.
 
+use crate::config::AuthMode;
 use crate::config::{self, Config};
+use crate::sim::globus::{GlobusSim, Seed};
 use crate::sim::vllm::{VllmSim, VllmSimConfig};
 use anyhow::{bail, Context};
 use std::collections::BTreeMap;
@@ -13,11 +16,15 @@ use std::time::Duration;
 
 /// The demo configuration shipped with the binary, used when `conf/demo.yaml` is not around.
 const EMBEDDED_DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
+/// The demo users shipped with the binary, used when `conf/demo-users.yaml` is not around.
+const EMBEDDED_DEMO_USERS: &str = include_str!("../conf/demo-users.yaml");
 
 /// Options of `firstgate demo`.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub config: PathBuf,
+    /// Users of the Globus stand-in.
+    pub users: PathBuf,
     pub listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     /// Simulated time to first token and between tokens.
@@ -36,10 +43,58 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
     let keys = provide_api_keys(&config);
     let sims = simulated_backends(&config, &keys, &opts)?;
-    start_simulators(sims)?;
+    let globus = globus_stand_in(&config, &opts.users)?;
+    let users = globus.as_ref().map(|(_, seed)| seed.users.clone());
+    start_simulators(sims, globus)?;
     let server = crate::server::build(&config)?;
-    print_banner(&config);
+    print_banner(&config, users.as_deref());
     server.run_forever()
+}
+
+/// The stand-in's address and users, when the configuration points Globus at this machine;
+/// also puts the client secret in the configured variable when it is unset.
+fn globus_stand_in(config: &Config, users: &Path) -> anyhow::Result<Option<(SocketAddr, Seed)>> {
+    let Some(globus) = config
+        .auth
+        .globus
+        .as_ref()
+        .filter(|_| config.auth.mode == AuthMode::Globus)
+    else {
+        return Ok(None);
+    };
+    let addr = config::BackendAddr::parse(&globus.auth_url, false).map_err(anyhow::Error::msg)?;
+    let Ok(ip) = addr.host.parse::<std::net::IpAddr>() else {
+        return Ok(None);
+    };
+    if !ip.is_loopback() {
+        return Ok(None);
+    }
+    let seed = match std::fs::read_to_string(users) {
+        Ok(text) => Seed::from_yaml(&text).with_context(|| users.display().to_string())?,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && users == Path::new("conf/demo-users.yaml") =>
+        {
+            Seed::from_yaml(EMBEDDED_DEMO_USERS).context("(built-in) conf/demo-users.yaml")?
+        }
+        Err(e) => bail!("{}: cannot read the demo users: {e}", users.display()),
+    };
+    let client = seed
+        .clients
+        .iter()
+        .find(|c| c.id == globus.client_id)
+        .with_context(|| {
+            format!(
+                "{}: no client {:?} (auth.globus.client_id) among `clients`",
+                users.display(),
+                globus.client_id
+            )
+        })?;
+    if std::env::var_os(&globus.client_secret_env).is_none() {
+        // Single-threaded here: no other thread reads the environment yet.
+        std::env::set_var(&globus.client_secret_env, &client.secret);
+    }
+    Ok(Some((SocketAddr::new(ip, addr.port), seed)))
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
@@ -126,7 +181,10 @@ fn simulated_backends(
 }
 
 /// Starts the simulators on their own runtime thread and waits until all listen.
-fn start_simulators(sims: BTreeMap<SocketAddr, VllmSimConfig>) -> anyhow::Result<()> {
+fn start_simulators(
+    sims: BTreeMap<SocketAddr, VllmSimConfig>,
+    globus: Option<(SocketAddr, Seed)>,
+) -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     std::thread::Builder::new()
         .name("demo-simulators".into())
@@ -156,10 +214,23 @@ fn start_simulators(sims: BTreeMap<SocketAddr, VllmSimConfig>) -> anyhow::Result
                         }
                     }
                 }
+                let mut stand_in = None;
+                if let Some((addr, seed)) = globus {
+                    match GlobusSim::start(addr, seed).await {
+                        Ok(sim) => stand_in = Some(sim),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(anyhow::anyhow!(
+                                "cannot start the Globus stand-in on {addr}: {e} \
+                                 (is another demo running?)"
+                            )));
+                            return;
+                        }
+                    }
+                }
                 let _ = ready_tx.send(Ok(()));
                 // Keep the simulators alive as long as the process runs.
                 std::future::pending::<()>().await;
-                drop(running);
+                drop((running, stand_in));
             });
         })
         .context("cannot start the simulator thread")?;
@@ -168,17 +239,46 @@ fn start_simulators(sims: BTreeMap<SocketAddr, VllmSimConfig>) -> anyhow::Result
         .context("the simulator thread stopped before it was ready")?
 }
 
-fn print_banner(config: &Config) {
+fn print_banner(config: &Config, users: Option<&[crate::sim::globus::FakeUser]>) {
     let api = format!("http://{}", config.listen);
     let admin = format!("http://{}", config.admin_listen);
     let mut models = String::new();
     for (cluster, c) in &config.clusters {
         for (fw, f) in &c.frameworks {
             for m in &f.models {
-                models.push_str(&format!("    {cluster}/{fw}: {}\n", m.name));
+                let restricted = if m.allowed_groups.is_empty() && m.allowed_domains.is_empty() {
+                    ""
+                } else {
+                    "   (restricted)"
+                };
+                models.push_str(&format!("    {cluster}/{fw}: {}{restricted}\n", m.name));
             }
         }
     }
+    let (auth, token) = match users {
+        Some(users) => {
+            let mut text = String::from(
+                "  Tokens     (Globus stand-in; send as 'Authorization: Bearer <token>')\n",
+            );
+            for u in users {
+                let note = u.note.as_deref().unwrap_or(&u.username);
+                text.push_str(&format!("    {:<14} {note}\n", u.token));
+            }
+            let token = users
+                .first()
+                .map_or("demo-alice", |u| u.token.as_str())
+                .to_string();
+            (text, token)
+        }
+        None if config.auth.mode == AuthMode::None => (
+            "  Authentication is off (auth.mode: none): any bearer token is accepted.\n".into(),
+            "demo-token".into(),
+        ),
+        None => (
+            "  Authentication: real identity provider (see auth: in the configuration).\n".into(),
+            "$ACCESS_TOKEN".into(),
+        ),
+    };
     println!(
         r#"
 firstgate demo — gateway and simulated clusters on this machine
@@ -188,18 +288,17 @@ firstgate demo — gateway and simulated clusters on this machine
   Admin      {admin}/health   {admin}/metrics
   Models
 {models}
-  Authentication is not configured yet: any bearer token is accepted.
-
+{auth}
 Try it:
 
   curl -N {api}/resource_server/sophia/vllm/v1/chat/completions \
-    -H 'Authorization: Bearer demo-token' -H 'Content-Type: application/json' \
+    -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \
     -d '{{"model": "meta-llama/Meta-Llama-3.1-8B-Instruct", "stream": true,
          "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
   python3 - <<'PY'
 from openai import OpenAI
-client = OpenAI(base_url="{api}/v1", api_key="demo-token")
+client = OpenAI(base_url="{api}/v1", api_key="{token}")
 for chunk in client.chat.completions.create(
         model="meta-llama/Meta-Llama-3.1-8B-Instruct", stream=True,
         messages=[{{"role": "user", "content": "Hello!"}}]):

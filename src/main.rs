@@ -36,6 +36,9 @@ enum Command {
         /// The demo configuration.
         #[arg(long, short, default_value = "conf/demo.yaml")]
         config: PathBuf,
+        /// Users and tokens of the Globus stand-in.
+        #[arg(long, default_value = "conf/demo-users.yaml")]
+        users: PathBuf,
         /// Address of the API listener (overrides the configuration).
         #[arg(long)]
         listen: Option<SocketAddr>,
@@ -58,12 +61,14 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Demo {
             config,
+            users,
             listen,
             admin_listen,
             ttft_ms,
             itl_ms,
         } => demo::run(demo::DemoOptions {
             config,
+            users,
             listen,
             admin_listen,
             ttft: Duration::from_millis(ttft_ms),
@@ -101,11 +106,21 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Logs to stderr at `RUST_LOG` (default `info`). Pingora's TRACE events dump raw request
+/// headers, tokens and backend keys included, so they are dropped whatever `RUST_LOG` says.
 fn init_logging() {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let no_header_dumps = tracing_subscriber::filter::filter_fn(|meta| {
+        !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(no_header_dumps),
+        )
         .init();
 }

@@ -76,10 +76,14 @@ impl OneOrMany {
     }
 }
 
+/// One entry of `identity_set_detail`. Globus sends the identity id as `id`, `sub` or both
+/// (a serde alias would refuse the duplicate), so both are kept.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct IdentityDetail {
-    #[serde(default, alias = "sub")]
-    pub id: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    sub: Option<String>,
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
@@ -88,6 +92,13 @@ pub struct IdentityDetail {
     pub identity_provider: Option<String>,
     #[serde(default)]
     pub identity_provider_display_name: Option<String>,
+}
+
+impl IdentityDetail {
+    /// The identity's uuid, from `id` or else `sub`.
+    pub fn identity_id(&self) -> Option<&str> {
+        self.id.as_deref().or(self.sub.as_deref())
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

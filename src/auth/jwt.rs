@@ -5,18 +5,23 @@
 use super::{AuthError, Identity};
 use crate::config::JwtConfig;
 use arc_swap::ArcSwap;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+/// One fetch of the key set, awaited by every request that needs it.
+type Fetch = Shared<BoxFuture<'static, Result<(), AuthError>>>;
 
 pub struct JwtVerifier {
     cfg: JwtConfig,
     http: reqwest::Client,
-    keys: ArcSwap<JwkSet>,
-    /// Serializes refetches and remembers when the last one happened.
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    keys: Arc<ArcSwap<JwkSet>>,
+    /// The latest fetch and when it started: requests within `jwks_min_refresh` share it
+    /// instead of fetching again (the lock is never held across an await).
+    last_fetch: Mutex<Option<(Instant, Fetch)>>,
 }
 
 const ASYMMETRIC: [Algorithm; 9] = [
@@ -36,8 +41,8 @@ impl JwtVerifier {
         Ok(JwtVerifier {
             cfg: cfg.clone(),
             http: reqwest::Client::builder().timeout(cfg.timeout).build()?,
-            keys: ArcSwap::from_pointee(JwkSet { keys: Vec::new() }),
-            last_fetch: tokio::sync::Mutex::new(None),
+            keys: Arc::new(ArcSwap::from_pointee(JwkSet { keys: Vec::new() })),
+            last_fetch: Mutex::new(None),
         })
     }
 
@@ -125,31 +130,45 @@ impl JwtVerifier {
         DecodingKey::from_jwk(jwk).ok()
     }
 
-    /// Fetches the JWKS unless it was fetched less than `jwks_min_refresh` ago.
+    /// Fetches the JWKS, or joins the fetch started less than `jwks_min_refresh` ago.
     async fn refresh(&self) -> Result<(), AuthError> {
-        let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|t| t.elapsed() < self.cfg.jwks_min_refresh) {
-            return Ok(());
-        }
-        *last = Some(Instant::now());
-        let unavailable =
-            |e: String| AuthError::Unavailable(format!("JWKS {}: {e}", self.cfg.jwks_url));
-        let resp = self
-            .http
-            .get(&self.cfg.jwks_url)
-            .send()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(unavailable(format!("HTTP {}", resp.status())));
-        }
-        let set: JwkSet = resp.json().await.map_err(|e| unavailable(e.to_string()))?;
-        log::info!(
-            "fetched {} signing keys from {}",
-            set.keys.len(),
-            self.cfg.jwks_url
-        );
-        self.keys.store(Arc::new(set));
-        Ok(())
+        let fetch = {
+            let mut last = self.last_fetch.lock().unwrap_or_else(|e| e.into_inner());
+            match &*last {
+                Some((at, fetch)) if at.elapsed() < self.cfg.jwks_min_refresh => fetch.clone(),
+                _ => {
+                    let fetch = fetch_jwks(
+                        self.http.clone(),
+                        self.cfg.jwks_url.clone(),
+                        self.keys.clone(),
+                    )
+                    .boxed()
+                    .shared();
+                    *last = Some((Instant::now(), fetch.clone()));
+                    fetch
+                }
+            }
+        };
+        fetch.await
     }
+}
+
+async fn fetch_jwks(
+    http: reqwest::Client,
+    url: String,
+    keys: Arc<ArcSwap<JwkSet>>,
+) -> Result<(), AuthError> {
+    let unavailable = |e: String| AuthError::Unavailable(format!("JWKS {url}: {e}"));
+    let resp = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(unavailable(format!("HTTP {}", resp.status())));
+    }
+    let set: JwkSet = resp.json().await.map_err(|e| unavailable(e.to_string()))?;
+    log::info!("fetched {} signing keys from {url}", set.keys.len());
+    keys.store(Arc::new(set));
+    Ok(())
 }

@@ -131,7 +131,10 @@ impl Authenticator {
         let identity = match &self.verifier {
             Verifier::None => return Ok(Verdict::Admitted(anonymous())),
             Verifier::Jwt(v) => match v.verify(token).await {
-                Ok(id) => id,
+                Ok(mut id) => match rules::check_jwt_identity(&mut id, &self.rules) {
+                    Ok(()) => id,
+                    Err(e) => return Ok(Verdict::Refused(e)),
+                },
                 Err(e @ AuthError::Unavailable(_)) => return Err(e),
                 Err(e) => return Ok(Verdict::Refused(e)),
             },

@@ -44,14 +44,14 @@ pub fn identify_globus(
         let detail = intro
             .identity_set_detail
             .iter()
-            .find(|d| d.id.is_some() && d.id == intro.sub);
+            .find(|d| d.identity_id().is_some() && d.identity_id() == intro.sub.as_deref());
         base(username.clone(), None, detail)
     } else {
         let mut session_identities = Vec::new();
         let auths = intro.session_info.as_ref().map(|s| &s.authentications);
         for (identity_id, auth) in auths.into_iter().flatten() {
             let detail = intro.identity_set_detail.iter().find(|d| {
-                d.id.as_deref() == Some(identity_id.as_str())
+                d.identity_id() == Some(identity_id.as_str())
                     || (d.identity_provider.is_some() && d.identity_provider == auth.idp)
             });
             if let Some(d) = detail {
@@ -61,7 +61,11 @@ pub fn identify_globus(
                     .iter()
                     .any(|a| a.eq_ignore_ascii_case(&Identity::domain_of(&name)))
                 {
-                    return finish_policies(base(name, d.id.clone(), Some(d)), intro, policies);
+                    return finish_policies(
+                        base(name, d.identity_id().map(str::to_owned), Some(d)),
+                        intro,
+                        policies,
+                    );
                 }
                 session_identities.push(name);
             }
@@ -82,6 +86,32 @@ pub fn identify_globus(
         ));
     };
     finish_policies(identity, intro, policies)
+}
+
+/// Steps 1–2 for an identity from a JWT: service accounts pass; otherwise the username's
+/// domain must be allowed (the token's issuer vouches for it; there is no session detail).
+pub fn check_jwt_identity(identity: &mut Identity, rules: &AccessRules) -> Result<(), AuthError> {
+    if rules.service_accounts.contains(&identity.username) {
+        identity.service_account = true;
+        return Ok(());
+    }
+    if !rules.allowed_domains.is_empty()
+        && !rules
+            .allowed_domains
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(&identity.domain))
+    {
+        return Err(AuthError::forbidden(
+            "allowed_domains",
+            format!(
+                "Permission denied. You must authenticate with an identity from {}; you are \
+                 authenticated as {}.",
+                rules.allowed_domains.join(" or "),
+                identity.username
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// 3. Every configured policy evaluated, and true.

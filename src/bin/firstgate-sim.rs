@@ -2,8 +2,10 @@
 //! against a gateway started with `firstgate serve`.
 
 use clap::{Parser, Subcommand};
+use firstgate::sim::globus::{GlobusSim, Seed};
 use firstgate::sim::vllm::{VllmSim, VllmSimConfig};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -40,6 +42,16 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         itl_ms: u64,
     },
+    /// Globus Auth (introspection, token grants) and Groups (`my_groups`) on one port; set it
+    /// as both `auth.globus.auth_url` and `groups_url`.
+    Globus {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:18100")]
+        listen: SocketAddr,
+        /// Clients, groups and users with their tokens.
+        #[arg(long, default_value = "conf/demo-users.yaml")]
+        users: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -71,6 +83,14 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("simulated vLLM listening on http://{}", sim.addr());
             tokio::signal::ctrl_c().await?;
             sim.shutdown().await;
+        }
+        Command::Globus { listen, users } => {
+            let seed = Seed::from_file(&users)?;
+            let sim = GlobusSim::start(listen, seed)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+            eprintln!("Globus stand-in listening on {}", sim.url());
+            tokio::signal::ctrl_c().await?;
         }
     }
     Ok(())

@@ -172,7 +172,7 @@ pub fn auth(e: AuthError) -> ApiError {
         AuthError::InvalidToken => ApiError::new(
             401,
             "unauthorized",
-            format!("Token is either not active or invalid. {TOKEN_HELP}"),
+            format!("Token is either not active (expired or revoked) or invalid. {TOKEN_HELP}"),
         ),
         AuthError::Expired => ApiError::new(401, "unauthorized", format!("Access token expired. {TOKEN_HELP}")),
         AuthError::WrongAudience(why) => ApiError::new(
@@ -180,7 +180,9 @@ pub fn auth(e: AuthError) -> ApiError {
             "unauthorized",
             format!("The token was not issued for this service: {why}. {TOKEN_HELP}"),
         ),
-        AuthError::Forbidden { message, .. } => ApiError::new(403, "permission_denied", message),
+        AuthError::Forbidden { rule, message } => {
+            ApiError::new(403, "permission_denied", format!("{message} (rule: {rule})"))
+        }
         AuthError::Unavailable(_) => ApiError::new(
             503,
             "auth_unavailable",

@@ -3,6 +3,7 @@
 //! text (`tok0 tok1 …`) instead of a model. Tests and the demo drive it; the counters and fault
 //! knobs let a test observe what reached the backend and make it misbehave.
 
+use super::listener::Listening;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -15,8 +16,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 /// What a simulated server serves and how fast it "generates".
 #[derive(Debug, Clone)]
@@ -127,22 +126,13 @@ struct Shared {
 
 /// A running simulator. Dropping it stops it.
 pub struct VllmSim {
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    serving: Option<Serving>,
-}
-
-/// One `axum::serve` run: the signal that stops it and word that its listener is closed.
-struct Serving {
-    stop: oneshot::Sender<()>,
-    listener_closed: oneshot::Receiver<()>,
+    listening: Listening,
 }
 
 impl VllmSim {
     /// Binds `addr` (port 0 picks one) and serves until dropped.
     pub async fn start(addr: SocketAddr, cfg: VllmSimConfig) -> std::io::Result<VllmSim> {
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             cfg,
             stats: SimStats::default(),
@@ -150,16 +140,12 @@ impl VllmSim {
             last_request: Mutex::new(None),
             started: unix_now(),
         });
-        let serving = serve(listener, shared.clone());
-        Ok(VllmSim {
-            addr,
-            shared,
-            serving: Some(serving),
-        })
+        let listening = Listening::bind(addr, router(shared.clone())).await?;
+        Ok(VllmSim { shared, listening })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.listening.addr()
     }
 
     pub fn stats(&self) -> &SimStats {
@@ -182,76 +168,20 @@ impl VllmSim {
         last.as_ref().map(|(h, _)| h.clone())
     }
 
-    /// Closes the listening socket and idle keep-alive connections, as a node that went down
-    /// would refuse connections. Requests in flight finish.
+    /// Refuses new connections and closes idle ones, as a node that went down; requests in
+    /// flight finish.
     pub async fn stop_listening(&mut self) {
-        if let Some(serving) = self.serving.take() {
-            let _ = serving.stop.send(());
-            let _ = serving.listener_closed.await;
-        }
+        self.listening.stop().await;
     }
 
     /// Listens again on the same address.
     pub async fn resume_listening(&mut self) -> std::io::Result<()> {
-        if self.serving.is_none() {
-            let listener = TcpListener::bind(self.addr).await?;
-            self.serving = Some(serve(listener, self.shared.clone()));
-        }
-        Ok(())
+        self.listening.resume().await
     }
 
     /// Stops listening and closes idle connections.
     pub async fn shutdown(mut self) {
         self.stop_listening().await;
-    }
-}
-
-impl Drop for VllmSim {
-    fn drop(&mut self) {
-        if let Some(serving) = self.serving.take() {
-            let _ = serving.stop.send(());
-        }
-    }
-}
-
-/// A listener that reports when axum has dropped it.
-struct ReportingListener {
-    inner: TcpListener,
-    _closed: oneshot::Sender<()>,
-}
-
-impl axum::serve::Listener for ReportingListener {
-    type Io = tokio::net::TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        axum::serve::Listener::accept(&mut self.inner).await
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-fn serve(listener: TcpListener, shared: Arc<Shared>) -> Serving {
-    let (stop, stop_rx) = oneshot::channel::<()>();
-    let (closed_tx, listener_closed) = oneshot::channel();
-    let listener = ReportingListener {
-        inner: listener,
-        _closed: closed_tx,
-    };
-    let app = router(shared);
-    tokio::spawn(async move {
-        let signal = async {
-            let _ = stop_rx.await;
-        };
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(signal)
-            .await;
-    });
-    Serving {
-        stop,
-        listener_closed,
     }
 }
 

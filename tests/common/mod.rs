@@ -59,16 +59,22 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Starts `firstgate serve` with `body` (YAML without the listeners) and waits until both
-    /// listeners answer.
+    /// Starts `firstgate serve` with `body` (YAML without the listeners and `auth:`), any
+    /// token accepted, and waits until both listeners answer.
     pub async fn start(body: &str) -> Gateway {
+        Gateway::start_with("auth:\n  mode: none\n", body, &[]).await
+    }
+
+    /// Like [`Gateway::start`] with an `auth:` section and extra environment variables
+    /// (secrets; `RUST_LOG`, default `info`).
+    pub async fn start_with(auth: &str, body: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("gateway.yaml");
         let yaml = format!(
             "listen: {addr}\nadmin_listen: {admin}\nthreads: 2\n\
-             auth:\n  mode: none\nhealth_check:\n  interval: 100ms\n  timeout: 500ms\n{body}"
+             health_check:\n  interval: 100ms\n  timeout: 500ms\n{auth}{body}"
         );
         std::fs::write(&config, yaml).expect("write config");
         let log_path = dir.path().join("gateway.log");
@@ -77,6 +83,7 @@ impl Gateway {
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .stdin(Stdio::null())

@@ -1,0 +1,287 @@
+//! A Globus Auth and Groups stand-in that speaks the real wire formats
+//! (`shared/reference/globus-api.md` §1–3, §6): token introspection, the client-credentials and
+//! dependent-token grants, and Groups `my_groups`, on one port (their paths do not overlap).
+//! Test-control routes live under `/_fake/`: call counts, fault knobs, and adding tokens.
+
+mod auth;
+mod groups;
+mod seed;
+
+pub use seed::{FakeClient, FakeGroup, FakeUser, Seed};
+
+use super::Listening;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Calls per route.
+#[derive(Debug, Default)]
+pub struct GlobusStats {
+    pub introspect: AtomicU64,
+    pub client_credentials: AtomicU64,
+    pub dependent_token: AtomicU64,
+    pub my_groups: AtomicU64,
+}
+
+impl GlobusStats {
+    pub fn snapshot(&self) -> Value {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "introspect": g(&self.introspect),
+            "client_credentials": g(&self.client_credentials),
+            "dependent_token": g(&self.dependent_token),
+            "my_groups": g(&self.my_groups),
+        })
+    }
+}
+
+/// Misbehaviour on demand, for every Globus route (also `POST /_fake/faults`).
+#[derive(Debug, Default)]
+pub struct GlobusFaults {
+    /// Added before every answer.
+    pub latency_ms: AtomicU64,
+    /// When non-zero, calls fail with this status (429 carries `Retry-After`).
+    pub fail_status: AtomicU16,
+    /// How many calls still fail; `u32::MAX` means all of them.
+    pub fail_remaining: AtomicU32,
+    /// `Retry-After` seconds sent with 429 and 503.
+    pub retry_after_secs: AtomicU32,
+}
+
+impl GlobusFaults {
+    /// Fails the next `count` calls (`None`: every call) with `status`.
+    pub fn fail(&self, status: u16, count: Option<u32>) {
+        self.fail_remaining
+            .store(count.unwrap_or(u32::MAX), Ordering::SeqCst);
+        self.fail_status.store(status, Ordering::SeqCst);
+    }
+
+    /// Stops failing.
+    pub fn heal(&self) {
+        self.fail_status.store(0, Ordering::SeqCst);
+    }
+
+    fn snapshot(&self) -> Value {
+        let remaining = self.fail_remaining.load(Ordering::Relaxed);
+        json!({
+            "latency_ms": self.latency_ms.load(Ordering::Relaxed),
+            "fail_status": self.fail_status.load(Ordering::Relaxed),
+            "fail_count": (remaining != u32::MAX).then_some(remaining),
+            "retry_after": self.retry_after_secs.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Whether this call should fail, consuming one failure.
+    fn take(&self) -> Option<u16> {
+        let status = self.fail_status.load(Ordering::SeqCst);
+        if status == 0 {
+            return None;
+        }
+        self.fail_remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                0 => None,
+                u32::MAX => Some(u32::MAX),
+                n => Some(n - 1),
+            })
+            .ok()
+            .map(|_| status)
+    }
+}
+
+/// What a token stands for.
+#[derive(Debug, Clone)]
+enum Grant {
+    /// A user's access token for the gateway.
+    User(Arc<FakeUser>),
+    /// A Groups token obtained by the dependent-token grant for this user.
+    Groups(Arc<FakeUser>),
+    /// A client-credentials token.
+    Client {
+        client_id: String,
+        scope: String,
+        resource_server: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct TokenRecord {
+    grant: Grant,
+    /// Unix time of expiry.
+    exp: i64,
+}
+
+struct Shared {
+    seed: Seed,
+    tokens: RwLock<HashMap<String, TokenRecord>>,
+    stats: GlobusStats,
+    faults: GlobusFaults,
+    started: i64,
+}
+
+impl Shared {
+    fn add_user(&self, user: FakeUser) {
+        let record = TokenRecord {
+            exp: self.started + user.expires_in,
+            grant: Grant::User(Arc::new(user.clone())),
+        };
+        self.tokens.write().unwrap().insert(user.token, record);
+    }
+
+    fn token(&self, token: &str) -> Option<TokenRecord> {
+        self.tokens.read().unwrap().get(token).cloned()
+    }
+
+    /// The default scope and audience: the first client's.
+    fn default_client(&self) -> &str {
+        self.seed.clients.first().map_or("", |c| c.id.as_str())
+    }
+
+    /// Sleeps the added latency, then answers a failure if one is due.
+    async fn fault(&self) -> Option<Response> {
+        let latency = self.faults.latency_ms.load(Ordering::Relaxed);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_millis(latency)).await;
+        }
+        let status = self.faults.take()?;
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = globus_error(status, "simulated failure");
+        if matches!(status.as_u16(), 429 | 503) {
+            let secs = self.faults.retry_after_secs.load(Ordering::Relaxed);
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from(secs));
+        }
+        Some(resp)
+    }
+}
+
+/// Globus's generic error envelope (JSON:API `errors` plus OAuth `error`).
+fn globus_error(status: StatusCode, detail: &str) -> Response {
+    let code = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_uppercase()
+        .replace(' ', "_");
+    let body = json!({
+        "errors": [{"status": status.as_u16().to_string(), "id": format!("{:032x}", fastrand::u128(..)),
+                    "code": code, "detail": detail, "title": status.canonical_reason()}],
+        "error": code.to_lowercase(),
+        "error_description": detail,
+    });
+    (status, Json(body)).into_response()
+}
+
+/// A running stand-in. Dropping it stops it.
+pub struct GlobusSim {
+    shared: Arc<Shared>,
+    listening: Listening,
+}
+
+impl GlobusSim {
+    /// Binds `addr` (port 0 picks one) and serves the seeded users until dropped.
+    pub async fn start(addr: SocketAddr, seed: Seed) -> std::io::Result<GlobusSim> {
+        let users = seed.users.clone();
+        let shared = Arc::new(Shared {
+            seed,
+            tokens: RwLock::new(HashMap::new()),
+            stats: GlobusStats::default(),
+            faults: GlobusFaults::default(),
+            started: unix_now(),
+        });
+        for user in users {
+            shared.add_user(user);
+        }
+        let listening = Listening::bind(addr, router(shared.clone())).await?;
+        Ok(GlobusSim { shared, listening })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.listening.addr()
+    }
+
+    /// The base URL to configure as both `auth_url` and `groups_url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    pub fn stats(&self) -> &GlobusStats {
+        &self.shared.stats
+    }
+
+    pub fn faults(&self) -> &GlobusFaults {
+        &self.shared.faults
+    }
+
+    /// Adds (or replaces) a user's token; `expires_in` counts from now.
+    pub fn add_user(&self, mut user: FakeUser) {
+        user.expires_in += unix_now() - self.shared.started;
+        self.shared.add_user(user);
+    }
+
+    /// Refuses connections, as an unreachable Globus.
+    pub async fn stop_listening(&mut self) {
+        self.listening.stop().await;
+    }
+
+    pub async fn resume_listening(&mut self) -> std::io::Result<()> {
+        self.listening.resume().await
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v2/oauth2/token/introspect", post(auth::introspect))
+        .route("/v2/oauth2/token", post(auth::token))
+        .route("/v2/groups/my_groups", get(groups::my_groups))
+        .route(
+            "/_fake/stats",
+            get(|State(s): State<Arc<Shared>>| async move { Json(s.stats.snapshot()) }),
+        )
+        .route("/_fake/faults", get(get_faults).post(set_faults))
+        .route("/_fake/tokens", post(add_token))
+        .fallback(|| async { globus_error(StatusCode::NOT_FOUND, "No such route") })
+        .with_state(shared)
+}
+
+async fn get_faults(State(s): State<Arc<Shared>>) -> Json<Value> {
+    Json(s.faults.snapshot())
+}
+
+/// `{"latency_ms": 100, "fail_status": 503, "fail_count": 2, "retry_after": 1}`; a
+/// `fail_status` of 0 heals, a missing `fail_count` fails every call.
+async fn set_faults(State(s): State<Arc<Shared>>, Json(v): Json<Value>) -> Json<Value> {
+    if let Some(ms) = v["latency_ms"].as_u64() {
+        s.faults.latency_ms.store(ms, Ordering::SeqCst);
+    }
+    if let Some(secs) = v["retry_after"].as_u64() {
+        s.faults
+            .retry_after_secs
+            .store(secs as u32, Ordering::SeqCst);
+    }
+    if let Some(status) = v["fail_status"].as_u64() {
+        let count = v["fail_count"].as_u64().map(|n| n as u32);
+        s.faults.fail(status as u16, count);
+    }
+    Json(s.faults.snapshot())
+}
+
+/// Adds a user token at run time (the body is one `users:` entry of the seed file).
+async fn add_token(State(s): State<Arc<Shared>>, Json(user): Json<FakeUser>) -> StatusCode {
+    let mut user = user;
+    user.expires_in += unix_now() - s.started;
+    s.add_user(user);
+    StatusCode::CREATED
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
