@@ -36,6 +36,12 @@ pub struct Metrics {
     pub background_runs: IntCounterVec,
     /// Token-cache lookups by outcome (`hit`, `miss`).
     pub auth_cache: IntCounterVec,
+    /// Policy reloads by hook and result (`accepted`, `refused`).
+    pub policy_reloads: IntCounterVec,
+    /// Policy decisions that failed (script error or limit), by hook.
+    pub policy_errors: IntCounterVec,
+    /// Actions the scale policy asked for, by model and action.
+    pub scale_actions: IntCounterVec,
 }
 
 impl Metrics {
@@ -115,6 +121,21 @@ impl Metrics {
                 "firstgate_auth_cache_lookups_total",
                 "Token-cache lookups by outcome; a miss verifies the token with the identity provider.",
                 &["outcome"],
+            ),
+            policy_reloads: counter(
+                "firstgate_policy_reloads_total",
+                "Policy file changes, by hook and result (a refused change leaves the last good version in force).",
+                &["hook", "result"],
+            ),
+            policy_errors: counter(
+                "firstgate_policy_errors_total",
+                "Policy decisions that failed with a script error or an exceeded limit, by hook.",
+                &["hook"],
+            ),
+            scale_actions: counter(
+                "firstgate_scale_actions_total",
+                "Actions returned by the scale policy, by model and action.",
+                &["model", "action"],
             ),
             registry,
         }

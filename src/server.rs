@@ -1,11 +1,13 @@
 //! Assembles the Pingora server from a validated configuration: the proxy service on the
-//! gateway listener, the admin service (health, metrics), and the backend monitor.
+//! gateway listener, the admin service (health, metrics), the backend monitor, and the
+//! policies' file watcher and scale runner.
 
 use crate::admin::AdminApp;
 use crate::auth::Authenticator;
 use crate::catalog::{BackendMonitor, Catalog};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::policy::{PolicyStore, PolicyWatcher, ScaleRunner};
 use crate::proxy::Gateway;
 use anyhow::Context;
 use pingora::server::configuration::ServerConf;
@@ -42,10 +44,12 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
         log::warn!("auth.mode is none: every bearer token is accepted (development only)");
     }
     let metrics = Arc::new(Metrics::new());
+    let policies = Arc::new(PolicyStore::load(&config.policies)?);
     let gateway = Gateway::new(
         catalog.clone(),
         auth,
         metrics.clone(),
+        policies.clone(),
         config.limits.max_body_bytes,
     );
     let mut proxy =
@@ -62,15 +66,29 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
     let monitor = background_service(
         "backend monitor",
         BackendMonitor::new(
-            catalog,
-            metrics,
+            catalog.clone(),
+            metrics.clone(),
             config.health_check.interval,
             config.health_check.resolve_interval,
         ),
+    );
+    let watcher = background_service(
+        "policy watcher",
+        PolicyWatcher::new(
+            policies.clone(),
+            metrics.clone(),
+            config.policies.watch_interval,
+        ),
+    );
+    let scaler = background_service(
+        "scale policy",
+        ScaleRunner::new(catalog, policies, metrics, config.policies.scale_interval),
     );
 
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(monitor);
+    server.add_service(watcher);
+    server.add_service(scaler);
     Ok(server)
 }

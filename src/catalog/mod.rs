@@ -14,6 +14,7 @@ pub use pool::{BackendPool, Instance, InstanceGuard, PoolError, UpstreamSettings
 
 use crate::config::{AccessList, BackendAddr, Config, Endpoint};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Model names match when they are equal after dropping everything but letters and digits
@@ -42,6 +43,35 @@ pub struct Deployment {
     pub model_access: AccessList,
     /// Backend instances and their live state.
     pub pool: Arc<BackendPool>,
+    /// Demand seen by the gateway, for the scale policy.
+    pub demand: Demand,
+    /// Bounds for the scale policy.
+    pub scaling: crate::config::Scaling,
+}
+
+/// Counters of the requests routed to a deployment.
+#[derive(Debug, Default)]
+pub struct Demand {
+    pub requests: AtomicU64,
+    pub prompt_bytes: AtomicU64,
+    /// Requests waiting for a free instance slot.
+    pub waiting: AtomicI64,
+}
+
+impl Demand {
+    /// Counts a request as waiting until the guard is dropped (also when it is cancelled).
+    pub fn waiting(&self) -> WaitingGuard<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitingGuard(&self.waiting)
+    }
+}
+
+pub struct WaitingGuard<'a>(&'a AtomicI64);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Deployment {
@@ -152,6 +182,8 @@ impl Catalog {
                             allowed_domains: m.allowed_domains.clone(),
                         },
                         pool: Arc::new(pool),
+                        demand: Demand::default(),
+                        scaling: m.scaling.clone(),
                     });
                     for name in std::iter::once(&m.name).chain(&m.aliases) {
                         let key = normalize_model_name(name);

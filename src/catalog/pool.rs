@@ -10,9 +10,9 @@ use pingora::lb::{Backends, LoadBalancer};
 use pingora::prelude::HttpPeer;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// How to talk to a deployment's backends.
@@ -66,6 +66,12 @@ pub struct Instance {
     pub socket: SocketAddr,
     in_flight: AtomicUsize,
     released: Arc<Notify>,
+    /// Moving average of request durations on this instance, in microseconds (0: none yet).
+    latency_ewma_us: AtomicU64,
+    /// When a request on this instance last finished (or the instance appeared).
+    last_active: AtomicU64,
+    /// When the gateway first saw this instance.
+    since: Instant,
 }
 
 impl Instance {
@@ -75,7 +81,50 @@ impl Instance {
             socket,
             in_flight: AtomicUsize::new(0),
             released,
+            latency_ewma_us: AtomicU64::new(0),
+            last_active: AtomicU64::new(0),
+            since: Instant::now(),
         }
+    }
+
+    /// Recent request duration (moving average), if any request finished yet.
+    pub fn recent_latency(&self) -> Option<Duration> {
+        match self.latency_ewma_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// How long the gateway has known this instance.
+    pub fn age(&self) -> Duration {
+        self.since.elapsed()
+    }
+
+    /// How long since a request last finished here (or since the instance appeared).
+    pub fn idle(&self) -> Duration {
+        if self.in_flight() > 0 {
+            return Duration::ZERO;
+        }
+        let last = self.last_active.load(Ordering::Relaxed);
+        let since_start = self.since.elapsed();
+        if last == 0 {
+            return since_start;
+        }
+        since_start.saturating_sub(Duration::from_micros(last))
+    }
+
+    fn record_finished(&self, took: Duration) {
+        let sample = took.as_micros().clamp(1, u64::MAX as u128) as u64;
+        // Lost updates under contention only blur an average.
+        let old = self.latency_ewma_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 4 + sample) / 5
+        };
+        self.latency_ewma_us.store(new.max(1), Ordering::Relaxed);
+        let at = self.since.elapsed().as_micros().max(1) as u64;
+        self.last_active.store(at, Ordering::Relaxed);
     }
 
     /// Requests the gateway has sent to this instance that have not finished.
@@ -102,9 +151,17 @@ impl Instance {
 #[derive(Debug)]
 pub struct InstanceGuard {
     instance: Arc<Instance>,
+    acquired: Instant,
 }
 
 impl InstanceGuard {
+    fn new(instance: Arc<Instance>) -> Self {
+        InstanceGuard {
+            instance,
+            acquired: Instant::now(),
+        }
+    }
+
     pub fn instance(&self) -> &Arc<Instance> {
         &self.instance
     }
@@ -112,6 +169,7 @@ impl InstanceGuard {
 
 impl Drop for InstanceGuard {
     fn drop(&mut self) {
+        self.instance.record_finished(self.acquired.elapsed());
         self.instance.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.instance.released.notify_one();
     }
@@ -220,10 +278,24 @@ impl BackendPool {
             inst.try_reserve(cap)
         });
         match picked.and_then(|b| b.ext.get::<Arc<Instance>>().cloned()) {
-            Some(instance) => Ok(InstanceGuard { instance }),
+            Some(instance) => Ok(InstanceGuard::new(instance)),
             None if saw_healthy.get() => Err(PoolError::AtCapacity),
             None => Err(PoolError::NoHealthyBackend),
         }
+    }
+
+    /// Reserves `socket` if it is a healthy instance of this pool with a free slot.
+    pub fn try_acquire_at(&self, socket: SocketAddr) -> Option<InstanceGuard> {
+        let backends = self.lb.backends();
+        let all = backends.get_backend();
+        let backend = all.iter().find(|b| {
+            b.ext
+                .get::<Arc<Instance>>()
+                .is_some_and(|i| i.socket == socket)
+        })?;
+        let instance = backend.ext.get::<Arc<Instance>>()?;
+        (backends.ready(backend) && instance.try_reserve(self.settings.max_concurrent))
+            .then(|| InstanceGuard::new(instance.clone()))
     }
 
     /// Like [`Self::try_acquire`], but when every healthy instance is full, waits up to the

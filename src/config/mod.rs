@@ -50,6 +50,8 @@ pub struct Config {
     /// Clusters by name, e.g. `sophia`, `metis`. The name appears in FIRST's URL layout
     /// `/resource_server/{cluster}/{framework}/v1/...`.
     #[serde(default)]
+    pub policies: PolicyFiles,
+    #[serde(default)]
     pub clusters: BTreeMap<String, Cluster>,
 }
 
@@ -161,6 +163,55 @@ impl Default for Shutdown {
     }
 }
 
+/// Operator policies in Rhai. Relative paths are relative to the configuration file's
+/// directory. Without a route policy the built-in one applies (prefer hot, least in flight).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyFiles {
+    /// Script defining `fn route(req, candidates)`.
+    pub route: Option<PathBuf>,
+    /// Script defining `fn scale(model)`.
+    pub scale: Option<PathBuf>,
+    /// How often `scale` runs for each model.
+    #[serde(with = "humantime_serde")]
+    pub scale_interval: Duration,
+    /// How often the files are checked for changes (SIGHUP reloads at once).
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+impl Default for PolicyFiles {
+    fn default() -> Self {
+        PolicyFiles {
+            route: None,
+            scale: None,
+            scale_interval: Duration::from_secs(10),
+            watch_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Bounds the scale policy sees for a model (it decides; the cold path carries it out).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scaling {
+    pub min_instances: u32,
+    pub max_instances: u32,
+    /// How long an idle instance is kept before the policy may release it.
+    #[serde(with = "humantime_serde")]
+    pub keep_hot: Duration,
+}
+
+impl Default for Scaling {
+    fn default() -> Self {
+        Scaling {
+            min_instances: 0,
+            max_instances: 1,
+            keep_hot: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
 /// One cluster (a facility resource: Sophia, Polaris, Metis, ...).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -254,6 +305,9 @@ pub struct Model {
     /// Overrides of the `upstream:` defaults for this model.
     #[serde(default)]
     pub max_concurrent_per_backend: Option<usize>,
+    /// What the scale policy may do with this model.
+    #[serde(default)]
+    pub scaling: Scaling,
     #[serde(default, with = "humantime_serde")]
     pub read_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -296,10 +350,20 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
 }
 
 /// Parses and validates configuration text; `path` is only used in error messages.
+/// Relative policy paths become relative to the file's directory.
 pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
-    let config: Config =
+    let mut config: Config =
         serde_yaml_ng::from_str(source).map_err(|e| ConfigError::syntax(path, e))?;
     validate(&config).map_err(|e| e.located(path, source))?;
+    let dir = path.parent().unwrap_or(Path::new(""));
+    for file in [&mut config.policies.route, &mut config.policies.scale]
+        .into_iter()
+        .flatten()
+    {
+        if file.is_relative() {
+            *file = dir.join(&*file);
+        }
+    }
     Ok(config)
 }
 

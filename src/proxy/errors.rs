@@ -69,6 +69,40 @@ pub fn lookup(e: LookupError) -> ApiError {
     }
 }
 
+/// The route policy failed (a script error or an exceeded limit).
+pub fn policy(e: &crate::policy::PolicyError) -> ApiError {
+    ApiError::new(
+        500,
+        "policy_error",
+        format!(
+            "The gateway's routing policy failed ({e}). This is a problem of the gateway's \
+             configuration, not of your request; please tell the operators."
+        ),
+    )
+}
+
+pub fn policy_index(index: usize) -> ApiError {
+    ApiError::new(
+        500,
+        "policy_error",
+        format!("The routing policy chose candidate {index}, which does not exist."),
+    )
+}
+
+/// The policy chose the Globus Compute path, which this gateway does not offer yet.
+pub fn compute_unavailable(d: &Deployment) -> ApiError {
+    ApiError::new(
+        503,
+        "compute_unavailable",
+        format!(
+            "No instance of '{}' is running on cluster '{}', and starting one through Globus \
+             Compute is not configured on this gateway. Try again later.",
+            d.model, d.cluster
+        ),
+    )
+    .with_retry_after(30)
+}
+
 pub fn endpoint_not_offered(d: &Deployment, endpoint: Endpoint) -> ApiError {
     ApiError::new(
         400,

@@ -9,6 +9,7 @@ mod ctx;
 mod errors;
 mod respond;
 mod routes;
+mod routing;
 
 pub use ctx::RequestCtx;
 
@@ -17,7 +18,7 @@ use crate::auth::{rules, Authenticator, CacheOutcome, Identity};
 use crate::catalog::{Catalog, Deployment, PoolError};
 use crate::metrics::Metrics;
 use crate::openai::{parse_control_fields, ApiError};
-use crate::policy;
+use crate::policy::PolicyStore;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -25,6 +26,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 use routes::{Read, Route};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +49,7 @@ pub struct Gateway {
     catalog: Arc<Catalog>,
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
+    policies: Arc<PolicyStore>,
     max_body_bytes: usize,
     /// Unix time of start-up, reported as `created` in model listings.
     started_unix: u64,
@@ -57,6 +60,7 @@ impl Gateway {
         catalog: Arc<Catalog>,
         auth: Arc<Authenticator>,
         metrics: Arc<Metrics>,
+        policies: Arc<PolicyStore>,
         max_body_bytes: usize,
     ) -> Self {
         let started_unix = SystemTime::now()
@@ -66,6 +70,7 @@ impl Gateway {
             catalog,
             auth,
             metrics,
+            policies,
             max_body_bytes,
             started_unix,
         }
@@ -134,23 +139,6 @@ impl Gateway {
         })
     }
 
-    /// Whether `identity` may use `d`; the error names the rule that failed.
-    fn check_access(identity: &Identity, d: &Deployment) -> Result<(), ApiError> {
-        rules::check_access(
-            identity,
-            &d.cluster_access,
-            &format!("cluster '{}'", d.cluster),
-        )
-        .and_then(|()| {
-            rules::check_access(
-                identity,
-                &d.model_access,
-                &format!("model '{}' on cluster '{}'", d.model, d.cluster),
-            )
-        })
-        .map_err(errors::auth)
-    }
-
     /// Routes, authenticates, and either answers (`Some(body)`) or prepares the proxying (`None`).
     async fn serve(
         &self,
@@ -197,37 +185,31 @@ impl Gateway {
         let body = body::read_body(session, self.max_body_bytes).await?;
         let t = Instant::now();
         let control = parse_control_fields(&body, endpoint)?;
-        let deployment = match (&cluster, &framework) {
-            (Some(c), Some(f)) => {
-                let d = self
-                    .catalog
-                    .resolve(c, f, &control.model)
-                    .map_err(errors::lookup)?;
-                Self::check_access(identity, d)?;
-                d.clone()
-            }
-            _ => {
-                let all = self
-                    .catalog
-                    .resolve_federated(&control.model)
-                    .map_err(errors::lookup)?;
-                let allowed: Vec<Arc<Deployment>> = all
-                    .iter()
-                    .filter(|d| Self::check_access(identity, d).is_ok())
-                    .cloned()
-                    .collect();
-                if allowed.is_empty() {
-                    // Say which rule refused, from the first deployment.
-                    Self::check_access(identity, &all[0])?;
-                }
-                policy::choose_federated(&allowed, endpoint)
-                    .ok_or_else(|| errors::endpoint_not_offered(&all[0], endpoint))?
-                    .clone()
-            }
-        };
-        if !deployment.offers(endpoint) {
-            return Err(errors::endpoint_not_offered(&deployment, endpoint));
-        }
+        // The request keeps the policy version it started with, whatever reloads meanwhile.
+        let policies = self.policies.current();
+        let routing::Routed {
+            deployment,
+            instance,
+        } = routing::route(
+            &self.catalog,
+            &policies,
+            &self.metrics,
+            identity,
+            session.req_header(),
+            &routing::Asked {
+                cluster: cluster.as_deref(),
+                framework: framework.as_deref(),
+                endpoint,
+                model: &control.model,
+                stream: control.stream,
+                body_len: body.len(),
+            },
+        )?;
+        deployment.demand.requests.fetch_add(1, Ordering::Relaxed);
+        deployment
+            .demand
+            .prompt_bytes
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         let body = if control.model == deployment.backend_model {
             body
         } else {
@@ -237,10 +219,16 @@ impl Gateway {
         ctx.stream = control.stream;
         ctx.body = Some(body);
         ctx.route_kind = "direct";
-        let first_try = deployment.pool.try_acquire(&[]);
+        let first_try = match instance.and_then(|i| deployment.pool.try_acquire_at(i)) {
+            Some(slot) => Ok(slot),
+            None => deployment.pool.try_acquire(&[]),
+        };
         ctx.charge(t);
         let slot = match first_try {
-            Err(PoolError::AtCapacity) => deployment.pool.acquire(&[]).await,
+            Err(PoolError::AtCapacity) => {
+                let _waiting = deployment.demand.waiting();
+                deployment.pool.acquire(&[]).await
+            }
             other => other,
         }
         .map_err(|e| errors::pool(e, &deployment))?;

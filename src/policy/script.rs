@@ -1,0 +1,149 @@
+//! A policy file compiled once, and calls of its hook with errors that name the file and line.
+
+use super::engine::{self, CandidateList, Req};
+use super::scale::{ScaleAction, ScaleInput};
+use super::view::{Candidates, Decision, RouteRequest};
+use rhai::{CallFnOptions, Dynamic, EvalAltResult, Position, Scope, AST};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A failed policy decision or a script that cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("policy {file}{line}: {message}")]
+pub struct PolicyError {
+    pub file: String,
+    /// ` line N`, or empty when the error has no position.
+    line: String,
+    pub message: String,
+}
+
+impl PolicyError {
+    fn new(file: &Path, pos: Position, message: impl Into<String>) -> Self {
+        PolicyError {
+            file: file.display().to_string(),
+            line: pos.line().map(|l| format!(" line {l}")).unwrap_or_default(),
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn unreadable(path: &Path, e: &std::io::Error) -> Self {
+        PolicyError::new(path, Position::NONE, format!("cannot read: {e}"))
+    }
+
+    /// The innermost error of a script failure, located at its line.
+    fn from_eval(file: &Path, err: &EvalAltResult) -> Self {
+        let mut err = err;
+        while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = err {
+            err = inner;
+        }
+        let mut message = err.to_string();
+        // Rhai appends its own " (line N, position M)"; the line is in our prefix.
+        if let Some(cut) = message.rfind(" (line ") {
+            message.truncate(cut);
+        }
+        PolicyError::new(file, err.position(), message)
+    }
+}
+
+/// A compiled policy file with the hook it must define.
+pub struct Script {
+    pub path: PathBuf,
+    ast: AST,
+    hook: &'static str,
+}
+
+/// The route hook's name and arity.
+pub const ROUTE: (&str, usize) = ("route", 2);
+/// The scale hook's name and arity.
+pub const SCALE: (&str, usize) = ("scale", 1);
+
+impl Script {
+    /// Compiles `source` and checks that it defines `hook` with the right parameters.
+    pub fn compile(
+        path: &Path,
+        source: &str,
+        hook: (&'static str, usize),
+    ) -> Result<Script, PolicyError> {
+        let ast = engine::with_engine(|e| e.compile(source))
+            .map_err(|e| PolicyError::new(path, e.position(), e.to_string()))?;
+        let (name, arity) = hook;
+        if !ast
+            .iter_functions()
+            .any(|f| f.name == name && f.params.len() == arity)
+        {
+            let params = if arity == 2 {
+                "req, candidates"
+            } else {
+                "model"
+            };
+            return Err(PolicyError::new(
+                path,
+                Position::NONE,
+                format!("defines no `fn {name}({params})`"),
+            ));
+        }
+        Ok(Script {
+            path: path.to_path_buf(),
+            ast,
+            hook: name,
+        })
+    }
+
+    fn call(&self, args: impl rhai::FuncArgs) -> Result<Dynamic, PolicyError> {
+        engine::with_engine(|e| {
+            e.call_fn_with_options::<Dynamic>(
+                CallFnOptions::new().eval_ast(false),
+                &mut Scope::new(),
+                &self.ast,
+                self.hook,
+                args,
+            )
+        })
+        .map_err(|e| PolicyError::from_eval(&self.path, &e))
+    }
+
+    /// Runs `route(req, candidates)`.
+    pub fn route(
+        &self,
+        req: &Arc<RouteRequest>,
+        candidates: &Candidates,
+    ) -> Result<Decision, PolicyError> {
+        let list = CandidateList {
+            model: req.model.as_str().into(),
+            items: candidates.clone(),
+        };
+        let out = self.call((Req(req.clone()), list))?;
+        engine::expect::<Decision>(
+            out,
+            "a decision: direct(..), compute(..) or reject(status, message)",
+        )
+        .map_err(|m| PolicyError::new(&self.path, Position::NONE, format!("route() {m}")))
+    }
+
+    /// Runs `scale(model)`: an action, a list of actions, or `()` / `[]` for none.
+    pub fn scale(&self, input: ScaleInput) -> Result<Vec<ScaleAction>, PolicyError> {
+        let out = self.call((input,))?;
+        let malformed =
+            |m: String| PolicyError::new(&self.path, Position::NONE, format!("scale() {m}"));
+        if out.is_unit() {
+            return Ok(Vec::new());
+        }
+        if out.is_array() {
+            return out
+                .into_array()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| {
+                    engine::expect::<ScaleAction>(a, "a list of start(cluster, n) / stop(instance)")
+                })
+                .collect::<Result<_, _>>()
+                .map_err(malformed);
+        }
+        engine::expect::<ScaleAction>(
+            out,
+            "start(cluster, n), stop(instance), a list of them, or ()",
+        )
+        .map(|a| vec![a])
+        .map_err(malformed)
+    }
+}

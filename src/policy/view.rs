@@ -1,0 +1,195 @@
+//! What a route policy sees: the request and the candidate deployments, as plain data the
+//! gateway builds per request (or `firstgate policy test` reads from JSON).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The request, as the route policy sees it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteRequest {
+    pub model: String,
+    /// `chat/completions`, `completions` or `embeddings`.
+    pub endpoint: String,
+    pub stream: bool,
+    /// The cluster and framework of FIRST's URL layout; empty on the federated `/v1` routes.
+    pub cluster: String,
+    pub framework: String,
+    pub user: UserView,
+    /// Size of the request body: a rough measure of the prompt.
+    pub prompt_bytes: i64,
+    /// Request headers named `x-*` (lower-case), other than credentials.
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserView {
+    pub id: String,
+    pub username: String,
+    pub domain: String,
+    pub groups: Vec<String>,
+}
+
+/// A deployment's state, as FIRST names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeploymentState {
+    /// At least one instance is healthy.
+    Hot,
+    /// An instance is being started (job running, model loading).
+    Starting,
+    /// An instance was requested and its job waits in the queue.
+    Queued,
+    /// Nothing is running, but it can be started.
+    Cold,
+    /// Nothing is running and nothing can be started.
+    Offline,
+    /// The cluster is in maintenance.
+    Maintenance,
+}
+
+impl DeploymentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentState::Hot => "hot",
+            DeploymentState::Starting => "starting",
+            DeploymentState::Queued => "queued",
+            DeploymentState::Cold => "cold",
+            DeploymentState::Offline => "offline",
+            DeploymentState::Maintenance => "maintenance",
+        }
+    }
+}
+
+/// One backend instance of a candidate.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceView {
+    /// `host:port`.
+    pub id: String,
+    #[serde(default = "healthy")]
+    pub healthy: bool,
+    #[serde(default)]
+    pub in_flight: i64,
+    /// Recent request duration in milliseconds (0: unknown).
+    #[serde(default)]
+    pub latency_ms: i64,
+    /// Seconds until the instance's batch job ends; absent for static backends.
+    #[serde(default)]
+    pub ends_in: Option<i64>,
+    /// The address the gateway connects to (not in policy-test JSON).
+    #[serde(skip)]
+    pub socket: Option<SocketAddr>,
+}
+
+fn healthy() -> bool {
+    true
+}
+
+/// One deployment of the requested model the user may use.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Candidate {
+    pub cluster: String,
+    pub framework: String,
+    pub state: DeploymentState,
+    #[serde(default)]
+    pub instances: Vec<InstanceView>,
+    /// Whether the model can also run through Globus Compute on this cluster.
+    #[serde(default)]
+    pub compute: bool,
+    /// Position in the list the gateway built (not in policy-test JSON).
+    #[serde(skip)]
+    pub index: usize,
+}
+
+impl Candidate {
+    pub fn healthy_instances(&self) -> impl Iterator<Item = &InstanceView> {
+        self.instances.iter().filter(|i| i.healthy)
+    }
+}
+
+/// A list of candidates, cheap to clone and narrow in a script.
+pub type Candidates = Arc<Vec<Candidate>>;
+
+/// Where the policy sends the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", rename_all = "lowercase")]
+pub enum Decision {
+    /// Proxy to the deployment `index` of the candidates; to `instance` if it still has room.
+    Direct {
+        #[serde(skip)]
+        index: usize,
+        cluster: String,
+        framework: String,
+        instance: Option<String>,
+    },
+    /// Run through Globus Compute on this deployment's cluster.
+    Compute {
+        #[serde(skip)]
+        index: usize,
+        cluster: String,
+        framework: String,
+    },
+    /// Refuse with this status and message.
+    Reject { status: u16, message: String },
+}
+
+/// The healthy instance with the fewest requests in flight across `candidates` (ties: lower
+/// recent latency, then list order), with its candidate.
+pub fn least_in_flight(candidates: &[Candidate]) -> Option<(&Candidate, &InstanceView)> {
+    candidates
+        .iter()
+        .flat_map(|c| c.healthy_instances().map(move |i| (c, i)))
+        .min_by_key(|(_, i)| (i.in_flight, i.latency_ms))
+}
+
+/// `direct(...)` over a list: its least-loaded healthy instance; with none healthy, the first
+/// candidate (the gateway then answers 503 naming it); with no candidate, a 503 rejection.
+pub fn direct(candidates: &[Candidate], model: &str) -> Decision {
+    if let Some((c, i)) = least_in_flight(candidates) {
+        return Decision::Direct {
+            index: c.index,
+            cluster: c.cluster.clone(),
+            framework: c.framework.clone(),
+            instance: Some(i.id.clone()),
+        };
+    }
+    match candidates.first() {
+        Some(c) => Decision::Direct {
+            index: c.index,
+            cluster: c.cluster.clone(),
+            framework: c.framework.clone(),
+            instance: None,
+        },
+        None => no_candidate(model),
+    }
+}
+
+/// `compute(...)` over a list: the first candidate that has a compute fallback.
+pub fn compute(candidates: &[Candidate], model: &str) -> Decision {
+    match candidates.iter().find(|c| c.compute) {
+        Some(c) => Decision::Compute {
+            index: c.index,
+            cluster: c.cluster.clone(),
+            framework: c.framework.clone(),
+        },
+        None => Decision::Reject {
+            status: 503,
+            message: format!(
+                "No running instance of {model} is available and none can be started through \
+                 Globus Compute. Try again later."
+            ),
+        },
+    }
+}
+
+fn no_candidate(model: &str) -> Decision {
+    Decision::Reject {
+        status: 503,
+        message: format!("No instance of {model} is available to you right now. Try again later."),
+    }
+}

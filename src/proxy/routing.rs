@@ -1,0 +1,133 @@
+//! Which deployment and instance serve an inference request: the candidates the user may use,
+//! the policy's decision, and what the client is told when the policy refuses or fails.
+
+use super::errors;
+use crate::auth::{rules, Identity};
+use crate::catalog::{Catalog, Deployment};
+use crate::config::Endpoint;
+use crate::metrics::Metrics;
+use crate::openai::ApiError;
+use crate::policy::{self, Decision, Policies, RouteRequest, UserView};
+use pingora::http::RequestHeader;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Where a request goes.
+pub struct Routed {
+    pub deployment: Arc<Deployment>,
+    /// The instance the policy named, if any (taken if it still has room).
+    pub instance: Option<SocketAddr>,
+}
+
+/// What the route needs to know about one request.
+pub struct Asked<'a> {
+    pub cluster: Option<&'a str>,
+    pub framework: Option<&'a str>,
+    pub endpoint: Endpoint,
+    pub model: &'a str,
+    pub stream: bool,
+    pub body_len: usize,
+}
+
+pub fn check_access(identity: &Identity, d: &Deployment) -> Result<(), ApiError> {
+    rules::check_access(
+        identity,
+        &d.cluster_access,
+        &format!("cluster '{}'", d.cluster),
+    )
+    .and_then(|()| {
+        rules::check_access(
+            identity,
+            &d.model_access,
+            &format!("model '{}' on cluster '{}'", d.model, d.cluster),
+        )
+    })
+    .map_err(errors::auth)
+}
+
+/// Finds the candidates, asks the policy, and turns its decision into a deployment.
+pub fn route(
+    catalog: &Catalog,
+    policies: &Policies,
+    metrics: &Metrics,
+    identity: &Identity,
+    header: &RequestHeader,
+    asked: &Asked<'_>,
+) -> Result<Routed, ApiError> {
+    // FIRST's layout names the deployment: its lookup and access errors come first.
+    if let (Some(c), Some(f)) = (asked.cluster, asked.framework) {
+        let d = catalog.resolve(c, f, asked.model).map_err(errors::lookup)?;
+        check_access(identity, d)?;
+        if !d.offers(asked.endpoint) {
+            return Err(errors::endpoint_not_offered(d, asked.endpoint));
+        }
+    }
+    let all = catalog
+        .resolve_federated(asked.model)
+        .map_err(errors::lookup)?;
+    let allowed: Vec<Arc<Deployment>> = all
+        .iter()
+        .filter(|d| d.offers(asked.endpoint) && check_access(identity, d).is_ok())
+        .cloned()
+        .collect();
+    if allowed.is_empty() {
+        // Say which rule refused, or which endpoint is missing, for the first deployment.
+        check_access(identity, &all[0])?;
+        return Err(errors::endpoint_not_offered(&all[0], asked.endpoint));
+    }
+    let req = Arc::new(RouteRequest {
+        model: all[0].model.clone(),
+        endpoint: asked.endpoint.path().to_string(),
+        stream: asked.stream,
+        cluster: asked.cluster.unwrap_or_default().to_string(),
+        framework: asked.framework.unwrap_or_default().to_string(),
+        user: UserView {
+            id: identity.id.clone(),
+            username: identity.username.clone(),
+            domain: identity.domain.clone(),
+            groups: identity.groups.clone(),
+        },
+        prompt_bytes: asked.body_len as i64,
+        headers: header
+            .headers
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("x-"))
+            .filter_map(|(name, v)| Some((name.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+    });
+    let candidates = policy::candidates_of(&allowed);
+    let decision = policies.route(&req, &candidates).map_err(|e| {
+        log::error!("{e}");
+        metrics.policy_errors.with_label_values(&["route"]).inc();
+        errors::policy(&e)
+    })?;
+    match decision {
+        Decision::Direct {
+            index, instance, ..
+        } => {
+            let deployment = allowed
+                .get(index)
+                .ok_or_else(|| errors::policy_index(index))?;
+            let instance = instance.and_then(|id| {
+                candidates[index]
+                    .instances
+                    .iter()
+                    .find(|i| i.id == id)
+                    .and_then(|i| i.socket)
+            });
+            Ok(Routed {
+                deployment: deployment.clone(),
+                instance,
+            })
+        }
+        Decision::Compute { index, .. } => {
+            let deployment = allowed
+                .get(index)
+                .ok_or_else(|| errors::policy_index(index))?;
+            Err(errors::compute_unavailable(deployment))
+        }
+        Decision::Reject { status, message } => {
+            Err(ApiError::new(status, "policy_rejected", message))
+        }
+    }
+}
