@@ -103,10 +103,12 @@ fn load(path: &Path) -> anyhow::Result<Config> {
         Err(e)
             if e.kind() == std::io::ErrorKind::NotFound && path == Path::new("conf/demo.yaml") =>
         {
-            Ok(config::parse(
-                Path::new("(built-in) conf/demo.yaml"),
-                EMBEDDED_DEMO_CONFIG,
-            )?)
+            let mut config =
+                config::parse(Path::new("(built-in) conf/demo.yaml"), EMBEDDED_DEMO_CONFIG)?;
+            // The policy files live next to conf/demo.yaml; without them, the built-in rule.
+            config.policies.route = None;
+            config.policies.scale = None;
+            Ok(config)
         }
         Err(e) => bail!(
             "{}: cannot read the demo configuration: {e}",

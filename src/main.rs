@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use firstgate::{config, demo, server};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -31,6 +31,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Try the routing and scaling policies without serving.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Run the gateway with simulated clusters on this machine (no outside service).
     Demo {
         /// The demo configuration.
@@ -54,11 +59,52 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print the decision a policy takes for a request (`--request`) or the actions it takes
+    /// for a model's demand (`--scale`).
+    Test {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The policy file to try (default: the one the configuration names).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// The request, as JSON: model, endpoint, stream, cluster, framework, user
+        /// {id, username, domain, groups}, prompt_bytes, headers.
+        #[arg(long, required_unless_present = "scale", conflicts_with = "scale")]
+        request: Option<PathBuf>,
+        /// The catalog state, as JSON: {"deployments": [{cluster, framework, model, state,
+        /// instances: [{id, healthy, in_flight, latency_ms, ends_in}], compute}]}. Deployments
+        /// not listed are assumed hot with every instance idle.
+        #[arg(long, requires = "request")]
+        state: Option<PathBuf>,
+        /// A model's demand and instances, as JSON, for the scale policy.
+        #[arg(long)]
+        scale: Option<PathBuf>,
+    },
+}
+
 fn main() -> ExitCode {
     init_logging();
     let result = match Cli::parse().command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => check(&config),
+        Command::Policy {
+            command:
+                PolicyCommand::Test {
+                    config,
+                    policy,
+                    request,
+                    state,
+                    scale,
+                },
+        } => policy_test(
+            &config,
+            policy.as_deref(),
+            request.as_deref(),
+            state.as_deref(),
+            scale.as_deref(),
+        ),
         Command::Demo {
             config,
             users,
@@ -92,6 +138,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let loaded = config::load(path)?;
     let c = &loaded.config;
+    firstgate::policy::PolicyStore::load(&c.policies)?;
     let models: usize = c
         .clusters
         .values()
@@ -103,6 +150,40 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         path.display(),
         c.clusters.len()
     );
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read the {what}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {what}: {e}", path.display()))
+}
+
+fn policy_test(
+    config_path: &Path,
+    policy: Option<&Path>,
+    request: Option<&Path>,
+    state: Option<&Path>,
+    scale: Option<&Path>,
+) -> anyhow::Result<()> {
+    use firstgate::policy::dry_run;
+    let loaded = config::load(config_path)?;
+    let out = match (request, scale) {
+        (Some(request), _) => {
+            let req = read_json(request, "request")?;
+            let state = match state {
+                Some(s) => read_json(s, "state")?,
+                None => dry_run::CatalogState::default(),
+            };
+            serde_json::to_string_pretty(&dry_run::route(&loaded.config, policy, req, &state)?)?
+        }
+        (None, Some(scale)) => {
+            let input = read_json(scale, "scale input")?;
+            serde_json::to_string_pretty(&dry_run::scale(&loaded.config, policy, input)?)?
+        }
+        (None, None) => anyhow::bail!("give --request (route) or --scale (scale)"),
+    };
+    println!("{out}");
     Ok(())
 }
 

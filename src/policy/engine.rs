@@ -38,9 +38,11 @@ impl CandidateList {
             .iter()
             .filter_map(|c| {
                 let instances: Vec<_> = c.instances.iter().filter(|i| keep(i)).cloned().collect();
-                (!instances.is_empty()).then(|| Candidate {
-                    instances,
-                    ..c.clone()
+                (!instances.is_empty()).then(|| {
+                    Arc::new(Candidate {
+                        instances,
+                        ..Candidate::clone(c)
+                    })
                 })
             })
             .collect();
@@ -184,7 +186,7 @@ fn register_candidates(e: &mut Engine) {
         .register_fn("first", |c: &mut CandidateList| -> Fallible<Candidate> {
             c.items
                 .first()
-                .cloned()
+                .map(|c| Candidate::clone(c))
                 .ok_or_else(|| "first() on an empty candidate list".into())
         });
 
@@ -205,7 +207,7 @@ fn register_candidates(e: &mut Engine) {
 fn one(c: &Candidate, model: &str) -> CandidateList {
     CandidateList {
         model: model.into(),
-        items: Arc::new(vec![c.clone()]),
+        items: Arc::new(vec![Arc::new(c.clone())]),
     }
 }
 

@@ -3,6 +3,7 @@
 //! files change or on SIGHUP (a broken edit is refused and the last good version stays), with
 //! a built-in route rule when no script is configured.
 
+pub mod dry_run;
 mod engine;
 mod scale;
 mod script;
@@ -45,20 +46,14 @@ impl Policies {
 
 /// The built-in rule: the requested cluster if the URL names one, then prefer deployments with
 /// a healthy instance, and the instance with the fewest requests in flight.
-pub fn builtin_route(req: &RouteRequest, candidates: &[Candidate]) -> Decision {
-    let requested: Vec<Candidate> = candidates
-        .iter()
-        .filter(|c| {
-            req.cluster.is_empty() || (c.cluster == req.cluster && c.framework == req.framework)
-        })
-        .cloned()
-        .collect();
-    if view::least_in_flight(&requested).is_some() {
-        view::direct(&requested, &req.model)
-    } else if requested.iter().any(|c| c.compute) {
-        view::compute(&requested, &req.model)
+pub fn builtin_route(req: &RouteRequest, candidates: &[Arc<Candidate>]) -> Decision {
+    let requested = candidates.iter().map(|c| &**c).filter(|c| {
+        req.cluster.is_empty() || (c.cluster == req.cluster && c.framework == req.framework)
+    });
+    if view::least_in_flight(requested.clone()).is_none() && requested.clone().any(|c| c.compute) {
+        view::compute_among(requested, &req.model)
     } else {
-        view::direct(&requested, &req.model)
+        view::direct_among(requested, &req.model)
     }
 }
 
@@ -180,5 +175,183 @@ impl PolicyStore {
             self.current.store(Arc::new(p));
         }
         outcomes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cand(
+        cluster: &str,
+        state: DeploymentState,
+        in_flight: &[i64],
+        index: usize,
+    ) -> Arc<Candidate> {
+        Arc::new(Candidate {
+            cluster: cluster.into(),
+            framework: "vllm".into(),
+            state,
+            instances: in_flight
+                .iter()
+                .enumerate()
+                .map(|(j, n)| InstanceView {
+                    id: format!("{cluster}-{j}:8000"),
+                    healthy: state == DeploymentState::Hot,
+                    in_flight: *n,
+                    latency_ms: 0,
+                    ends_in: None,
+                    socket: None,
+                })
+                .collect(),
+            compute: state != DeploymentState::Hot,
+            index,
+        })
+    }
+
+    fn fixture() -> Candidates {
+        Arc::new(vec![
+            cand("polaris", DeploymentState::Queued, &[0], 0),
+            cand("sophia", DeploymentState::Hot, &[4, 2], 1),
+            cand("aurora", DeploymentState::Hot, &[1], 2),
+        ])
+    }
+
+    fn req(cluster: &str) -> Arc<RouteRequest> {
+        Arc::new(RouteRequest {
+            model: "m".into(),
+            cluster: cluster.into(),
+            framework: if cluster.is_empty() { "" } else { "vllm" }.into(),
+            ..RouteRequest::default()
+        })
+    }
+
+    fn script(source: &str) -> Result<Script, PolicyError> {
+        Script::compile(Path::new("test.rhai"), source, ROUTE)
+    }
+
+    fn instance(d: &Decision) -> Option<&str> {
+        match d {
+            Decision::Direct { instance, .. } => instance.as_deref(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_builtin_rule_honours_the_url_then_prefers_the_least_loaded_hot_instance() {
+        let c = fixture();
+        assert_eq!(
+            instance(&builtin_route(&req(""), &c)),
+            Some("aurora-0:8000")
+        );
+        assert_eq!(
+            instance(&builtin_route(&req("sophia"), &c)),
+            Some("sophia-1:8000")
+        );
+        assert!(matches!(
+            builtin_route(&req("polaris"), &c),
+            Decision::Compute { index: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn scripts_narrow_and_decide() {
+        let c = fixture();
+        let s = script(
+            r#"fn route(req, c) {
+                let best = c.prefer(["queued", "hot"]);
+                if best.first().state == "queued" { compute(best) } else { direct(best) }
+            }"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.route(&req(""), &c).unwrap(),
+            Decision::Compute { index: 0, .. }
+        ));
+        let s = script(r#"fn route(req, c) { direct(c.in_cluster("sophia").without_instance("sophia-1:8000")) }"#)
+            .unwrap();
+        assert_eq!(
+            instance(&s.route(&req(""), &c).unwrap()),
+            Some("sophia-0:8000")
+        );
+        let s = script(r#"fn route(req, c) { direct(c.in_state("cold")) }"#).unwrap();
+        assert!(matches!(
+            s.route(&req(""), &c).unwrap(),
+            Decision::Reject { status: 503, .. }
+        ));
+    }
+
+    #[test]
+    fn bad_decisions_and_runaway_scripts_are_errors() {
+        let c = fixture();
+        let e = script("fn route(req, c) { reject(200, \"fine\") }")
+            .unwrap()
+            .route(&req(""), &c);
+        assert!(e.unwrap_err().to_string().contains("HTTP error status"));
+        let e = script("fn route(req, c) {\n  c.in_state(\"warm\")\n}")
+            .unwrap()
+            .route(&req(""), &c);
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("test.rhai line 2") && e.contains("unknown state"), "{e}");
+        let e = script("fn route(req, c) { loop {} }")
+            .unwrap()
+            .route(&req(""), &c);
+        assert!(e.unwrap_err().to_string().contains("Too many operations"));
+        assert!(script("fn route(req, c) { eval(\"1\") }").is_err());
+        assert!(script("fn other(req, c) { () }").is_err());
+        let scale = Script::compile(
+            Path::new("s.rhai"),
+            "fn scale(m) { [start(\"a\", 1), 7] }",
+            SCALE,
+        )
+        .unwrap();
+        let e = scale.scale(ScaleInput::default()).unwrap_err();
+        assert!(e.to_string().contains("scale() returned i64"), "{e}");
+    }
+
+    #[test]
+    fn a_broken_edit_keeps_the_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("route.rhai");
+        std::fs::write(&path, "fn route(req, c) { direct(c) }").unwrap();
+        let files = PolicyFiles {
+            route: Some(path.clone()),
+            ..PolicyFiles::default()
+        };
+        let store = PolicyStore::load(&files).unwrap();
+        let first = store.current();
+        assert!(
+            store.reload().is_empty(),
+            "unchanged files are not recompiled"
+        );
+
+        std::fs::write(&path, "fn route(req, c) { direct(c").unwrap();
+        assert!(matches!(
+            store.reload()[..],
+            [Reload::Refused(Hook::Route, _)]
+        ));
+        assert!(Arc::ptr_eq(&store.current(), &first));
+
+        std::fs::write(&path, "fn route(req, c) { reject(429, \"slow down\") }").unwrap();
+        assert!(matches!(
+            store.reload()[..],
+            [Reload::Accepted(Hook::Route)]
+        ));
+        let now = store.current();
+        assert_eq!(now.version, 2);
+        let d = now.route(&req(""), &fixture()).unwrap();
+        assert_eq!(
+            d,
+            Decision::Reject {
+                status: 429,
+                message: "slow down".into()
+            }
+        );
+        // The snapshot a request holds is unaffected.
+        assert!(matches!(
+            first.route(&req(""), &fixture()).unwrap(),
+            Decision::Direct { .. }
+        ));
     }
 }

@@ -19,10 +19,15 @@ pub struct PolicyError {
 
 impl PolicyError {
     fn new(file: &Path, pos: Position, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        // Rhai appends its own " (line N, position M)"; the line goes in our prefix.
+        if let Some(cut) = message.rfind(" (line ") {
+            message.truncate(cut);
+        }
         PolicyError {
             file: file.display().to_string(),
             line: pos.line().map(|l| format!(" line {l}")).unwrap_or_default(),
-            message: message.into(),
+            message,
         }
     }
 
@@ -36,12 +41,7 @@ impl PolicyError {
         while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) = err {
             err = inner;
         }
-        let mut message = err.to_string();
-        // Rhai appends its own " (line N, position M)"; the line is in our prefix.
-        if let Some(cut) = message.rfind(" (line ") {
-            message.truncate(cut);
-        }
-        PolicyError::new(file, err.position(), message)
+        PolicyError::new(file, err.position(), err.to_string())
     }
 }
 

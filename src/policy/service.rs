@@ -40,14 +40,14 @@ pub fn candidates_of(deployments: &[Arc<Deployment>]) -> Candidates {
                 } else {
                     DeploymentState::Offline
                 };
-                Candidate {
+                Arc::new(Candidate {
                     cluster: d.cluster.clone(),
                     framework: d.framework.clone(),
                     state,
                     instances,
                     compute: false,
                     index,
-                }
+                })
             })
             .collect(),
     )
@@ -138,9 +138,12 @@ pub struct ScaleRunner {
     store: Arc<PolicyStore>,
     metrics: Arc<Metrics>,
     interval: Duration,
-    /// Demand totals at the previous run, per deployment (by pointer), and when.
-    previous: Mutex<(Instant, HashMap<usize, (u64, u64)>)>,
+    previous: Mutex<DemandSnapshot>,
 }
+
+/// Demand totals (requests, prompt bytes) per deployment (by pointer) at the previous run,
+/// and when that was.
+type DemandSnapshot = (Instant, HashMap<usize, (u64, u64)>);
 
 impl ScaleRunner {
     pub fn new(

@@ -113,7 +113,7 @@ impl Candidate {
 }
 
 /// A list of candidates, cheap to clone and narrow in a script.
-pub type Candidates = Arc<Vec<Candidate>>;
+pub type Candidates = Arc<Vec<Arc<Candidate>>>;
 
 /// Where the policy sends the request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -140,17 +140,27 @@ pub enum Decision {
 
 /// The healthy instance with the fewest requests in flight across `candidates` (ties: lower
 /// recent latency, then list order), with its candidate.
-pub fn least_in_flight(candidates: &[Candidate]) -> Option<(&Candidate, &InstanceView)> {
+pub fn least_in_flight<'a>(
+    candidates: impl IntoIterator<Item = &'a Candidate>,
+) -> Option<(&'a Candidate, &'a InstanceView)> {
     candidates
-        .iter()
+        .into_iter()
         .flat_map(|c| c.healthy_instances().map(move |i| (c, i)))
         .min_by_key(|(_, i)| (i.in_flight, i.latency_ms))
 }
 
 /// `direct(...)` over a list: its least-loaded healthy instance; with none healthy, the first
 /// candidate (the gateway then answers 503 naming it); with no candidate, a 503 rejection.
-pub fn direct(candidates: &[Candidate], model: &str) -> Decision {
-    if let Some((c, i)) = least_in_flight(candidates) {
+pub fn direct(candidates: &[Arc<Candidate>], model: &str) -> Decision {
+    direct_among(candidates.iter().map(|c| &**c), model)
+}
+
+/// [`direct`] over any selection of candidates.
+pub fn direct_among<'a>(
+    candidates: impl Iterator<Item = &'a Candidate> + Clone,
+    model: &str,
+) -> Decision {
+    if let Some((c, i)) = least_in_flight(candidates.clone()) {
         return Decision::Direct {
             index: c.index,
             cluster: c.cluster.clone(),
@@ -158,7 +168,7 @@ pub fn direct(candidates: &[Candidate], model: &str) -> Decision {
             instance: Some(i.id.clone()),
         };
     }
-    match candidates.first() {
+    match candidates.clone().next() {
         Some(c) => Decision::Direct {
             index: c.index,
             cluster: c.cluster.clone(),
@@ -170,8 +180,16 @@ pub fn direct(candidates: &[Candidate], model: &str) -> Decision {
 }
 
 /// `compute(...)` over a list: the first candidate that has a compute fallback.
-pub fn compute(candidates: &[Candidate], model: &str) -> Decision {
-    match candidates.iter().find(|c| c.compute) {
+pub fn compute(candidates: &[Arc<Candidate>], model: &str) -> Decision {
+    compute_among(candidates.iter().map(|c| &**c), model)
+}
+
+/// [`compute`] over any selection of candidates.
+pub fn compute_among<'a>(
+    mut candidates: impl Iterator<Item = &'a Candidate>,
+    model: &str,
+) -> Decision {
+    match candidates.find(|c| c.compute) {
         Some(c) => Decision::Compute {
             index: c.index,
             cluster: c.cluster.clone(),
