@@ -293,7 +293,10 @@ mod tests {
             .unwrap()
             .route(&req(""), &c);
         let e = e.unwrap_err().to_string();
-        assert!(e.contains("test.rhai line 2") && e.contains("unknown state"), "{e}");
+        assert!(
+            e.contains("test.rhai line 2") && e.contains("unknown state"),
+            "{e}"
+        );
         let e = script("fn route(req, c) { loop {} }")
             .unwrap()
             .route(&req(""), &c);
