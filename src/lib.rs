@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod auth;
 pub mod catalog;
+pub mod compute;
 pub mod config;
 pub mod demo;
 pub mod metrics;

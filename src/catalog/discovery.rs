@@ -14,15 +14,22 @@ use tokio::sync::Notify;
 
 pub(super) struct ResolvingDiscovery {
     addrs: Vec<BackendAddr>,
+    /// Instances reported at run time (jobs started through the cluster lifecycle).
+    dynamic: Arc<Mutex<Vec<BackendAddr>>>,
     released: Arc<Notify>,
     /// Instances by resolved address; reused so in-flight counts survive a refresh.
     known: Mutex<HashMap<SocketAddr, Arc<Instance>>>,
 }
 
 impl ResolvingDiscovery {
-    pub fn new(addrs: Vec<BackendAddr>, released: Arc<Notify>) -> Self {
+    pub fn new(
+        addrs: Vec<BackendAddr>,
+        dynamic: Arc<Mutex<Vec<BackendAddr>>>,
+        released: Arc<Notify>,
+    ) -> Self {
         ResolvingDiscovery {
             addrs,
+            dynamic,
             released,
             known: Mutex::new(HashMap::new()),
         }
@@ -45,19 +52,33 @@ impl ResolvingDiscovery {
 #[async_trait]
 impl ServiceDiscovery for ResolvingDiscovery {
     async fn discover(&self) -> pingora::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
-        let mut resolved = Vec::with_capacity(self.addrs.len());
-        for addr in &self.addrs {
+        let dynamic = self.dynamic.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut resolved = Vec::with_capacity(self.addrs.len() + dynamic.len());
+        for (addr, is_static) in self
+            .addrs
+            .iter()
+            .map(|a| (a, true))
+            .chain(dynamic.iter().map(|a| (a, false)))
+        {
             for socket in Self::resolve(addr).await {
-                resolved.push((addr, socket));
+                resolved.push((addr, socket, is_static));
             }
         }
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let mut set = BTreeSet::new();
-        for (addr, socket) in resolved {
+        known.retain(|s, _| resolved.iter().any(|(_, r, _)| r == s));
+        for (addr, socket, is_static) in resolved {
             let instance = known
                 .entry(socket)
                 .or_insert_with(|| {
-                    Arc::new(Instance::new(addr.clone(), socket, self.released.clone()))
+                    // Configured backends serve at once (their health decides); reported ones
+                    // only after a health check has passed.
+                    Arc::new(Instance::new(
+                        addr.clone(),
+                        socket,
+                        self.released.clone(),
+                        is_static,
+                    ))
                 })
                 .clone();
             let mut backend = Backend::new(&socket.to_string())?;

@@ -14,6 +14,7 @@ pub use pool::{BackendPool, Instance, InstanceGuard, PoolError, UpstreamSettings
 
 use crate::config::{AccessList, BackendAddr, Config, Endpoint};
 use std::collections::{BTreeMap, HashMap};
+use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -47,6 +48,46 @@ pub struct Deployment {
     pub demand: Demand,
     /// Bounds for the scale policy.
     pub scaling: crate::config::Scaling,
+    /// Running through Globus Compute when no instance is hot.
+    pub compute: Option<crate::config::ModelCompute>,
+    /// The cluster's instance lifecycle (status, start, stop), if it has one.
+    pub lifecycle: Option<crate::config::ClusterCompute>,
+    /// What the lifecycle last reported.
+    pub live: ArcSwap<LiveState>,
+}
+
+/// What the cluster lifecycle last reported about a deployment.
+#[derive(Debug, Clone, Default)]
+pub struct LiveState {
+    pub jobs: Vec<JobInfo>,
+    /// Whether the model's compute endpoint is online (`None`: not known yet, or no compute).
+    pub endpoint_online: Option<bool>,
+}
+
+/// One batch job running (or about to run) an instance of the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    pub id: String,
+    pub state: JobState,
+    /// `host:port` of the instance, once it has one.
+    pub host: Option<String>,
+    /// Seconds of walltime left when reported, and when that was.
+    pub walltime_left: Option<(u64, std::time::Instant)>,
+}
+
+impl JobInfo {
+    /// Seconds until the job ends, now.
+    pub fn ends_in(&self) -> Option<i64> {
+        self.walltime_left
+            .map(|(left, at)| left as i64 - at.elapsed().as_secs() as i64)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Starting,
+    Running,
 }
 
 /// Counters of the requests routed to a deployment.
@@ -100,6 +141,8 @@ pub enum LookupError {
 #[derive(Debug, Default)]
 pub struct ClusterEntry {
     pub frameworks: BTreeMap<String, FrameworkEntry>,
+    /// The cluster's last status report, in FIRST's `JobsByStatus` shape (null until one).
+    pub jobs: ArcSwap<serde_json::Value>,
 }
 
 #[derive(Debug, Default)]
@@ -184,6 +227,9 @@ impl Catalog {
                         pool: Arc::new(pool),
                         demand: Demand::default(),
                         scaling: m.scaling.clone(),
+                        compute: m.compute.clone(),
+                        lifecycle: cluster.compute.clone(),
+                        live: ArcSwap::from_pointee(LiveState::default()),
                     });
                     for name in std::iter::once(&m.name).chain(&m.aliases) {
                         let key = normalize_model_name(name);

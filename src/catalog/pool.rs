@@ -10,7 +10,7 @@ use pingora::lb::{Backends, LoadBalancer};
 use pingora::prelude::HttpPeer;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -72,10 +72,20 @@ pub struct Instance {
     last_active: AtomicU64,
     /// When the gateway first saw this instance.
     since: Instant,
+    /// May receive requests: configured backends at once, reported ones once a health check
+    /// has passed.
+    admitted: AtomicBool,
+    /// Gets no new requests (its job ends soon); requests in flight finish.
+    draining: AtomicBool,
 }
 
 impl Instance {
-    pub(super) fn new(addr: BackendAddr, socket: SocketAddr, released: Arc<Notify>) -> Self {
+    pub(super) fn new(
+        addr: BackendAddr,
+        socket: SocketAddr,
+        released: Arc<Notify>,
+        admitted: bool,
+    ) -> Self {
         Instance {
             addr,
             socket,
@@ -84,7 +94,22 @@ impl Instance {
             latency_ewma_us: AtomicU64::new(0),
             last_active: AtomicU64::new(0),
             since: Instant::now(),
+            admitted: AtomicBool::new(admitted),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Whether new requests may go here (given its health).
+    fn serves(&self, healthy: bool) -> bool {
+        healthy && self.admitted.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Recent request duration (moving average), if any request finished yet.
@@ -187,6 +212,8 @@ pub enum PoolError {
 /// The instances of one deployment.
 pub struct BackendPool {
     lb: LoadBalancer<LeastInFlight>,
+    /// Addresses reported at run time, read by the discovery.
+    dynamic: Arc<std::sync::Mutex<Vec<BackendAddr>>>,
     pub settings: UpstreamSettings,
     released: Arc<Notify>,
 }
@@ -213,7 +240,8 @@ impl BackendPool {
             .first()
             .map(|a| a.host.clone())
             .unwrap_or_else(|| "localhost".into());
-        let discovery = ResolvingDiscovery::new(addrs, released.clone());
+        let dynamic = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let discovery = ResolvingDiscovery::new(addrs, dynamic.clone(), released.clone());
         let mut lb = LoadBalancer::from_backends(Backends::new(Box::new(discovery)));
         if let Some(path) = health_path {
             let mut check = HttpHealthCheck::new(&host, tls);
@@ -230,6 +258,7 @@ impl BackendPool {
         }
         BackendPool {
             lb,
+            dynamic,
             settings,
             released,
         }
@@ -242,13 +271,30 @@ impl BackendPool {
         }
     }
 
-    /// Runs one round of health checks (all instances in parallel).
+    /// Runs one round of health checks (all instances in parallel), then admits reported
+    /// instances that were present for the whole round and passed it.
     pub async fn check_health(&self) {
+        let before: Vec<SocketAddr> = self.all_instances().iter().map(|(i, _)| i.socket).collect();
         self.lb.backends().run_health_check(true).await;
+        for (i, healthy) in self.all_instances() {
+            if healthy && before.contains(&i.socket) {
+                i.admitted.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
-    /// Every instance with its health.
-    pub fn instances(&self) -> Vec<(Arc<Instance>, bool)> {
+    /// Replaces the instances reported at run time; returns whether they changed (then call
+    /// [`Self::discover`]).
+    pub fn set_dynamic(&self, addrs: Vec<BackendAddr>) -> bool {
+        let mut current = self.dynamic.lock().unwrap_or_else(|e| e.into_inner());
+        if *current == addrs {
+            return false;
+        }
+        *current = addrs;
+        true
+    }
+
+    fn all_instances(&self) -> Vec<(Arc<Instance>, bool)> {
         let backends = self.lb.backends();
         backends
             .get_backend()
@@ -257,9 +303,19 @@ impl BackendPool {
             .collect()
     }
 
+    /// Every instance, and whether it takes new requests (healthy, admitted, not draining).
+    pub fn instances(&self) -> Vec<(Arc<Instance>, bool)> {
+        self.all_instances()
+            .into_iter()
+            .map(|(i, healthy)| {
+                let serves = i.serves(healthy);
+                (i, serves)
+            })
+            .collect()
+    }
+
     pub fn has_healthy(&self) -> bool {
-        let backends = self.lb.backends();
-        backends.get_backend().iter().any(|b| backends.ready(b))
+        self.instances().iter().any(|(_, serves)| *serves)
     }
 
     /// Reserves the healthy instance with the fewest requests in flight, skipping `exclude`
@@ -271,7 +327,7 @@ impl BackendPool {
             let Some(inst) = b.ext.get::<Arc<Instance>>() else {
                 return false;
             };
-            if !healthy || exclude.contains(&inst.socket) {
+            if !inst.serves(healthy) || exclude.contains(&inst.socket) {
                 return false;
             }
             saw_healthy.set(true);
@@ -294,7 +350,8 @@ impl BackendPool {
                 .is_some_and(|i| i.socket == socket)
         })?;
         let instance = backend.ext.get::<Arc<Instance>>()?;
-        (backends.ready(backend) && instance.try_reserve(self.settings.max_concurrent))
+        (instance.serves(backends.ready(backend))
+            && instance.try_reserve(self.settings.max_concurrent))
             .then(|| InstanceGuard::new(instance.clone()))
     }
 

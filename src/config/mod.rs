@@ -51,6 +51,9 @@ pub struct Config {
     /// `/resource_server/{cluster}/{framework}/v1/...`.
     #[serde(default)]
     pub policies: PolicyFiles,
+    /// Globus Compute, for cold models and the clusters' instance lifecycle.
+    #[serde(default)]
+    pub compute: Option<ComputeConfig>,
     #[serde(default)]
     pub clusters: BTreeMap<String, Cluster>,
 }
@@ -191,15 +194,18 @@ impl Default for PolicyFiles {
     }
 }
 
-/// Bounds the scale policy sees for a model (it decides; the cold path carries it out).
+/// Bounds the scale policy sees for a model (it decides; the lifecycle carries it out).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Scaling {
     pub min_instances: u32,
     pub max_instances: u32,
-    /// How long an idle instance is kept before the policy may release it.
+    /// How long a started instance runs (the walltime its job asks for).
     #[serde(with = "humantime_serde")]
     pub keep_hot: Duration,
+    /// How long an idle instance is kept before the policy may release it.
+    #[serde(with = "humantime_serde")]
+    pub idle_release: Duration,
 }
 
 impl Default for Scaling {
@@ -207,9 +213,70 @@ impl Default for Scaling {
         Scaling {
             min_instances: 0,
             max_instances: 1,
-            keep_hot: Duration::from_secs(30 * 60),
+            keep_hot: Duration::from_secs(24 * 3600),
+            idle_release: Duration::from_secs(2 * 3600),
         }
     }
+}
+
+/// The Globus Compute service (base URL and the gateway's service account).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeConfig {
+    #[serde(default = "defaults::compute_url")]
+    pub url: String,
+    /// Globus Auth, for the client-credentials grant.
+    #[serde(default = "defaults::auth_url")]
+    pub auth_url: String,
+    /// The service account that owns the endpoints.
+    pub client_id: String,
+    /// Environment variable holding its secret.
+    pub client_secret_env: String,
+    /// Longest a request waits for its task's result (then 504 naming the task).
+    #[serde(default = "defaults::compute_wait", with = "humantime_serde")]
+    pub wait: Duration,
+    /// How often pending tasks are polled, all in one `batch_status` call.
+    #[serde(default = "defaults::compute_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Interval of keep-alive comments on a streamed answer that waits for its task.
+    #[serde(default = "defaults::compute_keepalive", with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// Timeout of each call to the service.
+    #[serde(default = "defaults::compute_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// A cluster's lifecycle functions, run on its Globus Compute endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterCompute {
+    pub endpoint: String,
+    /// Reports the cluster's model jobs (FIRST's qstat function).
+    pub status_function: String,
+    /// Starts instances: called with {model, framework, cluster, count, walltime}.
+    #[serde(default)]
+    pub start_function: Option<String>,
+    /// Stops an instance: called with {job_id}.
+    #[serde(default)]
+    pub stop_function: Option<String>,
+    #[serde(default = "defaults::status_interval", with = "humantime_serde")]
+    pub status_interval: Duration,
+    /// Instances whose job ends within this get no new requests (and are replaced while
+    /// demand remains).
+    #[serde(default = "defaults::drain_before", with = "humantime_serde")]
+    pub drain_before: Duration,
+}
+
+/// Running a model through Globus Compute when no instance is hot.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelCompute {
+    pub endpoint: String,
+    /// The inference function (FIRST's `vllm_inference_function`).
+    pub function: String,
+    /// The port vLLM listens on, on the compute node.
+    #[serde(default = "defaults::api_port")]
+    pub api_port: u16,
 }
 
 /// One cluster (a facility resource: Sophia, Polaris, Metis, ...).
@@ -222,6 +289,9 @@ pub struct Cluster {
     /// Only users from these domains may use the cluster (empty: any).
     #[serde(default)]
     pub allowed_domains: Vec<String>,
+    /// Instance lifecycle through Globus Compute (status, start, stop).
+    #[serde(default)]
+    pub compute: Option<ClusterCompute>,
     /// Frameworks by name (`vllm`, `api`, ...), the second segment of FIRST's URL layout.
     pub frameworks: BTreeMap<String, Framework>,
 }
@@ -308,6 +378,9 @@ pub struct Model {
     /// What the scale policy may do with this model.
     #[serde(default)]
     pub scaling: Scaling,
+    /// Running through Globus Compute when no instance is hot.
+    #[serde(default)]
+    pub compute: Option<ModelCompute>,
     #[serde(default, with = "humantime_serde")]
     pub read_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -317,6 +390,7 @@ pub struct Model {
 mod defaults {
     use super::Endpoint;
     use std::net::SocketAddr;
+    use std::time::Duration;
 
     pub fn listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 8080))
@@ -329,6 +403,33 @@ mod defaults {
     }
     pub fn health_path() -> Option<String> {
         Some("/health".to_string())
+    }
+    pub fn compute_url() -> String {
+        "https://compute.api.globus.org".into()
+    }
+    pub fn auth_url() -> String {
+        "https://auth.globus.org".into()
+    }
+    pub fn compute_wait() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn compute_poll() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn compute_keepalive() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn compute_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn status_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn drain_before() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn api_port() -> u16 {
+        8000
     }
 }
 
@@ -403,7 +504,19 @@ fn validate(config: &Config) -> Result<(), error::Invalid> {
             let mut seen: BTreeMap<String, String> = BTreeMap::new();
             for (i, model) in fw.models.iter().enumerate() {
                 let path = format!("{fw_path}.models[{i}]");
-                check_model(&path, model)?;
+                check_model(&path, model, cluster.compute.is_some())?;
+                if (model.compute.is_some() || cluster.compute.is_some())
+                    && config.compute.is_none()
+                {
+                    return Err(Invalid::new(
+                        "compute",
+                        format!(
+                            "{path} uses Globus Compute: add a top-level `compute:` section with \
+                             client_id and client_secret_env"
+                        ),
+                    )
+                    .near(&model.name));
+                }
                 for name in std::iter::once(&model.name).chain(&model.aliases) {
                     let key = crate::catalog::normalize_model_name(name);
                     if key.is_empty() {
@@ -463,15 +576,16 @@ fn check_name(path: &str, name: &str) -> Result<(), error::Invalid> {
     }
 }
 
-fn check_model(path: &str, model: &Model) -> Result<(), error::Invalid> {
+fn check_model(path: &str, model: &Model, lifecycle: bool) -> Result<(), error::Invalid> {
     use error::Invalid;
     if model.name.trim().is_empty() {
         return Err(Invalid::new(format!("{path}.name"), "must not be empty"));
     }
-    if model.backends.is_empty() {
+    if model.backends.is_empty() && !lifecycle && model.compute.is_none() {
         return Err(Invalid::new(
             format!("{path}.backends"),
-            "lists no backend; give at least one host:port or URL",
+            "lists no backend; give at least one host:port or URL (or a `compute:` section, or \
+             a cluster `compute:` lifecycle that starts instances)",
         )
         .near(&model.name));
     }

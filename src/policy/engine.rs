@@ -264,6 +264,7 @@ fn register_scale(e: &mut Engine) {
         .register_get("min", |m: &mut ScaleInput| m.min_instances)
         .register_get("max", |m: &mut ScaleInput| m.max_instances)
         .register_get("keep_hot", |m: &mut ScaleInput| m.keep_hot)
+        .register_get("idle_release", |m: &mut ScaleInput| m.idle_release)
         .register_get("instances", |m: &mut ScaleInput| m.instances.len() as i64)
         .register_get("starting", |m: &mut ScaleInput| m.starting)
         .register_fn(

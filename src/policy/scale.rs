@@ -19,8 +19,10 @@ pub struct ScaleInput {
     pub in_flight: i64,
     pub min_instances: i64,
     pub max_instances: i64,
-    /// Seconds an idle instance is kept.
+    /// Seconds a started instance runs (its job's walltime).
     pub keep_hot: i64,
+    /// Seconds an idle instance is kept before it may be released.
+    pub idle_release: i64,
     /// Instances being started.
     pub starting: i64,
     pub instances: Vec<ScaleInstance>,

@@ -180,6 +180,7 @@ impl ScaleRunner {
                     min_instances: i64::from(d.scaling.min_instances),
                     max_instances: i64::from(d.scaling.max_instances),
                     keep_hot: d.scaling.keep_hot.as_secs() as i64,
+                idle_release: d.scaling.idle_release.as_secs() as i64,
                     ..ScaleInput::default()
                 });
             if !input.clusters.contains(&d.cluster) {

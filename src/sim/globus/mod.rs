@@ -4,9 +4,11 @@
 //! Test-control routes live under `/_fake/`: call counts, fault knobs, and adding tokens.
 
 mod auth;
+mod compute;
 mod groups;
 mod seed;
 
+pub use compute::{ComputeFaults, ComputeSeed, ComputeSim, ComputeStats, FakeEndpoint, FakeFunction};
 pub use seed::{FakeClient, FakeGroup, FakeUser, Seed};
 
 use super::Listening;
@@ -120,6 +122,7 @@ struct TokenRecord {
 
 struct Shared {
     seed: Seed,
+    compute: ComputeSim,
     tokens: RwLock<HashMap<String, TokenRecord>>,
     stats: GlobusStats,
     faults: GlobusFaults,
@@ -189,6 +192,7 @@ impl GlobusSim {
     pub async fn start(addr: SocketAddr, seed: Seed) -> std::io::Result<GlobusSim> {
         let users = seed.users.clone();
         let shared = Arc::new(Shared {
+            compute: ComputeSim::new(seed.compute.clone()),
             seed,
             tokens: RwLock::new(HashMap::new()),
             stats: GlobusStats::default(),
@@ -219,6 +223,11 @@ impl GlobusSim {
         &self.shared.faults
     }
 
+    /// The Compute service and its simulated facility.
+    pub fn compute(&self) -> &ComputeSim {
+        &self.shared.compute
+    }
+
     /// Adds (or replaces) a user's token; `expires_in` counts from now.
     pub fn add_user(&self, mut user: FakeUser) {
         user.expires_in += unix_now() - self.shared.started;
@@ -246,8 +255,35 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/_fake/faults", get(get_faults).post(set_faults))
         .route("/_fake/tokens", post(add_token))
+        .route("/v2/version", get(compute::version))
+        .route("/v2/endpoints/{ep}/status", get(compute::endpoint_status))
+        .route("/v3/endpoints/{ep}/submit", post(compute::submit))
+        .route("/v2/tasks/{tid}", get(compute::task))
+        .route("/v2/batch_status", post(compute::batch_status))
+        .route("/v2/taskgroup/{tg}", get(compute::taskgroup))
+        .route("/_fake/compute", get(compute_state).post(set_compute_faults))
         .fallback(|| async { globus_error(StatusCode::NOT_FOUND, "No such route") })
         .with_state(shared)
+}
+
+/// Compute call counts and the simulated facility's jobs.
+async fn compute_state(State(s): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!({"stats": s.compute.stats.snapshot(), "jobs": s.compute.jobs_by_status()}))
+}
+
+/// `{"offline": ["<endpoint>"], "lose_workers": 1, "rate_limit": true}`.
+async fn set_compute_faults(State(s): State<Arc<Shared>>, Json(v): Json<Value>) -> Json<Value> {
+    let f = &s.compute.faults;
+    if let Some(list) = v["offline"].as_array() {
+        *f.offline.lock().unwrap() = list.iter().filter_map(|e| e.as_str().map(str::to_owned)).collect();
+    }
+    if let Some(n) = v["lose_workers"].as_u64() {
+        f.lose_workers.store(n as u32, Ordering::SeqCst);
+    }
+    if let Some(b) = v["rate_limit"].as_bool() {
+        f.rate_limit.store(b, Ordering::SeqCst);
+    }
+    compute_state(State(s)).await
 }
 
 async fn get_faults(State(s): State<Arc<Shared>>) -> Json<Value> {

@@ -17,6 +17,9 @@ pub struct Seed {
     pub groups: Vec<FakeGroup>,
     #[serde(default)]
     pub users: Vec<FakeUser>,
+    /// Globus Compute endpoints, functions and the simulated facility behind them.
+    #[serde(default)]
+    pub compute: super::ComputeSeed,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,0 +1,365 @@
+//! Globus Compute client: the gateway's own token (client credentials, cached until expiry −
+//! 60 s, fetched again once on a 401), submissions through `POST /v3/endpoints/{ep}/submit`
+//! with JSONData payloads, and one poller that asks `POST /v2/batch_status` about every pending
+//! task at once. Every call to the service passes one rate limiter (20 per 10 s, the service's
+//! limit per client), however many requests wait.
+
+use super::serialize::{decode_result, task_payload};
+use crate::config::ComputeConfig;
+use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, Notify};
+
+const COMPUTE_SCOPE: &str = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all";
+const JSON_RESULTS: &str = "globus_compute_sdk.serialize.concretes.JSONData";
+/// The service's limit: 20 requests per 10 s per client.
+const RATE_LIMIT: (usize, Duration) = (20, Duration::from_secs(10));
+const STATUS_TTL: Duration = Duration::from_secs(60);
+const STATUS_ERROR_TTL: Duration = Duration::from_secs(10);
+
+/// A failed Compute call. Texts never contain tokens or secrets.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ComputeError {
+    #[error("Globus Compute unreachable: {0}")]
+    Unreachable(String),
+    #[error("Globus Compute answered HTTP {status}: {message}")]
+    Refused { status: u16, message: String },
+    #[error("endpoint {0} is offline")]
+    Offline(String),
+    #[error("task {0} did not finish in time")]
+    TimedOut(String),
+    #[error("task {task} failed: {exception}")]
+    TaskFailed { task: String, exception: String },
+    #[error("task {task}: {reason}")]
+    Undecodable { task: String, reason: String },
+}
+
+/// An endpoint's status (`GET /v2/endpoints/{ep}/status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointStatus {
+    pub online: bool,
+    /// Workers' managers connected (0: online but no node running).
+    pub managers: u64,
+}
+
+type Waiters = HashMap<String, Vec<oneshot::Sender<Result<Value, ComputeError>>>>;
+
+pub struct ComputeClient {
+    http: reqwest::Client,
+    url: String,
+    auth_url: String,
+    client_id: String,
+    client_secret: String,
+    pub poll_interval: Duration,
+    /// The service token and when to stop using it.
+    token: Mutex<Option<(String, Instant)>>,
+    /// Times of the calls in the current window.
+    calls: Mutex<VecDeque<Instant>>,
+    /// Senders waiting for each pending task.
+    waiting: Mutex<Waiters>,
+    /// Wakes the poller when a task is added.
+    wake: Notify,
+    statuses: Mutex<HashMap<String, (Instant, Result<EndpointStatus, ComputeError>)>>,
+}
+
+impl ComputeClient {
+    pub fn new(cfg: &ComputeConfig, client_secret: String) -> Result<Self, reqwest::Error> {
+        Ok(ComputeClient {
+            http: reqwest::Client::builder()
+                .timeout(cfg.timeout)
+                .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+                .build()?,
+            url: cfg.url.trim_end_matches('/').to_string(),
+            auth_url: cfg.auth_url.trim_end_matches('/').to_string(),
+            client_id: cfg.client_id.clone(),
+            client_secret,
+            poll_interval: cfg.poll_interval,
+            token: Mutex::new(None),
+            calls: Mutex::new(VecDeque::new()),
+            waiting: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            statuses: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Waits until a call fits in the rate limit, then counts it.
+    async fn rate_limit(&self) {
+        loop {
+            let wait = {
+                let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                while calls.front().is_some_and(|t| now.duration_since(*t) >= RATE_LIMIT.1) {
+                    calls.pop_front();
+                }
+                if calls.len() < RATE_LIMIT.0 {
+                    calls.push_back(now);
+                    return;
+                }
+                RATE_LIMIT.1 - now.duration_since(calls[0])
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The service token (client credentials), fetched when missing or about to expire.
+    async fn token(&self) -> Result<String, ComputeError> {
+        if let Some((t, until)) = &*self.token.lock().unwrap_or_else(|e| e.into_inner()) {
+            if Instant::now() < *until {
+                return Ok(t.clone());
+            }
+        }
+        let resp = self
+            .http
+            .post(format!("{}/v2/oauth2/token", self.auth_url))
+            .basic_auth(&self.client_id, Some(&self.client_secret))
+            .form(&[("grant_type", "client_credentials"), ("scope", COMPUTE_SCOPE)])
+            .send()
+            .await
+            .map_err(|e| ComputeError::Unreachable(format!("Globus Auth: {}", describe(&e))))?;
+        if !resp.status().is_success() {
+            return Err(ComputeError::Refused {
+                status: resp.status().as_u16(),
+                message: "Globus Auth refused the client-credentials grant".into(),
+            });
+        }
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| ComputeError::Unreachable(format!("Globus Auth: {}", describe(&e))))?;
+        let token = body["access_token"]
+            .as_str()
+            .ok_or_else(|| ComputeError::Unreachable("Globus Auth sent no access_token".into()))?
+            .to_string();
+        let lifetime = body["expires_in"].as_u64().unwrap_or(3600);
+        let until = Instant::now() + Duration::from_secs(lifetime.saturating_sub(60));
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some((token.clone(), until));
+        Ok(token)
+    }
+
+    /// One call to the service, with the token fetched again once on a 401.
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, ComputeError> {
+        for attempt in 0..2 {
+            self.rate_limit().await;
+            let token = self.token().await?;
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.url))
+                .bearer_auth(token);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| ComputeError::Unreachable(describe(&e)))?;
+            let status = resp.status().as_u16();
+            if status == 401 && attempt == 0 {
+                *self.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                continue;
+            }
+            let text = resp
+                .text()
+                .await
+                .map_err(|e| ComputeError::Unreachable(describe(&e)))?;
+            if !(200..300).contains(&status) {
+                let message = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v["message"].as_str().or(v["error"].as_str()).map(str::to_owned))
+                    .unwrap_or_else(|| text.chars().take(200).collect());
+                return Err(ComputeError::Refused { status, message });
+            }
+            return serde_json::from_str(&text)
+                .map_err(|e| ComputeError::Unreachable(format!("unexpected body: {e}")));
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// The endpoint's status, cached 60 s (errors 10 s) as FIRST does.
+    pub async fn endpoint_status(&self, endpoint: &str) -> Result<EndpointStatus, ComputeError> {
+        if let Some((at, cached)) = self.statuses.lock().unwrap_or_else(|e| e.into_inner()).get(endpoint) {
+            let ttl = if cached.is_ok() { STATUS_TTL } else { STATUS_ERROR_TTL };
+            if at.elapsed() < ttl {
+                return cached.clone();
+            }
+        }
+        let result = self
+            .call(reqwest::Method::GET, &format!("/v2/endpoints/{endpoint}/status"), None)
+            .await
+            .map(|v| EndpointStatus {
+                online: v["status"].as_str() == Some("online"),
+                managers: v["details"]["managers"].as_u64().unwrap_or(0),
+            });
+        self.statuses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(endpoint.to_string(), (Instant::now(), result.clone()));
+        result
+    }
+
+    /// Forgets a cached endpoint status (after a task showed it changed).
+    pub fn forget_status(&self, endpoint: &str) {
+        self.statuses.lock().unwrap_or_else(|e| e.into_inner()).remove(endpoint);
+    }
+
+    /// Submits `function(*args)` on `endpoint`; returns the task id. After a failure with an
+    /// unknown outcome the task group is checked before submitting again, never blindly.
+    pub async fn submit(&self, endpoint: &str, function: &str, args: &[Value]) -> Result<String, ComputeError> {
+        let group = uuid();
+        let body = json!({
+            "create_queue": false,
+            "tasks": {function: [task_payload(args)]},
+            "task_group_id": group,
+            "user_runtime": {"globus_compute_sdk_version": "3.6.0", "globus_sdk_version": "3.54.0",
+                             "python_version": "3.11.9"},
+            "result_serializers": [JSON_RESULTS],
+        });
+        let path = format!("/v3/endpoints/{endpoint}/submit");
+        match self.call(reqwest::Method::POST, &path, Some(&body)).await {
+            Ok(v) => first_task(&v, function),
+            Err(ComputeError::Unreachable(why)) => {
+                // The submission may have landed: look before trying again.
+                log::warn!("submit to {endpoint} had no answer ({why}); checking task group {group}");
+                if let Ok(g) = self.call(reqwest::Method::GET, &format!("/v2/taskgroup/{group}"), None).await {
+                    if let Some(id) = g["tasks"][0]["id"].as_str() {
+                        return Ok(id.to_string());
+                    }
+                }
+                let v = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
+                first_task(&v, function)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits up to `limit` for a task's decoded result.
+    pub async fn wait(&self, task: &str, limit: Duration) -> Result<Value, ComputeError> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(task.to_string())
+            .or_default()
+            .push(tx);
+        self.wake.notify_one();
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(ComputeError::Unreachable("the task poller stopped".into())),
+            Err(_) => {
+                self.forget_closed();
+                Err(ComputeError::TimedOut(task.to_string()))
+            }
+        }
+    }
+
+    /// Submits and waits.
+    pub async fn run(&self, endpoint: &str, function: &str, args: &[Value], limit: Duration) -> Result<Value, ComputeError> {
+        let task = self.submit(endpoint, function, args).await?;
+        self.wait(&task, limit).await
+    }
+
+    /// Drops waiters that gave up (timed out or cancelled).
+    fn forget_closed(&self) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting.retain(|_, senders| {
+            senders.retain(|s| !s.is_closed());
+            !senders.is_empty()
+        });
+    }
+
+    /// Tasks someone waits for.
+    pub fn pending(&self) -> usize {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// One poll: every pending task in one `batch_status` call; finished ones are delivered.
+    pub async fn poll_once(&self) -> Result<(), ComputeError> {
+        self.forget_closed();
+        let ids: Vec<String> = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let v = self
+            .call(reqwest::Method::POST, "/v2/batch_status", Some(&json!({"task_ids": ids})))
+            .await?;
+        let Some(results) = v["results"].as_object() else {
+            return Ok(());
+        };
+        for (id, doc) in results {
+            let status = doc["status"].as_str().unwrap_or_default().to_ascii_lowercase();
+            if status != "success" && status != "failed" {
+                continue;
+            }
+            let outcome = task_outcome(id, doc);
+            let senders = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+            for s in senders.into_iter().flatten() {
+                let _ = s.send(outcome.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the poller until the process ends: one call per interval while tasks are pending.
+    pub async fn poll_forever(&self) {
+        loop {
+            if self.pending() == 0 {
+                self.wake.notified().await;
+            }
+            tokio::time::sleep(self.poll_interval).await;
+            if let Err(e) = self.poll_once().await {
+                log::warn!("polling Globus Compute tasks: {e}");
+            }
+        }
+    }
+}
+
+fn first_task(v: &Value, function: &str) -> Result<String, ComputeError> {
+    v["tasks"][function][0]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| ComputeError::Unreachable("the submit answer lists no task".into()))
+}
+
+/// A finished task document as a result or an error.
+fn task_outcome(id: &str, doc: &Value) -> Result<Value, ComputeError> {
+    if doc["status"].as_str().is_some_and(|s| s.eq_ignore_ascii_case("success")) {
+        let raw = doc["result"].as_str().unwrap_or_default();
+        decode_result(raw).map_err(|e| ComputeError::Undecodable {
+            task: id.to_string(),
+            reason: e.to_string(),
+        })
+    } else {
+        let exception = doc["exception"]
+            .as_str()
+            .or(doc["reason"].as_str())
+            .unwrap_or("unknown")
+            .to_string();
+        Err(ComputeError::TaskFailed {
+            task: id.to_string(),
+            exception,
+        })
+    }
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "connection failed".into()
+    } else {
+        e.to_string()
+    }
+}
+
+/// A random (version 4) uuid.
+pub fn uuid() -> String {
+    let h = format!("{:032x}", fastrand::u128(..));
+    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+}

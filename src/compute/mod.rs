@@ -1,0 +1,9 @@
+//! Globus Compute: the client (token, submit, coalesced polling, rate limit), the byte formats,
+//! and the cluster lifecycle that turns status reports into instances and scale actions into
+//! start and stop tasks. Used only for what needs it: cold models, starting and stopping
+//! instances, and status. Hot models are proxied directly.
+
+mod client;
+pub mod serialize;
+
+pub use client::{uuid, ComputeClient, ComputeError, EndpointStatus};
