@@ -5,10 +5,11 @@
 use crate::admin::AdminApp;
 use crate::auth::Authenticator;
 use crate::catalog::{BackendMonitor, Catalog};
+use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::policy::{PolicyStore, PolicyWatcher, ScaleRunner};
-use crate::proxy::Gateway;
+use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
+use crate::proxy::{ColdPath, Gateway};
 use anyhow::Context;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -45,11 +46,35 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
     }
     let metrics = Arc::new(Metrics::new());
     let policies = Arc::new(PolicyStore::load(&config.policies)?);
+    let compute = match &config.compute {
+        Some(c) => {
+            let secret = std::env::var(&c.client_secret_env).with_context(|| {
+                format!(
+                    "compute.client_secret_env: the environment variable {} is not set; export \
+                     the service account's secret in it",
+                    c.client_secret_env
+                )
+            })?;
+            Some(Arc::new(ComputeClient::new(c, secret).context("compute")?))
+        }
+        None => None,
+    };
+    let scale_wake = Arc::new(tokio::sync::Notify::new());
+    let cold = compute
+        .as_ref()
+        .zip(config.compute.as_ref())
+        .map(|(client, c)| ColdPath {
+            client: client.clone(),
+            wait: c.wait,
+            keepalive: c.keepalive,
+        });
     let gateway = Gateway::new(
         catalog.clone(),
         auth,
         metrics.clone(),
         policies.clone(),
+        cold,
+        scale_wake.clone(),
         config.limits.max_body_bytes,
     );
     let mut proxy =
@@ -80,10 +105,30 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
             config.policies.watch_interval,
         ),
     );
+    let actuator: Option<Arc<dyn ScaleActuator>> = compute
+        .as_ref()
+        .map(|c| Arc::new(ScaleExecutor::new(c.clone())) as Arc<dyn ScaleActuator>);
     let scaler = background_service(
         "scale policy",
-        ScaleRunner::new(catalog, policies, metrics, config.policies.scale_interval),
+        ScaleRunner::new(
+            catalog.clone(),
+            policies,
+            metrics.clone(),
+            config.policies.scale_interval,
+            actuator,
+            scale_wake,
+        ),
     );
+    if let Some(client) = compute {
+        server.add_service(background_service(
+            "compute tasks",
+            TaskPoller(client.clone()),
+        ));
+        server.add_service(background_service(
+            "cluster lifecycle",
+            ClusterLifecycle::new(catalog, client, metrics),
+        ));
+    }
 
     server.add_service(proxy);
     server.add_service(admin);

@@ -54,6 +54,7 @@ async fn globus() -> GlobusSim {
             wrong_aud,
             expired,
         ],
+        ..Seed::default()
     };
     GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
         .await

@@ -2,6 +2,7 @@
 //! `list-endpoints` and `/{cluster}/models`.
 
 use crate::catalog::{normalize_model_name, Catalog, Deployment};
+use crate::policy::state_of;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -43,9 +44,20 @@ pub fn list_endpoints(catalog: &Catalog, visible: impl Fn(&Deployment) -> bool) 
                 .iter()
                 .map(|e| format!("/v1/{}", e.path()))
                 .collect();
+            let states: Map<String, Value> = fw
+                .deployments
+                .iter()
+                .filter(|d| visible(d))
+                .map(|d| {
+                    (
+                        d.model.clone(),
+                        json!(state_of(d, d.pool.has_healthy()).as_str()),
+                    )
+                })
+                .collect();
             frameworks.insert(
                 fw_name.clone(),
-                json!({"models": models, "endpoints": endpoints}),
+                json!({"models": models, "endpoints": endpoints, "model_states": states}),
             );
         }
         if frameworks.is_empty() {
@@ -89,4 +101,63 @@ pub fn cluster_models(
         return None;
     }
     Some(Bytes::from(Value::Array(list).to_string()))
+}
+
+/// `GET /resource_server/{cluster}/jobs` (FIRST's `JobsByStatus`): the cluster's last status
+/// report with the jobs of models the caller may not see removed; for a cluster without a
+/// lifecycle, its configured instances. `None` when the cluster does not exist.
+pub fn jobs(
+    catalog: &Catalog,
+    cluster: &str,
+    visible: impl Fn(&Deployment) -> bool,
+) -> Option<Bytes> {
+    let entry = catalog.cluster(cluster)?;
+    let deployments: Vec<&std::sync::Arc<Deployment>> = entry
+        .frameworks
+        .values()
+        .flat_map(|f| f.deployments.iter())
+        .collect();
+    let report = entry.jobs.load();
+    let mut out = if report.is_null() {
+        let mut running = Vec::new();
+        let mut others = Vec::new();
+        for d in deployments.iter().filter(|d| visible(d)) {
+            for (i, serving) in d.pool.instances() {
+                let job = json!({"Models": d.model, "Framework": d.framework, "Cluster": cluster,
+                    "Model Status": if serving { "running" } else { "stopped" },
+                    "Job ID": "", "Host Name": i.id(), "Job State": if serving { "R" } else { "" }});
+                if serving {
+                    running.push(job)
+                } else {
+                    others.push(job)
+                }
+            }
+        }
+        json!({"running": running, "starting": [], "queued": [], "others": others,
+               "private-batch-running": [], "private-batch-queued": []})
+    } else {
+        (**report).clone()
+    };
+    // Only jobs of models the caller may see.
+    let allowed: Vec<String> = deployments
+        .iter()
+        .filter(|d| visible(d))
+        .map(|d| normalize_model_name(&d.backend_model))
+        .collect();
+    if let Some(obj) = out.as_object_mut() {
+        for (key, list) in obj.iter_mut() {
+            if key == "cluster_status" {
+                continue;
+            }
+            if let Some(jobs) = list.as_array_mut() {
+                jobs.retain(|j| {
+                    j["Models"].as_str().is_some_and(|m| {
+                        m.split(',')
+                            .any(|m| allowed.contains(&normalize_model_name(m.trim())))
+                    })
+                });
+            }
+        }
+    }
+    Some(Bytes::from(out.to_string()))
 }

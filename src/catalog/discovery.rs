@@ -52,7 +52,11 @@ impl ResolvingDiscovery {
 #[async_trait]
 impl ServiceDiscovery for ResolvingDiscovery {
     async fn discover(&self) -> pingora::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
-        let dynamic = self.dynamic.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let dynamic = self
+            .dynamic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut resolved = Vec::with_capacity(self.addrs.len() + dynamic.len());
         for (addr, is_static) in self
             .addrs

@@ -13,8 +13,8 @@ pub use monitor::BackendMonitor;
 pub use pool::{BackendPool, Instance, InstanceGuard, PoolError, UpstreamSettings};
 
 use crate::config::{AccessList, BackendAddr, Config, Endpoint};
-use std::collections::{BTreeMap, HashMap};
 use arc_swap::ArcSwap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 

@@ -352,7 +352,7 @@ impl BackendPool {
         let instance = backend.ext.get::<Arc<Instance>>()?;
         (instance.serves(backends.ready(backend))
             && instance.try_reserve(self.settings.max_concurrent))
-            .then(|| InstanceGuard::new(instance.clone()))
+        .then(|| InstanceGuard::new(instance.clone()))
     }
 
     /// Like [`Self::try_acquire`], but when every healthy instance is full, waits up to the

@@ -12,12 +12,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
-const COMPUTE_SCOPE: &str = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all";
+const COMPUTE_SCOPE: &str =
+    "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all";
 const JSON_RESULTS: &str = "globus_compute_sdk.serialize.concretes.JSONData";
 /// The service's limit: 20 requests per 10 s per client.
 const RATE_LIMIT: (usize, Duration) = (20, Duration::from_secs(10));
 const STATUS_TTL: Duration = Duration::from_secs(60);
 const STATUS_ERROR_TTL: Duration = Duration::from_secs(10);
+/// How long submissions are gathered into one call.
+const SUBMIT_GATHER: Duration = Duration::from_millis(20);
 
 /// A failed Compute call. Texts never contain tokens or secrets.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -44,6 +47,23 @@ pub struct EndpointStatus {
     pub managers: u64,
 }
 
+struct StatusExpiry;
+
+impl moka::Expiry<String, Result<EndpointStatus, ComputeError>> for StatusExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &Result<EndpointStatus, ComputeError>,
+        _now: Instant,
+    ) -> Option<Duration> {
+        Some(if value.is_ok() {
+            STATUS_TTL
+        } else {
+            STATUS_ERROR_TTL
+        })
+    }
+}
+
 type Waiters = HashMap<String, Vec<oneshot::Sender<Result<Value, ComputeError>>>>;
 
 pub struct ComputeClient {
@@ -61,7 +81,19 @@ pub struct ComputeClient {
     waiting: Mutex<Waiters>,
     /// Wakes the poller when a task is added.
     wake: Notify,
-    statuses: Mutex<HashMap<String, (Instant, Result<EndpointStatus, ComputeError>)>>,
+    /// Endpoint statuses: one call however many requests ask at once.
+    statuses: moka::future::Cache<String, Result<EndpointStatus, ComputeError>>,
+    /// Submissions waiting to be sent.
+    submissions: Mutex<Vec<Submission>>,
+    wake_submitter: Notify,
+}
+
+/// One task to submit, and where its id goes.
+struct Submission {
+    endpoint: String,
+    function: String,
+    payload: String,
+    reply: oneshot::Sender<Result<String, ComputeError>>,
 }
 
 impl ComputeClient {
@@ -80,7 +112,12 @@ impl ComputeClient {
             calls: Mutex::new(VecDeque::new()),
             waiting: Mutex::new(HashMap::new()),
             wake: Notify::new(),
-            statuses: Mutex::new(HashMap::new()),
+            statuses: moka::future::Cache::builder()
+                .max_capacity(1024)
+                .expire_after(StatusExpiry)
+                .build(),
+            submissions: Mutex::new(Vec::new()),
+            wake_submitter: Notify::new(),
         })
     }
 
@@ -90,7 +127,10 @@ impl ComputeClient {
             let wait = {
                 let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
-                while calls.front().is_some_and(|t| now.duration_since(*t) >= RATE_LIMIT.1) {
+                while calls
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= RATE_LIMIT.1)
+                {
                     calls.pop_front();
                 }
                 if calls.len() < RATE_LIMIT.0 {
@@ -114,7 +154,10 @@ impl ComputeClient {
             .http
             .post(format!("{}/v2/oauth2/token", self.auth_url))
             .basic_auth(&self.client_id, Some(&self.client_secret))
-            .form(&[("grant_type", "client_credentials"), ("scope", COMPUTE_SCOPE)])
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", COMPUTE_SCOPE),
+            ])
             .send()
             .await
             .map_err(|e| ComputeError::Unreachable(format!("Globus Auth: {}", describe(&e))))?;
@@ -139,7 +182,12 @@ impl ComputeClient {
     }
 
     /// One call to the service, with the token fetched again once on a 401.
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, ComputeError> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ComputeError> {
         for attempt in 0..2 {
             self.rate_limit().await;
             let token = self.token().await?;
@@ -166,7 +214,12 @@ impl ComputeClient {
             if !(200..300).contains(&status) {
                 let message = serde_json::from_str::<Value>(&text)
                     .ok()
-                    .and_then(|v| v["message"].as_str().or(v["error"].as_str()).map(str::to_owned))
+                    .and_then(|v| {
+                        v["message"]
+                            .as_str()
+                            .or(v["error"].as_str())
+                            .map(str::to_owned)
+                    })
                     .unwrap_or_else(|| text.chars().take(200).collect());
                 return Err(ComputeError::Refused { status, message });
             }
@@ -178,38 +231,101 @@ impl ComputeClient {
 
     /// The endpoint's status, cached 60 s (errors 10 s) as FIRST does.
     pub async fn endpoint_status(&self, endpoint: &str) -> Result<EndpointStatus, ComputeError> {
-        if let Some((at, cached)) = self.statuses.lock().unwrap_or_else(|e| e.into_inner()).get(endpoint) {
-            let ttl = if cached.is_ok() { STATUS_TTL } else { STATUS_ERROR_TTL };
-            if at.elapsed() < ttl {
-                return cached.clone();
-            }
-        }
-        let result = self
-            .call(reqwest::Method::GET, &format!("/v2/endpoints/{endpoint}/status"), None)
-            .await
-            .map(|v| EndpointStatus {
-                online: v["status"].as_str() == Some("online"),
-                managers: v["details"]["managers"].as_u64().unwrap_or(0),
-            });
         self.statuses
+            .get_with(endpoint.to_string(), async {
+                self.call(
+                    reqwest::Method::GET,
+                    &format!("/v2/endpoints/{endpoint}/status"),
+                    None,
+                )
+                .await
+                .map(|v| EndpointStatus {
+                    online: v["status"].as_str() == Some("online"),
+                    managers: v["details"]["managers"].as_u64().unwrap_or(0),
+                })
+            })
+            .await
+    }
+
+    /// Submits `function(*args)` on `endpoint`; returns the task id. Submissions made close
+    /// together are sent in one call per endpoint (as the Compute SDK batches them).
+    pub async fn submit(
+        &self,
+        endpoint: &str,
+        function: &str,
+        args: &[Value],
+    ) -> Result<String, ComputeError> {
+        let (tx, rx) = oneshot::channel();
+        self.submissions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(endpoint.to_string(), (Instant::now(), result.clone()));
-        result
+            .push(Submission {
+                endpoint: endpoint.to_string(),
+                function: function.to_string(),
+                payload: task_payload(args),
+                reply: tx,
+            });
+        self.wake_submitter.notify_one();
+        rx.await.unwrap_or_else(|_| {
+            Err(ComputeError::Unreachable(
+                "the task submitter stopped".into(),
+            ))
+        })
     }
 
-    /// Forgets a cached endpoint status (after a task showed it changed).
-    pub fn forget_status(&self, endpoint: &str) {
-        self.statuses.lock().unwrap_or_else(|e| e.into_inner()).remove(endpoint);
+    /// Sends every queued submission: one call per endpoint, tasks in order per function.
+    pub async fn submit_queued(&self) {
+        let queued =
+            std::mem::take(&mut *self.submissions.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut by_endpoint: Vec<(String, Vec<Submission>)> = Vec::new();
+        for s in queued {
+            match by_endpoint.iter_mut().find(|(e, _)| *e == s.endpoint) {
+                Some((_, list)) => list.push(s),
+                None => by_endpoint.push((s.endpoint.clone(), vec![s])),
+            }
+        }
+        for (endpoint, batch) in by_endpoint {
+            let mut tasks: serde_json::Map<String, Value> = serde_json::Map::new();
+            for s in &batch {
+                let list = tasks.entry(s.function.clone()).or_insert_with(|| json!([]));
+                list.as_array_mut().expect("a list").push(json!(s.payload));
+            }
+            let result = self
+                .submit_batch(&endpoint, Value::Object(tasks), batch.len())
+                .await;
+            // Task ids come back in submission order per function.
+            let mut next: HashMap<String, usize> = HashMap::new();
+            for s in batch {
+                let i = next.entry(s.function.clone()).or_default();
+                let outcome = match &result {
+                    Ok(v) => v["tasks"][&s.function][*i]
+                        .as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| {
+                            ComputeError::Unreachable(
+                                "the submit answer lists too few tasks".into(),
+                            )
+                        }),
+                    Err(e) => Err(e.clone()),
+                };
+                *i += 1;
+                let _ = s.reply.send(outcome);
+            }
+        }
     }
 
-    /// Submits `function(*args)` on `endpoint`; returns the task id. After a failure with an
-    /// unknown outcome the task group is checked before submitting again, never blindly.
-    pub async fn submit(&self, endpoint: &str, function: &str, args: &[Value]) -> Result<String, ComputeError> {
+    /// One `POST /v3/endpoints/{ep}/submit`. When the call's outcome is unknown (no answer),
+    /// the task group tells whether it landed: submitted again only if it did not.
+    async fn submit_batch(
+        &self,
+        endpoint: &str,
+        tasks: Value,
+        count: usize,
+    ) -> Result<Value, ComputeError> {
         let group = uuid();
         let body = json!({
             "create_queue": false,
-            "tasks": {function: [task_payload(args)]},
+            "tasks": tasks,
             "task_group_id": group,
             "user_runtime": {"globus_compute_sdk_version": "3.6.0", "globus_sdk_version": "3.54.0",
                              "python_version": "3.11.9"},
@@ -217,19 +333,36 @@ impl ComputeClient {
         });
         let path = format!("/v3/endpoints/{endpoint}/submit");
         match self.call(reqwest::Method::POST, &path, Some(&body)).await {
-            Ok(v) => first_task(&v, function),
             Err(ComputeError::Unreachable(why)) => {
-                // The submission may have landed: look before trying again.
-                log::warn!("submit to {endpoint} had no answer ({why}); checking task group {group}");
-                if let Ok(g) = self.call(reqwest::Method::GET, &format!("/v2/taskgroup/{group}"), None).await {
-                    if let Some(id) = g["tasks"][0]["id"].as_str() {
-                        return Ok(id.to_string());
-                    }
+                log::warn!(
+                    "submit to {endpoint} had no answer ({why}); checking task group {group}"
+                );
+                let landed = self
+                    .call(
+                        reqwest::Method::GET,
+                        &format!("/v2/taskgroup/{group}"),
+                        None,
+                    )
+                    .await?;
+                let created = landed["tasks"].as_array().map_or(0, Vec::len);
+                if created == 0 {
+                    return self.call(reqwest::Method::POST, &path, Some(&body)).await;
                 }
-                let v = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
-                first_task(&v, function)
+                // The tasks exist but their order is unknown: do not guess, do not duplicate.
+                Err(ComputeError::Unreachable(format!(
+                    "submission outcome unclear ({created} of {count} tasks in group {group}); not resubmitted"
+                )))
             }
-            Err(e) => Err(e),
+            other => other,
+        }
+    }
+
+    /// Sends queued submissions as they come, gathering those made within a few milliseconds.
+    pub async fn submit_forever(&self) {
+        loop {
+            self.wake_submitter.notified().await;
+            tokio::time::sleep(SUBMIT_GATHER).await;
+            self.submit_queued().await;
         }
     }
 
@@ -254,7 +387,13 @@ impl ComputeClient {
     }
 
     /// Submits and waits.
-    pub async fn run(&self, endpoint: &str, function: &str, args: &[Value], limit: Duration) -> Result<Value, ComputeError> {
+    pub async fn run(
+        &self,
+        endpoint: &str,
+        function: &str,
+        args: &[Value],
+        limit: Duration,
+    ) -> Result<Value, ComputeError> {
         let task = self.submit(endpoint, function, args).await?;
         self.wait(&task, limit).await
     }
@@ -287,18 +426,29 @@ impl ComputeClient {
             return Ok(());
         }
         let v = self
-            .call(reqwest::Method::POST, "/v2/batch_status", Some(&json!({"task_ids": ids})))
+            .call(
+                reqwest::Method::POST,
+                "/v2/batch_status",
+                Some(&json!({"task_ids": ids})),
+            )
             .await?;
         let Some(results) = v["results"].as_object() else {
             return Ok(());
         };
         for (id, doc) in results {
-            let status = doc["status"].as_str().unwrap_or_default().to_ascii_lowercase();
+            let status = doc["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
             if status != "success" && status != "failed" {
                 continue;
             }
             let outcome = task_outcome(id, doc);
-            let senders = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+            let senders = self
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
             for s in senders.into_iter().flatten() {
                 let _ = s.send(outcome.clone());
             }
@@ -320,16 +470,12 @@ impl ComputeClient {
     }
 }
 
-fn first_task(v: &Value, function: &str) -> Result<String, ComputeError> {
-    v["tasks"][function][0]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| ComputeError::Unreachable("the submit answer lists no task".into()))
-}
-
 /// A finished task document as a result or an error.
 fn task_outcome(id: &str, doc: &Value) -> Result<Value, ComputeError> {
-    if doc["status"].as_str().is_some_and(|s| s.eq_ignore_ascii_case("success")) {
+    if doc["status"]
+        .as_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("success"))
+    {
         let raw = doc["result"].as_str().unwrap_or_default();
         decode_result(raw).map_err(|e| ComputeError::Undecodable {
             task: id.to_string(),
@@ -361,5 +507,12 @@ fn describe(e: &reqwest::Error) -> String {
 /// A random (version 4) uuid.
 pub fn uuid() -> String {
     let h = format!("{:032x}", fastrand::u128(..));
-    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
 }

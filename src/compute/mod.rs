@@ -4,6 +4,8 @@
 //! instances, and status. Hot models are proxied directly.
 
 mod client;
+mod lifecycle;
 pub mod serialize;
 
 pub use client::{uuid, ComputeClient, ComputeError, EndpointStatus};
+pub use lifecycle::{ClusterLifecycle, ScaleExecutor, TaskPoller};

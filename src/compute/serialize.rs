@@ -14,14 +14,20 @@ use std::io;
 pub fn python_json(value: &Value) -> String {
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
-    value.serialize(&mut ser).expect("serializing a Value cannot fail");
+    value
+        .serialize(&mut ser)
+        .expect("serializing a Value cannot fail");
     String::from_utf8(out).expect("ASCII output")
 }
 
 struct PythonFormatter;
 
 impl Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -29,7 +35,11 @@ impl Formatter for PythonFormatter {
         }
     }
 
-    fn begin_object_key<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -41,7 +51,11 @@ impl Formatter for PythonFormatter {
         w.write_all(b": ")
     }
 
-    fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
         for c in fragment.chars() {
             if c.is_ascii() {
                 w.write_all(&[c as u8])?;
@@ -68,18 +82,17 @@ pub fn pack(buffers: &[String]) -> String {
 pub fn unpack(mut packed: &str) -> Result<Vec<&str>, DecodeError> {
     let mut out = Vec::new();
     while !packed.is_empty() {
-        let (len, rest) = packed
-            .split_once('\n')
-            .ok_or(DecodeError::Malformed("a packed buffer without a length line"))?;
+        let (len, rest) = packed.split_once('\n').ok_or(DecodeError::Malformed(
+            "a packed buffer without a length line",
+        ))?;
         let len: usize = len
             .parse()
             .map_err(|_| DecodeError::Malformed("a packed buffer length that is not a number"))?;
-        let end = rest
-            .char_indices()
-            .nth(len)
-            .map_or(rest.len(), |(i, _)| i);
+        let end = rest.char_indices().nth(len).map_or(rest.len(), |(i, _)| i);
         if rest[..end].chars().count() != len {
-            return Err(DecodeError::Malformed("a packed buffer shorter than its length"));
+            return Err(DecodeError::Malformed(
+                "a packed buffer shorter than its length",
+            ));
         }
         out.push(&rest[..end]);
         packed = &rest[end..];
@@ -119,7 +132,9 @@ pub fn decode_result(result: &str) -> Result<Value, DecodeError> {
             }
             match parts.first() {
                 Some(first) => decode_result(first),
-                None => Err(DecodeError::Malformed("no buffer in an all-strategies result")),
+                None => Err(DecodeError::Malformed(
+                    "no buffer in an all-strategies result",
+                )),
             }
         }
         "00\n" => {
@@ -146,7 +161,11 @@ fn pickle_to_json(v: serde_pickle::Value) -> Result<Value, DecodeError> {
             H::Bool(b) => b.to_string(),
             H::F64(f) => f.to_string(),
             H::None => "null".into(),
-            _ => return Err(DecodeError::Invalid("a pickled dict key that JSON cannot hold".into())),
+            _ => {
+                return Err(DecodeError::Invalid(
+                    "a pickled dict key that JSON cannot hold".into(),
+                ))
+            }
         })
     }
     Ok(match v {
@@ -156,13 +175,21 @@ fn pickle_to_json(v: serde_pickle::Value) -> Result<Value, DecodeError> {
         P::F64(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
         P::String(s) => Value::String(s),
         P::Bytes(b) => Value::String(String::from_utf8_lossy(&b).into_owned()),
-        P::List(l) | P::Tuple(l) => Value::Array(l.into_iter().map(pickle_to_json).collect::<Result<_, _>>()?),
+        P::List(l) | P::Tuple(l) => Value::Array(
+            l.into_iter()
+                .map(pickle_to_json)
+                .collect::<Result<_, _>>()?,
+        ),
         P::Dict(d) => Value::Object(
             d.into_iter()
                 .map(|(k, v)| Ok((key(k)?, pickle_to_json(v)?)))
                 .collect::<Result<_, DecodeError>>()?,
         ),
-        _ => return Err(DecodeError::Invalid("a pickled value that is not plain data".into())),
+        _ => {
+            return Err(DecodeError::Invalid(
+                "a pickled value that is not plain data".into(),
+            ))
+        }
     })
 }
 
@@ -190,14 +217,18 @@ mod tests {
 
     #[test]
     fn non_ascii_is_escaped_like_python() {
-        assert_eq!(python_json(&json!({"t": "ü😀"})), r#"{"t": "\u00fc\ud83d\ude00"}"#);
+        assert_eq!(
+            python_json(&json!({"t": "ü😀"})),
+            r#"{"t": "\u00fc\ud83d\ude00"}"#
+        );
         let packed = pack(&["11\n\"\u{fc}\"".to_string()]);
         assert_eq!(unpack(&packed).unwrap(), ["11\n\"\u{fc}\""]);
     }
 
     #[test]
     fn every_result_header_decodes() {
-        let inner = r#"{"id": "x", "choices": [{"message": {"role": "assistant", "content": "Hello"}}]}"#;
+        let inner =
+            r#"{"id": "x", "choices": [{"message": {"role": "assistant", "content": "Hello"}}]}"#;
         let as_string = format!("11\n{}", serde_json::to_string(inner).unwrap());
         let v = unwrap_json_string(decode_result(&as_string).unwrap());
         assert_eq!(v["choices"][0]["message"]["content"], "Hello");
@@ -206,15 +237,30 @@ mod tests {
         assert_eq!(decode_result(&all).unwrap(), json!([1, 2]));
         // The reference's pickles: "hello" and {"a": 1}, protocol 4, as dill writes them.
         let b64 = |hexs: &str| {
-            let bytes: Vec<u8> = (0..hexs.len()).step_by(2).map(|i| u8::from_str_radix(&hexs[i..i + 2], 16).unwrap()).collect();
-            format!("00\n{}\n", base64::engine::general_purpose::STANDARD.encode(bytes))
+            let bytes: Vec<u8> = (0..hexs.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hexs[i..i + 2], 16).unwrap())
+                .collect();
+            format!(
+                "00\n{}\n",
+                base64::engine::general_purpose::STANDARD.encode(bytes)
+            )
         };
-        assert_eq!(decode_result(&b64("80049509000000000000008c0568656c6c6f942e")).unwrap(), json!("hello"));
-        assert_eq!(decode_result(&b64("8004950a000000000000007d948c0161944b01732e")).unwrap(), json!({"a": 1}));
+        assert_eq!(
+            decode_result(&b64("80049509000000000000008c0568656c6c6f942e")).unwrap(),
+            json!("hello")
+        );
+        assert_eq!(
+            decode_result(&b64("8004950a000000000000007d948c0161944b01732e")).unwrap(),
+            json!({"a": 1})
+        );
         let reference = "00\ngASVVAAAAAAAAACMUHsiaWQiOiAieCIsICJjaG9pY2VzIjogW3sibWVzc2FnZSI6IHsicm9sZSI6\nICJhc3Npc3RhbnQiLCAiY29udGVudCI6ICJIZWxsbyJ9fV19lC4=\n";
         let v = unwrap_json_string(decode_result(reference).unwrap());
         assert_eq!(v["choices"][0]["message"]["content"], "Hello");
-        assert!(matches!(decode_result("01\nabc"), Err(DecodeError::UnknownHeader(_))));
+        assert!(matches!(
+            decode_result("01\nabc"),
+            Err(DecodeError::UnknownHeader(_))
+        ));
         assert!(decode_result("11").is_err());
     }
 }

@@ -12,7 +12,7 @@ mod view;
 
 pub use scale::{ScaleAction, ScaleInput, ScaleInstance};
 pub use script::{PolicyError, Script, ROUTE, SCALE};
-pub use service::{candidates_of, PolicyWatcher, ScaleRunner};
+pub use service::{candidates_of, state_of, PolicyWatcher, ScaleActuator, ScaleRunner};
 pub use view::{
     Candidate, Candidates, Decision, DeploymentState, InstanceView, RouteRequest, UserView,
 };

@@ -5,7 +5,7 @@
 use super::scale::{ScaleInput, ScaleInstance};
 use super::view::{Candidate, Candidates, DeploymentState, InstanceView};
 use super::{Hook, PolicyStore, Reload};
-use crate::catalog::{Catalog, Deployment};
+use crate::catalog::{Catalog, Deployment, JobInfo, JobState};
 use crate::metrics::Metrics;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -22,35 +22,63 @@ pub fn candidates_of(deployments: &[Arc<Deployment>]) -> Candidates {
             .iter()
             .enumerate()
             .map(|(index, d)| {
+                let live = d.live.load();
                 let instances: Vec<InstanceView> = d
                     .pool
                     .instances()
                     .into_iter()
-                    .map(|(i, healthy)| InstanceView {
-                        id: i.id(),
-                        healthy,
-                        in_flight: i.in_flight() as i64,
-                        latency_ms: i.recent_latency().map_or(0, |l| l.as_millis() as i64),
-                        ends_in: None,
-                        socket: Some(i.socket),
+                    .map(|(i, healthy)| {
+                        let id = i.id();
+                        let ends_in = live
+                            .jobs
+                            .iter()
+                            .find(|j| j.host.as_deref() == Some(id.as_str()))
+                            .and_then(JobInfo::ends_in);
+                        InstanceView {
+                            healthy,
+                            in_flight: i.in_flight() as i64,
+                            latency_ms: i.recent_latency().map_or(0, |l| l.as_millis() as i64),
+                            ends_in,
+                            socket: Some(i.socket),
+                            id,
+                        }
                     })
                     .collect();
-                let state = if instances.iter().any(|i| i.healthy) {
-                    DeploymentState::Hot
-                } else {
-                    DeploymentState::Offline
-                };
+                let compute = d.compute.is_some() && live.endpoint_online != Some(false);
+                let state = state_of(d, instances.iter().any(|i| i.healthy));
                 Arc::new(Candidate {
                     cluster: d.cluster.clone(),
                     framework: d.framework.clone(),
                     state,
                     instances,
-                    compute: false,
+                    compute,
                     index,
                 })
             })
             .collect(),
     )
+}
+
+/// A deployment's state: hot with an instance taking requests; else starting or queued from
+/// its jobs; else cold if it can run through Compute or be started; else offline.
+pub fn state_of(d: &Deployment, serving: bool) -> DeploymentState {
+    let live = d.live.load();
+    let has = |s: JobState| live.jobs.iter().any(|j| j.state == s);
+    if serving {
+        DeploymentState::Hot
+    } else if has(JobState::Starting) || has(JobState::Running) {
+        DeploymentState::Starting
+    } else if has(JobState::Queued) {
+        DeploymentState::Queued
+    } else if (d.compute.is_some() && live.endpoint_online != Some(false))
+        || d.lifecycle
+            .as_ref()
+            .is_some_and(|l| l.start_function.is_some())
+    {
+        DeploymentState::Cold
+    } else {
+        DeploymentState::Offline
+    }
 }
 
 /// Reloads the policies when their files change (checked every `interval`) or on SIGHUP.
@@ -131,13 +159,26 @@ impl BackgroundService for PolicyWatcher {
     }
 }
 
-/// Asks the scale policy about every model each interval. Until the cold path exists the
-/// actions are logged and counted, not carried out.
+/// Carries out scale actions (the cluster lifecycle implements it).
+pub trait ScaleActuator: Send + Sync {
+    /// Starts `count` instances of `d`.
+    fn start(&self, d: &Arc<Deployment>, count: u32);
+    /// Stops the instance `instance` (`host:port`) of `d`.
+    fn stop(&self, d: &Arc<Deployment>, instance: &str);
+    /// Instances of `d` requested and not reported yet.
+    fn pending_starts(&self, d: &Arc<Deployment>) -> usize;
+}
+
+/// Asks the scale policy about every model each interval (and soon after a request found no
+/// hot instance), and hands its actions to the actuator; without one they are only logged.
 pub struct ScaleRunner {
     catalog: Arc<Catalog>,
     store: Arc<PolicyStore>,
     metrics: Arc<Metrics>,
     interval: Duration,
+    actuator: Option<Arc<dyn ScaleActuator>>,
+    /// Wakes the runner early (a request found no hot instance).
+    pub wake: Arc<tokio::sync::Notify>,
     previous: Mutex<DemandSnapshot>,
 }
 
@@ -151,12 +192,16 @@ impl ScaleRunner {
         store: Arc<PolicyStore>,
         metrics: Arc<Metrics>,
         interval: Duration,
+        actuator: Option<Arc<dyn ScaleActuator>>,
+        wake: Arc<tokio::sync::Notify>,
     ) -> Self {
         ScaleRunner {
             catalog,
             store,
             metrics,
             interval,
+            actuator,
+            wake,
             previous: Mutex::new((Instant::now(), HashMap::new())),
         }
     }
@@ -180,7 +225,7 @@ impl ScaleRunner {
                     min_instances: i64::from(d.scaling.min_instances),
                     max_instances: i64::from(d.scaling.max_instances),
                     keep_hot: d.scaling.keep_hot.as_secs() as i64,
-                idle_release: d.scaling.idle_release.as_secs() as i64,
+                    idle_release: d.scaling.idle_release.as_secs() as i64,
                     ..ScaleInput::default()
                 });
             if !input.clusters.contains(&d.cluster) {
@@ -189,14 +234,32 @@ impl ScaleRunner {
             input.requests_per_minute += (requests - r0) as f64 / minutes;
             input.tokens_per_minute += (bytes - b0) as f64 / 4.0 / minutes;
             input.waiting += d.demand.waiting.load(Ordering::Relaxed);
+            let live = d.live.load();
+            let starting = live
+                .jobs
+                .iter()
+                .filter(|j| j.state != JobState::Running)
+                .count()
+                + self.actuator.as_ref().map_or(0, |a| a.pending_starts(d));
+            input.starting += starting as i64;
             for (i, healthy) in d.pool.instances() {
                 input.in_flight += i.in_flight() as i64;
+                // Draining instances are on their way out: the policy may replace them.
+                if i.is_draining() {
+                    continue;
+                }
+                let id = i.id();
+                let ends_in = live
+                    .jobs
+                    .iter()
+                    .find(|j| j.host.as_deref() == Some(id.as_str()))
+                    .and_then(JobInfo::ends_in);
                 input.instances.push(ScaleInstance {
-                    id: i.id(),
+                    id,
                     cluster: d.cluster.clone(),
                     age: i.age().as_secs() as i64,
                     idle: i.idle().as_secs() as i64,
-                    ends_in: None,
+                    ends_in,
                     healthy,
                 });
             }
@@ -215,19 +278,7 @@ impl ScaleRunner {
             match script.scale(input) {
                 Ok(actions) => {
                     for action in actions {
-                        let (kind, what) = match &action {
-                            super::ScaleAction::Start { cluster, count } => {
-                                ("start", format!("start {count} on {cluster}"))
-                            }
-                            super::ScaleAction::Stop { instance } => {
-                                ("stop", format!("stop {instance}"))
-                            }
-                        };
-                        log::info!("scale policy for {model}: {what} (not carried out: no cold path configured)");
-                        self.metrics
-                            .scale_actions
-                            .with_label_values(&[&model, kind])
-                            .inc();
+                        self.carry_out(&model, &action);
                     }
                 }
                 Err(e) => {
@@ -244,6 +295,46 @@ impl ScaleRunner {
             .with_label_values(&["scale"])
             .inc();
     }
+
+    fn carry_out(&self, model: &str, action: &super::ScaleAction) {
+        let kind = match action {
+            super::ScaleAction::Start { .. } => "start",
+            super::ScaleAction::Stop { .. } => "stop",
+        };
+        self.metrics
+            .scale_actions
+            .with_label_values(&[model, kind])
+            .inc();
+        let Some(actuator) = &self.actuator else {
+            log::info!("scale policy for {model}: {action:?} (not carried out: no Globus Compute configured)");
+            return;
+        };
+        let of_model = || self.catalog.deployments().filter(move |d| d.model == model);
+        match action {
+            super::ScaleAction::Start { cluster, count } => {
+                match of_model().find(|d| &d.cluster == cluster) {
+                    Some(d) => {
+                        log::info!("scale policy: start {count} of {model} on {cluster}");
+                        actuator.start(d, *count);
+                    }
+                    None => log::warn!(
+                        "scale policy asked to start {model} on {cluster}, which does not serve it"
+                    ),
+                }
+            }
+            super::ScaleAction::Stop { instance } => {
+                let owner = of_model()
+                    .find(|d| d.pool.instances().iter().any(|(i, _)| i.id() == *instance));
+                match owner {
+                    Some(d) => {
+                        log::info!("scale policy: stop {instance} of {model}");
+                        actuator.stop(d, instance);
+                    }
+                    None => log::warn!("scale policy asked to stop {instance}, which is not an instance of {model}"),
+                }
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -255,8 +346,10 @@ impl BackgroundService for ScaleRunner {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tick.tick() => self.run(),
+                _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
             }
+            self.run();
         }
     }
 }

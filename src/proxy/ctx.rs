@@ -36,6 +36,8 @@ pub struct RequestCtx {
     pub first_byte: Option<Instant>,
     /// The in-flight gauge was raised for this request.
     pub counted_in_flight: bool,
+    /// The cold path already wrote the response.
+    pub answered: bool,
 }
 
 impl RequestCtx {
@@ -56,6 +58,7 @@ impl RequestCtx {
             failure: None,
             first_byte: None,
             counted_in_flight: false,
+            answered: false,
         }
     }
 

@@ -89,14 +89,14 @@ pub fn policy_index(index: usize) -> ApiError {
     )
 }
 
-/// The policy chose the Globus Compute path, which this gateway does not offer yet.
+/// The policy chose Globus Compute for a deployment that has no compute fallback.
 pub fn compute_unavailable(d: &Deployment) -> ApiError {
     ApiError::new(
         503,
         "compute_unavailable",
         format!(
-            "No instance of '{}' is running on cluster '{}', and starting one through Globus \
-             Compute is not configured on this gateway. Try again later.",
+            "No instance of '{}' is running on cluster '{}', and it cannot run through Globus \
+             Compute on this gateway. Try again later.",
             d.model, d.cluster
         ),
     )

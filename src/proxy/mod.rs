@@ -5,12 +5,14 @@
 //! `policy` (which deployment), `errors` (what the client is told), `admin::listings` (reads).
 
 mod body;
+mod cold;
 mod ctx;
 mod errors;
 mod respond;
 mod routes;
 mod routing;
 
+pub use cold::ColdPath;
 pub use ctx::RequestCtx;
 
 use crate::admin::listings;
@@ -50,6 +52,10 @@ pub struct Gateway {
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
     policies: Arc<PolicyStore>,
+    /// Globus Compute for cold models, if configured.
+    cold: Option<ColdPath>,
+    /// Wakes the scale policy (a request found no hot instance).
+    scale_wake: Arc<tokio::sync::Notify>,
     max_body_bytes: usize,
     /// Unix time of start-up, reported as `created` in model listings.
     started_unix: u64,
@@ -61,6 +67,8 @@ impl Gateway {
         auth: Arc<Authenticator>,
         metrics: Arc<Metrics>,
         policies: Arc<PolicyStore>,
+        cold: Option<ColdPath>,
+        scale_wake: Arc<tokio::sync::Notify>,
         max_body_bytes: usize,
     ) -> Self {
         let started_unix = SystemTime::now()
@@ -71,6 +79,8 @@ impl Gateway {
             auth,
             metrics,
             policies,
+            cold,
+            scale_wake,
             max_body_bytes,
             started_unix,
         }
@@ -116,6 +126,13 @@ impl Gateway {
             Read::ListEndpoints => listings::list_endpoints(&self.catalog, visible),
             Read::Health => Bytes::from_static(br#"{"status":"ok"}"#),
             Read::Whoami => Bytes::from(identity.whoami().to_string()),
+            Read::Jobs { cluster } => {
+                listings::jobs(&self.catalog, cluster, visible).ok_or_else(|| {
+                    errors::lookup(crate::catalog::LookupError::ClusterNotFound {
+                        cluster: cluster.clone(),
+                    })
+                })?
+            }
             Read::ClusterModels { cluster } => {
                 let model_id = query.and_then(|q| {
                     q.split('&')
@@ -159,21 +176,71 @@ impl Gateway {
                 ctx.charge(t);
                 body.map(Some)
             }
-            route => self
-                .prepare_inference(session, ctx, route, &identity)
-                .await
-                .map(|()| None),
+            route => {
+                let cold = self
+                    .prepare_inference(session, ctx, route, &identity)
+                    .await?;
+                match cold {
+                    None => Ok(None),
+                    Some(cold) => self.answer_cold(session, ctx, cold).await.map(|()| None),
+                }
+            }
         }
     }
 
-    /// Reads and checks the body, finds the deployment and reserves an instance.
+    /// Runs the request through Globus Compute and answers it (the response is written here,
+    /// so `ctx.answered` is set).
+    async fn answer_cold(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        req: ColdRequest,
+    ) -> Result<(), ApiError> {
+        let Some(cold_path) = &self.cold else {
+            return Err(errors::compute_unavailable(&req.deployment));
+        };
+        // Counts as waiting demand, and asks the scale policy now rather than at its next run.
+        let _waiting = req.deployment.demand.waiting();
+        self.scale_wake.notify_one();
+        let task = cold::submit(cold_path, &req.deployment, req.endpoint, &req.body).await?;
+        ctx.answered = true;
+        let written = if req.stream {
+            let include_usage = serde_json::from_slice::<serde_json::Value>(&req.body)
+                .is_ok_and(|v| v["stream_options"]["include_usage"] == true);
+            cold::answer_stream(
+                session,
+                cold_path,
+                &req.deployment,
+                &task,
+                req.endpoint,
+                include_usage,
+            )
+            .await
+        } else {
+            match cold::completion(cold_path, &req.deployment, &task).await {
+                Ok(c) => cold::answer_json(session, &task, &c).await,
+                Err(e) => {
+                    ctx.answered = false;
+                    return Err(e);
+                }
+            }
+        };
+        if let Err(e) = written {
+            // The client went away while the task ran.
+            log::debug!("cold answer for task {task} not delivered: {e}");
+        }
+        Ok(())
+    }
+
+    /// Reads and checks the body, finds the deployment and reserves an instance; or, when the
+    /// policy chose Globus Compute, returns what the cold path needs.
     async fn prepare_inference(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         route: Route,
         identity: &Identity,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<ColdRequest>, ApiError> {
         let Route::Inference {
             cluster,
             framework,
@@ -190,6 +257,7 @@ impl Gateway {
         let routing::Routed {
             deployment,
             instance,
+            via_compute,
         } = routing::route(
             &self.catalog,
             &policies,
@@ -217,6 +285,17 @@ impl Gateway {
         };
         ctx.endpoint = Some(endpoint);
         ctx.stream = control.stream;
+        if via_compute {
+            ctx.route_kind = "compute";
+            ctx.deployment = Some(deployment.clone());
+            ctx.charge(t);
+            return Ok(Some(ColdRequest {
+                deployment,
+                endpoint,
+                body,
+                stream: control.stream,
+            }));
+        }
         ctx.body = Some(body);
         ctx.route_kind = "direct";
         let first_try = match instance.and_then(|i| deployment.pool.try_acquire_at(i)) {
@@ -239,8 +318,17 @@ impl Gateway {
             .inc();
         ctx.counted_in_flight = true;
         ctx.deployment = Some(deployment);
-        Ok(())
+        Ok(None)
     }
+}
+
+/// A request the policy sent through Globus Compute.
+struct ColdRequest {
+    deployment: Arc<Deployment>,
+    endpoint: crate::config::Endpoint,
+    /// The body with the backend's model name.
+    body: Bytes,
+    stream: bool,
 }
 
 #[async_trait]
@@ -267,6 +355,7 @@ impl ProxyHttp for Gateway {
             Err(e) => Err(e),
         };
         match outcome {
+            Ok(None) if ctx.answered => Ok(true),
             Ok(None) => Ok(false),
             Ok(Some(body)) => {
                 respond::send_json(session, 200, body, &[]).await?;

@@ -30,6 +30,8 @@ pub enum Read {
     Health,
     /// `GET /resource_server/whoami`
     Whoami,
+    /// `GET /resource_server/{cluster}/jobs`
+    Jobs { cluster: String },
 }
 
 /// Why no route matched.
@@ -84,6 +86,12 @@ fn match_path(path: &str) -> Option<(Method, Route)> {
         }
         ["resource_server", "health"] => Some((Method::GET, Route::Read(Read::Health))),
         ["resource_server", "whoami"] => Some((Method::GET, Route::Read(Read::Whoami))),
+        ["resource_server", cluster, "jobs"] => Some((
+            Method::GET,
+            Route::Read(Read::Jobs {
+                cluster: cluster.to_string(),
+            }),
+        )),
         ["resource_server", cluster, "models"] => Some((
             Method::GET,
             Route::Read(Read::ClusterModels {

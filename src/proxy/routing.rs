@@ -17,6 +17,8 @@ pub struct Routed {
     pub deployment: Arc<Deployment>,
     /// The instance the policy named, if any (taken if it still has room).
     pub instance: Option<SocketAddr>,
+    /// The policy chose Globus Compute on this deployment.
+    pub via_compute: bool,
 }
 
 /// What the route needs to know about one request.
@@ -118,13 +120,21 @@ pub fn route(
             Ok(Routed {
                 deployment: deployment.clone(),
                 instance,
+                via_compute: false,
             })
         }
         Decision::Compute { index, .. } => {
             let deployment = allowed
                 .get(index)
                 .ok_or_else(|| errors::policy_index(index))?;
-            Err(errors::compute_unavailable(deployment))
+            if deployment.compute.is_none() {
+                return Err(errors::compute_unavailable(deployment));
+            }
+            Ok(Routed {
+                deployment: deployment.clone(),
+                instance: None,
+                via_compute: true,
+            })
         }
         Decision::Reject { status, message } => {
             Err(ApiError::new(status, "policy_rejected", message))

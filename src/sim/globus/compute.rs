@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-const COMPUTE_SCOPE: &str = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all";
+const COMPUTE_SCOPE: &str =
+    "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all";
 
 /// The stand-in's endpoints, functions and facility timings (the `compute:` seed section).
 #[derive(Debug, Clone, Deserialize)]
@@ -124,7 +125,7 @@ impl ComputeStats {
 pub struct ComputeFaults {
     /// Endpoints reported offline (their tasks stay `waiting-for-ep`).
     pub offline: Mutex<Vec<String>>,
-    /// The next this-many tasks fail with a lost-worker traceback.
+    /// The next this-many inference tasks fail with a lost-worker traceback.
     pub lose_workers: AtomicU32,
     /// Enforce the 20-requests-per-10-s limit with 429 + Retry-After.
     pub rate_limit: AtomicBool,
@@ -154,7 +155,11 @@ impl Job {
     }
 
     fn report(&self) -> Value {
-        let host = self.sim.as_ref().map(|s| s.addr().to_string()).unwrap_or_default();
+        let host = self
+            .sim
+            .as_ref()
+            .map(|s| s.addr().to_string())
+            .unwrap_or_default();
         let left = self.walltime.saturating_sub(self.submitted.elapsed());
         json!({
             "Models": self.model, "Framework": self.framework, "Cluster": self.cluster,
@@ -229,7 +234,13 @@ impl ComputeSim {
     }
 
     fn online(&self, endpoint: &str) -> bool {
-        !self.faults.offline.lock().unwrap().iter().any(|e| e == endpoint)
+        !self
+            .faults
+            .offline
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e == endpoint)
     }
 
     /// The jobs by state, in FIRST's `JobsByStatus` shape.
@@ -273,7 +284,7 @@ fn now_f() -> f64 {
 }
 
 /// A Compute-scoped client token, or the 401 the service answers.
-fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+fn unauthorized(s: &Shared, headers: &HeaderMap) -> Option<Response> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -282,23 +293,23 @@ fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
         token.and_then(|t| s.token(t)),
         Some(TokenRecord { grant: Grant::Client { scope, .. }, exp }) if scope == COMPUTE_SCOPE && exp > unix_now()
     );
-    if ok {
-        Ok(())
-    } else {
-        Err((
+    (!ok).then(|| {
+        (
             StatusCode::UNAUTHORIZED,
             Json(json!({"code": "UNAUTHORIZED", "message": "Missing or invalid Compute access token"})),
         )
-            .into_response())
-    }
+            .into_response()
+    })
 }
 
 /// Faults common to every Compute route, then authorization.
-async fn gate(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+async fn refusal(s: &Shared, headers: &HeaderMap) -> Option<Response> {
     if let Some(r) = s.fault().await {
-        return Err(r);
+        return Some(r);
     }
-    authorize(s, headers)?;
+    if let Some(r) = unauthorized(s, headers) {
+        return Some(r);
+    }
     if s.compute.faults.rate_limit.load(Ordering::Relaxed) {
         let mut calls = s.compute.calls.lock().unwrap();
         calls.retain(|t| t.elapsed() < Duration::from_secs(10));
@@ -309,17 +320,19 @@ async fn gate(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
             )
                 .into_response();
             r.headers_mut().insert("retry-after", 10.into());
-            return Err(r);
+            return Some(r);
         }
         calls.push(Instant::now());
     }
-    Ok(())
+    None
 }
 
 pub(super) async fn version(Query(q): Query<HashMap<String, String>>) -> Json<Value> {
     if q.get("service").map(String::as_str) == Some("all") {
-        Json(json!({"api": "1.23.0", "min_sdk_version": "2.0.0", "min_ep_version": "2.0.0",
-                    "min_endpoint_version": "2.0.0"}))
+        Json(
+            json!({"api": "1.23.0", "min_sdk_version": "2.0.0", "min_ep_version": "2.0.0",
+                    "min_endpoint_version": "2.0.0"}),
+        )
     } else {
         Json(json!("1.23.0"))
     }
@@ -330,15 +343,25 @@ pub(super) async fn endpoint_status(
     headers: HeaderMap,
     Path(ep): Path<String>,
 ) -> Response {
-    s.compute.stats.endpoint_status.fetch_add(1, Ordering::Relaxed);
-    if let Err(r) = gate(&s, &headers).await {
+    s.compute
+        .stats
+        .endpoint_status
+        .fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = refusal(&s, &headers).await {
         return r;
     }
     if !s.compute.seed.endpoints.iter().any(|e| e.id == ep) {
         return globus_error(StatusCode::NOT_FOUND, "Endpoint not found");
     }
     let online = s.compute.online(&ep);
-    let running = s.compute.jobs.lock().unwrap().iter().filter(|j| j.ready).count();
+    let running = s
+        .compute
+        .jobs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|j| j.ready)
+        .count();
     Json(json!({"status": if online { "online" } else { "offline" },
                 "details": {"total_workers": running, "idle_workers": running, "pending_tasks": 0,
                             "outstanding_tasks": 0, "managers": if online { running.max(1) } else { 0 }}}))
@@ -373,7 +396,7 @@ pub(super) async fn submit(
     body: axum::body::Bytes,
 ) -> Response {
     s.compute.stats.submit.fetch_add(1, Ordering::Relaxed);
-    if let Err(r) = gate(&s, &headers).await {
+    if let Some(r) = refusal(&s, &headers).await {
         return r;
     }
     if body.len() > 10 * 1024 * 1024 {
@@ -392,16 +415,30 @@ pub(super) async fn submit(
     if !s.compute.seed.endpoints.iter().any(|e| e.id == ep) {
         return globus_error(StatusCode::NOT_FOUND, "Endpoint not found");
     }
-    let json_results = req.result_serializers.iter().any(|r| r.ends_with("JSONData"));
+    let json_results = req
+        .result_serializers
+        .iter()
+        .any(|r| r.ends_with("JSONData"));
     let group = req.task_group_id.unwrap_or_else(crate::compute::uuid);
     let mut ids: HashMap<String, Vec<String>> = HashMap::new();
     for (fid, payloads) in req.tasks {
-        let Some(kind) = s.compute.seed.functions.iter().find(|f| f.id == fid).map(|f| f.kind.clone())
+        let Some(kind) = s
+            .compute
+            .seed
+            .functions
+            .iter()
+            .find(|f| f.id == fid)
+            .map(|f| f.kind.clone())
         else {
             return semantically_invalid(&format!("Function {fid} not found"));
         };
         for payload in payloads {
-            s.compute.stats.payloads.lock().unwrap().push(payload.clone());
+            s.compute
+                .stats
+                .payloads
+                .lock()
+                .unwrap()
+                .push(payload.clone());
             let id = crate::compute::uuid();
             let task = Task {
                 id: id.clone(),
@@ -413,12 +450,21 @@ pub(super) async fn submit(
                 created: now_f(),
             };
             s.compute.tasks.lock().unwrap().insert(id.clone(), task);
-            tokio::spawn(run_task(s.clone(), ep.clone(), kind.clone(), id.clone(), payload, json_results));
+            tokio::spawn(run_task(
+                s.clone(),
+                ep.clone(),
+                kind.clone(),
+                id.clone(),
+                payload,
+                json_results,
+            ));
             ids.entry(fid.clone()).or_default().push(id);
         }
     }
-    Json(json!({"request_id": crate::compute::uuid(), "task_group_id": group, "endpoint_id": ep,
-                "tasks": ids}))
+    Json(
+        json!({"request_id": crate::compute::uuid(), "task_group_id": group, "endpoint_id": ep,
+                "tasks": ids}),
+    )
     .into_response()
 }
 
@@ -428,7 +474,7 @@ pub(super) async fn task(
     Path(tid): Path<String>,
 ) -> Response {
     s.compute.stats.task.fetch_add(1, Ordering::Relaxed);
-    if let Err(r) = gate(&s, &headers).await {
+    if let Some(r) = refusal(&s, &headers).await {
         return r;
     }
     match s.compute.tasks.lock().unwrap().get(&tid) {
@@ -443,7 +489,7 @@ pub(super) async fn batch_status(
     Json(body): Json<Value>,
 ) -> Response {
     s.compute.stats.batch_status.fetch_add(1, Ordering::Relaxed);
-    if let Err(r) = gate(&s, &headers).await {
+    if let Some(r) = refusal(&s, &headers).await {
         return r;
     }
     let tasks = s.compute.tasks.lock().unwrap();
@@ -463,7 +509,7 @@ pub(super) async fn taskgroup(
     Path(group): Path<String>,
 ) -> Response {
     s.compute.stats.taskgroup.fetch_add(1, Ordering::Relaxed);
-    if let Err(r) = gate(&s, &headers).await {
+    if let Some(r) = refusal(&s, &headers).await {
         return r;
     }
     let tasks = s.compute.tasks.lock().unwrap();
@@ -472,7 +518,8 @@ pub(super) async fn taskgroup(
         .filter(|t| t.group == group)
         .map(|t| json!({"id": t.id, "created_at": t.created.to_string()}))
         .collect();
-    Json(json!({"taskgroup_id": group, "create_websockets_queue": false, "tasks": list})).into_response()
+    Json(json!({"taskgroup_id": group, "create_websockets_queue": false, "tasks": list}))
+        .into_response()
 }
 
 fn finish(s: &Shared, id: &str, outcome: Result<Value, String>, json_results: bool) {
@@ -500,7 +547,14 @@ fn traceback(last: &str) -> String {
 }
 
 /// One task on the simulated endpoint.
-async fn run_task(s: Arc<Shared>, ep: String, kind: String, id: String, payload: String, json_results: bool) {
+async fn run_task(
+    s: Arc<Shared>,
+    ep: String,
+    kind: String,
+    id: String,
+    payload: String,
+    json_results: bool,
+) {
     // An offline endpoint holds its tasks.
     while !s.compute.online(&ep) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -508,12 +562,13 @@ async fn run_task(s: Arc<Shared>, ep: String, kind: String, id: String, payload:
     if let Some(t) = s.compute.tasks.lock().unwrap().get_mut(&id) {
         t.status = "running";
     }
-    let lost = s
-        .compute
-        .faults
-        .lose_workers
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok();
+    // Lost workers hit inference tasks (the long-running ones).
+    let lost = kind == "inference"
+        && s.compute
+            .faults
+            .lose_workers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
     if lost {
         let e = traceback("parsl.executors.high_throughput.errors.WorkerLost: Task failure due to loss of worker 0 on host sim-node-01");
         return finish(&s, &id, Err(e), json_results);
@@ -528,7 +583,10 @@ async fn run_task(s: Arc<Shared>, ep: String, kind: String, id: String, payload:
     let arg = args.first().cloned().unwrap_or(Value::Null);
     let outcome = match kind.as_str() {
         "inference" => {
-            s.compute.stats.tasks_inference.fetch_add(1, Ordering::Relaxed);
+            s.compute
+                .stats
+                .tasks_inference
+                .fetch_add(1, Ordering::Relaxed);
             inference(&s, arg).await
         }
         "status" => {
@@ -549,7 +607,9 @@ async fn run_task(s: Arc<Shared>, ep: String, kind: String, id: String, payload:
             }
         }
         "echo" => Ok(arg),
-        other => Err(traceback(&format!("RuntimeError: unknown built-in function kind {other}"))),
+        other => Err(traceback(&format!(
+            "RuntimeError: unknown built-in function kind {other}"
+        ))),
     };
     finish(&s, &id, outcome, json_results);
 }
@@ -558,15 +618,22 @@ async fn run_task(s: Arc<Shared>, ep: String, kind: String, id: String, payload:
 fn parse_payload(payload: &str) -> Result<Vec<Value>, String> {
     let parts = unpack(payload).map_err(|e| e.to_string())?;
     let [args, kwargs] = parts[..] else {
-        return Err(format!("expected 2 buffers (args, kwargs), got {}", parts.len()));
+        return Err(format!(
+            "expected 2 buffers (args, kwargs), got {}",
+            parts.len()
+        ));
     };
     let decode = |b: &str| -> Result<Value, String> {
-        let body = b.strip_prefix("11\n").ok_or("only JSONData (11) buffers are allowed")?;
+        let body = b
+            .strip_prefix("11\n")
+            .ok_or("only JSONData (11) buffers are allowed")?;
         serde_json::from_str(body).map_err(|e| e.to_string())
     };
     let args = decode(args)?;
     decode(kwargs)?;
-    args.as_array().cloned().ok_or_else(|| "args must be a list".into())
+    args.as_array()
+        .cloned()
+        .ok_or_else(|| "args must be a list".into())
 }
 
 /// FIRST's `vllm_inference_function`, against a running instance of the model.
@@ -575,12 +642,19 @@ async fn inference(s: &Shared, arg: Value) -> Result<Value, String> {
     let Some(p) = params.as_object_mut() else {
         return Err(traceback("KeyError: 'model_params'"));
     };
-    let endpoint = p.remove("openai_endpoint").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_else(|| "chat/completions".into());
+    let endpoint = p
+        .remove("openai_endpoint")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "chat/completions".into());
     p.remove("api_port");
     // The answer goes back as one result: the stream is generated by the gateway.
     p.remove("stream");
     p.remove("stream_options");
-    let model = p.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
+    let model = p
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     // The task runs once an instance of the model is up (as on a node whose job started).
     let addr = loop {
         if let Some(a) = s.compute.running_instances(&model).first() {
@@ -604,7 +678,8 @@ async fn inference(s: &Shared, arg: Value) -> Result<Value, String> {
             "Exception: API request failed with status code: {status}\nResponse text: {text}"
         )));
     }
-    let mut completion: Value = serde_json::from_str(&text).map_err(|e| traceback(&format!("JSONDecodeError: {e}")))?;
+    let mut completion: Value =
+        serde_json::from_str(&text).map_err(|e| traceback(&format!("JSONDecodeError: {e}")))?;
     let dt = started.elapsed().as_secs_f64();
     let total = completion["usage"]["total_tokens"].as_f64().unwrap_or(0.0);
     completion["response_time"] = json!(dt);
@@ -616,12 +691,18 @@ async fn inference(s: &Shared, arg: Value) -> Result<Value, String> {
 /// Queues `count` jobs of a model; each leaves the queue after `queue_wait`, launches a
 /// simulated vLLM, and reports healthy after `load_time`.
 fn start_jobs(s: &Arc<Shared>, arg: &Value) -> Result<Value, String> {
-    let model = arg["model"].as_str().ok_or_else(|| traceback("KeyError: 'model'"))?.to_string();
+    let model = arg["model"]
+        .as_str()
+        .ok_or_else(|| traceback("KeyError: 'model'"))?
+        .to_string();
     let count = arg["count"].as_u64().unwrap_or(1);
     let walltime = Duration::from_secs(arg["walltime"].as_u64().unwrap_or(86_400));
     let mut started = Vec::new();
     for _ in 0..count {
-        let job_id = format!("{}.sim-pbs", s.compute.next_job.fetch_add(1, Ordering::Relaxed));
+        let job_id = format!(
+            "{}.sim-pbs",
+            s.compute.next_job.fetch_add(1, Ordering::Relaxed)
+        );
         s.compute.jobs.lock().unwrap().push(Job {
             id: job_id.clone(),
             model: model.clone(),
@@ -667,7 +748,9 @@ async fn launch(s: Arc<Shared>, job_id: String, model: String) {
     tokio::time::sleep(seed.load_time).await;
     let walltime = {
         let mut jobs = s.compute.jobs.lock().unwrap();
-        let Some(j) = jobs.iter_mut().find(|j| j.id == job_id) else { return };
+        let Some(j) = jobs.iter_mut().find(|j| j.id == job_id) else {
+            return;
+        };
         j.ready = true;
         if let Some(sim) = &j.sim {
             sim.faults().unhealthy.store(false, Ordering::SeqCst);

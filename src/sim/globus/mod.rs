@@ -8,7 +8,9 @@ mod compute;
 mod groups;
 mod seed;
 
-pub use compute::{ComputeFaults, ComputeSeed, ComputeSim, ComputeStats, FakeEndpoint, FakeFunction};
+pub use compute::{
+    ComputeFaults, ComputeSeed, ComputeSim, ComputeStats, FakeEndpoint, FakeFunction,
+};
 pub use seed::{FakeClient, FakeGroup, FakeUser, Seed};
 
 use super::Listening;
@@ -261,7 +263,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v2/tasks/{tid}", get(compute::task))
         .route("/v2/batch_status", post(compute::batch_status))
         .route("/v2/taskgroup/{tg}", get(compute::taskgroup))
-        .route("/_fake/compute", get(compute_state).post(set_compute_faults))
+        .route(
+            "/_fake/compute",
+            get(compute_state).post(set_compute_faults),
+        )
         .fallback(|| async { globus_error(StatusCode::NOT_FOUND, "No such route") })
         .with_state(shared)
 }
@@ -275,7 +280,10 @@ async fn compute_state(State(s): State<Arc<Shared>>) -> Json<Value> {
 async fn set_compute_faults(State(s): State<Arc<Shared>>, Json(v): Json<Value>) -> Json<Value> {
     let f = &s.compute.faults;
     if let Some(list) = v["offline"].as_array() {
-        *f.offline.lock().unwrap() = list.iter().filter_map(|e| e.as_str().map(str::to_owned)).collect();
+        *f.offline.lock().unwrap() = list
+            .iter()
+            .filter_map(|e| e.as_str().map(str::to_owned))
+            .collect();
     }
     if let Some(n) = v["lose_workers"].as_u64() {
         f.lose_workers.store(n as u32, Ordering::SeqCst);

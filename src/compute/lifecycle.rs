@@ -1,0 +1,350 @@
+//! The hot-node lifecycle: per cluster, a poller runs the status function (FIRST's qstat) and
+//! turns the report into instances of each model (a running instance serves once its health
+//! check passes; one whose job ends soon is drained; one that disappears is removed), and the
+//! scale policy's `start` / `stop` actions become start and stop tasks.
+
+use super::{ComputeClient, ComputeError};
+use crate::catalog::{normalize_model_name, Catalog, Deployment, JobInfo, JobState, LiveState};
+use crate::config::BackendAddr;
+use crate::metrics::Metrics;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long the status task may take.
+const STATUS_WAIT: Duration = Duration::from_secs(60);
+/// How long a start request counts as "starting" before its job shows up in a report.
+const START_GRACE: Duration = Duration::from_secs(300);
+
+/// Polls every cluster's status function and keeps the deployments' instances in line.
+pub struct ClusterLifecycle {
+    catalog: Arc<Catalog>,
+    client: Arc<ComputeClient>,
+    metrics: Arc<Metrics>,
+}
+
+impl ClusterLifecycle {
+    pub fn new(catalog: Arc<Catalog>, client: Arc<ComputeClient>, metrics: Arc<Metrics>) -> Self {
+        ClusterLifecycle {
+            catalog,
+            client,
+            metrics,
+        }
+    }
+
+    /// One status round for `cluster`.
+    pub async fn refresh(&self, cluster: &str) -> Result<(), ComputeError> {
+        let deployments: Vec<Arc<Deployment>> = self
+            .catalog
+            .deployments()
+            .filter(|d| d.cluster == cluster)
+            .cloned()
+            .collect();
+        let Some(lc) = deployments.iter().find_map(|d| d.lifecycle.clone()) else {
+            return Ok(());
+        };
+        let report = self
+            .client
+            .run(&lc.endpoint, &lc.status_function, &[], STATUS_WAIT)
+            .await?;
+        let report = super::serialize::unwrap_json_string(report);
+        if let Some(entry) = self.catalog.cluster(cluster) {
+            entry.jobs.store(Arc::new(report.clone()));
+        }
+        for d in &deployments {
+            let jobs = jobs_of(&report, d);
+            let api_port = d.compute.as_ref().map_or(8000, |c| c.api_port);
+            let addrs: Vec<BackendAddr> = jobs
+                .iter()
+                .filter(|j| j.state != JobState::Queued)
+                .filter_map(|j| j.host.as_deref())
+                .filter_map(|h| {
+                    let with_port = if h.contains(':') {
+                        h.to_string()
+                    } else {
+                        format!("{h}:{api_port}")
+                    };
+                    BackendAddr::parse(&with_port, false).ok()
+                })
+                .collect();
+            if d.pool.set_dynamic(addrs) {
+                d.pool.discover().await;
+                d.pool.check_health().await;
+            }
+            // Instances whose job ends soon take no new requests.
+            let drain_before = lc.drain_before.as_secs() as i64;
+            for (instance, _) in d.pool.instances() {
+                let ending = jobs.iter().any(|j| {
+                    j.host.as_deref() == Some(instance.id().as_str())
+                        && j.ends_in().is_some_and(|left| left <= drain_before)
+                });
+                if ending && !instance.is_draining() {
+                    log::info!(
+                        "draining {} of {} on {cluster}: its job ends soon",
+                        instance.id(),
+                        d.model
+                    );
+                }
+                instance.set_draining(ending);
+            }
+            let endpoint_online = match &d.compute {
+                Some(c) => self
+                    .client
+                    .endpoint_status(&c.endpoint)
+                    .await
+                    .ok()
+                    .map(|s| s.online),
+                None => None,
+            };
+            d.live.store(Arc::new(LiveState {
+                jobs,
+                endpoint_online,
+            }));
+        }
+        Ok(())
+    }
+
+    fn clusters(&self) -> Vec<(String, Duration)> {
+        let mut out: Vec<(String, Duration)> = Vec::new();
+        for d in self.catalog.deployments() {
+            if let Some(lc) = &d.lifecycle {
+                if !out.iter().any(|(c, _)| *c == d.cluster) {
+                    out.push((d.cluster.clone(), lc.status_interval));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The jobs of the report that run `d`'s model.
+fn jobs_of(report: &Value, d: &Deployment) -> Vec<JobInfo> {
+    let want = normalize_model_name(&d.backend_model);
+    let mut out = Vec::new();
+    for (key, state) in [
+        ("running", JobState::Running),
+        ("starting", JobState::Starting),
+        ("queued", JobState::Queued),
+    ] {
+        for job in report[key].as_array().into_iter().flatten() {
+            let models = job["Models"].as_str().unwrap_or_default();
+            let framework = job["Framework"].as_str().unwrap_or(&d.framework);
+            if framework != d.framework
+                || !models
+                    .split(',')
+                    .any(|m| normalize_model_name(m.trim()) == want)
+            {
+                continue;
+            }
+            out.push(JobInfo {
+                id: job["Job ID"].as_str().unwrap_or_default().to_string(),
+                state,
+                host: job["Host Name"]
+                    .as_str()
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned),
+                walltime_left: job["Walltime Remaining"]
+                    .as_u64()
+                    .map(|s| (s, Instant::now())),
+            });
+        }
+    }
+    out
+}
+
+#[async_trait]
+impl BackgroundService for ClusterLifecycle {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let clusters = self.clusters();
+        if clusters.is_empty() {
+            return;
+        }
+        let mut next: HashMap<String, Instant> = HashMap::new();
+        loop {
+            for (cluster, interval) in &clusters {
+                if next.get(cluster).is_some_and(|t| Instant::now() < *t) {
+                    continue;
+                }
+                if let Err(e) = self.refresh(cluster).await {
+                    log::warn!("status of cluster {cluster}: {e}");
+                }
+                self.metrics
+                    .background_runs
+                    .with_label_values(&["cluster_status"])
+                    .inc();
+                next.insert(cluster.clone(), Instant::now() + *interval);
+            }
+            let wake = next.values().min().copied().unwrap_or_else(Instant::now);
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+}
+
+/// Sends submissions in batches and delivers the results of every pending task (one
+/// `batch_status` call per interval).
+pub struct TaskPoller(pub Arc<ComputeClient>);
+
+#[async_trait]
+impl BackgroundService for TaskPoller {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            _ = self.0.poll_forever() => {}
+            _ = self.0.submit_forever() => {}
+        }
+    }
+}
+
+/// Carries out scale actions: `start` and `stop` tasks on the cluster's endpoint.
+pub struct ScaleExecutor {
+    client: Arc<ComputeClient>,
+    /// Starts requested per deployment (by pointer) and not yet seen in a status report.
+    pending: Mutex<PendingStarts>,
+}
+
+/// Per deployment (by pointer): the job id once known, and when the start was asked.
+type PendingStarts = HashMap<usize, Vec<(Option<String>, Instant)>>;
+
+impl crate::policy::ScaleActuator for Arc<ScaleExecutor> {
+    fn start(&self, d: &Arc<Deployment>, count: u32) {
+        ScaleExecutor::start(self, d, count)
+    }
+
+    fn stop(&self, d: &Arc<Deployment>, instance: &str) {
+        ScaleExecutor::stop(self, d, instance)
+    }
+
+    fn pending_starts(&self, d: &Arc<Deployment>) -> usize {
+        ScaleExecutor::pending_starts(self, d)
+    }
+}
+
+impl ScaleExecutor {
+    pub fn new(client: Arc<ComputeClient>) -> Arc<Self> {
+        Arc::new(ScaleExecutor {
+            client,
+            pending: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Instances requested for `d` that no report shows yet.
+    pub fn pending_starts(&self, d: &Arc<Deployment>) -> usize {
+        let live = d.live.load();
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let list = pending.entry(Arc::as_ptr(d) as usize).or_default();
+        list.retain(|(job, at)| {
+            at.elapsed() < START_GRACE
+                && !job
+                    .as_ref()
+                    .is_some_and(|id| live.jobs.iter().any(|j| &j.id == id))
+        });
+        list.len()
+    }
+
+    /// Submits the start function for `count` instances of `d`.
+    pub fn start(self: &Arc<Self>, d: &Arc<Deployment>, count: u32) {
+        let Some(lc) = &d.lifecycle else {
+            log::warn!(
+                "scale policy asked to start {} on {}, which has no lifecycle",
+                d.model,
+                d.cluster
+            );
+            return;
+        };
+        let Some(function) = lc.start_function.clone() else {
+            log::warn!(
+                "cluster {} has no start_function; cannot start {}",
+                d.cluster,
+                d.model
+            );
+            return;
+        };
+        let key = Arc::as_ptr(d) as usize;
+        let at = Instant::now();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let list = pending.entry(key).or_default();
+            list.extend((0..count).map(|_| (None, at)));
+        }
+        let args = [
+            json!({"model": d.backend_model, "framework": d.framework, "cluster": d.cluster,
+                           "count": count, "walltime": d.scaling.keep_hot.as_secs()}),
+        ];
+        let (this, endpoint, what) = (
+            self.clone(),
+            lc.endpoint.clone(),
+            format!("{} on {}", d.model, d.cluster),
+        );
+        tokio::spawn(async move {
+            match this
+                .client
+                .run(&endpoint, &function, &args, STATUS_WAIT)
+                .await
+            {
+                Ok(v) => {
+                    let ids: Vec<String> = v["job_ids"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|j| j.as_str().map(str::to_owned))
+                        .collect();
+                    log::info!("started {what}: jobs {ids:?}");
+                    let mut pending = this.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    let list = pending.entry(key).or_default();
+                    list.retain(|(job, t)| job.is_some() || *t != at);
+                    list.extend(ids.into_iter().map(|id| (Some(id), at)));
+                }
+                Err(e) => {
+                    log::error!("starting {what} failed: {e}");
+                    let mut pending = this.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    pending.entry(key).or_default().retain(|(_, t)| *t != at);
+                }
+            }
+        });
+    }
+
+    /// Submits the stop function for the job behind `instance` (its `host:port`).
+    pub fn stop(self: &Arc<Self>, d: &Arc<Deployment>, instance: &str) {
+        let (Some(lc), Some(job)) = (
+            &d.lifecycle,
+            d.live
+                .load()
+                .jobs
+                .iter()
+                .find(|j| j.host.as_deref() == Some(instance))
+                .map(|j| j.id.clone()),
+        ) else {
+            log::warn!(
+                "scale policy asked to stop {instance}, which is not a job of {} on {}",
+                d.model,
+                d.cluster
+            );
+            return;
+        };
+        let Some(function) = lc.stop_function.clone() else {
+            log::warn!(
+                "cluster {} has no stop_function; cannot stop {instance}",
+                d.cluster
+            );
+            return;
+        };
+        let (client, endpoint) = (self.client.clone(), lc.endpoint.clone());
+        let instance = instance.to_string();
+        tokio::spawn(async move {
+            match client
+                .run(&endpoint, &function, &[json!({"job_id": job})], STATUS_WAIT)
+                .await
+            {
+                Ok(_) => log::info!("stopped {instance} (job {job})"),
+                Err(e) => log::error!("stopping {instance} (job {job}) failed: {e}"),
+            }
+        });
+    }
+}

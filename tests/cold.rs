@@ -1,0 +1,376 @@
+//! The cold path and the hot-node lifecycle against the Globus Compute stand-in: a cold model is
+//! answered through Compute while the scale policy starts an instance, then served directly;
+//! and the failures a user can meet on the way.
+
+mod common;
+
+use common::*;
+use firstgate::sim::globus::{
+    ComputeSeed, FakeClient, FakeEndpoint, FakeFunction, GlobusSim, Seed,
+};
+use futures_util::future::join_all;
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const MODEL: &str = "meta-llama/Llama-3.3-70B-Instruct";
+const EP: &str = "2b5f3c1a-7d4e-4f8a-9c0b-1e2d3c4b5a60";
+const F_INFER: &str = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e60";
+const F_STATUS: &str = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c50";
+const F_START: &str = "2c3d4e5f-6a7b-4c8d-9e0f-1a2b3c4d5e60";
+const F_STOP: &str = "3d4e5f6a-7b8c-4d9e-8f0a-1b2c3d4e5f70";
+
+async fn facility(queue_wait_ms: u64, load_ms: u64) -> GlobusSim {
+    let f = |id: &str, kind: &str| FakeFunction {
+        id: id.into(),
+        kind: kind.into(),
+    };
+    let seed = Seed {
+        clients: vec![FakeClient {
+            id: "svc".into(),
+            secret: "svc-secret".into(),
+        }],
+        compute: ComputeSeed {
+            endpoints: vec![FakeEndpoint {
+                id: EP.into(),
+                name: "sophia".into(),
+            }],
+            functions: vec![
+                f(F_INFER, "inference"),
+                f(F_STATUS, "status"),
+                f(F_START, "start"),
+                f(F_STOP, "stop"),
+            ],
+            queue_wait: Duration::from_millis(queue_wait_ms),
+            load_time: Duration::from_millis(load_ms),
+            ttft: Duration::from_millis(5),
+            itl: Duration::from_millis(5),
+            ..ComputeSeed::default()
+        },
+        ..Seed::default()
+    };
+    GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
+        .await
+        .unwrap()
+}
+
+struct Opts {
+    /// Whether the scale policy runs (without it the model stays cold).
+    scale: bool,
+    wait: &'static str,
+    keep_hot: &'static str,
+    drain_before: &'static str,
+}
+
+const DEFAULT: Opts = Opts {
+    scale: true,
+    wait: "60s",
+    keep_hot: "24h",
+    drain_before: "10m",
+};
+
+async fn gateway(globus: &GlobusSim, o: Opts) -> Gateway {
+    let scale = if o.scale {
+        format!(
+            "policies:\n  scale: {}/conf/policies/scale-on-demand.rhai\n  scale_interval: 200ms\n",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    } else {
+        String::new()
+    };
+    let body = format!(
+        "compute:\n  url: {url}\n  auth_url: {url}\n  client_id: svc\n  client_secret_env: FG_TEST_COMPUTE_SECRET\n\
+         \x20 wait: {wait}\n  poll_interval: 100ms\n  keepalive: 100ms\n{scale}\
+         clusters:\n  sophia:\n    compute:\n      endpoint: {EP}\n      status_function: {F_STATUS}\n\
+         \x20     start_function: {F_START}\n      stop_function: {F_STOP}\n      status_interval: 100ms\n\
+         \x20     drain_before: {drain}\n    frameworks:\n      vllm:\n        models:\n\
+         \x20         - name: {MODEL}\n            backends: []\n\
+         \x20           compute: {{endpoint: {EP}, function: {F_INFER}}}\n\
+         \x20           scaling: {{max_instances: 2, keep_hot: {keep_hot}}}\n",
+        url = globus.url(),
+        wait = o.wait,
+        drain = o.drain_before,
+        keep_hot = o.keep_hot,
+    );
+    Gateway::start_with(
+        "auth:\n  mode: none\n",
+        &body,
+        &[("FG_TEST_COMPUTE_SECRET", "svc-secret")],
+    )
+    .await
+}
+
+async fn ask(gw: &Gateway, stream: bool) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(MODEL, stream))
+        .send()
+        .await
+        .expect("request")
+}
+
+fn route(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-firstgate-route")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_model_is_answered_through_compute_then_started_and_served_directly() {
+    let globus = facility(300, 300).await;
+    let gw = gateway(&globus, DEFAULT).await;
+
+    // The first requests find nothing hot: both answered through Compute while the scale
+    // policy starts an instance; the streamed one keeps the connection alive meanwhile.
+    let (plain, streamed) = tokio::join!(ask(&gw, false), ask(&gw, true));
+    assert_eq!(
+        (plain.status().as_u16(), route(&plain)),
+        (200, "compute".into())
+    );
+    assert!(plain.headers().contains_key("x-firstgate-task"));
+    let v: Value = plain.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "tok0 tok1 tok2 tok3 tok4 "
+    );
+    assert!(
+        v["response_time"].is_number(),
+        "FIRST's compute answer: {v}"
+    );
+
+    assert_eq!(
+        (streamed.status().as_u16(), route(&streamed)),
+        (200, "compute".into())
+    );
+    let text = streamed.text().await.unwrap();
+    assert!(
+        text.starts_with(": waiting for"),
+        "keep-alive comments first: {text}"
+    );
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let content: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(content, "tok0 tok1 tok2 tok3 tok4 ");
+
+    // Once the instance passes its health check, requests go to it directly, streamed.
+    let resp = wait_for("a direct answer", || async {
+        let r = ask(&gw, true).await;
+        (route(&r) == "direct").then_some(r)
+    })
+    .await;
+    let events = sse_events(resp).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+
+    let stats = globus.compute().stats.snapshot();
+    assert_eq!(stats["tasks"]["start"], 1, "one instance started: {stats}");
+    assert_eq!(stats["tasks"]["inference"], 2);
+    let jobs: Value = reqwest::get(gw.url("/resource_server/sophia/jobs"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jobs["running"][0]["Models"], MODEL, "{jobs}");
+    let endpoints: Value = reqwest::get(gw.url("/resource_server/list-endpoints"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        endpoints["clusters"]["sophia"]["frameworks"]["vllm"]["model_states"][MODEL],
+        "hot"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "firstgate_scale_actions_total{{action=\"start\",model=\"{MODEL}\"}} 1"
+        )),
+        "{metrics}"
+    );
+
+    // The payload is FIRST's, in JSONData, byte for byte what Python's json.dumps would write.
+    let payloads = globus.compute().stats.payloads.lock().unwrap().clone();
+    let inference = payloads
+        .iter()
+        .find(|p| p.contains("model_params"))
+        .unwrap();
+    let (len, rest) = inference.split_once('\n').unwrap();
+    let args_end = rest
+        .char_indices()
+        .nth(len.parse().unwrap())
+        .map_or(rest.len(), |(i, _)| i);
+    assert_eq!(&rest[args_end..], "5\n11\n{}");
+    let args: Value = serde_json::from_str(rest[..args_end].strip_prefix("11\n").unwrap()).unwrap();
+    assert_eq!(
+        args[0]["model_params"]["openai_endpoint"],
+        "chat/completions"
+    );
+    assert_eq!(args[0]["model_params"]["api_port"], 8000);
+    assert_eq!(
+        rest[..args_end].strip_prefix("11\n").unwrap(),
+        firstgate::compute::serialize::python_json(&args)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_waiting_requests_share_their_status_calls() {
+    let globus = facility(1000, 500).await;
+    let gw = gateway(&globus, DEFAULT).await;
+    let started = Instant::now();
+    let answers = join_all((0..100).map(|_| ask(&gw, false))).await;
+    let elapsed = started.elapsed();
+    for a in &answers {
+        assert_eq!(a.status(), 200);
+    }
+    let stats = &globus.compute().stats;
+    let polls = stats.batch_status.load(Ordering::SeqCst);
+    // One batch_status call per poll interval (100 ms) however many wait, plus slack.
+    let bound = (elapsed.as_millis() / 100) as u64 + 5;
+    assert!(polls <= bound, "{polls} batch_status calls in {elapsed:?}");
+    assert!(
+        stats.submit.load(Ordering::SeqCst) < 30,
+        "submissions are batched: {}",
+        stats.snapshot()
+    );
+    assert!(
+        stats.endpoint_status.load(Ordering::SeqCst) <= 2,
+        "the endpoint status is cached"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_endpoint_is_a_503() {
+    let globus = facility(100, 100).await;
+    globus
+        .compute()
+        .faults
+        .offline
+        .lock()
+        .unwrap()
+        .push(EP.into());
+    let gw = gateway(
+        &globus,
+        Opts {
+            scale: false,
+            ..DEFAULT
+        },
+    )
+    .await;
+    let resp = ask(&gw, false).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "endpoint_offline", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_worker_is_a_502_without_internal_details() {
+    let globus = facility(100, 100).await;
+    globus
+        .compute()
+        .faults
+        .lose_workers
+        .store(1, Ordering::SeqCst);
+    let gw = gateway(&globus, DEFAULT).await;
+    let resp = ask(&gw, false).await;
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("WorkerLost"), "{message}");
+    assert!(
+        !message.contains("host") && !message.contains("Traceback"),
+        "{message}"
+    );
+    assert!(
+        gw.log().contains("loss of worker"),
+        "the full text is logged"
+    );
+    // The next request succeeds.
+    assert_eq!(ask(&gw, false).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_longer_than_the_limit_is_a_504_naming_the_task() {
+    let globus = facility(100, 100).await;
+    // No scale policy: nothing ever starts, so the task waits.
+    let gw = gateway(
+        &globus,
+        Opts {
+            scale: false,
+            wait: "500ms",
+            ..DEFAULT
+        },
+    )
+    .await;
+    let resp = ask(&gw, false).await;
+    assert_eq!(resp.status(), 504);
+    let task = resp.headers().get("x-firstgate-task").cloned();
+    let v: Value = resp.json().await.unwrap();
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("task "), "{message}");
+    assert!(task.is_none());
+    // Streamed, the error arrives in-band after the keep-alives.
+    let text = ask(&gw, true).await.text().await.unwrap();
+    assert!(
+        text.contains("compute_timeout") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_job_ends_soon_is_drained_and_replaced() {
+    let globus = facility(100, 100).await;
+    // Jobs run 6 s; instances are drained 4 s before the end.
+    let gw = gateway(
+        &globus,
+        Opts {
+            keep_hot: "6s",
+            drain_before: "4s",
+            ..DEFAULT
+        },
+    )
+    .await;
+    wait_for("the first instance to serve", || async {
+        let r = ask(&gw, false).await;
+        assert_eq!(r.status(), 200);
+        (route(&r) == "direct").then_some(())
+    })
+    .await;
+    // Keep demand up: the first instance drains and a second one is started before it ends.
+    wait_for("the first instance to drain", || async {
+        assert_eq!(ask(&gw, false).await.status(), 200);
+        gw.log().contains("draining").then_some(())
+    })
+    .await;
+    wait_for("a replacement instance", || async {
+        let r = ask(&gw, false).await;
+        assert_eq!(r.status(), 200, "no request fails during the replacement");
+        (globus.compute().stats.tasks_start.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    let jobs = globus.compute().jobs_by_status();
+    let ids: Vec<&str> = ["running", "starting", "queued"]
+        .iter()
+        .flat_map(|k| {
+            jobs[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|j| j["Job ID"].as_str())
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "old and new job: {jobs}");
+}
