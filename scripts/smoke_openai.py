@@ -9,6 +9,7 @@ and no token get AuthenticationError. Exits non-zero on failure.
 """
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -84,4 +85,17 @@ try:
 except urllib.error.HTTPError as e:
     body = json.loads(e.read())
     check(f"no token gets 401 ({e.code})", e.code == 401 and body["error"]["type"] == "authentication_error")
+# The cold model: answered through Globus Compute until its instance is up, then directly.
+alice = OpenAI(base_url=f"{base}/v1", api_key="demo-alice", max_retries=0, timeout=120)
+routes = []
+deadline = time.time() + 60
+while time.time() < deadline:
+    raw = alice.chat.completions.with_raw_response.create(
+        model="llama-3.3-70b", messages=MESSAGES, max_tokens=3, stream=bool(len(routes) % 2))
+    routes.append(raw.headers.get("x-firstgate-route"))
+    raw.parse()
+    if routes[-1] == "direct":
+        break
+    time.sleep(0.5)
+check(f"cold model served via {' -> '.join(routes)}", routes and routes[-1] == "direct")
 print("all OpenAI SDK checks passed")

@@ -248,12 +248,17 @@ fn print_banner(config: &Config, users: Option<&[crate::sim::globus::FakeUser]>)
     for (cluster, c) in &config.clusters {
         for (fw, f) in &c.frameworks {
             for m in &f.models {
-                let restricted = if m.allowed_groups.is_empty() && m.allowed_domains.is_empty() {
-                    ""
-                } else {
-                    "   (restricted)"
-                };
-                models.push_str(&format!("    {cluster}/{fw}: {}{restricted}\n", m.name));
+                let mut note = String::new();
+                if !(m.allowed_groups.is_empty() && m.allowed_domains.is_empty()) {
+                    note.push_str("   (restricted)");
+                }
+                if m.backends.is_empty() && m.compute.is_some() {
+                    note.push_str(&format!(
+                        "   (starts cold: via Globus Compute until its instance is up; \
+                         see {api}/resource_server/{cluster}/jobs)"
+                    ));
+                }
+                models.push_str(&format!("    {cluster}/{fw}: {}{note}\n", m.name));
             }
         }
     }
