@@ -119,14 +119,16 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
             scale_wake,
         ),
     );
-    if let Some(client) = compute {
+    if let Some(client) = &compute {
         server.add_service(background_service(
             "compute tasks",
             TaskPoller(client.clone()),
         ));
+    }
+    if ClusterLifecycle::has_work(&catalog) {
         server.add_service(background_service(
             "cluster lifecycle",
-            ClusterLifecycle::new(catalog, client, metrics),
+            ClusterLifecycle::new(catalog, compute, metrics),
         ));
     }
 

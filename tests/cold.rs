@@ -374,3 +374,58 @@ async fn an_instance_whose_job_ends_soon_is_drained_and_replaced() {
         .collect();
     assert_eq!(ids.len(), 2, "old and new job: {jobs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_not_live_at_its_status_url_gets_no_requests() {
+    use axum::{extract::State, routing::get, Json, Router};
+    use std::sync::{Arc, RwLock};
+    let status = Arc::new(RwLock::new(
+        serde_json::json!({"a1": {"model": "gpt-oss-120b", "status": "Stopped", "description": ""}}),
+    ));
+    let router =
+        Router::new()
+            .route(
+                "/status",
+                get(|State(s): State<Arc<RwLock<Value>>>| async move {
+                    Json(s.read().unwrap().clone())
+                }),
+            )
+            .with_state(status.clone());
+    let server = firstgate::sim::Listening::bind("127.0.0.1:0".parse().unwrap(), router)
+        .await
+        .unwrap();
+    let api = sim(&["gpt-oss-120b"], |_| {}).await;
+    let gw = Gateway::start(&format!(
+        "clusters:\n  metis:\n    status: {{url: \"http://{}/status\", interval: 100ms}}\n    frameworks:\n      api:\n\
+         \x20       models:\n          - name: gpt-oss-120b\n            backends: [{}]\n",
+        server.addr(),
+        api.addr()
+    ))
+    .await;
+    let ask = || async {
+        reqwest::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("gpt-oss-120b", false))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    wait_for("the stopped model to be refused", || async {
+        (ask().await == 503).then_some(())
+    })
+    .await;
+    status.write().unwrap()["a1"]["status"] = "Live".into();
+    wait_for("the live model to be served", || async {
+        (ask().await == 200).then_some(())
+    })
+    .await;
+    let jobs: Value = reqwest::get(gw.url("/resource_server/metis/jobs"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jobs["running"][0]["Models"], "gpt-oss-120b", "{jobs}");
+}

@@ -52,6 +52,8 @@ pub struct Deployment {
     pub compute: Option<crate::config::ModelCompute>,
     /// The cluster's instance lifecycle (status, start, stop), if it has one.
     pub lifecycle: Option<crate::config::ClusterCompute>,
+    /// The cluster's Metis-style status URL, if it has one.
+    pub status_url: Option<crate::config::StatusUrl>,
     /// What the lifecycle last reported.
     pub live: ArcSwap<LiveState>,
 }
@@ -229,6 +231,7 @@ impl Catalog {
                         scaling: m.scaling.clone(),
                         compute: m.compute.clone(),
                         lifecycle: cluster.compute.clone(),
+                        status_url: cluster.status.clone(),
                         live: ArcSwap::from_pointee(LiveState::default()),
                     });
                     for name in std::iter::once(&m.name).chain(&m.aliases) {

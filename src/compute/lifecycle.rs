@@ -23,39 +23,125 @@ const START_GRACE: Duration = Duration::from_secs(300);
 /// Polls every cluster's status function and keeps the deployments' instances in line.
 pub struct ClusterLifecycle {
     catalog: Arc<Catalog>,
-    client: Arc<ComputeClient>,
+    /// Globus Compute, for clusters with a `compute:` lifecycle.
+    client: Option<Arc<ComputeClient>>,
+    http: reqwest::Client,
     metrics: Arc<Metrics>,
 }
 
 impl ClusterLifecycle {
-    pub fn new(catalog: Arc<Catalog>, client: Arc<ComputeClient>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        client: Option<Arc<ComputeClient>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         ClusterLifecycle {
             catalog,
             client,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
             metrics,
         }
     }
 
+    /// Whether any cluster has something to poll.
+    pub fn has_work(catalog: &Catalog) -> bool {
+        catalog
+            .deployments()
+            .any(|d| d.lifecycle.is_some() || d.status_url.is_some())
+    }
+
     /// One status round for `cluster`.
-    pub async fn refresh(&self, cluster: &str) -> Result<(), ComputeError> {
+    pub async fn refresh(&self, cluster: &str) -> Result<(), String> {
         let deployments: Vec<Arc<Deployment>> = self
             .catalog
             .deployments()
             .filter(|d| d.cluster == cluster)
             .cloned()
             .collect();
-        let Some(lc) = deployments.iter().find_map(|d| d.lifecycle.clone()) else {
+        if let Some(s) = deployments.iter().find_map(|d| d.status_url.clone()) {
+            return self.refresh_from_url(cluster, &s.url, &deployments).await;
+        }
+        let (Some(lc), Some(client)) = (
+            deployments.iter().find_map(|d| d.lifecycle.clone()),
+            &self.client,
+        ) else {
             return Ok(());
         };
-        let report = self
-            .client
+        self.refresh_from_compute(cluster, &lc, client, &deployments)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// A Metis-style status URL: `{id: {model, status}}`; models not `Live` take no requests.
+    async fn refresh_from_url(
+        &self,
+        cluster: &str,
+        url: &str,
+        deployments: &[Arc<Deployment>],
+    ) -> Result<(), String> {
+        let report: Value = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| format!("status URL: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("status URL: {e}"))?;
+        let mut running = Vec::new();
+        let mut others = Vec::new();
+        for d in deployments {
+            let want = normalize_model_name(&d.backend_model);
+            let entry = report.as_object().into_iter().flatten().find(|(_, v)| {
+                v["model"]
+                    .as_str()
+                    .is_some_and(|m| normalize_model_name(m) == want)
+            });
+            let live = entry.is_some_and(|(_, v)| v["status"].as_str() == Some("Live"));
+            for (instance, _) in d.pool.instances() {
+                instance.set_draining(!live);
+            }
+            let status = entry
+                .and_then(|(_, v)| v["status"].as_str())
+                .unwrap_or("Unknown");
+            let job = json!({"Models": d.model, "Framework": d.framework, "Cluster": cluster,
+                             "Model Status": if live { "running" } else { "stopped" },
+                             "Job ID": entry.map(|(id, _)| id.as_str()).unwrap_or_default(),
+                             "Job Comments": status});
+            if live {
+                running.push(job)
+            } else {
+                others.push(job)
+            }
+        }
+        if let Some(entry) = self.catalog.cluster(cluster) {
+            entry.jobs.store(Arc::new(
+                json!({"running": running, "starting": [], "queued": [],
+                "others": others, "private-batch-running": [], "private-batch-queued": []}),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn refresh_from_compute(
+        &self,
+        cluster: &str,
+        lc: &crate::config::ClusterCompute,
+        client: &ComputeClient,
+        deployments: &[Arc<Deployment>],
+    ) -> Result<(), ComputeError> {
+        let report = client
             .run(&lc.endpoint, &lc.status_function, &[], STATUS_WAIT)
             .await?;
         let report = super::serialize::unwrap_json_string(report);
         if let Some(entry) = self.catalog.cluster(cluster) {
             entry.jobs.store(Arc::new(report.clone()));
         }
-        for d in &deployments {
+        for d in deployments {
             let jobs = jobs_of(&report, d);
             let api_port = d.compute.as_ref().map_or(8000, |c| c.api_port);
             let addrs: Vec<BackendAddr> = jobs
@@ -92,8 +178,7 @@ impl ClusterLifecycle {
                 instance.set_draining(ending);
             }
             let endpoint_online = match &d.compute {
-                Some(c) => self
-                    .client
+                Some(c) => client
                     .endpoint_status(&c.endpoint)
                     .await
                     .ok()
@@ -111,10 +196,13 @@ impl ClusterLifecycle {
     fn clusters(&self) -> Vec<(String, Duration)> {
         let mut out: Vec<(String, Duration)> = Vec::new();
         for d in self.catalog.deployments() {
-            if let Some(lc) = &d.lifecycle {
-                if !out.iter().any(|(c, _)| *c == d.cluster) {
-                    out.push((d.cluster.clone(), lc.status_interval));
-                }
+            let interval = match (&d.status_url, &d.lifecycle) {
+                (Some(s), _) => s.interval,
+                (None, Some(lc)) if self.client.is_some() => lc.status_interval,
+                _ => continue,
+            };
+            if !out.iter().any(|(c, _)| *c == d.cluster) {
+                out.push((d.cluster.clone(), interval));
             }
         }
         out

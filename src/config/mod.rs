@@ -279,6 +279,15 @@ pub struct ModelCompute {
     pub api_port: u16,
 }
 
+/// A cluster's model status published at a URL (SambaNova Metis style).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusUrl {
+    pub url: String,
+    #[serde(default = "defaults::status_url_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
 /// One cluster (a facility resource: Sophia, Polaris, Metis, ...).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -292,6 +301,10 @@ pub struct Cluster {
     /// Instance lifecycle through Globus Compute (status, start, stop).
     #[serde(default)]
     pub compute: Option<ClusterCompute>,
+    /// A status URL in the Metis style (`{id: {model, status: "Live" | ...}}`): models not
+    /// `Live` get no requests.
+    #[serde(default)]
+    pub status: Option<StatusUrl>,
     /// Frameworks by name (`vllm`, `api`, ...), the second segment of FIRST's URL layout.
     pub frameworks: BTreeMap<String, Framework>,
 }
@@ -424,6 +437,9 @@ mod defaults {
     }
     pub fn status_interval() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn status_url_interval() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn drain_before() -> Duration {
         Duration::from_secs(600)
