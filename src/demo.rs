@@ -108,6 +108,7 @@ fn load(path: &Path) -> anyhow::Result<Config> {
             // The policy files live next to conf/demo.yaml; without them, the built-in rule.
             config.policies.route = None;
             config.policies.scale = None;
+            config.usage.store = Some(std::env::temp_dir().join("firstgate-demo-usage.db"));
             Ok(config)
         }
         Err(e) => bail!(

@@ -18,3 +18,4 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod sim;
+pub mod usage;

@@ -31,6 +31,21 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Requests and tokens per user and model, from the usage store.
+    Usage {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only records since this long ago (e.g. 1h, 7d) or since this Unix time in seconds.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Try the routing and scaling policies without serving.
     Policy {
         #[command(subcommand)]
@@ -89,6 +104,19 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => check(&config),
+        Command::Usage {
+            config,
+            since,
+            user,
+            model,
+            json,
+        } => usage_report(
+            &config,
+            since.as_deref(),
+            user.as_deref(),
+            model.as_deref(),
+            json,
+        ),
         Command::Policy {
             command:
                 PolicyCommand::Test {
@@ -150,6 +178,62 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         path.display(),
         c.clusters.len()
     );
+    Ok(())
+}
+
+fn usage_report(
+    config_path: &Path,
+    since: Option<&str>,
+    user: Option<&str>,
+    model: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let loaded = config::load(config_path)?;
+    let store = loaded.config.usage.store.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: usage.store is null: no records are kept",
+            config_path.display()
+        )
+    })?;
+    if !store.exists() {
+        anyhow::bail!(
+            "{}: no usage store yet (the gateway creates it when it starts)",
+            store.display()
+        );
+    }
+    let since_ms = match since {
+        None => 0,
+        Some(s) => match s.parse::<i64>() {
+            Ok(unix) => unix * 1000,
+            Err(_) => {
+                let ago = humantime::parse_duration(s).map_err(|e| {
+                    anyhow::anyhow!("--since {s:?}: {e} (use e.g. 1h, 7d, or Unix seconds)")
+                })?;
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+                now.saturating_sub(ago).as_millis() as i64
+            }
+        },
+    };
+    let conn =
+        rusqlite::Connection::open_with_flags(&store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let rows = firstgate::usage::sink::totals(&conn, since_ms, user, model)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<40} {:>9} {:>12} {:>12} {:>12}",
+        "user", "model", "requests", "prompt", "completion", "total"
+    );
+    for r in &rows {
+        println!(
+            "{:<32} {:<40} {:>9} {:>12} {:>12} {:>12}",
+            r.username, r.model, r.requests, r.prompt_tokens, r.completion_tokens, r.total_tokens
+        );
+    }
+    if rows.is_empty() {
+        println!("(no requests)");
+    }
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //! so cardinality stays bounded; tokens never appear in labels.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets from 0.5 ms to 5 min: gateway overhead at the low end, long streams at the top.
@@ -42,6 +43,20 @@ pub struct Metrics {
     pub policy_errors: IntCounterVec,
     /// Actions the scale policy asked for, by model and action.
     pub scale_actions: IntCounterVec,
+    /// Tokens by cluster, model and kind (`prompt`, `completion`).
+    pub tokens: IntCounterVec,
+    /// Requests refused by a rate limit, by limit.
+    pub rate_limited: IntCounterVec,
+    /// Usage records waiting to be written.
+    pub usage_queue: IntGauge,
+    /// Usage records written to the store.
+    pub usage_written: IntCounter,
+    /// Usage records lost (queue full or write error).
+    pub usage_dropped: IntCounter,
+    /// Globus Compute tasks by outcome (`submitted`, `success`, `failed`, `timeout`).
+    pub compute_tasks: IntCounterVec,
+    /// Backend instances by state (`serving`, `unhealthy`, `draining`).
+    pub instances: IntGaugeVec,
 }
 
 impl Metrics {
@@ -136,6 +151,47 @@ impl Metrics {
                 "firstgate_scale_actions_total",
                 "Actions returned by the scale policy, by model and action.",
                 &["model", "action"],
+            ),
+            tokens: counter(
+                "firstgate_tokens_total",
+                "Tokens by cluster, model and kind (prompt, completion), from the backends' usage.",
+                &["cluster", "model", "kind"],
+            ),
+            rate_limited: counter(
+                "firstgate_rate_limited_total",
+                "Requests answered 429 by a rate limit, by limit.",
+                &["limit"],
+            ),
+            usage_queue: {
+                let g = IntGauge::new("firstgate_usage_queue_depth", "Usage records waiting to be written.")
+                    .expect("valid gauge");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            usage_written: {
+                let c = IntCounter::new("firstgate_usage_records_written_total", "Usage records committed to the store.")
+                    .expect("valid counter");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            usage_dropped: {
+                let c = IntCounter::new(
+                    "firstgate_usage_records_dropped_total",
+                    "Usage records lost because the queue was full or the store failed.",
+                )
+                .expect("valid counter");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            compute_tasks: counter(
+                "firstgate_compute_tasks_total",
+                "Globus Compute tasks of the cold path by outcome.",
+                &["state"],
+            ),
+            instances: gauge(
+                "firstgate_instances",
+                "Backend instances by cluster, model and state (serving, unhealthy, draining).",
+                &["cluster", "model", "state"],
             ),
             registry,
         }

@@ -9,7 +9,8 @@ use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller}
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
-use crate::proxy::{ColdPath, Gateway};
+use crate::proxy::{ColdPath, Gateway, GatewayParts};
+use crate::usage::{self, Accounting, MemoryLimits, SqliteSink, UsageSink, UsageTotals};
 use anyhow::Context;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -67,16 +68,44 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
             client: client.clone(),
             wait: c.wait,
             keepalive: c.keepalive,
+            metrics: metrics.clone(),
         });
-    let gateway = Gateway::new(
-        catalog.clone(),
+    let accounting = Arc::new(Accounting {
+        sink: match &config.usage.store {
+            Some(path) => Some(SqliteSink::start(
+                path,
+                config.usage.queue,
+                config.usage.batch,
+                config.usage.flush_interval,
+                metrics.clone(),
+            )? as Arc<dyn UsageSink>),
+            None => None,
+        },
+        totals: match &config.usage.store {
+            Some(path) => UsageTotals::load(
+                usage::sink::open(path)
+                    .and_then(|c| usage::sink::totals(&c, 0, None, None))
+                    .with_context(|| format!("usage.store {}", path.display()))?,
+            ),
+            None => UsageTotals::default(),
+        },
+        limits: Box::new(MemoryLimits::new(
+            config.limits.requests_per_second,
+            config.limits.ip_requests_per_second,
+            config.limits.token_window,
+        )),
+        access_log: config.access_log.clone(),
+    });
+    let gateway = Gateway::new(GatewayParts {
+        catalog: catalog.clone(),
         auth,
-        metrics.clone(),
-        policies.clone(),
+        metrics: metrics.clone(),
+        policies: policies.clone(),
         cold,
-        scale_wake.clone(),
-        config.limits.max_body_bytes,
-    );
+        scale_wake: scale_wake.clone(),
+        accounting: accounting.clone(),
+        max_body_bytes: config.limits.max_body_bytes,
+    });
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "firstgate");
     proxy.add_tcp(&config.listen.to_string());
@@ -132,10 +161,27 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
         ));
     }
 
+    if let Some(sink) = accounting.sink.clone() {
+        server.add_service(background_service("usage flush", UsageFlusher(sink)));
+    }
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(monitor);
     server.add_service(watcher);
     server.add_service(scaler);
     Ok(server)
+}
+
+/// Writes every queued usage record when the server shuts down.
+struct UsageFlusher(Arc<dyn UsageSink>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for UsageFlusher {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let _ = shutdown.changed().await;
+        let sink = self.0.clone();
+        let _ = tokio::task::spawn_blocking(move || sink.flush(std::time::Duration::from_secs(10)))
+            .await;
+        log::info!("usage records flushed");
+    }
 }

@@ -333,12 +333,12 @@ async fn waiting_longer_than_the_limit_is_a_504_naming_the_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_whose_job_ends_soon_is_drained_and_replaced() {
     let globus = facility(100, 100).await;
-    // Jobs run 6 s; instances are drained 4 s before the end.
+    // Jobs run 20 s; instances are drained 17 s before the end (so, about 3 s in).
     let gw = gateway(
         &globus,
         Opts {
-            keep_hot: "6s",
-            drain_before: "4s",
+            keep_hot: "20s",
+            drain_before: "17s",
             ..DEFAULT
         },
     )
@@ -361,18 +361,21 @@ async fn an_instance_whose_job_ends_soon_is_drained_and_replaced() {
         (globus.compute().stats.tasks_start.load(Ordering::SeqCst) >= 2).then_some(())
     })
     .await;
-    let jobs = globus.compute().jobs_by_status();
-    let ids: Vec<&str> = ["running", "starting", "queued"]
-        .iter()
-        .flat_map(|k| {
-            jobs[k]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter_map(|j| j["Job ID"].as_str())
-        })
-        .collect();
-    assert_eq!(ids.len(), 2, "old and new job: {jobs}");
+    // The first job is still there next to the new one: replaced before its end.
+    let job_ids = || {
+        let jobs = globus.compute().jobs_by_status();
+        ["running", "starting", "queued"]
+            .iter()
+            .flat_map(|k| jobs[k].as_array().cloned().unwrap_or_default())
+            .filter_map(|j| j["Job ID"].as_str().map(str::to_owned))
+            .collect::<Vec<_>>()
+    };
+    let ids = wait_for("both jobs listed", || async {
+        let ids = job_ids();
+        (ids.len() == 2).then_some(ids)
+    })
+    .await;
+    assert!(ids.contains(&"1000.sim-pbs".to_string()), "{ids:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

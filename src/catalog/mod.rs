@@ -52,6 +52,9 @@ pub struct Deployment {
     pub compute: Option<crate::config::ModelCompute>,
     /// The cluster's instance lifecycle (status, start, stop), if it has one.
     pub lifecycle: Option<crate::config::ClusterCompute>,
+    /// Tokens per minute for everyone, and per user (rate limits).
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_minute_per_user: Option<u64>,
     /// The cluster's Metis-style status URL, if it has one.
     pub status_url: Option<crate::config::StatusUrl>,
     /// What the lifecycle last reported.
@@ -99,6 +102,8 @@ pub struct Demand {
     pub prompt_bytes: AtomicU64,
     /// Requests waiting for a free instance slot.
     pub waiting: AtomicI64,
+    /// Requests running through Globus Compute (no instance was hot).
+    pub cold: AtomicI64,
 }
 
 impl Demand {
@@ -106,6 +111,12 @@ impl Demand {
     pub fn waiting(&self) -> WaitingGuard<'_> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         WaitingGuard(&self.waiting)
+    }
+
+    /// Counts a request as running through Compute until the guard is dropped.
+    pub fn cold(&self) -> WaitingGuard<'_> {
+        self.cold.fetch_add(1, Ordering::Relaxed);
+        WaitingGuard(&self.cold)
     }
 }
 
@@ -232,6 +243,8 @@ impl Catalog {
                         compute: m.compute.clone(),
                         lifecycle: cluster.compute.clone(),
                         status_url: cluster.status.clone(),
+                        tokens_per_minute: m.tokens_per_minute,
+                        tokens_per_minute_per_user: m.tokens_per_minute_per_user,
                         live: ArcSwap::from_pointee(LiveState::default()),
                     });
                     for name in std::iter::once(&m.name).chain(&m.aliases) {

@@ -35,6 +35,23 @@ impl BackendMonitor {
     async fn check_all(&self) {
         join_all(self.catalog.deployments().map(|d| d.pool.check_health())).await;
         for d in self.catalog.deployments() {
+            let mut by_state = [("serving", 0), ("unhealthy", 0), ("draining", 0)];
+            for (instance, serving) in d.pool.instances() {
+                let state = if instance.is_draining() {
+                    2
+                } else if serving {
+                    0
+                } else {
+                    1
+                };
+                by_state[state].1 += 1;
+            }
+            for (state, n) in by_state {
+                self.metrics
+                    .instances
+                    .with_label_values(&[&d.cluster, &d.model, state])
+                    .set(n);
+            }
             for (instance, healthy) in d.pool.instances() {
                 self.metrics
                     .backend_healthy

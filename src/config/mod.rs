@@ -51,6 +51,10 @@ pub struct Config {
     /// `/resource_server/{cluster}/{framework}/v1/...`.
     #[serde(default)]
     pub policies: PolicyFiles,
+    #[serde(default)]
+    pub usage: UsageConfig,
+    #[serde(default)]
+    pub access_log: AccessLog,
     /// Globus Compute, for cold models and the clusters' instance lifecycle.
     #[serde(default)]
     pub compute: Option<ComputeConfig>,
@@ -64,12 +68,67 @@ pub struct Config {
 pub struct Limits {
     /// Largest request body accepted, in bytes (413 above). Default 20 MiB, as FIRST's nginx.
     pub max_body_bytes: usize,
+    /// Requests per second per user (0: no limit). Default 10, as FIRST.
+    pub requests_per_second: u32,
+    /// Requests per second per client address on unauthenticated routes and failed
+    /// authentications (0: no limit).
+    pub ip_requests_per_second: u32,
+    /// The window of the token limits (`tokens_per_minute*` of models). Default 1 minute.
+    #[serde(with = "humantime_serde")]
+    pub token_window: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 20 * 1024 * 1024,
+            requests_per_second: 10,
+            ip_requests_per_second: 20,
+            token_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where usage records go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// SQLite file (relative to this file's directory); `null` keeps no records.
+    pub store: Option<PathBuf>,
+    /// Records waiting to be written; beyond it they are dropped (and counted).
+    pub queue: usize,
+    /// Records per transaction.
+    pub batch: usize,
+    /// Longest a record waits before its batch is committed (the crash window).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            store: Some(PathBuf::from("firstgate-usage.db")),
+            queue: 100_000,
+            batch: 512,
+            flush_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The JSON access log (one line per request, target `firstgate::access`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLog {
+    pub enabled: bool,
+    /// Also log request bodies (prompts). Off by default.
+    pub log_prompts: bool,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog {
+            enabled: true,
+            log_prompts: false,
         }
     }
 }
@@ -394,6 +453,12 @@ pub struct Model {
     /// Running through Globus Compute when no instance is hot.
     #[serde(default)]
     pub compute: Option<ModelCompute>,
+    /// Tokens per minute for all users of this model together (FIRST's `tpm_model`).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Tokens per minute for each user of this model (FIRST's `tpm_user`).
+    #[serde(default)]
+    pub tokens_per_minute_per_user: Option<u64>,
     #[serde(default, with = "humantime_serde")]
     pub read_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -473,9 +538,13 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
         serde_yaml_ng::from_str(source).map_err(|e| ConfigError::syntax(path, e))?;
     validate(&config).map_err(|e| e.located(path, source))?;
     let dir = path.parent().unwrap_or(Path::new(""));
-    for file in [&mut config.policies.route, &mut config.policies.scale]
-        .into_iter()
-        .flatten()
+    for file in [
+        &mut config.policies.route,
+        &mut config.policies.scale,
+        &mut config.usage.store,
+    ]
+    .into_iter()
+    .flatten()
     {
         if file.is_relative() {
             *file = dir.join(&*file);

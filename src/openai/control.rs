@@ -35,16 +35,41 @@ pub struct ControlFields {
     pub stream: bool,
     /// Where the `model` value (with its quotes) sits in the body.
     model_span: Range<usize>,
+    /// The body has a top-level `stream_options`.
+    pub has_stream_options: bool,
+    /// `stream_options.include_usage` is true.
+    pub include_usage: bool,
 }
 
 impl ControlFields {
     /// The body with `model` replaced by `name`; everything else byte for byte.
     pub fn with_model(&self, body: &Bytes, name: &str) -> Bytes {
-        let quoted = serde_json::to_string(name).expect("a string serializes");
-        let mut out = BytesMut::with_capacity(body.len() + quoted.len());
-        out.extend_from_slice(&body[..self.model_span.start]);
-        out.extend_from_slice(quoted.as_bytes());
-        out.extend_from_slice(&body[self.model_span.end..]);
+        self.rewrite(body, Some(name), false)
+    }
+
+    /// The body with `model` replaced (if `name` is given) and, if `inject_usage`,
+    /// `"stream_options":{"include_usage":true}` added as the first member; every other byte
+    /// unchanged.
+    pub fn rewrite(&self, body: &Bytes, name: Option<&str>, inject_usage: bool) -> Bytes {
+        const USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
+        let quoted = name.map(|n| serde_json::to_string(n).expect("a string serializes"));
+        let mut out = BytesMut::with_capacity(body.len() + USAGE.len() + 64);
+        let mut at = 0;
+        if inject_usage {
+            // The object has members (`model` at least), so a trailing comma is right.
+            let brace = body.iter().position(|b| *b == b'{').unwrap_or(0);
+            out.extend_from_slice(&body[..=brace]);
+            out.extend_from_slice(USAGE);
+            at = brace + 1;
+        }
+        match &quoted {
+            Some(q) => {
+                out.extend_from_slice(&body[at..self.model_span.start]);
+                out.extend_from_slice(q.as_bytes());
+                out.extend_from_slice(&body[self.model_span.end..]);
+            }
+            None => out.extend_from_slice(&body[at..]),
+        }
         out.freeze()
     }
 }
@@ -131,10 +156,16 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         }
     }
 
+    let stream_options = fields.get("stream_options");
+    let include_usage = stream_options
+        .and_then(|v| serde_json::from_str::<serde_json::Value>(v.get()).ok())
+        .is_some_and(|v| v["include_usage"] == true);
     Ok(ControlFields {
         model,
         stream,
         model_span,
+        has_stream_options: stream_options.is_some(),
+        include_usage,
     })
 }
 

@@ -260,6 +260,7 @@ fn register_scale(e: &mut Engine) {
             m.tokens_per_minute
         })
         .register_get("waiting", |m: &mut ScaleInput| m.waiting)
+        .register_get("cold_waiting", |m: &mut ScaleInput| m.cold_waiting)
         .register_get("in_flight", |m: &mut ScaleInput| m.in_flight)
         .register_get("min", |m: &mut ScaleInput| m.min_instances)
         .register_get("max", |m: &mut ScaleInput| m.max_instances)

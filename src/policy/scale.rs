@@ -14,8 +14,10 @@ pub struct ScaleInput {
     pub requests_per_minute: f64,
     /// Approximate prompt tokens per minute (request bytes / 4).
     pub tokens_per_minute: f64,
-    /// Requests waiting for a free instance slot now.
+    /// Requests waiting for a free slot on a running instance now.
     pub waiting: i64,
+    /// Requests running through Globus Compute now (no instance was hot).
+    pub cold_waiting: i64,
     pub in_flight: i64,
     pub min_instances: i64,
     pub max_instances: i64,

@@ -234,6 +234,7 @@ impl ScaleRunner {
             input.requests_per_minute += (requests - r0) as f64 / minutes;
             input.tokens_per_minute += (bytes - b0) as f64 / 4.0 / minutes;
             input.waiting += d.demand.waiting.load(Ordering::Relaxed);
+            input.cold_waiting += d.demand.cold.load(Ordering::Relaxed);
             let live = d.live.load();
             let starting = live
                 .jobs

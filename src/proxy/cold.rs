@@ -8,6 +8,7 @@ use crate::catalog::Deployment;
 use crate::compute::{serialize::unwrap_json_string, ComputeClient, ComputeError};
 use crate::config::Endpoint;
 use crate::openai::ApiError;
+use crate::usage::Tokens;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
@@ -22,6 +23,7 @@ pub struct ColdPath {
     pub wait: Duration,
     /// Interval of keep-alive comments on streams.
     pub keepalive: Duration,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Submits FIRST's payload for this request; errors are the client's answer.
@@ -55,19 +57,28 @@ pub async fn submit(
     };
     p.insert("openai_endpoint".into(), json!(endpoint.path()));
     p.insert("api_port".into(), json!(c.api_port));
-    cold.client
+    let task = cold
+        .client
         .submit(&c.endpoint, &c.function, &[json!({"model_params": params})])
         .await
-        .map_err(|e| compute_error(&e, d))
+        .map_err(|e| compute_error(&e, d))?;
+    cold.metrics
+        .compute_tasks
+        .with_label_values(&["submitted"])
+        .inc();
+    Ok(task)
 }
 
 /// Waits for the task and returns the completion JSON.
 pub async fn completion(cold: &ColdPath, d: &Deployment, task: &str) -> Result<Value, ApiError> {
-    let v = cold
-        .client
-        .wait(task, cold.wait)
-        .await
-        .map_err(|e| compute_error(&e, d))?;
+    let outcome = cold.client.wait(task, cold.wait).await;
+    let state = match &outcome {
+        Ok(_) => "success",
+        Err(ComputeError::TimedOut(_)) => "timeout",
+        Err(_) => "failed",
+    };
+    cold.metrics.compute_tasks.with_label_values(&[state]).inc();
+    let v = outcome.map_err(|e| compute_error(&e, d))?;
     match unwrap_json_string(v) {
         Value::Object(o) => Ok(Value::Object(o)),
         // FIRST wraps a non-JSON 200 answer this way.
@@ -100,6 +111,7 @@ pub async fn answer_stream(
     task: &str,
     endpoint: Endpoint,
     include_usage: bool,
+    tokens: &mut Option<Tokens>,
 ) -> pingora::Result<()> {
     let mut resp = ResponseHeader::build(200, Some(5))?;
     resp.insert_header("content-type", "text/event-stream; charset=utf-8")?;
@@ -124,12 +136,27 @@ pub async fn answer_stream(
         }
     };
     let events = match outcome {
-        Ok(completion) => chunks(&completion, endpoint, include_usage),
+        Ok(completion) => {
+            *tokens = Some(tokens_of(&completion));
+            chunks(&completion, endpoint, include_usage)
+        }
         Err(e) => format!("data: {}\n\n", String::from_utf8_lossy(&e.body())),
     };
     session
         .write_response_body(Some(Bytes::from(events + "data: [DONE]\n\n")), true)
         .await
+}
+
+/// The completion's usage.
+pub fn tokens_of(c: &Value) -> Tokens {
+    let u = &c["usage"];
+    let prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
+    let completion = u["completion_tokens"].as_u64().unwrap_or(0);
+    Tokens {
+        prompt,
+        completion,
+        total: u["total_tokens"].as_u64().unwrap_or(prompt + completion),
+    }
 }
 
 /// A finished completion as the SSE events a streaming backend would have sent.

@@ -38,6 +38,18 @@ pub struct RequestCtx {
     pub counted_in_flight: bool,
     /// The cold path already wrote the response.
     pub answered: bool,
+    /// Unique id of the request (also sent as `x-request-id`).
+    pub request_id: String,
+    /// Unix time of arrival in milliseconds.
+    pub arrived_ms: i64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Reads the response's usage (inference requests).
+    pub usage: Option<crate::usage::UsageScanner>,
+    /// Usage of a cold-path answer.
+    pub cold_tokens: Option<crate::usage::Tokens>,
+    /// The backend instance of the last attempt.
+    pub instance: Option<String>,
 }
 
 impl RequestCtx {
@@ -59,6 +71,15 @@ impl RequestCtx {
             first_byte: None,
             counted_in_flight: false,
             answered: false,
+            request_id: crate::compute::uuid(),
+            arrived_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            bytes_in: 0,
+            bytes_out: 0,
+            usage: None,
+            cold_tokens: None,
+            instance: None,
         }
     }
 

@@ -69,6 +69,12 @@ pub fn lookup(e: LookupError) -> ApiError {
     }
 }
 
+/// A rate limit refused the request.
+pub fn rate_limited(l: &crate::usage::Limited) -> ApiError {
+    ApiError::new(429, "rate_limit_exceeded", l.message.clone())
+        .with_retry_after(l.retry_after.as_secs().max(1))
+}
+
 /// The route policy failed (a script error or an exceeded limit).
 pub fn policy(e: &crate::policy::PolicyError) -> ApiError {
     ApiError::new(

@@ -21,6 +21,7 @@ use crate::catalog::{Catalog, Deployment, PoolError};
 use crate::metrics::Metrics;
 use crate::openai::{parse_control_fields, ApiError};
 use crate::policy::PolicyStore;
+use crate::usage::{Accounting, Limited, UsageRecord, UsageScanner};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -46,42 +47,48 @@ const STRIPPED_UPSTREAM_HEADERS: [&str; 9] = [
     "accept-encoding",
 ];
 
+/// What the gateway is built from.
+pub struct GatewayParts {
+    pub catalog: Arc<Catalog>,
+    pub auth: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
+    pub policies: Arc<PolicyStore>,
+    /// Globus Compute for cold models, if configured.
+    pub cold: Option<ColdPath>,
+    /// Wakes the scale policy (a request found no hot instance).
+    pub scale_wake: Arc<tokio::sync::Notify>,
+    pub accounting: Arc<Accounting>,
+    pub max_body_bytes: usize,
+}
+
 /// The gateway's proxy logic.
 pub struct Gateway {
     catalog: Arc<Catalog>,
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
     policies: Arc<PolicyStore>,
-    /// Globus Compute for cold models, if configured.
     cold: Option<ColdPath>,
-    /// Wakes the scale policy (a request found no hot instance).
     scale_wake: Arc<tokio::sync::Notify>,
+    accounting: Arc<Accounting>,
     max_body_bytes: usize,
     /// Unix time of start-up, reported as `created` in model listings.
     started_unix: u64,
 }
 
 impl Gateway {
-    pub fn new(
-        catalog: Arc<Catalog>,
-        auth: Arc<Authenticator>,
-        metrics: Arc<Metrics>,
-        policies: Arc<PolicyStore>,
-        cold: Option<ColdPath>,
-        scale_wake: Arc<tokio::sync::Notify>,
-        max_body_bytes: usize,
-    ) -> Self {
+    pub fn new(p: GatewayParts) -> Self {
         let started_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         Gateway {
-            catalog,
-            auth,
-            metrics,
-            policies,
-            cold,
-            scale_wake,
-            max_body_bytes,
+            catalog: p.catalog,
+            auth: p.auth,
+            metrics: p.metrics,
+            policies: p.policies,
+            cold: p.cold,
+            scale_wake: p.scale_wake,
+            accounting: p.accounting,
+            max_body_bytes: p.max_body_bytes,
             started_unix,
         }
     }
@@ -126,6 +133,18 @@ impl Gateway {
             Read::ListEndpoints => listings::list_endpoints(&self.catalog, visible),
             Read::Health => Bytes::from_static(br#"{"status":"ok"}"#),
             Read::Whoami => Bytes::from(identity.whoami().to_string()),
+            Read::Usage => {
+                let models = self.accounting.totals.of(&identity.username);
+                let sum = |f: fn(&crate::usage::Totals) -> u64| models.iter().map(f).sum::<u64>();
+                let total = serde_json::json!({
+                    "requests": sum(|t| t.requests), "prompt_tokens": sum(|t| t.prompt_tokens),
+                    "completion_tokens": sum(|t| t.completion_tokens), "total_tokens": sum(|t| t.total_tokens),
+                });
+                Bytes::from(
+                    serde_json::json!({"username": identity.username, "models": models, "total": total})
+                        .to_string(),
+                )
+            }
             Read::Jobs { cluster } => {
                 listings::jobs(&self.catalog, cluster, visible).ok_or_else(|| {
                     errors::lookup(crate::catalog::LookupError::ClusterNotFound {
@@ -164,10 +183,29 @@ impl Gateway {
         route: Route,
         query: Option<&str>,
     ) -> Result<Option<Bytes>, ApiError> {
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         if route == Route::Read(Read::Health) {
+            if let Some(ip) = ip {
+                self.limited(self.accounting.limits.check_ip(ip))?;
+            }
             return Ok(Some(Bytes::from_static(br#"{"status":"ok"}"#)));
         }
-        let identity = self.authenticate(session, ctx).await?;
+        let identity = match self.authenticate(session, ctx).await {
+            Ok(id) => id,
+            Err(e) => {
+                // Failed authentications count against the address (slows token guessing).
+                if let Some(ip) = ip {
+                    self.limited(self.accounting.limits.check_ip(ip))?;
+                }
+                return Err(e);
+            }
+        };
+        if self.auth.is_enforcing() {
+            self.limited(self.accounting.limits.check_user(&identity.username))?;
+        }
         ctx.identity = Some(identity.clone());
         match route {
             Route::Read(read) => {
@@ -200,7 +238,7 @@ impl Gateway {
             return Err(errors::compute_unavailable(&req.deployment));
         };
         // Counts as waiting demand, and asks the scale policy now rather than at its next run.
-        let _waiting = req.deployment.demand.waiting();
+        let _cold = req.deployment.demand.cold();
         self.scale_wake.notify_one();
         let task = cold::submit(cold_path, &req.deployment, req.endpoint, &req.body).await?;
         ctx.answered = true;
@@ -214,11 +252,15 @@ impl Gateway {
                 &task,
                 req.endpoint,
                 include_usage,
+                &mut ctx.cold_tokens,
             )
             .await
         } else {
             match cold::completion(cold_path, &req.deployment, &task).await {
-                Ok(c) => cold::answer_json(session, &task, &c).await,
+                Ok(c) => {
+                    ctx.cold_tokens = Some(cold::tokens_of(&c));
+                    cold::answer_json(session, &task, &c).await
+                }
                 Err(e) => {
                     ctx.answered = false;
                     return Err(e);
@@ -273,35 +315,58 @@ impl Gateway {
                 body_len: body.len(),
             },
         )?;
+        self.limited(self.accounting.limits.check_tokens(
+            &identity.username,
+            &deployment.model,
+            deployment.tokens_per_minute,
+            deployment.tokens_per_minute_per_user,
+        ))?;
         deployment.demand.requests.fetch_add(1, Ordering::Relaxed);
         deployment
             .demand
             .prompt_bytes
             .fetch_add(body.len() as u64, Ordering::Relaxed);
-        let body = if control.model == deployment.backend_model {
-            body
-        } else {
-            control.with_model(&body, &deployment.backend_model)
-        };
+        ctx.bytes_in = body.len() as u64;
+        // Streams report usage in a last chunk only when asked: ask for clients that did not
+        // (and hide that chunk from them); respect clients that set stream_options themselves.
+        let rename = (control.model != deployment.backend_model)
+            .then_some(deployment.backend_model.as_str());
         ctx.endpoint = Some(endpoint);
         ctx.stream = control.stream;
-        if via_compute {
+        let first_try = (!via_compute).then(|| {
+            match instance.and_then(|i| deployment.pool.try_acquire_at(i)) {
+                Some(slot) => Ok(slot),
+                None => deployment.pool.try_acquire(&[]),
+            }
+        });
+        // The policy's choice, or the last instance went away since it chose: the cold path.
+        let lost_instances = matches!(first_try, Some(Err(PoolError::NoHealthyBackend)))
+            && deployment.compute.is_some()
+            && self.cold.is_some();
+        let Some(first_try) = first_try.filter(|_| !lost_instances) else {
             ctx.route_kind = "compute";
             ctx.deployment = Some(deployment.clone());
             ctx.charge(t);
+            let body = match rename {
+                Some(_) => control.rewrite(&body, rename, false),
+                None => body,
+            };
             return Ok(Some(ColdRequest {
                 deployment,
                 endpoint,
                 body,
                 stream: control.stream,
             }));
-        }
-        ctx.body = Some(body);
-        ctx.route_kind = "direct";
-        let first_try = match instance.and_then(|i| deployment.pool.try_acquire_at(i)) {
-            Some(slot) => Ok(slot),
-            None => deployment.pool.try_acquire(&[]),
         };
+        let inject = control.stream && !control.has_stream_options;
+        let body = if rename.is_some() || inject {
+            control.rewrite(&body, rename, inject)
+        } else {
+            body
+        };
+        ctx.body = Some(body);
+        ctx.usage = Some(UsageScanner::new(control.stream, inject));
+        ctx.route_kind = "direct";
         ctx.charge(t);
         let slot = match first_try {
             Err(PoolError::AtCapacity) => {
@@ -402,6 +467,7 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no instance reserved"))?;
         ctx.tried.push(slot.instance().socket);
+        ctx.instance = Some(slot.instance().id());
         let peer = deployment.pool.peer(slot.instance());
         ctx.charge(t);
         Ok(Box::new(peer))
@@ -466,7 +532,14 @@ impl ProxyHttp for Gateway {
         if ctx.deployment.is_some() {
             ctx.first_byte.get_or_insert_with(Instant::now);
             response.insert_header("x-firstgate-route", "direct")?;
+            let overhead = format!("{:.3}", ctx.overhead.as_secs_f64() * 1000.0);
+            response.insert_header("x-firstgate-overhead-ms", overhead)?;
+            if ctx.usage.as_ref().is_some_and(|u| u.strips()) {
+                // The body changes length when the usage chunk is removed.
+                response.remove_header("content-length");
+            }
         }
+        response.insert_header("x-request-id", ctx.request_id.as_str())?;
         Ok(())
     }
 
@@ -512,6 +585,25 @@ impl ProxyHttp for Gateway {
         e
     }
 
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Option<std::time::Duration>> {
+        let t = Instant::now();
+        if let Some(scanner) = ctx.usage.as_mut() {
+            let chunk = body.take().unwrap_or_default();
+            let out = scanner.feed(&chunk, end_of_stream).unwrap_or(chunk);
+            // An empty chunk would end a chunked body early: send nothing instead.
+            *body = (!out.is_empty()).then_some(out);
+        }
+        ctx.bytes_out += body.as_ref().map_or(0, |b| b.len() as u64);
+        ctx.charge(t);
+        Ok(None)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -543,9 +635,23 @@ impl ProxyHttp for Gateway {
         error.esource() == &ErrorSource::Downstream
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.slot = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if let Some(record) = self.usage_record(ctx, status, e.is_some()) {
+            let kinds = [
+                ("prompt", record.prompt_tokens),
+                ("completion", record.completion_tokens),
+            ];
+            for (kind, n) in kinds {
+                self.metrics
+                    .tokens
+                    .with_label_values(&[&record.cluster, &record.model, kind])
+                    .inc_by(n);
+            }
+            let prompt = ctx.body.as_deref();
+            self.accounting.finish(record, prompt);
+        }
         let (cluster, model) = ctx
             .deployment
             .as_deref()
@@ -575,6 +681,55 @@ impl ProxyHttp for Gateway {
 }
 
 impl Gateway {
+    /// A rate limit's refusal as a 429 (and counted).
+    fn limited(&self, check: Result<(), Limited>) -> Result<(), ApiError> {
+        check.map_err(|l| {
+            self.metrics
+                .rate_limited
+                .with_label_values(&[l.limit])
+                .inc();
+            errors::rate_limited(&l)
+        })
+    }
+
+    /// The usage record of a finished inference request.
+    fn usage_record(&self, ctx: &RequestCtx, status: u16, error: bool) -> Option<UsageRecord> {
+        let d = ctx.deployment.as_ref()?;
+        let identity = ctx.identity.as_ref()?;
+        let scanned = ctx.usage.as_ref();
+        let tokens = ctx
+            .cold_tokens
+            .or_else(|| scanned.map(UsageScanner::tokens))
+            .unwrap_or_default();
+        // A stream that stopped before its end (or any answer cut by an error) was cancelled.
+        let cancelled =
+            status == 200 && (error || (ctx.stream && !scanned.is_some_and(|s| s.finished)));
+        Some(UsageRecord {
+            request_id: ctx.request_id.clone(),
+            time_ms: ctx.arrived_ms,
+            user_id: identity.id.clone(),
+            username: identity.username.clone(),
+            cluster: d.cluster.clone(),
+            framework: d.framework.clone(),
+            model: d.model.clone(),
+            endpoint: ctx
+                .endpoint
+                .map(|e| e.path().to_string())
+                .unwrap_or_default(),
+            route: ctx.route_kind.to_string(),
+            status,
+            prompt_tokens: tokens.prompt,
+            completion_tokens: tokens.completion,
+            total_tokens: tokens.total,
+            ttft_ms: ctx.first_byte.map(|f| (f - ctx.started).as_millis() as u64),
+            duration_ms: ctx.started.elapsed().as_millis() as u64,
+            bytes_in: ctx.bytes_in,
+            bytes_out: ctx.bytes_out,
+            instance: ctx.instance.clone().unwrap_or_default(),
+            cancelled,
+        })
+    }
+
     fn count_retry(&self, ctx: &RequestCtx) {
         if let Some(d) = &ctx.deployment {
             self.metrics

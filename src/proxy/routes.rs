@@ -32,6 +32,8 @@ pub enum Read {
     Whoami,
     /// `GET /resource_server/{cluster}/jobs`
     Jobs { cluster: String },
+    /// `GET /resource_server/usage`: the caller's own totals.
+    Usage,
 }
 
 /// Why no route matched.
@@ -86,6 +88,7 @@ fn match_path(path: &str) -> Option<(Method, Route)> {
         }
         ["resource_server", "health"] => Some((Method::GET, Route::Read(Read::Health))),
         ["resource_server", "whoami"] => Some((Method::GET, Route::Read(Read::Whoami))),
+        ["resource_server", "usage"] => Some((Method::GET, Route::Read(Read::Usage))),
         ["resource_server", cluster, "jobs"] => Some((
             Method::GET,
             Route::Read(Read::Jobs {

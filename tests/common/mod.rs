@@ -130,6 +130,11 @@ impl Gateway {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The configuration file the gateway runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("gateway.yaml")
+    }
+
     /// The gateway's process id (for signals).
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -1,0 +1,86 @@
+//! Usage: one record per request (exact tokens from the backend's `usage`), written off the
+//! request path; per-user totals for `GET /resource_server/usage`; rate limits.
+
+mod limits;
+mod record;
+mod scan;
+pub mod sink;
+
+pub use limits::{Limited, Limits, MemoryLimits};
+pub use record::UsageRecord;
+pub use scan::{Tokens, UsageScanner};
+pub use sink::{MemorySink, SqliteSink, Totals, UsageSink};
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Requests and tokens per user and model since the store began (loaded at start, then kept
+/// up to date in memory, so answering a user never touches the database).
+#[derive(Default)]
+pub struct UsageTotals(Mutex<HashMap<(String, String), Totals>>);
+
+impl UsageTotals {
+    pub fn load(rows: Vec<Totals>) -> Self {
+        UsageTotals(Mutex::new(
+            rows.into_iter()
+                .map(|t| ((t.username.clone(), t.model.clone()), t))
+                .collect(),
+        ))
+    }
+
+    pub fn add(&self, r: &UsageRecord) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let t = map
+            .entry((r.username.clone(), r.model.clone()))
+            .or_insert_with(|| Totals {
+                username: r.username.clone(),
+                model: r.model.clone(),
+                ..Totals::default()
+            });
+        t.requests += 1;
+        t.prompt_tokens += r.prompt_tokens;
+        t.completion_tokens += r.completion_tokens;
+        t.total_tokens += r.total_tokens;
+    }
+
+    /// One user's totals per model.
+    pub fn of(&self, username: &str) -> Vec<Totals> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Totals> = map
+            .values()
+            .filter(|t| t.username == username)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.model.cmp(&b.model));
+        out
+    }
+}
+
+/// Everything the request path needs for usage: the sink, the totals, the limits and the
+/// access log settings.
+pub struct Accounting {
+    pub sink: Option<std::sync::Arc<dyn UsageSink>>,
+    pub totals: UsageTotals,
+    pub limits: Box<dyn Limits>,
+    pub access_log: crate::config::AccessLog,
+}
+
+impl Accounting {
+    /// Records a finished request: totals, token limits, the sink, the access log.
+    pub fn finish(&self, r: UsageRecord, prompt: Option<&[u8]>) {
+        self.totals.add(&r);
+        self.limits
+            .add_tokens(&r.username, &r.model, r.total_tokens);
+        if self.access_log.enabled {
+            let mut line = serde_json::to_value(&r).unwrap_or_default();
+            if let (true, Some(p)) = (self.access_log.log_prompts, prompt) {
+                line["request_body"] =
+                    serde_json::Value::String(String::from_utf8_lossy(p).into_owned());
+            }
+            log::info!(target: "firstgate::access", "{line}");
+        }
+        if let Some(sink) = &self.sink {
+            sink.record(r);
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Usage records with exact tokens, what clients see of the injected usage chunk, cancelled
+//! streams, rate limits, the store surviving kill -9, and the metrics.
+
+mod common;
+
+use common::*;
+use firstgate::sim::globus::{FakeClient, FakeUser, GlobusSim, Seed};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::process::Command;
+
+const LLAMA: &str = "meta-llama/Meta-Llama-3.1-8B-Instruct";
+
+fn store(gw: &Gateway) -> rusqlite::Connection {
+    let path = gw.config_path().with_file_name("firstgate-usage.db");
+    rusqlite::Connection::open(path).expect("the usage store exists")
+}
+
+fn count(gw: &Gateway, filter: &str) -> i64 {
+    store(gw)
+        .query_row(
+            &format!("SELECT COUNT(*) FROM usage WHERE {filter}"),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+}
+
+async fn post(gw: &Gateway, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth("tok")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `firstgate usage --json` for the gateway's configuration.
+fn usage_cli(gw: &Gateway) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_firstgate"))
+        .args(["usage", "--json", "--config"])
+        .arg(gw.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_exact_and_the_injected_usage_chunk_is_hidden() {
+    let chat = sim(&[LLAMA], |_| {}).await;
+    let gw = Gateway::start(&one_model("sophia", "vllm", LLAMA, &[chat.addr()])).await;
+
+    let resp = post(&gw, chat_body(LLAMA, false)).await;
+    assert!(resp.headers().contains_key("x-firstgate-overhead-ms"));
+    assert!(resp.headers().contains_key("x-request-id"));
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+
+    // A client that did not ask for usage gets none, though the gateway asked the backend.
+    let events = sse_events(post(&gw, chat_body(LLAMA, true)).await).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(
+        !events.iter().any(|e| e.contains("\"usage\"")),
+        "{events:?}"
+    );
+    let sent = chat.last_request_body().unwrap();
+    assert!(String::from_utf8_lossy(&sent).contains(r#""stream_options":{"include_usage":true}"#));
+
+    // A client that asked keeps its usage chunk.
+    let mut asked = chat_body(LLAMA, true);
+    asked["stream_options"] = json!({"include_usage": true});
+    let events = sse_events(post(&gw, asked).await).await;
+    let usage: Vec<Value> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|v| !v["usage"].is_null())
+        .collect();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["usage"]["completion_tokens"], 5);
+
+    // Three records, each with the backend's exact counts.
+    wait_for("three records in the store", || async {
+        (count(&gw, "1") == 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(
+            &gw,
+            "prompt_tokens = 5 AND completion_tokens = 5 AND total_tokens = 10"
+        ),
+        3
+    );
+    assert_eq!(
+        count(
+            &gw,
+            "cancelled = 0 AND status = 200 AND route = 'direct' AND cluster = 'sophia'"
+        ),
+        3
+    );
+    let totals = usage_cli(&gw);
+    assert_eq!(totals[0]["requests"], 3);
+    assert_eq!(totals[0]["total_tokens"], 30);
+    let mine: Value = reqwest::Client::new()
+        .get(gw.url("/resource_server/usage"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(mine["total"]["completion_tokens"], 15, "{mine}");
+
+    let metrics = gw.metrics().await;
+    let line = format!(
+        "firstgate_tokens_total{{cluster=\"sophia\",kind=\"completion\",model=\"{LLAMA}\"}} 15"
+    );
+    assert!(metrics.contains(&line), "{metrics}");
+    assert!(metrics.contains("firstgate_usage_records_written_total 3"));
+    assert!(metrics.contains("firstgate_usage_queue_depth 0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_is_recorded_with_the_tokens_so_far() {
+    let chat = sim(&[LLAMA], |c| c.itl = std::time::Duration::from_millis(30)).await;
+    let gw = Gateway::start(&one_model("sophia", "vllm", LLAMA, &[chat.addr()])).await;
+    let mut body = chat_body(LLAMA, true);
+    body["max_tokens"] = json!(200);
+    let mut stream = post(&gw, body).await.bytes_stream();
+    let mut seen = String::new();
+    while seen.matches("tok").count() < 3 {
+        seen.push_str(std::str::from_utf8(&stream.next().await.unwrap().unwrap()).unwrap());
+    }
+    drop(stream);
+    wait_for("the cancelled record", || async {
+        (count(
+            &gw,
+            "cancelled = 1 AND completion_tokens >= 3 AND completion_tokens < 200",
+        ) == 1)
+            .then_some(())
+    })
+    .await;
+}
+
+async fn globus_user() -> GlobusSim {
+    let seed = Seed {
+        clients: vec![FakeClient {
+            id: "gw".into(),
+            secret: "gw-secret".into(),
+        }],
+        users: vec![FakeUser::new("tok", "alice@anl.gov")],
+        ..Seed::default()
+    };
+    GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_limit_answers_429_then_recovers() {
+    let globus = globus_user().await;
+    let chat = sim(&[LLAMA], |_| {}).await;
+    let auth = format!(
+        "auth:\n  mode: globus\n  globus:\n    client_id: gw\n    client_secret_env: FG_TEST_SECRET\n    auth_url: {u}\n    groups_url: {u}\n",
+        u = globus.url()
+    );
+    let body = format!(
+        "limits:\n  requests_per_second: 3\n  ip_requests_per_second: 3\n  token_window: 2s\n\
+         clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n          - name: {LLAMA}\n\
+         \x20           backends: [{}]\n            tokens_per_minute_per_user: 10\n",
+        chat.addr()
+    );
+    let gw = Gateway::start_with(&auth, &body, &[("FG_TEST_SECRET", "gw-secret")]).await;
+    let models = || async {
+        reqwest::Client::new()
+            .get(gw.url("/v1/models"))
+            .bearer_auth("tok")
+            .send()
+            .await
+            .unwrap()
+    };
+
+    // Requests per second per user.
+    let statuses: Vec<u16> = futures_util::future::join_all((0..6).map(|_| models()))
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let limited = loop {
+        let r = models().await;
+        if r.status() == 429 {
+            break r;
+        }
+    };
+    assert!(limited.headers().contains_key("retry-after"));
+    let v: Value = limited.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("3 requests per second"));
+    wait_for("the user limit to recover", || async {
+        (models().await.status() == 200).then_some(())
+    })
+    .await;
+
+    // Tokens per window per user of a model: 10 used by the first request (5 + 5).
+    wait_for("a request inside the token budget", || async {
+        (post(&gw, chat_body(LLAMA, false)).await.status() == 200).then_some(())
+    })
+    .await;
+    // (Polling also meets the request limit; wait for the token limit's own answer.)
+    wait_for("the token limit", || async {
+        let r = post(&gw, chat_body(LLAMA, false)).await;
+        let v: Value = r.json().await.unwrap_or_default();
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tokens per minute per user"))
+            .then_some(())
+    })
+    .await;
+    wait_for("the token window to roll over", || async {
+        (post(&gw, chat_body(LLAMA, false)).await.status() == 200).then_some(())
+    })
+    .await;
+
+    // Per address on unauthenticated routes.
+    let health = || async {
+        reqwest::get(gw.url("/resource_server/health"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    wait_for("the address limit", || async {
+        (health().await == 429).then_some(())
+    })
+    .await;
+    wait_for("the address limit to recover", || async {
+        (health().await == 200).then_some(())
+    })
+    .await;
+
+    let metrics = gw.metrics().await;
+    for limit in [
+        "requests_per_second",
+        "tokens_per_minute_per_user",
+        "ip_requests_per_second",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "firstgate_rate_limited_total{{limit=\"{limit}\"}}"
+            )),
+            "{limit}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_records_survive_kill_9() {
+    let chat = sim(&[LLAMA], |_| {}).await;
+    let gw = Gateway::start(&format!(
+        "usage:\n  flush_interval: 100ms\n{}",
+        one_model("sophia", "vllm", LLAMA, &[chat.addr()])
+    ))
+    .await;
+    let n = 200;
+    let ok =
+        futures_util::future::join_all((0..n).map(|_| post(&gw, chat_body(LLAMA, false)))).await;
+    assert!(ok.iter().all(|r| r.status() == 200));
+    // Everything acknowledged is committed within the flush interval...
+    wait_for("the records to be committed", || async {
+        gw.metrics()
+            .await
+            .contains(&format!("firstgate_usage_records_written_total {n}"))
+            .then_some(())
+    })
+    .await;
+    // ...and a kill -9 then loses none of it.
+    let status = Command::new("kill")
+        .args(["-9", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("the gateway to die", || async {
+        std::net::TcpStream::connect(gw.addr).is_err().then_some(())
+    })
+    .await;
+    assert_eq!(count(&gw, "1"), n);
+}
