@@ -93,6 +93,15 @@ impl UsageScanner {
             self.finished = true;
             return true;
         }
+        // Most events are content chunks: recognise them without parsing the JSON.
+        if !data.contains("\"usage\"") {
+            let empty = data.contains("\"content\":\"\"") || data.contains("\"text\":\"\"");
+            let content = data.contains("\"content\":\"") || data.contains("\"text\":\"");
+            if content && !empty {
+                self.content_chunks += 1;
+            }
+            return true;
+        }
         let Ok(v) = serde_json::from_str::<Value>(data) else {
             return true;
         };

@@ -1,0 +1,707 @@
+//! `firstgate-bench`: the side-by-side load harness behind `scripts/bench.sh`.
+//!
+//! Starts two simulated vLLM servers as processes (a zero-latency profile and a realistic one),
+//! the Globus stand-in in-process, and four targets: the simulator directly, firstgate with
+//! everything on (Globus auth with a warm cache, the example route policy, metrics, usage
+//! store, access log), firstgate with auth and usage off, and nginx as a plain reverse proxy.
+//! Then it measures, on loopback only and bounded in time: small non-streamed chats at fixed
+//! offered rates and at saturation, and concurrent streams (time to first token, gaps between
+//! chunks, memory per stream). Prints a table and writes JSON under `target/bench/`.
+
+use clap::Parser;
+use firstgate::sim::globus::{FakeClient, FakeUser, GlobusSim, Seed};
+use futures_util::StreamExt;
+use serde::Serialize;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "firstgate-bench",
+    about = "Side-by-side load harness (loopback only)"
+)]
+struct Cli {
+    /// Directory of the release binaries.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// nginx executable.
+    #[arg(long, default_value = "nginx")]
+    nginx: String,
+    /// Length of each fixed-rate and saturation run.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Offered rates (requests per second) of the fixed-rate runs.
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000")]
+    rates: Vec<u64>,
+    /// Concurrent streams (realistic profile).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
+    streams: Vec<usize>,
+    /// Workers of the saturation run.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A child process killed when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// CPU seconds (user + system) of a process, its threads and its child processes (nginx's
+/// workers), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    std::iter::once(pid)
+        .chain(children(pid))
+        .map(own_cpu_seconds)
+        .sum()
+}
+
+fn own_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Resident memory now and at peak, in KiB, with child processes.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    std::iter::once(pid)
+        .chain(children(pid))
+        .map(own_rss_kib)
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+fn own_rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn wait_listening(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// One target: how to reach each profile, and the process to account CPU and memory to.
+struct Target {
+    name: &'static str,
+    base: String,
+    /// `model` per profile (firstgate routes by model) and the path prefix (nginx by path).
+    fast: (&'static str, &'static str),
+    real: (&'static str, &'static str),
+    pid: Option<u32>,
+    token: Option<&'static str>,
+}
+
+impl Target {
+    fn url(&self, realistic: bool) -> String {
+        let (_, prefix) = if realistic { self.real } else { self.fast };
+        format!("{}{prefix}/v1/chat/completions", self.base)
+    }
+
+    fn model(&self, realistic: bool) -> &'static str {
+        if realistic {
+            self.real.0
+        } else {
+            self.fast.0
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct RunResult {
+    target: String,
+    scenario: String,
+    completed: u64,
+    errors: u64,
+    achieved_rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// Streams only: time to first token and gaps between chunks.
+    ttft_p50_ms: Option<f64>,
+    ttft_p99_ms: Option<f64>,
+    gap_p99_ms: Option<f64>,
+    cpu_s_per_1k: Option<f64>,
+    peak_rss_mib: Option<f64>,
+    /// Streams only: resident memory added per open stream.
+    kib_per_stream: Option<f64>,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn body(model: &str, stream: bool, max_tokens: u32) -> String {
+    serde_json::json!({"model": model, "stream": stream, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Say hello to the benchmark."}]})
+    .to_string()
+}
+
+fn request(
+    client: &reqwest::Client,
+    t: &Target,
+    realistic: bool,
+    stream: bool,
+    max_tokens: u32,
+) -> reqwest::RequestBuilder {
+    let mut r = client
+        .post(t.url(realistic))
+        .header("content-type", "application/json")
+        .body(body(t.model(realistic), stream, max_tokens));
+    if let Some(tok) = t.token {
+        r = r.bearer_auth(tok);
+    }
+    r
+}
+
+/// Open-loop: requests sent on schedule whatever the answers do; latency counts from the
+/// intended send time (no coordinated omission).
+async fn fixed_rate(
+    client: &reqwest::Client,
+    t: &Target,
+    rate: u64,
+    duration: Duration,
+) -> RunResult {
+    let started = Instant::now();
+    let total = (rate as f64 * duration.as_secs_f64()) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut handles = Vec::with_capacity(total as usize);
+    let cpu0 = t.pid.map(cpu_seconds);
+    for i in 0..total {
+        let due = started + interval * i as u32;
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep(due - now).await;
+        }
+        let req = request(client, t, false, false, 8);
+        handles.push(tokio::spawn(async move {
+            let ok = match req.send().await {
+                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            (ok, due.elapsed().as_secs_f64() * 1000.0)
+        }));
+    }
+    summarize(t, format!("fixed {rate}/s"), handles, started, cpu0).await
+}
+
+/// Closed-loop: `concurrency` workers send as fast as answers come.
+async fn saturation(
+    client: &reqwest::Client,
+    t: &Target,
+    concurrency: usize,
+    duration: Duration,
+) -> RunResult {
+    let started = Instant::now();
+    let cpu0 = t.pid.map(cpu_seconds);
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let url = t.url(false);
+        let model = t.model(false);
+        let token = t.token;
+        workers.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            while started.elapsed() < duration {
+                let t0 = Instant::now();
+                let mut r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body(model, false, 8));
+                if let Some(tok) = token {
+                    r = r.bearer_auth(tok);
+                }
+                let ok = match r.send().await {
+                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                out.push((ok, t0.elapsed().as_secs_f64() * 1000.0));
+            }
+            out
+        }));
+    }
+    let mut samples = Vec::new();
+    for w in workers {
+        samples.extend(w.await.unwrap_or_default());
+    }
+    let handles = samples
+        .into_iter()
+        .map(|s| tokio::spawn(async move { s }))
+        .collect();
+    summarize(
+        t,
+        format!("saturation x{concurrency}"),
+        handles,
+        started,
+        cpu0,
+    )
+    .await
+}
+
+async fn summarize(
+    t: &Target,
+    scenario: String,
+    handles: Vec<tokio::task::JoinHandle<(bool, f64)>>,
+    started: Instant,
+    cpu0: Option<f64>,
+) -> RunResult {
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        match h.await {
+            Ok((true, ms)) => lat.push(ms),
+            _ => errors += 1,
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let completed = lat.len() as u64;
+    RunResult {
+        target: t.name.into(),
+        scenario,
+        completed,
+        errors,
+        achieved_rps: completed as f64 / elapsed,
+        p50_ms: pct(&lat, 0.5),
+        p99_ms: pct(&lat, 0.99),
+        max_ms: lat.last().copied().unwrap_or(0.0),
+        cpu_s_per_1k: t
+            .pid
+            .zip(cpu0)
+            .map(|(p, c0)| (cpu_seconds(p) - c0) / completed.max(1) as f64 * 1000.0),
+        peak_rss_mib: t.pid.map(|p| rss_kib(p).1 as f64 / 1024.0),
+        ..RunResult::default()
+    }
+}
+
+/// `n` streams at once on the realistic profile.
+async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
+    let started = Instant::now();
+    let cpu0 = t.pid.map(cpu_seconds);
+    let rss0 = t.pid.map(|p| rss_kib(p).0);
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..n {
+        let req = request(client, t, true, true, 20);
+        handles.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let resp = match req.send().await {
+                Ok(r) if r.status().is_success() => r,
+                _ => return None,
+            };
+            let mut body = resp.bytes_stream();
+            let mut ttft = None;
+            let mut last = Instant::now();
+            let mut gaps = Vec::new();
+            let mut done = false;
+            while let Some(chunk) = body.next().await {
+                let Ok(chunk) = chunk else { break };
+                let now = Instant::now();
+                if ttft.is_none() && chunk.windows(6).any(|w| w == b"\"tok0 ") {
+                    ttft = Some(t0.elapsed().as_secs_f64() * 1000.0);
+                } else if ttft.is_some() {
+                    gaps.push(now.duration_since(last).as_secs_f64() * 1000.0);
+                }
+                last = now;
+                done |= chunk.windows(6).any(|w| w == b"[DONE]");
+            }
+            done.then(|| {
+                (
+                    t0.elapsed().as_secs_f64() * 1000.0,
+                    ttft.unwrap_or(0.0),
+                    gaps,
+                )
+            })
+        }));
+    }
+    // Memory while the streams are in flight: the largest resident size seen.
+    if let Some(pid) = t.pid {
+        let peak = peak.clone();
+        let sampler = tokio::spawn(async move {
+            let mut best = 0;
+            // Long enough for the largest run (5,000 streams take about 3 s here).
+            for _ in 0..500 {
+                best = best.max(rss_kib(pid).0);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            peak.store(best, std::sync::atomic::Ordering::Relaxed);
+        });
+        let _ = sampler.await;
+    }
+    let mut lat = Vec::new();
+    let mut ttfts = Vec::new();
+    let mut gaps = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        match h.await {
+            Ok(Some((total, ttft, g))) => {
+                lat.push(total);
+                ttfts.push(ttft);
+                gaps.extend(g);
+            }
+            _ => errors += 1,
+        }
+    }
+    // Streams start together: their rate is over the time until the last one ended.
+    let elapsed = lat.iter().copied().fold(0.0, f64::max).max(1.0) / 1000.0;
+    let _ = started;
+    for v in [&mut lat, &mut ttfts, &mut gaps] {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
+    let rss_peak = peak.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    RunResult {
+        target: t.name.into(),
+        scenario: format!("{n} streams"),
+        completed: lat.len() as u64,
+        errors,
+        achieved_rps: lat.len() as f64 / elapsed,
+        p50_ms: pct(&lat, 0.5),
+        p99_ms: pct(&lat, 0.99),
+        max_ms: lat.last().copied().unwrap_or(0.0),
+        ttft_p50_ms: Some(pct(&ttfts, 0.5)),
+        ttft_p99_ms: Some(pct(&ttfts, 0.99)),
+        gap_p99_ms: Some(pct(&gaps, 0.99)),
+        cpu_s_per_1k: t
+            .pid
+            .zip(cpu0)
+            .map(|(p, c0)| (cpu_seconds(p) - c0) / lat.len().max(1) as f64 * 1000.0),
+        peak_rss_mib: t.pid.map(|p| rss_kib(p).1 as f64 / 1024.0),
+        kib_per_stream: rss0
+            .filter(|_| rss_peak > 0.0)
+            .map(|r0| (rss_peak - r0 as f64).max(0.0) / n as f64),
+    }
+}
+
+fn start_sim(
+    bin: &Path,
+    addr: SocketAddr,
+    model: &str,
+    ttft: u64,
+    itl: u64,
+) -> anyhow::Result<Proc> {
+    let child = Command::new(bin.join("firstgate-sim"))
+        .args(["vllm", "--listen", &addr.to_string(), "--model", model])
+        .args(["--ttft-ms", &ttft.to_string(), "--itl-ms", &itl.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(Proc { child })
+}
+
+fn start_gateway(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    body: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr = free_addr();
+    let admin = free_addr();
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        format!("listen: {addr}\nadmin_listen: {admin}\nthreads: 2\n{body}"),
+    )?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = Command::new(bin.join("firstgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn,firstgate::access=info")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    Ok((Proc { child }, addr))
+}
+
+fn start_nginx(
+    nginx: &str,
+    dir: &Path,
+    fast: SocketAddr,
+    real: SocketAddr,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr = free_addr();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
+             events {{ worker_connections 20000; }}\nworker_rlimit_nofile 40000;\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
+             \x20 upstream fast {{ server {fast}; keepalive 256; }}\n  upstream real {{ server {real}; keepalive 256; }}\n\
+             \x20 server {{\n    listen {addr};\n    client_max_body_size 20m;\n\
+             \x20   location /fast/ {{ proxy_pass http://fast/; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }}\n\
+             \x20   location /real/ {{ proxy_pass http://real/; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }}\n\
+             \x20 }}\n}}\n",
+            dir = dir.display()
+        ),
+    )?;
+    let child = Command::new(nginx)
+        .args(["-c"])
+        .arg(&conf)
+        .args(["-p"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok((Proc { child }, addr))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let dir = tempfile_dir()?;
+    let bin = cli.bin_dir.clone();
+    let (fast, real) = (free_addr(), free_addr());
+    let _sim_fast = start_sim(&bin, fast, "fast", 0, 0)?;
+    let _sim_real = start_sim(&bin, real, "real", 50, 10)?;
+    wait_listening(fast, "the fast simulator").await?;
+    wait_listening(real, "the realistic simulator").await?;
+
+    let globus = GlobusSim::start(
+        "127.0.0.1:0".parse()?,
+        Seed {
+            clients: vec![FakeClient {
+                id: "bench".into(),
+                secret: "bench-secret".into(),
+            }],
+            users: vec![FakeUser::new("bench-token", "bench@anl.gov")],
+            ..Seed::default()
+        },
+    )
+    .await?;
+    let models = format!(
+        "clusters:\n  local:\n    frameworks:\n      vllm:\n        models:\n\
+         \x20         - name: fast\n            backends: [{fast}]\n\
+         \x20         - name: real\n            backends: [{real}]\n"
+    );
+    let policy = std::fs::canonicalize("conf/policies/prefer-hot.rhai")?;
+    let full = format!(
+        "auth:\n  mode: globus\n  globus:\n    client_id: bench\n    client_secret_env: FG_BENCH_SECRET\n\
+         \x20   auth_url: {u}\n    groups_url: {u}\n  rules:\n    allowed_domains: [anl.gov]\n\
+         limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n\
+         policies:\n  route: {policy}\nusage:\n  store: {store}\n{models}",
+        u = globus.url(),
+        policy = policy.display(),
+        store = dir.join("usage.db").display()
+    );
+    let lite = format!(
+        "auth:\n  mode: none\nlimits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n\
+         usage:\n  store: null\naccess_log:\n  enabled: false\n{models}"
+    );
+    let (gw_full, full_addr) = start_gateway(
+        &bin,
+        &dir,
+        "firstgate-full",
+        &full,
+        &[("FG_BENCH_SECRET", "bench-secret")],
+    )?;
+    let (gw_lite, lite_addr) = start_gateway(&bin, &dir, "firstgate-lite", &lite, &[])?;
+    let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, fast, real)?;
+    for (a, what) in [
+        (full_addr, "firstgate (full)"),
+        (lite_addr, "firstgate (lite)"),
+        (ngx_addr, "nginx"),
+    ] {
+        wait_listening(a, what).await?;
+    }
+
+    let targets = [
+        Target {
+            name: "direct",
+            base: format!("http://{fast}"),
+            fast: ("fast", ""),
+            real: ("real", ""),
+            pid: None,
+            token: None,
+        },
+        Target {
+            name: "nginx",
+            base: format!("http://{ngx_addr}"),
+            fast: ("fast", "/fast"),
+            real: ("real", "/real"),
+            pid: Some(ngx.pid()),
+            token: None,
+        },
+        Target {
+            name: "firstgate-lite",
+            base: format!("http://{lite_addr}"),
+            fast: ("fast", ""),
+            real: ("real", ""),
+            pid: Some(gw_lite.pid()),
+            token: None,
+        },
+        Target {
+            name: "firstgate-full",
+            base: format!("http://{full_addr}"),
+            fast: ("fast", ""),
+            real: ("real", ""),
+            pid: Some(gw_full.pid()),
+            token: Some("bench-token"),
+        },
+    ];
+    // Direct to the realistic simulator needs its own base.
+    let direct_real = Target {
+        name: "direct",
+        base: format!("http://{real}"),
+        fast: ("fast", ""),
+        real: ("real", ""),
+        pid: None,
+        token: None,
+    };
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(20_000)
+        .build()?;
+    // Warm up: connections, the token cache, the policy engine.
+    for t in &targets {
+        for _ in 0..50 {
+            let r = request(&client, t, false, false, 4).send().await?;
+            anyhow::ensure!(
+                r.status().is_success(),
+                "{} answered {} while warming up",
+                t.name,
+                r.status()
+            );
+        }
+    }
+
+    let mut results = Vec::new();
+    for t in &targets {
+        for rate in &cli.rates {
+            results.push(fixed_rate(&client, t, *rate, cli.duration).await);
+        }
+        results.push(saturation(&client, t, cli.concurrency, cli.duration).await);
+        for n in &cli.streams {
+            let st = if t.name == "direct" { &direct_real } else { t };
+            let mut r = streams(&client, st, *n).await;
+            r.target = t.name.into();
+            results.push(r);
+        }
+        eprintln!("done: {}", t.name);
+    }
+    report(&results, &cli.out)?;
+    drop((gw_full, gw_lite, ngx));
+    Ok(())
+}
+
+/// Child process ids (nginx workers).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("firstgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn report(results: &[RunResult], out: &Path) -> anyhow::Result<()> {
+    println!(
+        "{:<15} {:<18} {:>9} {:>6} {:>9} {:>9} {:>9} {:>11} {:>9} {:>9} {:>9} {:>8}",
+        "target",
+        "scenario",
+        "req/s",
+        "errs",
+        "p50 ms",
+        "p99 ms",
+        "+p50 ms",
+        "vs nginx",
+        "ttft p50",
+        "gap p99",
+        "cpu/1k",
+        "MiB"
+    );
+    for r in results {
+        let direct = results
+            .iter()
+            .find(|d| d.target == "direct" && d.scenario == r.scenario);
+        let nginx = results
+            .iter()
+            .find(|d| d.target == "nginx" && d.scenario == r.scenario);
+        let added = direct.map_or(0.0, |d| r.p50_ms - d.p50_ms);
+        let ratio = nginx.map_or(String::new(), |n| {
+            format!("{:.2}x", r.achieved_rps / n.achieved_rps.max(1e-9))
+        });
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        println!(
+            "{:<15} {:<18} {:>9.0} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>11} {:>9} {:>9} {:>9} {:>8}",
+            r.target,
+            r.scenario,
+            r.achieved_rps,
+            r.errors,
+            r.p50_ms,
+            r.p99_ms,
+            added,
+            ratio,
+            opt(r.ttft_p50_ms),
+            opt(r.gap_p99_ms),
+            opt(r.cpu_s_per_1k),
+            opt(r.peak_rss_mib)
+        );
+    }
+    let per_stream: Vec<String> = results
+        .iter()
+        .filter_map(|r| {
+            r.kib_per_stream
+                .map(|k| format!("{} {}: {k:.1} KiB/stream", r.target, r.scenario))
+        })
+        .collect();
+    if !per_stream.is_empty() {
+        println!("\nmemory per open stream: {}", per_stream.join("; "));
+    }
+    std::fs::create_dir_all(out)?;
+    let path = out.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(results)?)?;
+    println!("\nJSON: {}", path.display());
+    Ok(())
+}
