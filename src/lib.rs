@@ -14,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod openai;
+pub mod outbound;
 pub mod policy;
 pub mod proxy;
 pub mod server;

@@ -5,6 +5,7 @@
 //! honoured, bounded because a request is waiting.
 
 use crate::config::GlobusAuthConfig;
+use crate::outbound::describe;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -311,17 +312,6 @@ fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
         .parse()
         .ok()?;
     Some(Duration::from_secs(secs))
-}
-
-/// A short description of a transport error (tokens travel in bodies, never in URLs).
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        "connection failed".into()
-    } else {
-        e.to_string()
-    }
 }
 
 async fn json<T: serde::de::DeserializeOwned>(

@@ -80,6 +80,16 @@ pub struct JobInfo {
     pub walltime_left: Option<(u64, std::time::Instant)>,
 }
 
+impl LiveState {
+    /// Seconds until the job of the instance `id` (`host:port`) ends, if it runs in one.
+    pub fn ends_in(&self, id: &str) -> Option<i64> {
+        self.jobs
+            .iter()
+            .find(|j| j.host.as_deref() == Some(id))
+            .and_then(JobInfo::ends_in)
+    }
+}
+
 impl JobInfo {
     /// Seconds until the job ends, now.
     pub fn ends_in(&self) -> Option<i64> {

@@ -6,6 +6,7 @@
 
 use super::serialize::{decode_result, task_payload};
 use crate::config::ComputeConfig;
+use crate::outbound::describe;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -491,16 +492,6 @@ fn task_outcome(id: &str, doc: &Value) -> Result<Value, ComputeError> {
             task: id.to_string(),
             exception,
         })
-    }
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        "connection failed".into()
-    } else {
-        e.to_string()
     }
 }
 

@@ -42,11 +42,6 @@ pub struct ControlFields {
 }
 
 impl ControlFields {
-    /// The body with `model` replaced by `name`; everything else byte for byte.
-    pub fn with_model(&self, body: &Bytes, name: &str) -> Bytes {
-        self.rewrite(body, Some(name), false)
-    }
-
     /// The body with `model` replaced (if `name` is given) and, if `inject_usage`,
     /// `"stream_options":{"include_usage":true}` added as the first member; every other byte
     /// unchanged.
@@ -234,11 +229,18 @@ mod tests {
             br#"{ "temperature" : 0.70, "model" :  "Llama" , "messages":[{"content":"model"}]}"#,
         );
         let c = parse_control_fields(&body, Endpoint::ChatCompletions).unwrap();
-        let out = c.with_model(&body, "meta/llama \"8b\"");
+        let out = c.rewrite(&body, Some("meta/llama \"8b\""), false);
         assert_eq!(
             &out[..],
             &br#"{ "temperature" : 0.70, "model" :  "meta/llama \"8b\"" , "messages":[{"content":"model"}]}"#[..]
         );
+        // Asking for usage adds one member in front; the rest is unchanged.
+        let out = c.rewrite(&body, None, true);
+        assert_eq!(
+            &out[..],
+            &br#"{"stream_options":{"include_usage":true}, "temperature" : 0.70, "model" :  "Llama" , "messages":[{"content":"model"}]}"#[..]
+        );
+        assert!(!c.has_stream_options && !c.include_usage);
     }
 
     #[test]

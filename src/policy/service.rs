@@ -5,7 +5,7 @@
 use super::scale::{ScaleInput, ScaleInstance};
 use super::view::{Candidate, Candidates, DeploymentState, InstanceView};
 use super::{Hook, PolicyStore, Reload};
-use crate::catalog::{Catalog, Deployment, JobInfo, JobState};
+use crate::catalog::{Catalog, Deployment, JobState};
 use crate::metrics::Metrics;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -29,11 +29,7 @@ pub fn candidates_of(deployments: &[Arc<Deployment>]) -> Candidates {
                     .into_iter()
                     .map(|(i, healthy)| {
                         let id = i.id();
-                        let ends_in = live
-                            .jobs
-                            .iter()
-                            .find(|j| j.host.as_deref() == Some(id.as_str()))
-                            .and_then(JobInfo::ends_in);
+                        let ends_in = live.ends_in(&id);
                         InstanceView {
                             healthy,
                             in_flight: i.in_flight() as i64,
@@ -250,11 +246,7 @@ impl ScaleRunner {
                     continue;
                 }
                 let id = i.id();
-                let ends_in = live
-                    .jobs
-                    .iter()
-                    .find(|j| j.host.as_deref() == Some(id.as_str()))
-                    .and_then(JobInfo::ends_in);
+                let ends_in = live.ends_in(&id);
                 input.instances.push(ScaleInstance {
                     id,
                     cluster: d.cluster.clone(),
