@@ -321,7 +321,6 @@ async fn summarize(
 
 /// `n` streams at once on the realistic profile.
 async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
-    let started = Instant::now();
     let cpu0 = t.pid.map(cpu_seconds);
     let rss0 = t.pid.map(|p| rss_kib(p).0);
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -389,7 +388,6 @@ async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
     }
     // Streams start together: their rate is over the time until the last one ended.
     let elapsed = lat.iter().copied().fold(0.0, f64::max).max(1.0) / 1000.0;
-    let _ = started;
     for v in [&mut lat, &mut ttfts, &mut gaps] {
         v.sort_by(|a, b| a.total_cmp(b));
     }
