@@ -625,6 +625,7 @@ async fn main() -> anyhow::Result<()> {
     }
     report(&results, &cli.out)?;
     drop((gw_full, gw_lite, ngx));
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
