@@ -176,37 +176,51 @@ pub fn check_groups_and_name(identity: &Identity, rules: &AccessRules) -> Result
     Ok(())
 }
 
-/// Per-cluster or per-model access list.
-pub fn check_access(identity: &Identity, acl: &AccessList, what: &str) -> Result<(), AuthError> {
+/// The rule of `acl` that refuses `identity`, if any (no allocation: the request path calls
+/// this for every candidate deployment).
+fn refusal(identity: &Identity, acl: &AccessList) -> Option<&'static str> {
     if !acl.allowed_domains.is_empty()
         && !acl
             .allowed_domains
             .iter()
             .any(|d| d.eq_ignore_ascii_case(&identity.domain))
     {
-        return Err(AuthError::forbidden(
-            "allowed_domains",
-            format!(
-                "Permission denied: {what} is restricted to users from {}.",
-                acl.allowed_domains.join(", ")
-            ),
-        ));
+        return Some("allowed_domains");
     }
     if !acl.allowed_groups.is_empty() && !in_any(identity, &acl.allowed_groups) {
-        return Err(AuthError::forbidden(
-            "allowed_groups",
-            format!(
-                "Permission denied: {what} is restricted to members of the Globus groups {}.",
-                acl.allowed_groups.join(", ")
-            ),
-        ));
+        return Some("allowed_groups");
     }
-    Ok(())
+    None
+}
+
+/// Per-cluster or per-model access list; `what` names the resource in the refusal.
+pub fn check_access(
+    identity: &Identity,
+    acl: &AccessList,
+    what: impl FnOnce() -> String,
+) -> Result<(), AuthError> {
+    let Some(rule) = refusal(identity, acl) else {
+        return Ok(());
+    };
+    let message = if rule == "allowed_domains" {
+        format!(
+            "Permission denied: {} is restricted to users from {}.",
+            what(),
+            acl.allowed_domains.join(", ")
+        )
+    } else {
+        format!(
+            "Permission denied: {} is restricted to members of the Globus groups {}.",
+            what(),
+            acl.allowed_groups.join(", ")
+        )
+    };
+    Err(AuthError::forbidden(rule, message))
 }
 
 /// Whether the identity passes a list (for filtering listings).
 pub fn may_see(identity: &Identity, acl: &AccessList) -> bool {
-    acl.is_open() || check_access(identity, acl, "").is_ok()
+    refusal(identity, acl).is_none()
 }
 
 fn in_any(identity: &Identity, groups: &[String]) -> bool {

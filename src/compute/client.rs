@@ -30,8 +30,6 @@ pub enum ComputeError {
     Unreachable(String),
     #[error("Globus Compute answered HTTP {status}: {message}")]
     Refused { status: u16, message: String },
-    #[error("endpoint {0} is offline")]
-    Offline(String),
     #[error("task {0} did not finish in time")]
     TimedOut(String),
     #[error("task {task} failed: {exception}")]

@@ -145,12 +145,6 @@ pub struct AccessList {
     pub allowed_domains: Vec<String>,
 }
 
-impl AccessList {
-    pub fn is_open(&self) -> bool {
-        self.allowed_groups.is_empty() && self.allowed_domains.is_empty()
-    }
-}
-
 mod defaults {
     use std::time::Duration;
     pub fn auth_url() -> String {

@@ -103,7 +103,8 @@ pub async fn answer_json(
 }
 
 /// Answers a streamed request: the header at once, keep-alive comments while the task runs,
-/// then the completion as chunks, or the error as an SSE error event.
+/// then the completion as chunks, or the error as an SSE error event. Returns the completion's
+/// usage, if one came.
 pub async fn answer_stream(
     session: &mut Session,
     cold: &ColdPath,
@@ -111,8 +112,7 @@ pub async fn answer_stream(
     task: &str,
     endpoint: Endpoint,
     include_usage: bool,
-    tokens: &mut Option<Tokens>,
-) -> pingora::Result<()> {
+) -> pingora::Result<Option<Tokens>> {
     let mut resp = ResponseHeader::build(200, Some(5))?;
     resp.insert_header("content-type", "text/event-stream; charset=utf-8")?;
     resp.insert_header("cache-control", "no-cache")?;
@@ -135,16 +135,20 @@ pub async fn answer_stream(
             }
         }
     };
-    let events = match outcome {
-        Ok(completion) => {
-            *tokens = Some(tokens_of(&completion));
-            chunks(&completion, endpoint, include_usage)
-        }
-        Err(e) => format!("data: {}\n\n", String::from_utf8_lossy(&e.body())),
+    let (events, tokens) = match outcome {
+        Ok(completion) => (
+            chunks(&completion, endpoint, include_usage),
+            Some(tokens_of(&completion)),
+        ),
+        Err(e) => (
+            format!("data: {}\n\n", String::from_utf8_lossy(&e.body())),
+            None,
+        ),
     };
     session
         .write_response_body(Some(Bytes::from(events + "data: [DONE]\n\n")), true)
-        .await
+        .await?;
+    Ok(tokens)
 }
 
 /// The completion's usage.
@@ -222,7 +226,6 @@ fn endpoint_offline(d: &Deployment) -> ApiError {
 /// What the client is told about a Compute failure (details go to the log only).
 fn compute_error(e: &ComputeError, d: &Deployment) -> ApiError {
     match e {
-        ComputeError::Offline(_) => endpoint_offline(d),
         ComputeError::TimedOut(task) => ApiError::new(
             504,
             "compute_timeout",

@@ -243,18 +243,16 @@ impl Gateway {
         let task = cold::submit(cold_path, &req.deployment, req.endpoint, &req.body).await?;
         ctx.answered = true;
         let written = if req.stream {
-            let include_usage = serde_json::from_slice::<serde_json::Value>(&req.body)
-                .is_ok_and(|v| v["stream_options"]["include_usage"] == true);
             cold::answer_stream(
                 session,
                 cold_path,
                 &req.deployment,
                 &task,
                 req.endpoint,
-                include_usage,
-                &mut ctx.cold_tokens,
+                req.include_usage,
             )
             .await
+            .map(|tokens| ctx.cold_tokens = tokens)
         } else {
             match cold::completion(cold_path, &req.deployment, &task).await {
                 Ok(c) => {
@@ -327,8 +325,6 @@ impl Gateway {
             .prompt_bytes
             .fetch_add(body.len() as u64, Ordering::Relaxed);
         ctx.bytes_in = body.len() as u64;
-        // Streams report usage in a last chunk only when asked: ask for clients that did not
-        // (and hide that chunk from them); respect clients that set stream_options themselves.
         let rename = (control.model != deployment.backend_model)
             .then_some(deployment.backend_model.as_str());
         ctx.endpoint = Some(endpoint);
@@ -356,8 +352,11 @@ impl Gateway {
                 endpoint,
                 body,
                 stream: control.stream,
+                include_usage: control.include_usage,
             }));
         };
+        // Streams report usage in a last chunk only when asked: ask for clients that did not
+        // (and hide that chunk from them); respect clients that set stream_options themselves.
         let inject = control.stream && !control.has_stream_options;
         let body = if rename.is_some() || inject {
             control.rewrite(&body, rename, inject)
@@ -394,6 +393,8 @@ struct ColdRequest {
     /// The body with the backend's model name.
     body: Bytes,
     stream: bool,
+    /// The client asked for the usage chunk.
+    include_usage: bool,
 }
 
 #[async_trait]

@@ -31,18 +31,15 @@ pub struct Asked<'a> {
     pub body_len: usize,
 }
 
+/// Whether `identity` may use `d`; the error names the rule that failed.
 pub fn check_access(identity: &Identity, d: &Deployment) -> Result<(), ApiError> {
-    rules::check_access(
-        identity,
-        &d.cluster_access,
-        &format!("cluster '{}'", d.cluster),
-    )
+    rules::check_access(identity, &d.cluster_access, || {
+        format!("cluster '{}'", d.cluster)
+    })
     .and_then(|()| {
-        rules::check_access(
-            identity,
-            &d.model_access,
-            &format!("model '{}' on cluster '{}'", d.model, d.cluster),
-        )
+        rules::check_access(identity, &d.model_access, || {
+            format!("model '{}' on cluster '{}'", d.model, d.cluster)
+        })
     })
     .map_err(errors::auth)
 }
@@ -77,25 +74,37 @@ pub fn route(
         check_access(identity, &all[0])?;
         return Err(errors::endpoint_not_offered(&all[0], asked.endpoint));
     }
+    // The user and the headers are copied only for a script; the built-in rule needs neither.
+    let scripted = policies.route.is_some();
     let req = Arc::new(RouteRequest {
         model: all[0].model.clone(),
         endpoint: asked.endpoint.path().to_string(),
         stream: asked.stream,
         cluster: asked.cluster.unwrap_or_default().to_string(),
         framework: asked.framework.unwrap_or_default().to_string(),
-        user: UserView {
-            id: identity.id.clone(),
-            username: identity.username.clone(),
-            domain: identity.domain.clone(),
-            groups: identity.groups.clone(),
+        user: if scripted {
+            UserView {
+                id: identity.id.clone(),
+                username: identity.username.clone(),
+                domain: identity.domain.clone(),
+                groups: identity.groups.clone(),
+            }
+        } else {
+            UserView::default()
         },
         prompt_bytes: asked.body_len as i64,
-        headers: header
-            .headers
-            .iter()
-            .filter(|(name, _)| name.as_str().starts_with("x-"))
-            .filter_map(|(name, v)| Some((name.as_str().to_string(), v.to_str().ok()?.to_string())))
-            .collect(),
+        headers: if scripted {
+            header
+                .headers
+                .iter()
+                .filter(|(name, _)| name.as_str().starts_with("x-"))
+                .filter_map(|(name, v)| {
+                    Some((name.as_str().to_string(), v.to_str().ok()?.to_string()))
+                })
+                .collect()
+        } else {
+            Default::default()
+        },
     });
     let candidates = policy::candidates_of(&allowed);
     let decision = policies.route(&req, &candidates).map_err(|e| {

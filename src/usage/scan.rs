@@ -137,11 +137,6 @@ impl UsageScanner {
     pub fn strips(&self) -> bool {
         self.stream && self.strip_usage
     }
-
-    /// Whether the backend reported usage.
-    pub fn reported(&self) -> bool {
-        self.usage.is_some()
-    }
 }
 
 fn tokens_of(v: &Value) -> Option<Tokens> {
