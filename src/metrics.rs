@@ -63,29 +63,14 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let hist = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )
-            .expect("valid histogram");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            registered(&registry, HistogramVec::new(opts, labels))
         };
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            registered(&registry, IntCounterVec::new(Opts::new(name, help), labels))
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            registered(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
         let cm = &["cluster", "model"];
         Metrics {
@@ -162,27 +147,27 @@ impl Metrics {
                 "Requests answered 429 by a rate limit, by limit.",
                 &["limit"],
             ),
-            usage_queue: {
-                let g = IntGauge::new("firstgate_usage_queue_depth", "Usage records waiting to be written.")
-                    .expect("valid gauge");
-                registry.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            usage_written: {
-                let c = IntCounter::new("firstgate_usage_records_written_total", "Usage records committed to the store.")
-                    .expect("valid counter");
-                registry.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
-            usage_dropped: {
-                let c = IntCounter::new(
+            usage_queue: registered(
+                &registry,
+                IntGauge::new(
+                    "firstgate_usage_queue_depth",
+                    "Usage records waiting to be written.",
+                ),
+            ),
+            usage_written: registered(
+                &registry,
+                IntCounter::new(
+                    "firstgate_usage_records_written_total",
+                    "Usage records committed to the store.",
+                ),
+            ),
+            usage_dropped: registered(
+                &registry,
+                IntCounter::new(
                     "firstgate_usage_records_dropped_total",
                     "Usage records lost because the queue was full or the store failed.",
-                )
-                .expect("valid counter");
-                registry.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
+                ),
+            ),
             compute_tasks: counter(
                 "firstgate_compute_tasks_total",
                 "Globus Compute tasks of the cold path by outcome.",
@@ -205,6 +190,18 @@ impl Metrics {
             .expect("text encoding cannot fail");
         out
     }
+}
+
+/// Registers a metric whose definition is static (a failure is a programming error).
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("a valid metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("a unique metric name");
+    metric
 }
 
 impl Default for Metrics {

@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use firstgate::sim::vllm::VllmSim;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -180,22 +181,41 @@ async fn chat(gw: &Gateway, headers: &[(&str, &str)]) -> (u16, Value) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn edits_to_the_route_policy_apply_without_restart_and_broken_ones_are_refused() {
+/// A gateway whose route policy (first version: everything to `alpha`) sits in a file it
+/// watches every `watch_interval`, with clusters alpha and beta on their own simulators.
+async fn alpha_and_beta(
+    watch_interval: &str,
+) -> (
+    Gateway,
+    VllmSim,
+    VllmSim,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     let a = sim(&[LLAMA], |_| {}).await;
     let b = sim(&[LLAMA], |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("route.rhai");
     std::fs::write(&policy, route_to("alpha")).unwrap();
+    let cluster = |name: &str, backend: std::net::SocketAddr| {
+        format!(
+            "  {name}:\n    frameworks:\n      vllm:\n        models:\n\
+             \x20         - name: {LLAMA}\n            backends: [{backend}]\n"
+        )
+    };
     let gw = Gateway::start(&format!(
-        "policies:\n  route: {}\n  watch_interval: 100ms\n\
-         clusters:\n  alpha:\n    frameworks:\n      vllm:\n        models:\n          - name: {LLAMA}\n            backends: [{}]\n\
-         \x20 beta:\n    frameworks:\n      vllm:\n        models:\n          - name: {LLAMA}\n            backends: [{}]\n",
+        "policies:\n  route: {}\n  watch_interval: {watch_interval}\nclusters:\n{}{}",
         policy.display(),
-        a.addr(),
-        b.addr()
+        cluster("alpha", a.addr()),
+        cluster("beta", b.addr()),
     ))
     .await;
+    (gw, a, b, dir, policy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_to_the_route_policy_apply_without_restart_and_broken_ones_are_refused() {
+    let (gw, a, b, _dir, policy) = alpha_and_beta("100ms").await;
 
     for _ in 0..3 {
         assert_eq!(chat(&gw, &[]).await.0, 200);
@@ -251,20 +271,7 @@ async fn edits_to_the_route_policy_apply_without_restart_and_broken_ones_are_ref
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_policies_at_once() {
-    let a = sim(&[LLAMA], |_| {}).await;
-    let b = sim(&[LLAMA], |_| {}).await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("route.rhai");
-    std::fs::write(&policy, route_to("alpha")).unwrap();
-    let gw = Gateway::start(&format!(
-        "policies:\n  route: {}\n  watch_interval: 1h\n\
-         clusters:\n  alpha:\n    frameworks:\n      vllm:\n        models:\n          - name: {LLAMA}\n            backends: [{}]\n\
-         \x20 beta:\n    frameworks:\n      vllm:\n        models:\n          - name: {LLAMA}\n            backends: [{}]\n",
-        policy.display(),
-        a.addr(),
-        b.addr()
-    ))
-    .await;
+    let (gw, _a, b, _dir, policy) = alpha_and_beta("1h").await;
     assert_eq!(chat(&gw, &[]).await.0, 200);
     replace(&policy, &route_to("beta"));
     let status = Command::new("kill")

@@ -495,7 +495,12 @@ fn task_outcome(id: &str, doc: &Value) -> Result<Value, ComputeError> {
 
 /// A random (version 4) uuid.
 pub fn uuid() -> String {
-    let h = format!("{:032x}", fastrand::u128(..));
+    uuid_from_bits(fastrand::u128(..))
+}
+
+/// 128 bits in the uuid text form, marked as version 4, variant 1.
+pub fn uuid_from_bits(bits: u128) -> String {
+    let h = format!("{bits:032x}");
     format!(
         "{}-{}-4{}-a{}-{}",
         &h[0..8],

@@ -294,36 +294,24 @@ impl BackgroundService for TaskPoller {
 pub struct ScaleExecutor {
     client: Arc<ComputeClient>,
     /// Starts requested per deployment (by pointer) and not yet seen in a status report.
-    pending: Mutex<PendingStarts>,
+    pending: Arc<Mutex<PendingStarts>>,
 }
 
 /// Per deployment (by pointer): the job id once known, and when the start was asked.
 type PendingStarts = HashMap<usize, Vec<(Option<String>, Instant)>>;
 
-impl crate::policy::ScaleActuator for Arc<ScaleExecutor> {
-    fn start(&self, d: &Arc<Deployment>, count: u32) {
-        ScaleExecutor::start(self, d, count)
-    }
-
-    fn stop(&self, d: &Arc<Deployment>, instance: &str) {
-        ScaleExecutor::stop(self, d, instance)
-    }
-
-    fn pending_starts(&self, d: &Arc<Deployment>) -> usize {
-        ScaleExecutor::pending_starts(self, d)
+impl ScaleExecutor {
+    pub fn new(client: Arc<ComputeClient>) -> Self {
+        ScaleExecutor {
+            client,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 }
 
-impl ScaleExecutor {
-    pub fn new(client: Arc<ComputeClient>) -> Arc<Self> {
-        Arc::new(ScaleExecutor {
-            client,
-            pending: Mutex::new(HashMap::new()),
-        })
-    }
-
+impl crate::policy::ScaleActuator for ScaleExecutor {
     /// Instances requested for `d` that no report shows yet.
-    pub fn pending_starts(&self, d: &Arc<Deployment>) -> usize {
+    fn pending_starts(&self, d: &Arc<Deployment>) -> usize {
         let live = d.live.load();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let list = pending.entry(Arc::as_ptr(d) as usize).or_default();
@@ -337,7 +325,7 @@ impl ScaleExecutor {
     }
 
     /// Submits the start function for `count` instances of `d`.
-    pub fn start(self: &Arc<Self>, d: &Arc<Deployment>, count: u32) {
+    fn start(&self, d: &Arc<Deployment>, count: u32) {
         let Some(lc) = &d.lifecycle else {
             log::warn!(
                 "scale policy asked to start {} on {}, which has no lifecycle",
@@ -365,17 +353,14 @@ impl ScaleExecutor {
             json!({"model": d.backend_model, "framework": d.framework, "cluster": d.cluster,
                            "count": count, "walltime": d.scaling.keep_hot.as_secs()}),
         ];
-        let (this, endpoint, what) = (
-            self.clone(),
+        let (client, pending, endpoint, what) = (
+            self.client.clone(),
+            self.pending.clone(),
             lc.endpoint.clone(),
             format!("{} on {}", d.model, d.cluster),
         );
         tokio::spawn(async move {
-            match this
-                .client
-                .run(&endpoint, &function, &args, STATUS_WAIT)
-                .await
-            {
+            match client.run(&endpoint, &function, &args, STATUS_WAIT).await {
                 Ok(v) => {
                     let ids: Vec<String> = v["job_ids"]
                         .as_array()
@@ -384,14 +369,14 @@ impl ScaleExecutor {
                         .filter_map(|j| j.as_str().map(str::to_owned))
                         .collect();
                     log::info!("started {what}: jobs {ids:?}");
-                    let mut pending = this.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
                     let list = pending.entry(key).or_default();
                     list.retain(|(job, t)| job.is_some() || *t != at);
                     list.extend(ids.into_iter().map(|id| (Some(id), at)));
                 }
                 Err(e) => {
                     log::error!("starting {what} failed: {e}");
-                    let mut pending = this.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
                     pending.entry(key).or_default().retain(|(_, t)| *t != at);
                 }
             }
@@ -399,7 +384,7 @@ impl ScaleExecutor {
     }
 
     /// Submits the stop function for the job behind `instance` (its `host:port`).
-    pub fn stop(self: &Arc<Self>, d: &Arc<Deployment>, instance: &str) {
+    fn stop(&self, d: &Arc<Deployment>, instance: &str) {
         let (Some(lc), Some(job)) = (
             &d.lifecycle,
             d.live

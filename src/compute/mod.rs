@@ -7,5 +7,5 @@ mod client;
 mod lifecycle;
 pub mod serialize;
 
-pub use client::{uuid, ComputeClient, ComputeError, EndpointStatus};
+pub use client::{uuid, uuid_from_bits, ComputeClient, ComputeError, EndpointStatus};
 pub use lifecycle::{ClusterLifecycle, ScaleExecutor, TaskPoller};

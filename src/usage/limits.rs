@@ -38,26 +38,26 @@ pub trait Limits: Send + Sync {
     fn add_tokens(&self, user: &str, model: &str, tokens: u64);
 }
 
-/// Token counts in the current minute.
+/// Token counts in the current window, per key.
 #[derive(Default)]
-struct MinuteWindows(Mutex<HashMap<String, (u64, u64)>>);
+struct TokenWindows(Mutex<HashMap<String, (u64, u64)>>);
 
-impl MinuteWindows {
-    fn used(&self, key: &str, minute: u64) -> u64 {
+impl TokenWindows {
+    fn used(&self, key: &str, window: u64) -> u64 {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.get(key)
-            .filter(|(m, _)| *m == minute)
+            .filter(|(m, _)| *m == window)
             .map_or(0, |(_, n)| *n)
     }
 
-    fn add(&self, key: String, minute: u64, tokens: u64) {
+    fn add(&self, key: String, window: u64, tokens: u64) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > 100_000 {
-            map.retain(|_, (m, _)| *m == minute);
+            map.retain(|_, (m, _)| *m == window);
         }
-        let e = map.entry(key).or_insert((minute, 0));
-        if e.0 != minute {
-            *e = (minute, 0);
+        let e = map.entry(key).or_insert((window, 0));
+        if e.0 != window {
+            *e = (window, 0);
         }
         e.1 += tokens;
     }
@@ -68,7 +68,7 @@ pub struct MemoryLimits {
     per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
     user_rps: u32,
     ip_rps: u32,
-    tokens: MinuteWindows,
+    tokens: TokenWindows,
     /// Length of the token windows.
     window: Duration,
     checks: AtomicU64,
@@ -82,7 +82,7 @@ impl MemoryLimits {
             per_ip: NonZeroU32::new(ip_rps).map(|n| RateLimiter::keyed(Quota::per_second(n))),
             user_rps,
             ip_rps,
-            tokens: MinuteWindows::default(),
+            tokens: TokenWindows::default(),
             window: window.max(Duration::from_secs(1)),
             checks: AtomicU64::new(0),
         }
@@ -155,9 +155,9 @@ impl Limits for MemoryLimits {
         model_tpm: Option<u64>,
         user_tpm: Option<u64>,
     ) -> Result<(), Limited> {
-        let (minute, left) = window_now(self.window);
+        let (window, left) = window_now(self.window);
         if let Some(limit) = model_tpm {
-            if self.tokens.used(&format!("m\u{0}{model}"), minute) >= limit {
+            if self.tokens.used(&format!("m\u{0}{model}"), window) >= limit {
                 return Err(Limited {
                     limit: "tokens_per_minute",
                     retry_after: left,
@@ -168,7 +168,7 @@ impl Limits for MemoryLimits {
         if let Some(limit) = user_tpm {
             if self
                 .tokens
-                .used(&format!("u\u{0}{model}\u{0}{user}"), minute)
+                .used(&format!("u\u{0}{model}\u{0}{user}"), window)
                 >= limit
             {
                 return Err(Limited {
@@ -185,9 +185,9 @@ impl Limits for MemoryLimits {
         if tokens == 0 {
             return;
         }
-        let (minute, _) = window_now(self.window);
-        self.tokens.add(format!("m\u{0}{model}"), minute, tokens);
+        let (window, _) = window_now(self.window);
+        self.tokens.add(format!("m\u{0}{model}"), window, tokens);
         self.tokens
-            .add(format!("u\u{0}{model}\u{0}{user}"), minute, tokens);
+            .add(format!("u\u{0}{model}\u{0}{user}"), window, tokens);
     }
 }

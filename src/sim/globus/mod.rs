@@ -132,9 +132,10 @@ struct Shared {
 }
 
 impl Shared {
-    fn add_user(&self, user: FakeUser) {
+    /// Registers a user's token; `expires_in` counts from `issued_at` (Unix seconds).
+    fn add_user(&self, user: FakeUser, issued_at: i64) {
         let record = TokenRecord {
-            exp: self.started + user.expires_in,
+            exp: issued_at + user.expires_in,
             grant: Grant::User(Arc::new(user.clone())),
         };
         self.tokens.write().unwrap().insert(user.token, record);
@@ -202,7 +203,7 @@ impl GlobusSim {
             started: unix_now(),
         });
         for user in users {
-            shared.add_user(user);
+            shared.add_user(user, shared.started);
         }
         let listening = Listening::bind(addr, router(shared.clone())).await?;
         Ok(GlobusSim { shared, listening })
@@ -231,9 +232,8 @@ impl GlobusSim {
     }
 
     /// Adds (or replaces) a user's token; `expires_in` counts from now.
-    pub fn add_user(&self, mut user: FakeUser) {
-        user.expires_in += unix_now() - self.shared.started;
-        self.shared.add_user(user);
+    pub fn add_user(&self, user: FakeUser) {
+        self.shared.add_user(user, unix_now());
     }
 
     /// Refuses connections, as an unreachable Globus.
@@ -318,9 +318,7 @@ async fn set_faults(State(s): State<Arc<Shared>>, Json(v): Json<Value>) -> Json<
 
 /// Adds a user token at run time (the body is one `users:` entry of the seed file).
 async fn add_token(State(s): State<Arc<Shared>>, Json(user): Json<FakeUser>) -> StatusCode {
-    let mut user = user;
-    user.expires_in += unix_now() - s.started;
-    s.add_user(user);
+    s.add_user(user, unix_now());
     StatusCode::CREATED
 }
 

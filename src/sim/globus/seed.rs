@@ -139,15 +139,9 @@ impl Seed {
 
 /// A uuid-shaped id derived from `text`.
 fn uuid_from(text: &str) -> String {
-    let h = hex::encode(Sha256::digest(text.as_bytes()));
-    format!(
-        "{}-{}-4{}-a{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..32]
-    )
+    let digest = Sha256::digest(text.as_bytes());
+    let bits = u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"));
+    crate::compute::uuid_from_bits(bits)
 }
 
 #[cfg(test)]
