@@ -31,6 +31,14 @@ pub struct Policies {
 }
 
 impl Policies {
+    fn set(&mut self, hook: Hook, script: Script) {
+        let script = Some(Arc::new(script));
+        match hook {
+            Hook::Route => self.route = script,
+            Hook::Scale => self.scale = script,
+        }
+    }
+
     /// The route decision: the script's, or the built-in rule's.
     pub fn route(
         &self,
@@ -91,8 +99,9 @@ pub enum Reload {
 pub struct PolicyStore {
     current: ArcSwap<Policies>,
     files: Vec<(Hook, PathBuf)>,
-    /// The source last compiled (or refused) per file, to notice edits.
-    seen: Mutex<Vec<Option<String>>>,
+    /// What each file held when last read (its text, or why it could not be read), to
+    /// notice edits.
+    seen: Mutex<Vec<Option<Result<String, String>>>>,
 }
 
 impl PolicyStore {
@@ -112,12 +121,8 @@ impl PolicyStore {
         for (hook, path) in &files {
             let source =
                 std::fs::read_to_string(path).map_err(|e| PolicyError::unreadable(path, &e))?;
-            let script = Arc::new(Script::compile(path, &source, hook.signature())?);
-            match hook {
-                Hook::Route => policies.route = Some(script),
-                Hook::Scale => policies.scale = Some(script),
-            }
-            seen.push(Some(source));
+            policies.set(*hook, Script::compile(path, &source, hook.signature())?);
+            seen.push(Some(Ok(source)));
         }
         Ok(PolicyStore {
             current: ArcSwap::from_pointee(policies),
@@ -139,37 +144,32 @@ impl PolicyStore {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut next: Option<Policies> = None;
         for (i, (hook, path)) in self.files.iter().enumerate() {
-            let source = match std::fs::read_to_string(path) {
-                Ok(s) => s,
-                Err(e) => {
-                    let text = format!("unreadable: {e}");
-                    if seen[i].as_deref() != Some(text.as_str()) {
-                        outcomes.push(Reload::Refused(*hook, PolicyError::unreadable(path, &e)));
-                        seen[i] = Some(text);
-                    }
+            let read = std::fs::read_to_string(path).map_err(|e| e.to_string());
+            if seen[i].as_ref() == Some(&read) {
+                continue;
+            }
+            let source = match &read {
+                Ok(source) => source,
+                Err(why) => {
+                    outcomes.push(Reload::Refused(*hook, PolicyError::unreadable(path, why)));
+                    seen[i] = Some(read);
                     continue;
                 }
             };
-            if seen[i].as_deref() == Some(source.as_str()) {
-                continue;
-            }
-            match Script::compile(path, &source, hook.signature()) {
+            match Script::compile(path, source, hook.signature()) {
                 Ok(script) => {
                     let now = self.current.load();
-                    let p = next.get_or_insert_with(|| Policies {
+                    next.get_or_insert_with(|| Policies {
                         route: now.route.clone(),
                         scale: now.scale.clone(),
                         version: now.version + 1,
-                    });
-                    match hook {
-                        Hook::Route => p.route = Some(Arc::new(script)),
-                        Hook::Scale => p.scale = Some(Arc::new(script)),
-                    }
+                    })
+                    .set(*hook, script);
                     outcomes.push(Reload::Accepted(*hook));
                 }
                 Err(e) => outcomes.push(Reload::Refused(*hook, e)),
             }
-            seen[i] = Some(source);
+            seen[i] = Some(read);
         }
         if let Some(p) = next {
             self.current.store(Arc::new(p));

@@ -31,7 +31,7 @@ impl PolicyError {
         }
     }
 
-    pub(super) fn unreadable(path: &Path, e: &std::io::Error) -> Self {
+    pub(super) fn unreadable(path: &Path, e: impl std::fmt::Display) -> Self {
         PolicyError::new(path, Position::NONE, format!("cannot read: {e}"))
     }
 

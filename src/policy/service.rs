@@ -4,7 +4,7 @@
 
 use super::scale::{ScaleInput, ScaleInstance};
 use super::view::{Candidate, Candidates, DeploymentState, InstanceView};
-use super::{Hook, PolicyStore, Reload};
+use super::{PolicyStore, Reload};
 use crate::catalog::{Catalog, Deployment, JobState};
 use crate::metrics::Metrics;
 use async_trait::async_trait;
@@ -92,36 +92,31 @@ impl PolicyWatcher {
             interval,
         }
     }
+}
 
-    fn reload(&self) {
-        for outcome in self.store.reload() {
-            match outcome {
-                Reload::Accepted(hook) => {
-                    log::info!(
-                        "{} policy reloaded (version {})",
-                        hook.name(),
-                        self.store.current().version
-                    );
-                    self.count(hook, "accepted");
-                }
-                Reload::Refused(hook, e) => {
-                    log::error!("{e}; the previous {} policy stays in force", hook.name());
-                    self.count(hook, "refused");
-                }
+/// One reload round, logged and counted (runs on a blocking thread: file reads, compilation).
+fn reload(store: &PolicyStore, metrics: &Metrics) {
+    for outcome in store.reload() {
+        let (hook, result) = match outcome {
+            Reload::Accepted(hook) => {
+                let version = store.current().version;
+                log::info!("{} policy reloaded (version {version})", hook.name());
+                (hook, "accepted")
             }
-        }
-        self.metrics
-            .background_runs
-            .with_label_values(&["policy_watch"])
-            .inc();
-    }
-
-    fn count(&self, hook: Hook, result: &str) {
-        self.metrics
+            Reload::Refused(hook, e) => {
+                log::error!("{e}; the previous {} policy stays in force", hook.name());
+                (hook, "refused")
+            }
+        };
+        metrics
             .policy_reloads
             .with_label_values(&[hook.name(), result])
             .inc();
     }
+    metrics
+        .background_runs
+        .with_label_values(&["policy_watch"])
+        .inc();
 }
 
 #[async_trait]
@@ -146,11 +141,8 @@ impl BackgroundService for PolicyWatcher {
                 }
             }
             // File reads and compilation stay off the async workers.
-            let this = (self.store.clone(), self.metrics.clone(), self.interval);
-            let _ = tokio::task::spawn_blocking(move || {
-                PolicyWatcher::new(this.0, this.1, this.2).reload()
-            })
-            .await;
+            let (store, metrics) = (self.store.clone(), self.metrics.clone());
+            let _ = tokio::task::spawn_blocking(move || reload(&store, &metrics)).await;
         }
     }
 }
