@@ -6,6 +6,7 @@
 
 use crate::config::AuthMode;
 use crate::config::{self, Config};
+use crate::sim::certs::TestCa;
 use crate::sim::globus::{GlobusSim, Seed};
 use crate::sim::vllm::{VllmSim, VllmSimConfig};
 use anyhow::{bail, Context};
@@ -27,6 +28,8 @@ pub struct DemoOptions {
     pub users: PathBuf,
     pub listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    /// Address of the HTTPS listener (its certificate comes from a CA made for the demo).
+    pub tls_listen: SocketAddr,
     /// Simulated time to first token and between tokens.
     pub ttft: Duration,
     pub itl: Duration,
@@ -41,13 +44,18 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     if let Some(l) = opts.admin_listen {
         config.admin_listen = l;
     }
+    let demo_ca = demo_tls(&mut config, opts.tls_listen)?;
     let keys = provide_api_keys(&config);
     let sims = simulated_backends(&config, &keys, &opts)?;
     let globus = globus_stand_in(&config, &opts.users)?;
     let users = globus.as_ref().map(|(_, seed)| seed.users.clone());
     start_simulators(sims, globus)?;
-    let server = crate::server::build(&config)?;
-    print_banner(&config, users.as_deref());
+    let options = crate::server::ServeOptions {
+        upgrade: false,
+        config_path: opts.config.exists().then(|| opts.config.clone()),
+    };
+    let server = crate::server::build(&config, &options)?;
+    print_banner(&config, users.as_deref(), demo_ca.as_deref());
     server.run_forever()
 }
 
@@ -116,6 +124,25 @@ fn load(path: &Path) -> anyhow::Result<Config> {
             path.display()
         ),
     }
+}
+
+/// Gives the demo an HTTPS listener when its configuration has none: a CA made for this run
+/// signs a certificate for `localhost` and `127.0.0.1`. Returns the CA file clients must trust.
+fn demo_tls(config: &mut Config, listen: SocketAddr) -> anyhow::Result<Option<PathBuf>> {
+    if config.tls.is_some() {
+        return Ok(None);
+    }
+    let dir = std::env::temp_dir().join("firstgate-demo-tls");
+    let ca = TestCa::create(&dir, "firstgate demo CA")
+        .with_context(|| format!("cannot write the demo certificates to {}", dir.display()))?;
+    let issued = ca.server("gateway")?;
+    config.tls = Some(config::TlsListener {
+        listen,
+        cert: issued.cert,
+        key: issued.key,
+        http2: true,
+    });
+    Ok(Some(ca.ca_path()))
 }
 
 /// Puts a development key in each `api_key_env` variable that is unset, and returns the key
@@ -242,8 +269,45 @@ fn start_simulators(
         .context("the simulator thread stopped before it was ready")?
 }
 
-fn print_banner(config: &Config, users: Option<&[crate::sim::globus::FakeUser]>) {
+fn print_banner(
+    config: &Config,
+    users: Option<&[crate::sim::globus::FakeUser]>,
+    demo_ca: Option<&Path>,
+) {
     let api = format!("http://{}", config.listen);
+    let https = match (&config.tls, demo_ca) {
+        (Some(tls), Some(ca)) => format!(
+            "  HTTPS      https://{}/v1   (HTTP/2 or HTTP/1.1; trust the demo CA {})\n",
+            tls.listen,
+            ca.display()
+        ),
+        (Some(tls), None) => format!(
+            "  HTTPS      https://{}/v1   (HTTP/2 or HTTP/1.1)\n",
+            tls.listen
+        ),
+        (None, _) => String::new(),
+    };
+    let https_example = match (&config.tls, demo_ca) {
+        (Some(tls), Some(ca)) => format!(
+            r#"
+  Over HTTPS and HTTP/2 (pip install openai 'httpx[http2]'):
+
+  python3 - <<'PY'
+import httpx
+from openai import OpenAI
+client = OpenAI(base_url="https://{}/v1", api_key="TOKEN",
+                http_client=httpx.Client(http2=True, verify="{}"))
+raw = client.chat.completions.with_raw_response.create(
+    model="meta-llama/Meta-Llama-3.1-8B-Instruct",
+    messages=[{{"role": "user", "content": "Hello!"}}])
+print(raw.http_response.http_version, raw.parse().choices[0].message.content)
+PY
+"#,
+            tls.listen,
+            ca.display()
+        ),
+        _ => String::new(),
+    };
     let admin = format!("http://{}", config.admin_listen);
     let mut models = String::new();
     for (cluster, c) in &config.clusters {
@@ -293,7 +357,7 @@ firstgate demo — gateway and simulated clusters on this machine
 
   API        {api}/v1                      (OpenAI layout, the gateway picks the cluster)
              {api}/resource_server/sophia/vllm/v1   (FIRST layout)
-  Admin      {admin}/health   {admin}/metrics
+{https}  Admin      {admin}/health   {admin}/ready   {admin}/metrics   {admin}/maintenance
   Models
 {models}
 {auth}
@@ -313,8 +377,9 @@ for chunk in client.chat.completions.create(
     print(chunk.choices[0].delta.content or "", end="", flush=True) if chunk.choices else None
 print()
 PY
-
+{https_example}
 Stop with Ctrl-C.
-"#
+"#,
+        https_example = https_example.replace("TOKEN", &token),
     );
 }

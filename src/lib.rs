@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod compute;
 pub mod config;
 pub mod demo;
+pub mod edge;
 pub mod metrics;
 pub mod openai;
 pub mod outbound;

@@ -20,11 +20,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway.
+    /// Run the gateway. Signals: SIGHUP reloads policies, TLS certificate and maintenance
+    /// notices; SIGQUIT hands the sockets to a new process started with --upgrade; SIGTERM
+    /// drains (in-flight streams finish, at most shutdown.grace_period); SIGINT stops at once.
     Serve {
         /// The configuration file (see conf/gateway.yaml).
         #[arg(long, short)]
         config: PathBuf,
+        /// Take the listening sockets over from the running gateway (then send it SIGQUIT):
+        /// a binary or configuration upgrade that drops no connection.
+        #[arg(long, short)]
+        upgrade: bool,
+        /// Run in the background and write server.pid_file (for systemd `Type=forking`).
+        #[arg(long, short)]
+        daemon: bool,
+    },
+    /// Tell a running gateway to report not-ready (its admin `POST /drain`), then wait, so load
+    /// balancers stop sending it traffic before it is stopped (a Kubernetes preStop hook).
+    Drain {
+        /// The gateway's admin listener.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+        /// How long to wait after the gateway turned not-ready (e.g. 10s).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        settle: Duration,
     },
     /// Validate a configuration without serving; exits non-zero with file, line and field.
     Check {
@@ -65,6 +84,9 @@ enum Command {
         /// Address of the admin listener (overrides the configuration).
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
+        /// Address of the HTTPS listener the demo adds when its configuration has no `tls:`.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        tls_listen: SocketAddr,
         /// Simulated time to first token, in milliseconds.
         #[arg(long, default_value_t = 50)]
         ttft_ms: u64,
@@ -102,7 +124,12 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     init_logging();
     let result = match Cli::parse().command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve {
+            config,
+            upgrade,
+            daemon,
+        } => serve(&config, upgrade, daemon),
+        Command::Drain { admin, settle } => drain(admin, settle),
         Command::Check { config } => check(&config),
         Command::Usage {
             config,
@@ -138,6 +165,7 @@ fn main() -> ExitCode {
             users,
             listen,
             admin_listen,
+            tls_listen,
             ttft_ms,
             itl_ms,
         } => demo::run(demo::DemoOptions {
@@ -145,6 +173,7 @@ fn main() -> ExitCode {
             users,
             listen,
             admin_listen,
+            tls_listen,
             ttft: Duration::from_millis(ttft_ms),
             itl: Duration::from_millis(itl_ms),
         }),
@@ -158,15 +187,79 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+fn serve(path: &Path, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
     let loaded = config::load(path)?;
-    server::build(&loaded.config)?.run_forever()
+    let config_path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if daemon {
+        daemonize(&loaded.config.server.pid_file)?;
+    }
+    let options = server::ServeOptions {
+        upgrade,
+        config_path: Some(config_path),
+    };
+    server::build(&loaded.config, &options)?.run_forever()
+}
+
+/// Forks into the background before any thread exists (Pingora's own daemon mode forks after
+/// our background threads started, which would lose them). Standard error is kept, so logs
+/// still reach the journal. The previous process's pid file is moved aside first: during an
+/// upgrade both processes run.
+fn daemonize(pid_file: &Path) -> anyhow::Result<()> {
+    if pid_file.exists() {
+        let mut old = pid_file.as_os_str().to_owned();
+        old.push(".old");
+        std::fs::rename(pid_file, &old)
+            .map_err(|e| anyhow::anyhow!("{}: cannot move aside: {e}", pid_file.display()))?;
+    }
+    let cwd = std::env::current_dir()?;
+    daemonix::Daemonize::new()
+        .pid_file(pid_file)
+        .working_directory(cwd)
+        .umask(0o027)
+        .stdout(daemonix::Stdio::keep())
+        .stderr(daemonix::Stdio::keep())
+        .start()
+        .map_err(|e| anyhow::anyhow!("cannot run in the background: {e}"))
+}
+
+fn drain(admin: SocketAddr, settle: Duration) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let url = format!("http://{admin}/drain");
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        if resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            anyhow::bail!("{url}: unexpected answer {}", resp.status());
+        }
+        println!("draining; waiting {}", humantime::format_duration(settle));
+        tokio::time::sleep(settle).await;
+        Ok(())
+    })
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let loaded = config::load(path)?;
     let c = &loaded.config;
     firstgate::policy::PolicyStore::load(&c.policies)?;
+    if let Some(tls) = &c.tls {
+        firstgate::edge::CertificateStore::load(&tls.cert, &tls.key)
+            .map_err(|e| anyhow::anyhow!("{}: tls: {e:#}", path.display()))?;
+    }
+    for (cluster, m) in c.clusters.iter().flat_map(|(name, cl)| {
+        cl.frameworks
+            .values()
+            .flat_map(move |f| f.models.iter().map(move |m| (name, m)))
+    }) {
+        firstgate::catalog::UpstreamTls::load(m).map_err(|e| {
+            anyhow::anyhow!("{}: clusters.{cluster}, model {}: {e:#}", path.display(), m.name)
+        })?;
+    }
     let models: usize = c
         .clusters
         .values()

@@ -1,25 +1,40 @@
 //! Assembles the Pingora server from a validated configuration: the proxy service on the
-//! gateway listener, the admin service (health, metrics), the backend monitor, and the
-//! policies' file watcher and scale runner.
+//! gateway listeners (plain, and HTTPS when configured), the admin service (health,
+//! readiness, metrics, maintenance), the backend monitor, the policies' file watcher and
+//! scale runner, the edge reloader and the drainer.
 
 use crate::admin::AdminApp;
 use crate::auth::Authenticator;
 use crate::catalog::{BackendMonitor, Catalog};
 use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller};
 use crate::config::Config;
+use crate::edge::{CertificateStore, DrainState, Drainer, EdgeReloader, Maintenance};
 use crate::metrics::Metrics;
 use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
 use crate::proxy::{ColdPath, Gateway, GatewayParts};
 use crate::usage::{self, Accounting, MemoryLimits, SqliteSink, UsageSink, UsageTotals};
 use anyhow::Context;
-use pingora::server::configuration::ServerConf;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Builds a ready-to-run server. Resolves backend host names before returning.
-pub fn build(config: &Config) -> anyhow::Result<Server> {
+/// How the process starts.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Take the listening sockets over from a running gateway (graceful upgrade).
+    pub upgrade: bool,
+    /// The configuration file, re-read on SIGHUP for the maintenance notices.
+    pub config_path: Option<PathBuf>,
+}
+
+/// Builds a ready-to-run server. Resolves backend host names and, with `upgrade`, takes the
+/// listening sockets over before returning.
+pub fn build(config: &Config, options: &ServeOptions) -> anyhow::Result<Server> {
     let catalog = Arc::new(Catalog::build(config).context("cannot serve this configuration")?);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -30,15 +45,36 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
     let threads = config.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
+    // The TLS material is read before anything starts, so a bad file stops the start-up.
+    let certificate = match &config.tls {
+        Some(tls) => Some(Arc::new(
+            CertificateStore::load(&tls.cert, &tls.key).context("tls")?,
+        )),
+        None => None,
+    };
     let conf = ServerConf {
         threads,
-        grace_period_seconds: Some(config.shutdown.grace_period.as_secs()),
+        // The drainer exits as soon as nothing is in flight; this is only the upper bound
+        // (rounded up: Pingora counts whole seconds).
+        grace_period_seconds: Some(config.shutdown.grace_period.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(config.shutdown.final_timeout.as_secs()),
         // Pingora's default (128 idle connections in total) is too small for many streams.
         upstream_keepalive_pool_size: 4096,
+        upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
+        pid_file: config.server.pid_file.to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    if options.upgrade {
+        log::info!(
+            "waiting for the running gateway to hand over its sockets on {} (send it SIGQUIT)",
+            config.server.upgrade_sock.display()
+        );
+    }
     server.bootstrap();
 
     let auth = Arc::new(Authenticator::new(&config.auth, catalog.uses_group_acls())?);
@@ -92,10 +128,16 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
         limits: Box::new(MemoryLimits::new(
             config.limits.requests_per_second,
             config.limits.ip_requests_per_second,
+            config.limits.ip_burst,
             config.limits.token_window,
         )),
         access_log: config.access_log.clone(),
     });
+    let maintenance = Arc::new(Maintenance::new(
+        config.edge.maintenance_file.clone(),
+        config.edge.maintenance.clone(),
+    ));
+    let drain = Arc::new(DrainState::default());
     let gateway = Gateway::new(GatewayParts {
         catalog: catalog.clone(),
         auth,
@@ -105,14 +147,39 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
         scale_wake: scale_wake.clone(),
         accounting: accounting.clone(),
         max_body_bytes: config.limits.max_body_bytes,
+        edge: config.edge.clone(),
+        maintenance: maintenance.clone(),
+        drain: drain.clone(),
     });
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "firstgate");
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut http = HttpServerOptions::default();
+        // HTTP/2 without TLS (prior knowledge) on the plain listener, for loopback clients.
+        http.h2c = true;
+        app.server_options = Some(http);
+    }
     proxy.add_tcp(&config.listen.to_string());
+    if let (Some(tls), Some(store)) = (&config.tls, &certificate) {
+        let mut settings =
+            TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
+                .context("tls: cannot set up the listener")?;
+        // Handshakes ask the store, so a SIGHUP can swap the certificate.
+        settings.set_cert_resolver(store.clone());
+        if tls.http2 {
+            settings.enable_h2();
+        }
+        proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+    }
 
     let mut admin = Service::new(
         "firstgate admin".to_string(),
-        AdminApp::new(metrics.clone()),
+        AdminApp::new(
+            metrics.clone(),
+            drain.clone(),
+            maintenance.clone(),
+            config.clusters.keys().cloned().collect(),
+        ),
     );
     admin.add_tcp(&config.admin_listen.to_string());
     admin.threads = Some(1);
@@ -157,31 +224,31 @@ pub fn build(config: &Config) -> anyhow::Result<Server> {
     if ClusterLifecycle::has_work(&catalog) {
         server.add_service(background_service(
             "cluster lifecycle",
-            ClusterLifecycle::new(catalog, compute, metrics),
+            ClusterLifecycle::new(catalog, compute, metrics.clone()),
         ));
     }
 
-    if let Some(sink) = accounting.sink.clone() {
-        server.add_service(background_service("usage flush", UsageFlusher(sink)));
-    }
+    server.add_service(background_service(
+        "drainer",
+        Drainer {
+            state: drain,
+            usage: accounting.sink.clone(),
+            grace_period: config.shutdown.grace_period,
+        },
+    ));
+    server.add_service(background_service(
+        "edge reloader",
+        EdgeReloader {
+            config_path: options.config_path.clone(),
+            certificate,
+            maintenance,
+            metrics: metrics.clone(),
+        },
+    ));
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(monitor);
     server.add_service(watcher);
     server.add_service(scaler);
     Ok(server)
-}
-
-/// Writes every queued usage record when the server shuts down.
-struct UsageFlusher(Arc<dyn UsageSink>);
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for UsageFlusher {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let _ = shutdown.changed().await;
-        let sink = self.0.clone();
-        let _ = tokio::task::spawn_blocking(move || sink.flush(std::time::Duration::from_secs(10)))
-            .await;
-        log::info!("usage records flushed");
-    }
 }

@@ -88,7 +88,10 @@ async fn start(globus: &GlobusSim, chat: &VllmSimAddr, extra_globus: &str, rules
     // Rate limits are tested elsewhere; 1,000 requests of one user must pass here.
     Gateway::start_with(
         &auth_yaml(globus, extra_globus, rules),
-        &format!("limits:\n  requests_per_second: 0\n{}", clusters(chat)),
+        &format!(
+            "limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n{}",
+            clusters(chat)
+        ),
         &[("FG_TEST_GLOBUS_SECRET", SECRET), ("RUST_LOG", "debug")],
     )
     .await

@@ -171,7 +171,7 @@ async fn each_limit_answers_429_then_recovers() {
         u = globus.url()
     );
     let body = format!(
-        "limits:\n  requests_per_second: 3\n  ip_requests_per_second: 3\n  token_window: 2s\n\
+        "limits:\n  requests_per_second: 3\n  ip_requests_per_second: 20\n  ip_burst: 20\n  token_window: 2s\n\
          clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n          - name: {LLAMA}\n\
          \x20           backends: [{}]\n            tokens_per_minute_per_user: 10\n",
         chat.addr()
@@ -231,7 +231,7 @@ async fn each_limit_answers_429_then_recovers() {
     })
     .await;
 
-    // Per address on unauthenticated routes.
+    // Per address, on every route (the health route here).
     let health = || async {
         reqwest::get(gw.url("/resource_server/health"))
             .await
@@ -267,7 +267,7 @@ async fn each_limit_answers_429_then_recovers() {
 async fn committed_records_survive_kill_9() {
     let chat = sim(&[LLAMA], |_| {}).await;
     let gw = Gateway::start(&format!(
-        "usage:\n  flush_interval: 100ms\n{}",
+        "limits:\n  ip_requests_per_second: 0\nusage:\n  flush_interval: 100ms\n{}",
         one_model("sophia", "vllm", LLAMA, &[chat.addr()])
     ))
     .await;

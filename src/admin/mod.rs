@@ -1,5 +1,6 @@
 //! Answers the gateway gives without a backend: model and endpoint listings on the API
-//! listener, and health and metrics on the admin listener.
+//! listener, and health, readiness, metrics
+//! and the maintenance switch on the admin listener.
 
 pub mod listings;
 mod service;

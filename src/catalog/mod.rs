@@ -10,7 +10,7 @@ mod pool;
 mod selection;
 
 pub use monitor::BackendMonitor;
-pub use pool::{BackendPool, Instance, InstanceGuard, PoolError, UpstreamSettings};
+pub use pool::{BackendPool, Instance, InstanceGuard, PoolError, UpstreamSettings, UpstreamTls};
 
 use crate::config::{AccessList, BackendAddr, Config, Endpoint};
 use arc_swap::ArcSwap;
@@ -225,7 +225,11 @@ impl Catalog {
                             field: format!("{field}.backends"),
                             message,
                         })?;
-                    let settings = UpstreamSettings::new(&config.upstream, m, api_key);
+                    let tls = UpstreamTls::load(m).map_err(|e| CatalogError {
+                        field: format!("{field}.tls"),
+                        message: format!("{e:#}"),
+                    })?;
+                    let settings = UpstreamSettings::new(&config.upstream, m, api_key, tls);
                     let pool = BackendPool::new(
                         addrs,
                         settings,

@@ -8,12 +8,55 @@ use crate::config::{self, BackendAddr};
 use pingora::lb::health_check::HttpHealthCheck;
 use pingora::lb::{Backends, LoadBalancer};
 use pingora::prelude::HttpPeer;
+use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+
+/// TLS towards a deployment's backends beyond the system's roots: a private CA, a client
+/// certificate for mutual TLS.
+#[derive(Clone, Default)]
+pub struct UpstreamTls {
+    ca: Option<Arc<pingora::protocols::tls::CaType>>,
+    client: Option<Arc<CertKey>>,
+}
+
+impl UpstreamTls {
+    /// Reads the model's `tls_*` files; errors name the file.
+    pub fn load(m: &config::Model) -> anyhow::Result<Self> {
+        let der = |certs: Vec<rustls_pki_types::CertificateDer<'static>>| {
+            certs.into_iter().map(|c| c.to_vec()).collect::<Vec<_>>()
+        };
+        let ca = match &m.tls_ca {
+            Some(path) => {
+                let certs = der(crate::edge::read_certificates(path)?);
+                let wrapped: Vec<WrappedX509> = certs
+                    .into_iter()
+                    .map(|c| WrappedX509::new(c, parse_x509))
+                    .collect();
+                Some(Arc::from(wrapped.into_boxed_slice()))
+            }
+            None => None,
+        };
+        let client = match (&m.tls_client_cert, &m.tls_client_key) {
+            (Some(cert), Some(key)) => {
+                let chain = der(crate::edge::read_certificates(cert)?);
+                let key = crate::edge::read_private_key(key)?;
+                Some(Arc::new(CertKey::new(chain, key.secret_der().to_vec())))
+            }
+            _ => None,
+        };
+        Ok(UpstreamTls { ca, client })
+    }
+
+    fn apply(&self, peer: &mut HttpPeer) {
+        peer.options.ca.clone_from(&self.ca);
+        peer.client_cert_key.clone_from(&self.client);
+    }
+}
 
 /// How to talk to a deployment's backends.
 #[derive(Clone)]
@@ -26,10 +69,16 @@ pub struct UpstreamSettings {
     pub admission_wait: Duration,
     /// `Bearer <key>` for direct APIs; marked sensitive so it is never printed.
     pub authorization: Option<http::HeaderValue>,
+    pub tls: UpstreamTls,
 }
 
 impl UpstreamSettings {
-    pub fn new(d: &config::UpstreamDefaults, m: &config::Model, api_key: Option<String>) -> Self {
+    pub fn new(
+        d: &config::UpstreamDefaults,
+        m: &config::Model,
+        api_key: Option<String>,
+        tls: UpstreamTls,
+    ) -> Self {
         let authorization = api_key.and_then(|k| {
             let mut v = http::HeaderValue::from_str(&format!("Bearer {k}")).ok()?;
             v.set_sensitive(true);
@@ -45,6 +94,7 @@ impl UpstreamSettings {
                 .unwrap_or(d.max_concurrent_per_backend),
             admission_wait: d.admission_wait,
             authorization,
+            tls,
         }
     }
 }
@@ -55,6 +105,8 @@ impl fmt::Debug for UpstreamSettings {
             .field("read_timeout", &self.read_timeout)
             .field("max_concurrent", &self.max_concurrent)
             .field("has_api_key", &self.authorization.is_some())
+            .field("tls_ca", &self.tls.ca.is_some())
+            .field("tls_client_cert", &self.tls.client.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -251,6 +303,7 @@ impl BackendPool {
             );
             check.peer_template.options.connection_timeout = Some(hc.timeout);
             check.peer_template.options.read_timeout = Some(hc.timeout);
+            settings.tls.apply(&mut check.peer_template);
             check.consecutive_failure = hc.failures_to_down.max(1);
             check.consecutive_success = hc.successes_to_up.max(1);
             check.reuse_connection = true;
@@ -377,12 +430,15 @@ impl BackendPool {
     /// The Pingora peer for an instance, with this deployment's timeouts.
     pub fn peer(&self, instance: &Instance) -> HttpPeer {
         let tls = instance.addr.tls();
-        let sni = if tls && instance.addr.host.parse::<std::net::IpAddr>().is_err() {
+        // Also for an IP address: the certificate is then checked against it (Pingora skips
+        // verification when the name is empty).
+        let sni = if tls {
             instance.addr.host.clone()
         } else {
             String::new()
         };
         let mut peer = HttpPeer::new(instance.socket, tls, sni);
+        self.settings.tls.apply(&mut peer);
         let s = &self.settings;
         peer.options.connection_timeout = Some(s.connect_timeout);
         peer.options.read_timeout = Some(s.read_timeout);

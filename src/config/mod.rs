@@ -29,6 +29,15 @@ pub struct Config {
     /// Health and Prometheus metrics. Default `127.0.0.1:9090`; keep it off the public network.
     #[serde(default = "defaults::admin_listen")]
     pub admin_listen: SocketAddr,
+    /// An HTTPS listener (HTTP/2 and HTTP/1.1 by ALPN) next to the plain one.
+    #[serde(default)]
+    pub tls: Option<TlsListener>,
+    /// What the gateway does at the facility edge, in place of nginx.
+    #[serde(default)]
+    pub edge: Edge,
+    /// Process management: the graceful-upgrade socket and the pid file.
+    #[serde(default)]
+    pub server: ServerProcess,
     /// Worker threads of the proxy service (Pingora defaults to 1; we default to the core count).
     #[serde(default)]
     pub threads: Option<usize>,
@@ -70,9 +79,11 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Requests per second per user (0: no limit). Default 10, as FIRST.
     pub requests_per_second: u32,
-    /// Requests per second per client address on unauthenticated routes and failed
-    /// authentications (0: no limit).
+    /// Requests per second per client address, on every route (0: no limit). Default 50.
     pub ip_requests_per_second: u32,
+    /// Requests one address may send at once above its rate (nginx's `limit_req burst`).
+    /// Default 100.
+    pub ip_burst: u32,
     /// The window of the token limits (`tokens_per_minute*` of models). Default 1 minute.
     #[serde(with = "humantime_serde")]
     pub token_window: Duration,
@@ -83,8 +94,85 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 20 * 1024 * 1024,
             requests_per_second: 10,
-            ip_requests_per_second: 20,
+            ip_requests_per_second: 50,
+            ip_burst: 100,
             token_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The HTTPS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListener {
+    /// Address of the HTTPS listener, e.g. `0.0.0.0:8443`.
+    pub listen: SocketAddr,
+    /// PEM certificate chain (leaf first). Re-read on SIGHUP.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Re-read on SIGHUP.
+    pub key: PathBuf,
+    /// Offer HTTP/2 by ALPN. Default true.
+    #[serde(default = "defaults::yes")]
+    pub http2: bool,
+}
+
+/// Edge behaviour that nginx gave FIRST.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Edge {
+    /// Addresses or CIDR blocks of proxies in front of the gateway. Only from these are
+    /// `X-Forwarded-For` and `X-Forwarded-Proto` believed; from anyone else they are replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Largest request head (request line and headers) accepted, in bytes (431 above).
+    pub max_header_bytes: usize,
+    /// Longest wait for a single read from a client (request head and body).
+    #[serde(with = "humantime_serde")]
+    pub client_read_timeout: Duration,
+    /// Longest wait for a single write to a client: a client that stops reading a stream is
+    /// dropped after it. Gaps between tokens do not count.
+    #[serde(with = "humantime_serde")]
+    pub client_write_timeout: Duration,
+    /// How long an idle client connection is kept open.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// While this file exists every API request is answered 503; its text, if any, is the
+    /// message (FIRST's nginx `maintenance_on` switch). Relative to this file's directory.
+    pub maintenance_file: Option<PathBuf>,
+    /// Clusters under maintenance and the message their requests get (FIRST's
+    /// `MAINTENANCE_ERROR_NOTICES`). Re-read on SIGHUP.
+    pub maintenance: BTreeMap<String, String>,
+}
+
+impl Default for Edge {
+    fn default() -> Self {
+        Edge {
+            trusted_proxies: Vec::new(),
+            max_header_bytes: 32 * 1024,
+            client_read_timeout: Duration::from_secs(60),
+            client_write_timeout: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(75),
+            maintenance_file: None,
+            maintenance: BTreeMap::new(),
+        }
+    }
+}
+
+/// Process management.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerProcess {
+    /// Unix socket over which a new process (`serve --upgrade`) takes the listening sockets
+    /// from the running one (on SIGQUIT). Both must agree on it.
+    pub upgrade_sock: PathBuf,
+    /// Written with `serve --daemon`.
+    pub pid_file: PathBuf,
+}
+
+impl Default for ServerProcess {
+    fn default() -> Self {
+        ServerProcess {
+            upgrade_sock: PathBuf::from("/tmp/firstgate-upgrade.sock"),
+            pid_file: PathBuf::from("/tmp/firstgate.pid"),
         }
     }
 }
@@ -203,12 +291,12 @@ impl Default for HealthCheck {
     }
 }
 
-/// Graceful shutdown (SIGTERM) behaviour.
+/// Graceful shutdown (SIGTERM) and hand-over (SIGQUIT) behaviour.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Shutdown {
-    /// How long in-flight requests (long streams) may run after shutdown starts. Pingora's own
-    /// default is 300 s, always slept; ours is 30 s.
+    /// How long in-flight requests (long streams) may run after shutdown starts; the process
+    /// exits as soon as none is left. (Pingora's own default is 300 s, always slept.)
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
     /// After the grace period, how long services get to stop before they are dropped.
@@ -431,6 +519,15 @@ pub struct Model {
     /// Talk TLS to `host:port` backends (URL backends say it with their scheme).
     #[serde(default)]
     pub tls: bool,
+    /// PEM CA bundle that backend certificates must chain to (default: the system's roots).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS (with `tls_client_key`).
+    #[serde(default)]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of `tls_client_cert`.
+    #[serde(default)]
+    pub tls_client_key: Option<PathBuf>,
     /// Name of the environment variable holding the backend's bearer key (direct APIs such as
     /// Metis). The client's own Authorization header is never forwarded.
     #[serde(default)]
@@ -478,6 +575,9 @@ mod defaults {
     }
     pub fn endpoints() -> Vec<Endpoint> {
         Endpoint::ALL.to_vec()
+    }
+    pub fn yes() -> bool {
+        true
     }
     pub fn health_path() -> Option<String> {
         Some("/health".to_string())
@@ -538,17 +638,38 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
         serde_yaml_ng::from_str(source).map_err(|e| ConfigError::syntax(path, e))?;
     validate(&config).map_err(|e| e.located(path, source))?;
     let dir = path.parent().unwrap_or(Path::new(""));
-    for file in [
-        &mut config.policies.route,
-        &mut config.policies.scale,
-        &mut config.usage.store,
-    ]
-    .into_iter()
-    .flatten()
-    {
+    let relative = |file: &mut PathBuf| {
         if file.is_relative() {
             *file = dir.join(&*file);
         }
+    };
+    [
+        &mut config.policies.route,
+        &mut config.policies.scale,
+        &mut config.usage.store,
+        &mut config.edge.maintenance_file,
+    ]
+    .into_iter()
+    .flatten()
+    .for_each(relative);
+    if let Some(tls) = &mut config.tls {
+        relative(&mut tls.cert);
+        relative(&mut tls.key);
+    }
+    for model in config
+        .clusters
+        .values_mut()
+        .flat_map(|c| c.frameworks.values_mut())
+        .flat_map(|f| f.models.iter_mut())
+    {
+        [
+            &mut model.tls_ca,
+            &mut model.tls_client_cert,
+            &mut model.tls_client_key,
+        ]
+        .into_iter()
+        .flatten()
+        .for_each(relative);
     }
     Ok(config)
 }
@@ -560,6 +681,28 @@ fn validate(config: &Config) -> Result<(), error::Invalid> {
     check_auth(&config.auth)?;
     if config.listen == config.admin_listen {
         return Err(Invalid::new("admin_listen", "must differ from `listen`").near("admin_listen"));
+    }
+    if let Some(tls) = &config.tls {
+        if tls.listen == config.listen || tls.listen == config.admin_listen {
+            return Err(
+                Invalid::new("tls.listen", "must differ from `listen` and `admin_listen`")
+                    .near("listen"),
+            );
+        }
+    }
+    if config.edge.max_header_bytes < 1024 {
+        return Err(
+            Invalid::new("edge.max_header_bytes", "must be at least 1024").near("max_header_bytes"),
+        );
+    }
+    for cluster in config.edge.maintenance.keys() {
+        if !config.clusters.contains_key(cluster) {
+            return Err(Invalid::new(
+                format!("edge.maintenance.{cluster}"),
+                "names no configured cluster",
+            )
+            .near(cluster));
+        }
     }
     if config.threads == Some(0) {
         return Err(Invalid::new("threads", "must be at least 1").near("threads"));
@@ -677,6 +820,26 @@ fn check_model(path: &str, model: &Model, lifecycle: bool) -> Result<(), error::
     for (j, b) in model.backends.iter().enumerate() {
         BackendAddr::parse(b, model.tls)
             .map_err(|why| Invalid::new(format!("{path}.backends[{j}]"), why).near(b))?;
+    }
+    if model.tls_client_cert.is_some() != model.tls_client_key.is_some() {
+        return Err(Invalid::new(
+            format!("{path}.tls_client_cert"),
+            "mutual TLS needs both tls_client_cert and tls_client_key",
+        )
+        .near(&model.name));
+    }
+    let tls_files = model.tls_ca.is_some() || model.tls_client_cert.is_some();
+    if tls_files
+        && model
+            .backends
+            .iter()
+            .any(|b| BackendAddr::parse(b, model.tls).is_ok_and(|a| !a.tls()))
+    {
+        return Err(Invalid::new(
+            format!("{path}.tls_ca"),
+            "TLS files are given but a backend is plain HTTP: set `tls: true` or use https:// URLs",
+        )
+        .near(&model.name));
     }
     if let Some(var) = &model.api_key_env {
         if var.is_empty() || var.contains('=') {

@@ -50,6 +50,10 @@ pub struct RequestCtx {
     pub cold_tokens: Option<crate::usage::Tokens>,
     /// The backend instance of the last attempt.
     pub instance: Option<String>,
+    /// The client behind any trusted proxies (none on a Unix socket).
+    pub client: Option<crate::edge::Client>,
+    /// Counts the request as in flight while it lives.
+    pub active: Option<crate::edge::ActiveRequest>,
 }
 
 impl RequestCtx {
@@ -80,6 +84,8 @@ impl RequestCtx {
             usage: None,
             cold_tokens: None,
             instance: None,
+            client: None,
+            active: None,
         }
     }
 

@@ -75,6 +75,20 @@ pub fn rate_limited(l: &crate::usage::Limited) -> ApiError {
         .with_retry_after(l.retry_after.as_secs().max(1))
 }
 
+/// The gateway, or the cluster that would serve the request, is under maintenance.
+pub fn maintenance(message: String) -> ApiError {
+    ApiError::new(503, "cluster_under_maintenance", message)
+}
+
+/// The request head is larger than `edge.max_header_bytes`.
+pub fn headers_too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        431,
+        "request_header_fields_too_large",
+        format!("Request headers are too large: at most {limit} bytes are accepted. Send fewer or shorter headers."),
+    )
+}
+
 /// The route policy failed (a script error or an exceeded limit).
 pub fn policy(e: &crate::policy::PolicyError) -> ApiError {
     ApiError::new(

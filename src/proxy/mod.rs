@@ -18,6 +18,7 @@ pub use ctx::RequestCtx;
 use crate::admin::listings;
 use crate::auth::{rules, Authenticator, CacheOutcome, Identity};
 use crate::catalog::{Catalog, Deployment, PoolError};
+use crate::edge::{DrainState, Maintenance, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::openai::{parse_control_fields, ApiError};
 use crate::policy::PolicyStore;
@@ -35,7 +36,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Request headers that must not travel to a backend: hop-by-hop headers, the client's
 /// credentials, and encodings we want to see in plain text.
-const STRIPPED_UPSTREAM_HEADERS: [&str; 9] = [
+const STRIPPED_UPSTREAM_HEADERS: [&str; 11] = [
     "authorization",
     "proxy-authorization",
     "connection",
@@ -45,6 +46,9 @@ const STRIPPED_UPSTREAM_HEADERS: [&str; 9] = [
     "expect",
     "transfer-encoding",
     "accept-encoding",
+    // Client-written claims about the client; the gateway sends its own X-Forwarded-*.
+    "forwarded",
+    "x-real-ip",
 ];
 
 /// What the gateway is built from.
@@ -59,6 +63,10 @@ pub struct GatewayParts {
     pub scale_wake: Arc<tokio::sync::Notify>,
     pub accounting: Arc<Accounting>,
     pub max_body_bytes: usize,
+    pub edge: crate::config::Edge,
+    pub maintenance: Arc<Maintenance>,
+    /// Counts requests in flight, for the drain on shutdown.
+    pub drain: Arc<DrainState>,
 }
 
 /// The gateway's proxy logic.
@@ -71,6 +79,10 @@ pub struct Gateway {
     scale_wake: Arc<tokio::sync::Notify>,
     accounting: Arc<Accounting>,
     max_body_bytes: usize,
+    trusted_proxies: TrustedProxies,
+    edge: crate::config::Edge,
+    maintenance: Arc<Maintenance>,
+    drain: Arc<DrainState>,
     /// Unix time of start-up, reported as `created` in model listings.
     started_unix: u64,
 }
@@ -89,6 +101,10 @@ impl Gateway {
             scale_wake: p.scale_wake,
             accounting: p.accounting,
             max_body_bytes: p.max_body_bytes,
+            trusted_proxies: TrustedProxies::new(p.edge.trusted_proxies.clone()),
+            edge: p.edge,
+            maintenance: p.maintenance,
+            drain: p.drain,
             started_unix,
         }
     }
@@ -183,26 +199,16 @@ impl Gateway {
         route: Route,
         query: Option<&str>,
     ) -> Result<Option<Bytes>, ApiError> {
-        let ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+        if let Some(ip) = ctx.client.as_ref().map(|c| c.ip) {
+            self.limited(self.accounting.limits.check_ip(ip))?;
+        }
         if route == Route::Read(Read::Health) {
-            if let Some(ip) = ip {
-                self.limited(self.accounting.limits.check_ip(ip))?;
-            }
             return Ok(Some(Bytes::from_static(br#"{"status":"ok"}"#)));
         }
-        let identity = match self.authenticate(session, ctx).await {
-            Ok(id) => id,
-            Err(e) => {
-                // Failed authentications count against the address (slows token guessing).
-                if let Some(ip) = ip {
-                    self.limited(self.accounting.limits.check_ip(ip))?;
-                }
-                return Err(e);
-            }
-        };
+        if let Some(message) = self.maintenance.refusal(None) {
+            return Err(errors::maintenance(message));
+        }
+        let identity = self.authenticate(session, ctx).await?;
         if self.auth.is_enforcing() {
             self.limited(self.accounting.limits.check_user(&identity.username))?;
         }
@@ -313,6 +319,9 @@ impl Gateway {
                 body_len: body.len(),
             },
         )?;
+        if let Some(message) = self.maintenance.refusal(Some(&deployment.cluster)) {
+            return Err(errors::maintenance(message));
+        }
         self.limited(self.accounting.limits.check_tokens(
             &identity.username,
             &deployment.model,
@@ -402,7 +411,9 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        let mut ctx = RequestCtx::new();
+        ctx.active = Some(self.drain.begin());
+        ctx
     }
 
     async fn request_filter(
@@ -411,9 +422,17 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         let t = Instant::now();
+        session.set_read_timeout(Some(self.edge.client_read_timeout));
+        session.set_write_timeout(Some(self.edge.client_write_timeout));
+        session.set_keepalive(Some(self.edge.keepalive_timeout.as_secs()));
+        ctx.client = self.client(session);
         let req = session.req_header();
-        let matched = routes::match_route(&req.method, req.uri.path())
-            .map_err(|e| errors::route(e, &req.method, req.uri.path()));
+        let matched = if head_len(req) > self.edge.max_header_bytes {
+            Err(errors::headers_too_large(self.edge.max_header_bytes))
+        } else {
+            routes::match_route(&req.method, req.uri.path())
+                .map_err(|e| errors::route(e, &req.method, req.uri.path()))
+        };
         let query = req.uri.query().map(str::to_owned);
         ctx.charge(t);
         let outcome = match matched {
@@ -499,6 +518,10 @@ impl ProxyHttp for Gateway {
             upstream.remove_header(name);
         }
         upstream.insert_header("host", addr.authority())?;
+        if let Some(client) = &ctx.client {
+            upstream.insert_header("x-forwarded-for", client.forwarded_for.as_str())?;
+            upstream.insert_header("x-forwarded-proto", client.proto)?;
+        }
         if let Some(auth) = &deployment.pool.settings.authorization {
             upstream.insert_header("authorization", auth.clone())?;
         }
@@ -681,7 +704,32 @@ impl ProxyHttp for Gateway {
     }
 }
 
+/// Size of a request head as received: request line and header lines.
+fn head_len(req: &RequestHeader) -> usize {
+    let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method.as_str().len() + target + 12;
+    req.headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
 impl Gateway {
+    /// The client behind any trusted proxies.
+    fn client(&self, session: &Session) -> Option<crate::edge::Client> {
+        let peer = session.client_addr()?.as_inet()?.ip();
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let headers = &session.req_header().headers;
+        let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        Some(self.trusted_proxies.client(
+            peer,
+            tls,
+            value("x-forwarded-for"),
+            value("x-forwarded-proto"),
+        ))
+    }
+
     /// A rate limit's refusal as a 429 (and counted).
     fn limited(&self, check: Result<(), Limited>) -> Result<(), ApiError> {
         check.map_err(|l| {

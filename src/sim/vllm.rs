@@ -38,6 +38,8 @@ pub struct VllmSimConfig {
     pub max_model_len: u32,
     /// Length of the generated embedding vectors.
     pub embedding_dim: usize,
+    /// Serve HTTPS with this configuration (it may require client certificates).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for VllmSimConfig {
@@ -52,6 +54,7 @@ impl Default for VllmSimConfig {
             default_max_tokens: 16,
             max_model_len: 8192,
             embedding_dim: 16,
+            tls: None,
         }
     }
 }
@@ -140,7 +143,8 @@ impl VllmSim {
             last_request: Mutex::new(None),
             started: unix_now(),
         });
-        let listening = Listening::bind(addr, router(shared.clone())).await?;
+        let tls = shared.cfg.tls.clone();
+        let listening = Listening::bind_tls(addr, router(shared.clone()), tls).await?;
         Ok(VllmSim { shared, listening })
     }
 

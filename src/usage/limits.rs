@@ -1,5 +1,5 @@
 //! Rate limits, in memory behind a trait (state shared across replicas can come later):
-//! requests per second per user (FIRST's default 10), per IP on unauthenticated routes, and
+//! requests per second per user (FIRST's default 10), per client address on every route, and
 //! tokens per minute per model and per user of a model (FIRST's `tpm_model` / `tpm_user`:
 //! checked before a request, counted after it).
 
@@ -75,11 +75,16 @@ pub struct MemoryLimits {
 }
 
 impl MemoryLimits {
-    /// `0` turns a request limit off.
-    pub fn new(user_rps: u32, ip_rps: u32, window: Duration) -> Self {
+    /// `0` turns a request limit off. An address may send `ip_burst` requests at once (at
+    /// least its rate).
+    pub fn new(user_rps: u32, ip_rps: u32, ip_burst: u32, window: Duration) -> Self {
+        let ip_quota = |n| {
+            let burst = NonZeroU32::new(ip_burst).map_or(n, |b| b.max(n));
+            Quota::per_second(n).allow_burst(burst)
+        };
         MemoryLimits {
             per_user: NonZeroU32::new(user_rps).map(|n| RateLimiter::keyed(Quota::per_second(n))),
-            per_ip: NonZeroU32::new(ip_rps).map(|n| RateLimiter::keyed(Quota::per_second(n))),
+            per_ip: NonZeroU32::new(ip_rps).map(|n| RateLimiter::keyed(ip_quota(n))),
             user_rps,
             ip_rps,
             tokens: TokenWindows::default(),

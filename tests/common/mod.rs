@@ -74,7 +74,10 @@ impl Gateway {
         let config = dir.path().join("gateway.yaml");
         let yaml = format!(
             "listen: {addr}\nadmin_listen: {admin}\nthreads: 2\n\
-             health_check:\n  interval: 100ms\n  timeout: 500ms\n{auth}{body}"
+             health_check:\n  interval: 100ms\n  timeout: 500ms\n\
+             server:\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/firstgate.pid\n\
+             {auth}{body}",
+            dir = dir.path().display()
         );
         std::fs::write(&config, yaml).expect("write config");
         let log_path = dir.path().join("gateway.log");
@@ -145,6 +148,33 @@ impl Gateway {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Sends a signal (`HUP`, `QUIT`, `TERM`, ...) to the gateway.
+    pub fn signal(&self, name: &str) {
+        signal(self.child.id(), name);
+    }
+
+    /// Whether the process has exited (and reaps it).
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
+    /// Starts `firstgate serve --upgrade` with the same configuration: it waits for this
+    /// process to hand over its sockets (send this one SIGQUIT).
+    pub fn start_successor(&self) -> Successor {
+        let log_path = self._dir.path().join("successor.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_firstgate"))
+            .args(["serve", "--upgrade", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the successor");
+        Successor { child, log_path }
+    }
+
     /// The Prometheus text from the admin listener.
     pub async fn metrics(&self) -> String {
         reqwest::get(self.admin_url("/metrics"))
@@ -160,6 +190,41 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("--- gateway log ---\n{}", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a signal by name to a process.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// A gateway process started with `--upgrade`.
+pub struct Successor {
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl Successor {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- successor log ---\n{}", self.log());
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -1,0 +1,102 @@
+//! Draining: readiness turns off, in-flight requests finish, then the process leaves.
+//!
+//! Pingora stops accepting when shutdown starts (SIGTERM, or SIGQUIT after it handed its
+//! sockets to a new process) and then sleeps `grace_period_seconds` whatever is in flight.
+//! The [`Drainer`] ends that wait early: as soon as no request is in flight it flushes the
+//! usage records and exits, so a drain takes as long as the longest stream, at most the
+//! configured grace period.
+
+use crate::usage::UsageSink;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Whether the process still takes traffic, and how many requests it is serving.
+#[derive(Debug, Default)]
+pub struct DrainState {
+    draining: AtomicBool,
+    active: AtomicUsize,
+}
+
+impl DrainState {
+    /// Readiness: false once draining started (admin `POST /drain`, SIGTERM or SIGQUIT).
+    pub fn ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Requests in flight.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> ActiveRequest {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest(self.clone())
+    }
+}
+
+/// One request in flight (see [`DrainState::begin`]).
+#[derive(Debug)]
+pub struct ActiveRequest(Arc<DrainState>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits for shutdown, then for the last request, then flushes usage and exits.
+pub struct Drainer {
+    pub state: Arc<DrainState>,
+    pub usage: Option<Arc<dyn UsageSink>>,
+    /// Longest wait for requests in flight (Pingora's grace period ends it anyway).
+    pub grace_period: Duration,
+}
+
+/// How long the process must have been idle before it leaves: covers a connection accepted
+/// just before the listener closed whose request has not been read yet.
+const SETTLE: Duration = Duration::from_millis(500);
+
+#[async_trait]
+impl BackgroundService for Drainer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let _ = shutdown.changed().await;
+        self.state.start_draining();
+        log::info!(
+            "draining: {} requests in flight, waiting up to {:?}",
+            self.state.active(),
+            self.grace_period
+        );
+        let deadline = tokio::time::Instant::now() + self.grace_period;
+        let mut idle_since = None;
+        while tokio::time::Instant::now() < deadline {
+            if self.state.active() == 0 {
+                let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= SETTLE {
+                    break;
+                }
+            } else {
+                idle_since = None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.state.active();
+        if let Some(sink) = self.usage.clone() {
+            let _ = tokio::task::spawn_blocking(move || sink.flush(Duration::from_secs(10))).await;
+            log::info!("usage records flushed");
+        }
+        if left == 0 {
+            log::info!("drained: no request in flight, exiting");
+            std::process::exit(0);
+        }
+        log::warn!("grace period over with {left} requests in flight; they are cut");
+    }
+}

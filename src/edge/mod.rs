@@ -1,0 +1,97 @@
+//! The facility edge, in place of nginx: who the client is behind proxies, the maintenance
+//! switch, the HTTPS certificate, and draining on shutdown or hand-over. None of this knows
+//! about the proxy; the proxy asks it.
+
+mod certificate;
+mod drain;
+mod forwarded;
+mod maintenance;
+
+pub use certificate::{read_certificates, read_private_key, CertificateStore};
+pub use drain::{ActiveRequest, DrainState, Drainer};
+pub use forwarded::{Client, TrustedProxies};
+pub use maintenance::{Maintenance, Notices, DEFAULT_MESSAGE};
+
+use crate::metrics::Metrics;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Re-reads what may change without a restart: on SIGHUP the certificate and the
+/// configuration's maintenance notices, every second the maintenance file. (The policies have
+/// their own watcher.) A file that cannot be read or parsed leaves the previous state in force.
+pub struct EdgeReloader {
+    /// The configuration file (none for the demo's built-in one).
+    pub config_path: Option<PathBuf>,
+    pub certificate: Option<Arc<CertificateStore>>,
+    pub maintenance: Arc<Maintenance>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// One SIGHUP: the certificate and the configuration's maintenance notices.
+fn reload(
+    config_path: Option<&Path>,
+    certificate: Option<&CertificateStore>,
+    maintenance: &Maintenance,
+) {
+    if let Some(store) = certificate {
+        match store.reload() {
+            Ok(()) => log::info!("TLS certificate reloaded"),
+            Err(e) => log::error!("{e:#}; the previous certificate stays in use"),
+        }
+    }
+    let Some(config_path) = config_path else {
+        return;
+    };
+    match crate::config::load(config_path) {
+        Ok(loaded) => {
+            maintenance.set_configured(loaded.config.edge.maintenance);
+            log::info!(
+                "maintenance notices reloaded from {} (other changes need `serve --upgrade`)",
+                config_path.display()
+            );
+        }
+        Err(e) => log::error!("{e}; the previous maintenance notices stay in force"),
+    }
+}
+
+#[async_trait]
+impl BackgroundService for EdgeReloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("cannot watch SIGHUP: {e}");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = async { hangup.as_mut()?.recv().await } => {
+                    // File reads and certificate parsing stay off the async workers.
+                    let (path, certificate, maintenance) =
+                        (self.config_path.clone(), self.certificate.clone(), self.maintenance.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        reload(path.as_deref(), certificate.as_deref(), &maintenance)
+                    })
+                    .await;
+                }
+                _ = tick.tick() => {
+                    if self.maintenance.check_file() {
+                        log::warn!("maintenance file changed: {:?}", self.maintenance.notices());
+                    }
+                }
+            }
+            self.metrics
+                .background_runs
+                .with_label_values(&["edge_reload"])
+                .inc();
+        }
+    }
+}
