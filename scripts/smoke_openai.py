@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Checks a running demo with the official OpenAI Python SDK (pip install openai).
+"""Checks a running demo with the official OpenAI Python SDK (pip install openai 'httpx[http2]').
 
-Usage: scripts/smoke_openai.py [http://127.0.0.1:8080]
+Usage: scripts/smoke_openai.py [http://127.0.0.1:8080] [https://127.0.0.1:8443 CA_FILE]
 Exercises both URL layouts, streamed and non-streamed chat, completions, embeddings, the
 models list, the NotFoundError an unknown model must raise, and the demo users: demo-alice
 succeeds, demo-bob and demo-mallory get PermissionDeniedError, demo-expired, a made-up token
@@ -17,6 +17,8 @@ import openai
 from openai import OpenAI
 
 base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080"
+https_base = sys.argv[2] if len(sys.argv) > 2 else "https://127.0.0.1:8443"
+ca_file = sys.argv[3] if len(sys.argv) > 3 else "/tmp/firstgate-demo-tls/ca.pem"
 LLAMA = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 MESSAGES = [{"role": "user", "content": "Hello from the OpenAI SDK"}]
 
@@ -98,4 +100,23 @@ while time.time() < deadline:
         break
     time.sleep(0.5)
 check(f"cold model served via {' -> '.join(routes)}", routes and routes[-1] == "direct")
+
+# HTTPS with HTTP/2 (ALPN), and HTTP/1.1 for clients without it; the demo CA must be trusted.
+import httpx  # noqa: E402  (the OpenAI SDK's own HTTP client)
+
+for http2, version in ((True, "HTTP/2"), (False, "HTTP/1.1")):
+    tls = OpenAI(base_url=f"{https_base}/v1", api_key="demo-alice", max_retries=0,
+                 http_client=httpx.Client(http2=http2, verify=ca_file))
+    raw = tls.chat.completions.with_raw_response.create(model=LLAMA, messages=MESSAGES, max_tokens=4)
+    got = raw.http_response.http_version
+    check(f"{https_base}: chat over {got}", got == version and raw.parse().usage.completion_tokens == 4)
+    pieces = [c.choices[0].delta.content or ""
+              for c in tls.chat.completions.create(model=LLAMA, messages=MESSAGES, max_tokens=6, stream=True)
+              if c.choices]
+    check(f"{https_base}: streamed chat over {version} ({len(pieces)} chunks)", len(pieces) >= 6)
+try:
+    OpenAI(base_url=f"{https_base}/v1", api_key="demo-alice", max_retries=0).models.list()
+    check("a client that does not trust the demo CA is refused", False)
+except openai.APIConnectionError:
+    check("a client that does not trust the demo CA is refused", True)
 print("all OpenAI SDK checks passed")

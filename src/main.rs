@@ -257,7 +257,11 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             .flat_map(move |f| f.models.iter().map(move |m| (name, m)))
     }) {
         firstgate::catalog::UpstreamTls::load(m).map_err(|e| {
-            anyhow::anyhow!("{}: clusters.{cluster}, model {}: {e:#}", path.display(), m.name)
+            anyhow::anyhow!(
+                "{}: clusters.{cluster}, model {}: {e:#}",
+                path.display(),
+                m.name
+            )
         })?;
     }
     let models: usize = c

@@ -524,18 +524,22 @@ async fn an_upgrade_under_200_streams_completes_them_all_and_hands_over_new_requ
     })
     .await;
 
-    // Meanwhile new requests keep arriving, each on a new connection.
+    // Meanwhile new requests keep arriving, in turn on a kept-alive connection (as SDKs do)
+    // and on a new connection.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let arrivals = tokio::spawn({
         let (url, stop) = (url.clone(), stop.clone());
         async move {
+            let kept_alive = reqwest::Client::new();
             let mut outcomes = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let fresh = reqwest::Client::builder()
                     .pool_max_idle_per_host(0)
                     .build()
                     .unwrap();
-                outcomes.push(stream_to_end(&fresh, &url, &long_stream(2)).await);
+                for client in [&kept_alive, &fresh] {
+                    outcomes.push(stream_to_end(client, &url, &long_stream(2)).await);
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             outcomes

@@ -18,17 +18,33 @@ use std::time::Duration;
 #[derive(Debug, Default)]
 pub struct DrainState {
     draining: AtomicBool,
+    closing: AtomicBool,
     active: AtomicUsize,
 }
 
 impl DrainState {
-    /// Readiness: false once draining started (admin `POST /drain`, SIGTERM or SIGQUIT).
+    /// Readiness: false once draining started (admin `POST /drain`, SIGTERM, or shutdown after
+    /// a hand-over).
     pub fn ready(&self) -> bool {
         !self.draining.load(Ordering::Relaxed)
     }
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether responses may keep their HTTP/1.1 connection open. Off from the moment a
+    /// hand-over or a drain starts, so clients reconnect (to the new process) rather than
+    /// reuse a connection this process is about to close.
+    pub fn keeps_connections(&self) -> bool {
+        !self.closing.load(Ordering::Relaxed)
+    }
+
+    /// A new process is taking the sockets over (SIGQUIT): readiness stays, since the
+    /// listening sockets live on in the new process.
+    pub fn hand_over(&self) {
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     /// Requests in flight.
@@ -68,7 +84,18 @@ const SETTLE: Duration = Duration::from_millis(500);
 #[async_trait]
 impl BackgroundService for Drainer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let _ = shutdown.changed().await;
+        // Pingora keeps accepting for 5 s after SIGQUIT while the new process starts; stop
+        // offering keep-alive at once.
+        let mut quit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit()).ok();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(()) = async { quit.as_mut()?.recv().await } => {
+                    log::info!("handing over to a new process: connections close after their response");
+                    self.state.hand_over();
+                }
+            }
+        }
         self.state.start_draining();
         log::info!(
             "draining: {} requests in flight, waiting up to {:?}",

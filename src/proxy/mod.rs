@@ -424,7 +424,8 @@ impl ProxyHttp for Gateway {
         let t = Instant::now();
         session.set_read_timeout(Some(self.edge.client_read_timeout));
         session.set_write_timeout(Some(self.edge.client_write_timeout));
-        session.set_keepalive(Some(self.edge.keepalive_timeout.as_secs()));
+        let keepalive = self.drain.keeps_connections();
+        session.set_keepalive(keepalive.then_some(self.edge.keepalive_timeout.as_secs()));
         ctx.client = self.client(session);
         let req = session.req_header();
         let matched = if head_len(req) > self.edge.max_header_bytes {
