@@ -634,3 +634,45 @@ async fn sigterm_drains_streams_then_exits_without_waiting_out_the_grace_period(
         gw.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_daemon_detaches_and_writes_its_pid_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, admin) = (free_port(), free_port());
+    let pid_file = dir.path().join("firstgate.pid");
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{api}\nadmin_listen: 127.0.0.1:{admin}\nauth: {{mode: none}}\n\
+             server:\n  pid_file: {}\n  upgrade_sock: {}/upgrade.sock\n",
+            pid_file.display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    // The command returns once the gateway runs in the background.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_firstgate"))
+        .args(["serve", "--daemon", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let pid: u32 = wait_for("the pid file", || async {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    })
+    .await;
+    wait_for("the daemon to be ready", || async {
+        let r = reqwest::get(format!("http://127.0.0.1:{admin}/ready")).await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    signal(pid, "TERM");
+    wait_for("the daemon to exit", || async {
+        std::net::TcpStream::connect(("127.0.0.1", admin))
+            .is_err()
+            .then_some(())
+    })
+    .await;
+}
