@@ -422,11 +422,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         let t = Instant::now();
-        session.set_read_timeout(Some(self.edge.client_read_timeout));
-        session.set_write_timeout(Some(self.edge.client_write_timeout));
-        let keepalive = self.drain.keeps_connections();
-        session.set_keepalive(keepalive.then_some(self.edge.keepalive_timeout.as_secs()));
-        ctx.client = self.client(session);
+        ctx.client = self.take_connection(session);
         let req = session.req_header();
         let matched = if head_len(req) > self.edge.max_header_bytes {
             Err(errors::headers_too_large(self.edge.max_header_bytes))
@@ -717,8 +713,13 @@ fn head_len(req: &RequestHeader) -> usize {
 }
 
 impl Gateway {
-    /// The client behind any trusted proxies.
-    fn client(&self, session: &Session) -> Option<crate::edge::Client> {
+    /// Applies the edge's client timeouts and keep-alive (off while handing over or
+    /// draining) to the connection, and tells who the client is behind any trusted proxies.
+    fn take_connection(&self, session: &mut Session) -> Option<crate::edge::Client> {
+        session.set_read_timeout(Some(self.edge.client_read_timeout));
+        session.set_write_timeout(Some(self.edge.client_write_timeout));
+        let keepalive = self.drain.keeps_connections();
+        session.set_keepalive(keepalive.then_some(self.edge.keepalive_timeout.as_secs()));
         let peer = session.client_addr()?.as_inet()?.ip();
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let headers = &session.req_header().headers;
