@@ -664,7 +664,9 @@ async fn serve_daemon_detaches_and_writes_its_pid_file() {
     })
     .await;
     wait_for("the daemon to be ready", || async {
-        let r = reqwest::get(format!("http://127.0.0.1:{admin}/ready")).await.ok()?;
+        let r = reqwest::get(format!("http://127.0.0.1:{admin}/ready"))
+            .await
+            .ok()?;
         (r.status() == 200).then_some(())
     })
     .await;
