@@ -51,10 +51,10 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let users = globus.as_ref().map(|(_, seed)| seed.users.clone());
     start_simulators(sims, globus)?;
     let options = crate::server::ServeOptions {
-        upgrade: false,
         config_path: opts.config.exists().then(|| opts.config.clone()),
+        ..Default::default()
     };
-    let server = crate::server::build(&config, &options)?;
+    let server = crate::server::build(&config, options)?;
     print_banner(&config, users.as_deref(), demo_ca.as_deref());
     server.run_forever()
 }

@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 use firstgate::{config, demo, server};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -31,7 +33,9 @@ enum Command {
         /// a binary or configuration upgrade that drops no connection.
         #[arg(long, short)]
         upgrade: bool,
-        /// Run in the background and write server.pid_file (for systemd `Type=forking`).
+        /// Run in the background and write server.pid_file (for systemd `Type=forking`); the
+        /// command returns once the gateway is set up (with --upgrade: ready to take over) and
+        /// fails if it stopped before.
         #[arg(long, short)]
         daemon: bool,
     },
@@ -190,36 +194,73 @@ fn main() -> ExitCode {
 fn serve(path: &Path, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
     let loaded = config::load(path)?;
     let config_path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    if daemon {
-        daemonize(&loaded.config.server.pid_file)?;
-    }
+    let prepared: Option<Box<dyn FnOnce()>> = if daemon {
+        let mut report = daemonize(&loaded.config.server.pid_file)?;
+        Some(Box::new(move || {
+            // The waiting foreground process may be gone (killed); serving goes on.
+            let _ = report.write_all(b"1");
+        }))
+    } else {
+        None
+    };
     let options = server::ServeOptions {
         upgrade,
         config_path: Some(config_path),
+        prepared,
     };
-    server::build(&loaded.config, &options)?.run_forever()
+    server::build(&loaded.config, options)?.run_forever()
 }
 
 /// Forks into the background before any thread exists (Pingora's own daemon mode forks after
 /// our background threads started, which would lose them). Standard error is kept, so logs
 /// still reach the journal. The previous process's pid file is moved aside first: during an
 /// upgrade both processes run.
-fn daemonize(pid_file: &Path) -> anyhow::Result<()> {
-    if pid_file.exists() {
+///
+/// The foreground process stays until the background one reports on the returned socket that
+/// it is prepared (for an upgrade: about to take the sockets over), then exits 0; if the
+/// background process stops first, it puts the pid file back and exits 1. So `serve --upgrade
+/// --daemon && kill -QUIT <old>` never stops the old process for a new one that failed.
+fn daemonize(pid_file: &Path) -> anyhow::Result<UnixStream> {
+    let moved_aside = if pid_file.exists() {
         let mut old = pid_file.as_os_str().to_owned();
         old.push(".old");
         std::fs::rename(pid_file, &old)
             .map_err(|e| anyhow::anyhow!("{}: cannot move aside: {e}", pid_file.display()))?;
-    }
+        Some(PathBuf::from(old))
+    } else {
+        None
+    };
+    let (mut waiting, report) = UnixStream::pair()?;
     let cwd = std::env::current_dir()?;
-    daemonix::Daemonize::new()
+    let outcome = daemonix::Daemonize::new()
         .pid_file(pid_file)
         .working_directory(cwd)
         .umask(0o027)
         .stdout(daemonix::Stdio::keep())
         .stderr(daemonix::Stdio::keep())
-        .start()
-        .map_err(|e| anyhow::anyhow!("cannot run in the background: {e}"))
+        .execute();
+    match outcome {
+        daemonix::Outcome::Child(Ok(_)) => {
+            drop(waiting);
+            Ok(report)
+        }
+        daemonix::Outcome::Child(Err(e)) => {
+            Err(anyhow::anyhow!("cannot run in the background: {e}"))
+        }
+        daemonix::Outcome::Parent(result) => {
+            drop(report);
+            let mut byte = [0u8; 1];
+            if result.is_ok() && matches!(waiting.read(&mut byte), Ok(1)) {
+                std::process::exit(0);
+            }
+            if let Some(old) = moved_aside {
+                let _ = std::fs::rename(old, pid_file);
+            }
+            anyhow::bail!(
+                "the gateway stopped while starting in the background (see its log above)"
+            )
+        }
+    }
 }
 
 fn drain(admin: SocketAddr, settle: Duration) -> anyhow::Result<()> {

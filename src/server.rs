@@ -24,17 +24,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// How the process starts.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct ServeOptions {
     /// Take the listening sockets over from a running gateway (graceful upgrade).
     pub upgrade: bool,
     /// The configuration file, re-read on SIGHUP for the maintenance notices.
     pub config_path: Option<PathBuf>,
+    /// Called once everything that can fail has been set up, just before the listening
+    /// sockets are taken over (or, without `upgrade`, before serving starts).
+    pub prepared: Option<Box<dyn FnOnce()>>,
 }
 
 /// Builds a ready-to-run server. Resolves backend host names and, with `upgrade`, takes the
 /// listening sockets over before returning.
-pub fn build(config: &Config, options: &ServeOptions) -> anyhow::Result<Server> {
+pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
     let catalog = Arc::new(Catalog::build(config).context("cannot serve this configuration")?);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -69,13 +72,6 @@ pub fn build(config: &Config, options: &ServeOptions) -> anyhow::Result<Server> 
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
-    if options.upgrade {
-        log::info!(
-            "waiting for the running gateway to hand over its sockets on {} (send it SIGQUIT)",
-            config.server.upgrade_sock.display()
-        );
-    }
-    server.bootstrap();
 
     let auth = Arc::new(Authenticator::new(&config.auth, catalog.uses_group_acls())?);
     if !auth.is_enforcing() {
@@ -215,6 +211,19 @@ pub fn build(config: &Config, options: &ServeOptions) -> anyhow::Result<Server> 
             scale_wake,
         ),
     );
+    // Everything that can fail has been done: only now take the sockets (over), so that a
+    // new process that cannot start leaves the running one alone.
+    if let Some(prepared) = options.prepared {
+        prepared();
+    }
+    if options.upgrade {
+        log::info!(
+            "waiting for the running gateway to hand over its sockets on {} (send it SIGQUIT)",
+            config.server.upgrade_sock.display()
+        );
+    }
+    server.bootstrap();
+
     if let Some(client) = &compute {
         server.add_service(background_service(
             "compute tasks",

@@ -144,7 +144,7 @@ async fn https_speaks_http2_and_http1_and_the_plain_listener_h2c() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_swaps_the_certificate_while_streams_continue() {
+async fn a_renewed_certificate_is_used_while_streams_continue() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::create(dir.path(), "test CA").unwrap();
     let live = ca.server("live").unwrap();
@@ -160,7 +160,7 @@ async fn sighup_swaps_the_certificate_while_streams_continue() {
     let first = pem_der(&live.cert);
     assert_eq!(presented_certificate(tls_port, &ca.ca_path()).await, first);
 
-    // A stream over HTTP/2 is under way when the certificate changes.
+    // A stream over HTTP/2 is under way when the files are renewed; no signal is sent.
     let client = trusting(&ca.ca_path()).build().unwrap();
     let url = format!("https://127.0.0.1:{tls_port}/v1/chat/completions");
     let stream = tokio::spawn({
@@ -174,18 +174,17 @@ async fn sighup_swaps_the_certificate_while_streams_continue() {
     let renewed = ca.server("renewed").unwrap();
     std::fs::copy(&renewed.cert, &live.cert).unwrap();
     std::fs::copy(&renewed.key, &live.key).unwrap();
-    gw.signal("HUP");
     let second = pem_der(&renewed.cert);
     wait_for(
         "new handshakes to present the renewed certificate",
         || async { (presented_certificate(tls_port, &ca.ca_path()).await == second).then_some(()) },
     )
     .await;
+    assert!(gw.log().contains("TLS certificate files changed: reloaded"));
     assert_eq!(stream.await.unwrap(), Ok(()));
 
     // A broken pair is refused and the renewed certificate stays in use.
     std::fs::write(&live.key, "not a key").unwrap();
-    gw.signal("HUP");
     wait_for("the refusal to be logged", || async {
         gw.log()
             .contains("the previous certificate stays in use")
@@ -193,6 +192,20 @@ async fn sighup_swaps_the_certificate_while_streams_continue() {
     })
     .await;
     assert_eq!(presented_certificate(tls_port, &ca.ca_path()).await, second);
+
+    // SIGHUP reads the files whether or not they look changed.
+    let third = ca.server("third").unwrap();
+    std::fs::copy(&third.cert, &live.cert).unwrap();
+    std::fs::copy(&third.key, &live.key).unwrap();
+    gw.signal("HUP");
+    wait_for("the SIGHUP reload to be logged", || async {
+        gw.log().contains("TLS certificate reloaded").then_some(())
+    })
+    .await;
+    assert_eq!(
+        presented_certificate(tls_port, &ca.ca_path()).await,
+        pem_der(&third.cert)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -636,29 +649,38 @@ async fn sigterm_drains_streams_then_exits_without_waiting_out_the_grace_period(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_daemon_detaches_and_writes_its_pid_file() {
+async fn serve_daemon_detaches_writes_its_pid_file_and_refuses_a_broken_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let (api, admin) = (free_port(), free_port());
     let pid_file = dir.path().join("firstgate.pid");
-    let config = dir.path().join("gateway.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:{api}\nadmin_listen: 127.0.0.1:{admin}\nauth: {{mode: none}}\n\
-             server:\n  pid_file: {}\n  upgrade_sock: {}/upgrade.sock\n",
-            pid_file.display(),
-            dir.path().display()
-        ),
-    )
-    .unwrap();
-    // The command returns once the gateway runs in the background.
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_firstgate"))
-        .args(["serve", "--daemon", "--config"])
-        .arg(&config)
-        .stderr(std::process::Stdio::null())
-        .status()
+    let write_config = |name: &str, store: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "listen: 127.0.0.1:{api}\nadmin_listen: 127.0.0.1:{admin}\nauth: {{mode: none}}\n\
+                 usage: {{store: {store}}}\n\
+                 server:\n  pid_file: {}\n  upgrade_sock: {}/upgrade.sock\n",
+                pid_file.display(),
+                dir.path().display()
+            ),
+        )
         .unwrap();
-    assert!(status.success());
+        path
+    };
+    let serve = |args: &[&str], config: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_firstgate"))
+            .arg("serve")
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+    };
+    // The command returns once the gateway runs in the background.
+    let config = write_config("gateway.yaml", "usage.db");
+    assert!(serve(&["--daemon"], &config).success());
     let pid: u32 = wait_for("the pid file", || async {
         std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
     })
@@ -670,6 +692,20 @@ async fn serve_daemon_detaches_and_writes_its_pid_file() {
         (r.status() == 200).then_some(())
     })
     .await;
+
+    // An upgrade whose new process cannot start (its usage store cannot be opened) fails in the
+    // foreground, before anyone would send SIGQUIT, and leaves the pid file naming the old one.
+    let broken = write_config("broken.yaml", "/nonexistent/usage.db");
+    assert!(!serve(&["--upgrade", "--daemon"], &broken).success());
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        pid.to_string()
+    );
+    let r = reqwest::get(format!("http://127.0.0.1:{admin}/ready"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
     signal(pid, "TERM");
     wait_for("the daemon to exit", || async {
         std::net::TcpStream::connect(("127.0.0.1", admin))

@@ -107,9 +107,9 @@ impl Default for Limits {
 pub struct TlsListener {
     /// Address of the HTTPS listener, e.g. `0.0.0.0:8443`.
     pub listen: SocketAddr,
-    /// PEM certificate chain (leaf first). Re-read on SIGHUP.
+    /// PEM certificate chain (leaf first). Re-read when it or the key changes, and on SIGHUP.
     pub cert: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Re-read on SIGHUP.
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Re-read with the certificate.
     pub key: PathBuf,
     /// Offer HTTP/2 by ALPN. Default true.
     #[serde(default = "defaults::yes")]

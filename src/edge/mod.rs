@@ -22,8 +22,9 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Re-reads what may change without a restart: on SIGHUP the certificate and the
-/// configuration's maintenance notices, every second the maintenance file. (The policies have
-/// their own watcher.) A file that cannot be read or parsed leaves the previous state in force.
+/// configuration's maintenance notices; every second the maintenance file, and the certificate
+/// if its files changed. (The policies have their own watcher.) A file that cannot be read or
+/// parsed leaves the previous state in force.
 pub struct EdgeReloader {
     /// The configuration file (none for the demo's built-in one).
     pub config_path: Option<PathBuf>,
@@ -85,6 +86,11 @@ impl BackgroundService for EdgeReloader {
                 _ = tick.tick() => {
                     if self.maintenance.check_file() {
                         log::warn!("maintenance file changed: {:?}", self.maintenance.notices());
+                    }
+                    match self.certificate.as_deref().map(CertificateStore::reload_if_changed) {
+                        Some(Ok(true)) => log::info!("TLS certificate files changed: reloaded"),
+                        Some(Err(e)) => log::error!("{e:#}; the previous certificate stays in use"),
+                        Some(Ok(false)) | None => {}
                     }
                 }
             }
