@@ -8,8 +8,8 @@ fn check(path: &str) -> (bool, String) {
         .args(["check", "--config", path])
         .output()
         .expect("run firstgate");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout).to_string()
+        + String::from_utf8_lossy(&out.stderr).as_ref();
     (out.status.success(), text)
 }
 
@@ -20,6 +20,23 @@ fn shipped_configurations_are_valid() {
         assert!(ok, "{path}: {text}");
         assert!(text.contains("OK"), "{text}");
     }
+}
+
+/// The Kubernetes configuration names the TLS Secret's mount; a certificate made here stands in.
+#[test]
+fn the_kubernetes_configuration_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = firstgate::sim::certs::TestCa::create(dir.path(), "test CA").unwrap();
+    let issued = ca.server("gateway").unwrap();
+    let text = std::fs::read_to_string("deploy/kubernetes/gateway.yaml")
+        .unwrap()
+        .replace("/etc/firstgate/tls/tls.crt", issued.cert.to_str().unwrap())
+        .replace("/etc/firstgate/tls/tls.key", issued.key.to_str().unwrap());
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, text).unwrap();
+    let (ok, text) = check(path.to_str().unwrap());
+    assert!(ok, "deploy/kubernetes/gateway.yaml: {text}");
+    assert!(text.contains("OK (2 clusters, 2 models)"), "{text}");
 }
 
 #[test]
