@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use firstgate::sim::certs::TestCa;
+use firstgate::sim::certs::{Issued, TestCa};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -78,6 +78,15 @@ async fn presented_certificate(port: u16, ca: &Path) -> Vec<u8> {
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
+/// The configuration's HTTPS listener on `port` with `issued` as its certificate.
+fn tls_section(port: u16, issued: &Issued) -> String {
+    format!(
+        "tls:\n  listen: 127.0.0.1:{port}\n  cert: {}\n  key: {}\n",
+        issued.cert.display(),
+        issued.key.display()
+    )
+}
+
 fn pem_der(path: &Path) -> Vec<u8> {
     firstgate::edge::read_certificates(path).unwrap()[0].to_vec()
 }
@@ -90,9 +99,8 @@ async fn https_speaks_http2_and_http1_and_the_plain_listener_h2c() {
     let chat = sim(&[LLAMA], |_| {}).await;
     let tls_port = free_port();
     let gw = Gateway::start(&format!(
-        "tls:\n  listen: 127.0.0.1:{tls_port}\n  cert: {}\n  key: {}\n{}",
-        cert.cert.display(),
-        cert.key.display(),
+        "{}{}",
+        tls_section(tls_port, &cert),
         one_model("sophia", "vllm", LLAMA, &[chat.addr()])
     ))
     .await;
@@ -151,9 +159,8 @@ async fn a_renewed_certificate_is_used_while_streams_continue() {
     let chat = sim(&[LLAMA], |c| c.itl = Duration::from_millis(50)).await;
     let tls_port = free_port();
     let gw = Gateway::start(&format!(
-        "tls:\n  listen: 127.0.0.1:{tls_port}\n  cert: {}\n  key: {}\n{}",
-        live.cert.display(),
-        live.key.display(),
+        "{}{}",
+        tls_section(tls_port, &live),
         one_model("sophia", "vllm", LLAMA, &[chat.addr()])
     ))
     .await;
