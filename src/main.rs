@@ -48,6 +48,13 @@ enum Command {
         /// How long to wait after the gateway turned not-ready (e.g. 10s).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         settle: Duration,
+        /// Undo an earlier drain: the gateway reports ready again (`DELETE /drain`).
+        #[arg(long)]
+        undo: bool,
+        /// Environment variable holding the admin token, sent when it is set (the gateway's
+        /// `admin.token_env`).
+        #[arg(long, default_value = "FIRSTGATE_ADMIN_TOKEN")]
+        token_env: String,
     },
     /// Validate a configuration without serving; exits non-zero with file, line and field.
     Check {
@@ -133,7 +140,12 @@ fn main() -> ExitCode {
             upgrade,
             daemon,
         } => serve(&config, upgrade, daemon),
-        Command::Drain { admin, settle } => drain(admin, settle),
+        Command::Drain {
+            admin,
+            settle,
+            undo,
+            token_env,
+        } => drain(admin, settle, undo, &token_env),
         Command::Check { config } => check(&config),
         Command::Usage {
             config,
@@ -263,20 +275,41 @@ fn daemonize(pid_file: &Path) -> anyhow::Result<UnixStream> {
     }
 }
 
-fn drain(admin: SocketAddr, settle: Duration) -> anyhow::Result<()> {
+fn drain(admin: SocketAddr, settle: Duration, undo: bool, token_env: &str) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let url = format!("http://{admin}/drain");
-        let resp = reqwest::Client::new()
-            .post(&url)
-            .timeout(Duration::from_secs(5))
+        let method = if undo {
+            reqwest::Method::DELETE
+        } else {
+            reqwest::Method::POST
+        };
+        let mut request = reqwest::Client::new()
+            .request(method, &url)
+            .header(firstgate::admin::ADMIN_HEADER, "firstgate drain")
+            .timeout(Duration::from_secs(5));
+        if let Ok(token) = std::env::var(token_env) {
+            request = request.bearer_auth(token);
+        }
+        let resp = request
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
-        if resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
-            anyhow::bail!("{url}: unexpected answer {}", resp.status());
+        let expected = if undo {
+            reqwest::StatusCode::OK
+        } else {
+            reqwest::StatusCode::SERVICE_UNAVAILABLE
+        };
+        if resp.status() != expected {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            anyhow::bail!("{url}: unexpected answer {status}: {body}");
+        }
+        if undo {
+            println!("ready again");
+            return Ok(());
         }
         println!("draining; waiting {}", humantime::format_duration(settle));
         tokio::time::sleep(settle).await;

@@ -57,6 +57,12 @@ pub struct Metrics {
     pub compute_tasks: IntCounterVec,
     /// Backend instances by state (`serving`, `unhealthy`, `draining`).
     pub instances: IntGaugeVec,
+    /// Client connections open on the API listeners.
+    pub connections: IntGauge,
+    /// Client connections the gateway closed before or between requests, by reason.
+    pub connections_closed: IntCounterVec,
+    /// Times the accept loop paused because `edge.max_connections` were open.
+    pub accept_waits: IntCounter,
 }
 
 impl Metrics {
@@ -177,6 +183,28 @@ impl Metrics {
                 "firstgate_instances",
                 "Backend instances by cluster, model and state (serving, unhealthy, draining).",
                 &["cluster", "model", "state"],
+            ),
+            connections: registered(
+                &registry,
+                IntGauge::new(
+                    "firstgate_client_connections",
+                    "Client connections open on the API listeners.",
+                ),
+            ),
+            connections_closed: counter(
+                "firstgate_client_connections_closed_total",
+                "Client connections closed by the gateway before or between requests, by reason \
+                 (max_connections_per_ip, tls_handshake_timeout, tls_handshake_failed, \
+                 header_timeout, header_too_large, reclaimed_idle).",
+                &["reason"],
+            ),
+            accept_waits: registered(
+                &registry,
+                IntCounter::new(
+                    "firstgate_accept_waits_total",
+                    "Times accepting paused because edge.max_connections were open (new \
+                     connections wait in the listen backlog).",
+                ),
             ),
             registry,
         }

@@ -8,7 +8,10 @@ use crate::auth::Authenticator;
 use crate::catalog::{BackendMonitor, Catalog};
 use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller};
 use crate::config::Config;
-use crate::edge::{CertificateStore, DrainState, Drainer, EdgeReloader, Maintenance};
+use crate::edge::{
+    AcceptGate, Admission, AdmissionLimits, CertificateStore, ConnectionTimeouts, DrainState,
+    Drainer, EdgeApp, EdgeReloader, Maintenance, TlsEndpoint, TrustedProxies,
+};
 use crate::metrics::Metrics;
 use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
 use crate::proxy::{ColdPath, Gateway, GatewayParts};
@@ -16,6 +19,7 @@ use crate::usage::{self, Accounting, MemoryLimits, SqliteSink, UsageSink, UsageT
 use anyhow::Context;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -134,6 +138,21 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
         config.edge.maintenance.clone(),
     ));
     let drain = Arc::new(DrainState::default());
+    let descriptors = crate::edge::raise_descriptor_limit();
+    let limits = AdmissionLimits::new(&config.edge, descriptors);
+    log::info!(
+        "serving up to {} client connections (open-file limit {descriptors}){}",
+        limits.max_connections,
+        match limits.max_connections_per_ip {
+            0 => String::new(),
+            n => format!(", {n} per address"),
+        }
+    );
+    let admission = Arc::new(Admission::new(
+        limits,
+        TrustedProxies::new(config.edge.trusted_proxies.clone()),
+        metrics.clone(),
+    ));
     let gateway = Gateway::new(GatewayParts {
         catalog: catalog.clone(),
         auth,
@@ -146,28 +165,62 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
         edge: config.edge.clone(),
         maintenance: maintenance.clone(),
         drain: drain.clone(),
+        admission: admission.clone(),
     });
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "firstgate");
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut http = HttpServerOptions::default();
-        // HTTP/2 without TLS (prior knowledge) on the plain listener, for loopback clients.
-        http.h2c = true;
-        app.server_options = Some(http);
-    }
-    proxy.add_tcp(&config.listen.to_string());
-    if let (Some(tls), Some(store)) = (&config.tls, &certificate) {
-        let mut settings =
-            TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
-                .context("tls: cannot set up the listener")?;
-        // Handshakes ask the store, so a SIGHUP can swap the certificate.
-        settings.set_cert_resolver(store.clone());
-        if tls.http2 {
-            settings.enable_h2();
+    let mut http = pingora::proxy::http_proxy(&server.configuration, gateway);
+    let mut http_options = HttpServerOptions::default();
+    // HTTP/2 without TLS (prior knowledge) on the plain listener, for loopback clients.
+    http_options.h2c = true;
+    http_options.h2_idle_timeout = Some(config.edge.keepalive_timeout);
+    http.server_options = Some(http_options);
+    let mut h2 = default_h2_options();
+    h2.max_concurrent_streams(config.edge.http2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(config.edge.max_header_bytes).unwrap_or(u32::MAX));
+    http.h2_options = Some(h2);
+    let tls_endpoint = match (&config.tls, &certificate) {
+        (Some(tls), Some(store)) => {
+            let mut settings =
+                TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
+                    .context("tls: cannot set up the listener")?;
+            // Handshakes ask the store, so a SIGHUP can swap the certificate.
+            settings.set_cert_resolver(store.clone());
+            if tls.http2 {
+                settings.enable_h2();
+            }
+            Some(TlsEndpoint {
+                listen: tls.listen,
+                acceptor: settings.build(),
+            })
         }
-        proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+        _ => None,
+    };
+    // Both listeners accept plain TCP: the edge layer runs the TLS handshake itself, on its
+    // own deadline, after admission.
+    let mut proxy = Service::new(
+        "firstgate".to_string(),
+        EdgeApp::new(
+            http,
+            tls_endpoint,
+            admission.clone(),
+            ConnectionTimeouts::from(&config.edge),
+            metrics.clone(),
+        ),
+    );
+    proxy.add_tcp(&config.listen.to_string());
+    if let Some(tls) = &config.tls {
+        proxy.add_tcp(&tls.listen.to_string());
     }
+    proxy.set_connection_filter(Arc::new(AcceptGate(admission)));
 
+    let admin_token = match &config.admin.token_env {
+        Some(var) => Some(std::env::var(var).with_context(|| {
+            format!(
+                "admin.token_env: the environment variable {var} is not set; export the admin \
+                 listener's bearer token in it"
+            )
+        })?),
+        None => None,
+    };
     let mut admin = Service::new(
         "firstgate admin".to_string(),
         AdminApp::new(
@@ -175,6 +228,7 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
             drain.clone(),
             maintenance.clone(),
             config.clusters.keys().cloned().collect(),
+            admin_token,
         ),
     );
     admin.add_tcp(&config.admin_listen.to_string());

@@ -317,6 +317,7 @@ async fn maintenance_switches_on_and_off_globally_and_per_cluster() {
     // The admin listener: one cluster, through both URL layouts; the other is served.
     let admin = |method: reqwest::Method, query: &str| {
         http.request(method, gw.admin_url(&format!("/maintenance{query}")))
+            .header("x-firstgate-admin", "test")
     };
     let r = admin(reqwest::Method::PUT, "")
         .json(&json!({"cluster": "sophia", "message": "Sophia is being upgraded."}))
@@ -631,7 +632,12 @@ async fn sigterm_drains_streams_then_exits_without_waiting_out_the_grace_period(
     })
     .await;
     // A preStop hook turns readiness off first.
-    let r = http.post(gw.admin_url("/drain")).send().await.unwrap();
+    let r = http
+        .post(gw.admin_url("/drain"))
+        .header("x-firstgate-admin", "test")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(
         http.get(gw.admin_url("/ready"))

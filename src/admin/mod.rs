@@ -5,4 +5,4 @@
 pub mod listings;
 mod service;
 
-pub use service::AdminApp;
+pub use service::{AdminApp, ADMIN_HEADER};

@@ -1,14 +1,21 @@
 //! The admin listener: liveness, readiness, Prometheus metrics, draining and the maintenance
-//! switch. It has no authentication: keep it on loopback or a private network.
+//! switch. Keep it on loopback or a private network.
 //!
 //! - `GET /health`: 200 while the process runs (liveness).
-//! - `GET /ready`: 200 while it takes traffic, 503 once draining (readiness).
-//! - `POST /drain`: turn not-ready ahead of a shutdown (a Kubernetes preStop hook).
+//! - `GET /ready`: 200 while it takes traffic, 503 once draining, with the reason (readiness).
+//! - `POST /drain`: turn not-ready ahead of a shutdown (a Kubernetes preStop hook);
+//!   `DELETE /drain` undoes it (not once shutdown started).
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /maintenance`: what is under maintenance.
 //! - `PUT /maintenance` `{"message": "...", "cluster": "sophia"}`: switch it on, for one
 //!   cluster or (without `cluster`) for everything.
 //! - `DELETE /maintenance[?cluster=sophia]`: switch off what `PUT` switched on.
+//!
+//! Routes that change state refuse what a browser could send from another site: they need
+//! `Content-Type: application/json` or an `X-Firstgate-Admin` header (a browser sends neither
+//! cross-site without a CORS preflight, which this listener never approves), and with
+//! `admin.token_env` set, `Authorization: Bearer <that token>`. Reads stay open, for probes and
+//! Prometheus.
 
 use crate::edge::{DrainState, Maintenance};
 use crate::metrics::Metrics;
@@ -17,7 +24,11 @@ use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
+
+/// The header that marks a request as not coming from a browser form.
+pub const ADMIN_HEADER: &str = "x-firstgate-admin";
 
 pub struct AdminApp {
     metrics: Arc<Metrics>,
@@ -25,6 +36,8 @@ pub struct AdminApp {
     maintenance: Arc<Maintenance>,
     /// The configured clusters, to refuse maintenance for a misspelt one.
     clusters: Vec<String>,
+    /// SHA-256 of the bearer token that routes changing state require, if any.
+    token: Option<[u8; 32]>,
 }
 
 impl AdminApp {
@@ -33,13 +46,50 @@ impl AdminApp {
         drain: Arc<DrainState>,
         maintenance: Arc<Maintenance>,
         clusters: Vec<String>,
+        token: Option<String>,
     ) -> Self {
         AdminApp {
             metrics,
             drain,
             maintenance,
             clusters,
+            token: token.map(|t| Sha256::digest(t.as_bytes()).into()),
         }
+    }
+
+    /// Refuses a request that changes state unless it comes from a tool (not a browser page of
+    /// another site) holding the token, when one is configured.
+    fn refuse_change(&self, req: &pingora::http::RequestHeader) -> Option<Response<Vec<u8>>> {
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let json = header("content-type").is_some_and(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case(JSON))
+        });
+        let cross_site =
+            header("sec-fetch-site").is_some_and(|s| s != "same-origin" && s != "none");
+        if cross_site || !(json || req.headers.contains_key(ADMIN_HEADER)) {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "cross_site_request",
+                "Requests that change state need Content-Type: application/json or an \
+                 X-Firstgate-Admin header, and are refused from browser pages of other sites.",
+            ));
+        }
+        let expected = self.token.as_ref()?;
+        let given = header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
+        // Digests compared, so the comparison's time says nothing about the token.
+        if given.as_ref() == Some(expected) {
+            return None;
+        }
+        Some(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "This admin route needs Authorization: Bearer <the token in the variable \
+             admin.token_env names>.",
+        ))
     }
 
     fn unknown_cluster(&self, cluster: Option<&str>) -> Option<Response<Vec<u8>>> {
@@ -52,6 +102,17 @@ impl AdminApp {
                 self.clusters.join(", ")
             ),
         ))
+    }
+
+    /// 200 `{"status": "ready"}`, or 503 with the reason.
+    fn readiness(&self) -> Response<Vec<u8>> {
+        match self.drain.not_ready_because() {
+            None => status(StatusCode::OK, serde_json::json!({"status": "ready"})),
+            Some(reason) => status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "draining", "reason": reason}),
+            ),
+        }
     }
 
     fn maintenance_state(&self) -> Response<Vec<u8>> {
@@ -80,10 +141,11 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
-    let kind = if status == StatusCode::NOT_FOUND {
-        "not_found_error"
-    } else {
-        "invalid_request_error"
+    let kind = match status {
+        StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::UNAUTHORIZED => "authentication_error",
+        StatusCode::FORBIDDEN => "permission_error",
+        _ => "invalid_request_error",
     };
     let body = serde_json::json!({
         "error": {"message": message, "type": kind, "code": code, "param": null}
@@ -91,13 +153,8 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
     reply(status, JSON, body.to_string().into_bytes())
 }
 
-fn status(ok: bool, up: &str, down: &str) -> Response<Vec<u8>> {
-    let (code, text) = if ok {
-        (StatusCode::OK, up)
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, down)
-    };
-    reply(code, JSON, format!(r#"{{"status":"{text}"}}"#).into_bytes())
+fn status(code: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
+    reply(code, JSON, body.to_string().into_bytes())
 }
 
 #[async_trait]
@@ -111,13 +168,30 @@ impl ServeHttp for AdminApp {
                 .find_map(|kv| kv.strip_prefix("cluster="))
                 .map(str::to_owned)
         });
+        let changes = matches!(method, Method::POST | Method::PUT | Method::DELETE);
+        if changes && matches!(path.as_str(), "/drain" | "/maintenance") {
+            if let Some(refusal) = self.refuse_change(req) {
+                return refusal;
+            }
+        }
         match (method, path.as_str()) {
-            (Method::GET, "/health") => status(true, "ok", ""),
-            (Method::GET, "/ready") => status(self.drain.ready(), "ready", "draining"),
+            (Method::GET, "/health") => status(StatusCode::OK, serde_json::json!({"status": "ok"})),
+            (Method::GET, "/ready") => self.readiness(),
             (Method::POST, "/drain") => {
-                self.drain.start_draining();
+                self.drain.request_drain();
                 log::info!("draining requested on the admin listener");
-                status(false, "", "draining")
+                self.readiness()
+            }
+            (Method::DELETE, "/drain") => {
+                if !self.drain.cancel_drain() {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "shutting_down",
+                        "The gateway is shutting down; draining cannot be undone.",
+                    );
+                }
+                log::info!("draining undone on the admin listener");
+                self.readiness()
             }
             (Method::GET, "/metrics") => reply(
                 StatusCode::OK,
@@ -168,7 +242,7 @@ impl ServeHttp for AdminApp {
             (_, "/health" | "/ready" | "/drain" | "/metrics" | "/maintenance") => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "Use GET for /health, /ready, /metrics and /maintenance; POST for /drain; PUT or DELETE for /maintenance.",
+                "Use GET for /health, /ready, /metrics and /maintenance; POST or DELETE for /drain; PUT or DELETE for /maintenance.",
             ),
             _ => error(
                 StatusCode::NOT_FOUND,

@@ -29,6 +29,9 @@ pub struct Config {
     /// Health and Prometheus metrics. Default `127.0.0.1:9090`; keep it off the public network.
     #[serde(default = "defaults::admin_listen")]
     pub admin_listen: SocketAddr,
+    /// Protection of the admin listener's routes that change state.
+    #[serde(default)]
+    pub admin: Admin,
     /// An HTTPS listener (HTTP/2 and HTTP/1.1 by ALPN) next to the plain one.
     #[serde(default)]
     pub tls: Option<TlsListener>,
@@ -116,25 +119,49 @@ pub struct TlsListener {
     pub http2: bool,
 }
 
-/// Edge behaviour that nginx gave FIRST.
+/// Edge behaviour that nginx gave FIRST: who the client is, what it may hold, and how long it
+/// may stall. Each key names the nginx directive it replaces (`deploy/MIGRATING-FROM-NGINX.md`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Edge {
     /// Addresses or CIDR blocks of proxies in front of the gateway. Only from these are
     /// `X-Forwarded-For` and `X-Forwarded-Proto` believed; from anyone else they are replaced.
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// Largest request head (request line and headers) accepted, in bytes (431 above).
+    /// Largest request head (request line and headers) accepted, in bytes (431 above); also the
+    /// HTTP/2 header-list limit (nginx `large_client_header_buffers`).
     pub max_header_bytes: usize,
-    /// Longest wait for a single read from a client (request head and body).
+    /// Longest time a whole request head may take to arrive: counted from the connection's
+    /// start (after TLS) for its first request, from the first byte for later ones, and for
+    /// every HTTP/2 stream's header block. Total time, not per read (nginx
+    /// `client_header_timeout`). Longer: 408 and the connection is closed. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub client_header_timeout: Duration,
+    /// Longest time a TLS handshake may take. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// Longest wait for a single read of a request body (nginx `client_body_timeout`): a slow
+    /// upload that stalls longer gets 408. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub client_read_timeout: Duration,
     /// Longest wait for a single write to a client: a client that stops reading a stream is
-    /// dropped after it. Gaps between tokens do not count.
+    /// dropped after it (nginx `send_timeout`). Gaps between tokens do not count. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub client_write_timeout: Duration,
-    /// How long an idle client connection is kept open.
+    /// How long an idle client connection is kept open between requests, for HTTP/1.1 and
+    /// HTTP/2 on both listeners (nginx `keepalive_timeout`). Default 75 s.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Streams one HTTP/2 connection may have open at once (nginx
+    /// `http2_max_concurrent_streams`). Default 100.
+    pub http2_max_concurrent_streams: u32,
+    /// Client connections served at once on the API listeners (the admin listener does not
+    /// count). Beyond it new connections wait in the listen backlog until one closes (nginx
+    /// `worker_connections`). Default: what the descriptor limit allows, two descriptors per
+    /// proxied connection after a reserve (see the README).
+    pub max_connections: Option<usize>,
+    /// Connections one client address may hold at once; more are closed as they are accepted
+    /// (nginx `limit_conn`). Trusted proxies are exempt. 0 (the default) turns it off.
+    pub max_connections_per_ip: usize,
     /// While this file exists every API request is answered 503; its text, if any, is the
     /// message (FIRST's nginx `maintenance_on` switch). Relative to this file's directory.
     pub maintenance_file: Option<PathBuf>,
@@ -148,13 +175,28 @@ impl Default for Edge {
         Edge {
             trusted_proxies: Vec::new(),
             max_header_bytes: 32 * 1024,
+            client_header_timeout: Duration::from_secs(30),
+            tls_handshake_timeout: Duration::from_secs(10),
             client_read_timeout: Duration::from_secs(60),
             client_write_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(75),
+            http2_max_concurrent_streams: 100,
+            max_connections: None,
+            max_connections_per_ip: 0,
             maintenance_file: None,
             maintenance: BTreeMap::new(),
         }
     }
+}
+
+/// The admin listener's protection.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// Environment variable holding a bearer token that the admin routes which change state
+    /// (`/drain`, `/maintenance`) then require. Reads (`/health`, `/ready`, `/metrics`) stay
+    /// open. Without it those routes rely on the listener being private.
+    pub token_env: Option<String>,
 }
 
 /// Process management.
@@ -689,6 +731,29 @@ fn validate(config: &Config) -> Result<(), error::Invalid> {
                     .near("listen"),
             );
         }
+    }
+    let edge = &config.edge;
+    for (key, value) in [
+        ("client_header_timeout", edge.client_header_timeout),
+        ("tls_handshake_timeout", edge.tls_handshake_timeout),
+        ("client_read_timeout", edge.client_read_timeout),
+        ("client_write_timeout", edge.client_write_timeout),
+        ("keepalive_timeout", edge.keepalive_timeout),
+    ] {
+        if value < Duration::from_millis(10) {
+            return Err(Invalid::new(format!("edge.{key}"), "must be at least 10ms").near(key));
+        }
+    }
+    if edge.http2_max_concurrent_streams == 0 {
+        return Err(
+            Invalid::new("edge.http2_max_concurrent_streams", "must be at least 1")
+                .near("http2_max_concurrent_streams"),
+        );
+    }
+    if edge.max_connections == Some(0) {
+        return Err(
+            Invalid::new("edge.max_connections", "must be at least 1").near("max_connections")
+        );
     }
     if config.edge.max_header_bytes < 1024 {
         return Err(

@@ -17,8 +17,12 @@ use std::time::Duration;
 /// Whether the process still takes traffic, and how many requests it is serving.
 #[derive(Debug, Default)]
 pub struct DrainState {
-    draining: AtomicBool,
-    closing: AtomicBool,
+    /// Shutdown started (SIGTERM, or the end of a hand-over): final.
+    shutting_down: AtomicBool,
+    /// An operator asked for it on the admin listener: undone by `DELETE /drain`.
+    requested: AtomicBool,
+    /// A new process is taking the sockets over.
+    handing_over: AtomicBool,
     active: AtomicUsize,
 }
 
@@ -26,25 +30,47 @@ impl DrainState {
     /// Readiness: false once draining started (admin `POST /drain`, SIGTERM, or shutdown after
     /// a hand-over).
     pub fn ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed)
+        self.not_ready_because().is_none()
     }
 
+    /// Why the process is not ready, if it is not.
+    pub fn not_ready_because(&self) -> Option<&'static str> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            Some("shutting down: in-flight requests are finishing")
+        } else if self.requested.load(Ordering::Relaxed) {
+            Some("drain requested on the admin listener (DELETE /drain undoes it)")
+        } else {
+            None
+        }
+    }
+
+    /// Shutdown started; cannot be undone.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-        self.closing.store(true, Ordering::Relaxed);
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// An operator asks the load balancer to stop sending traffic (ahead of a shutdown).
+    pub fn request_drain(&self) {
+        self.requested.store(true, Ordering::Relaxed);
+    }
+
+    /// Undoes [`Self::request_drain`]; false when shutdown has started (nothing to undo).
+    pub fn cancel_drain(&self) -> bool {
+        self.requested.store(false, Ordering::Relaxed);
+        !self.shutting_down.load(Ordering::Relaxed)
     }
 
     /// Whether responses may keep their HTTP/1.1 connection open. Off from the moment a
-    /// hand-over or a drain starts, so clients reconnect (to the new process) rather than
-    /// reuse a connection this process is about to close.
+    /// hand-over or a drain starts, so clients reconnect (to the new process, or to another
+    /// replica) rather than reuse a connection this process is about to close.
     pub fn keeps_connections(&self) -> bool {
-        !self.closing.load(Ordering::Relaxed)
+        self.ready() && !self.handing_over.load(Ordering::Relaxed)
     }
 
     /// A new process is taking the sockets over (SIGQUIT): readiness stays, since the
     /// listening sockets live on in the new process.
     pub fn hand_over(&self) {
-        self.closing.store(true, Ordering::Relaxed);
+        self.handing_over.store(true, Ordering::Relaxed);
     }
 
     /// Requests in flight.

@@ -2,7 +2,9 @@
 //! `X-Forwarded-Proto` are believed only from configured trusted proxies; anyone can write
 //! them, so from anyone else they are ignored and replaced.
 
+use http::HeaderMap;
 use ipnet::IpNet;
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 /// The client as far as trusted proxies vouch for it.
@@ -25,17 +27,20 @@ impl TrustedProxies {
         TrustedProxies(nets)
     }
 
-    fn trusts(&self, ip: &IpAddr) -> bool {
+    /// Whether `ip` is one of the trusted proxies.
+    pub fn trusts(&self, ip: &IpAddr) -> bool {
         self.0.iter().any(|n| n.contains(ip))
     }
 
     /// Resolves the client of a connection from `peer` (over TLS when `tls`), given the
-    /// request's `X-Forwarded-For` and `X-Forwarded-Proto` values.
+    /// request's headers.
     ///
-    /// The chain is walked from the right (the hop nearest to us) while hops are trusted; the
-    /// first untrusted address is the client. Anything left of it was written by the client
-    /// and is dropped.
-    pub fn client(&self, peer: IpAddr, tls: bool, xff: Option<&str>, xfp: Option<&str>) -> Client {
+    /// All `X-Forwarded-For` header lines are joined in order (a proxy may append its own line
+    /// rather than extend the client's), then the chain is walked from the right (the hop
+    /// nearest to us) while hops are trusted; the first untrusted address is the client.
+    /// Anything left of it was written by the client and is dropped. `X-Forwarded-Proto` lines
+    /// are joined the same way and the entry written by the proxy nearest the client is used.
+    pub fn client(&self, peer: IpAddr, tls: bool, headers: &HeaderMap) -> Client {
         let own_proto = if tls { "https" } else { "http" };
         if !self.trusts(&peer) {
             return Client {
@@ -45,9 +50,10 @@ impl TrustedProxies {
             };
         }
         // From the nearest hop outward: each trusted hop vouches for the one before it.
+        let xff = joined(headers, "x-forwarded-for");
         let mut chain = Vec::new();
         let mut ip = peer;
-        for hop in xff.unwrap_or("").rsplit(',').map(str::trim) {
+        for hop in xff.rsplit(',').map(str::trim) {
             let Ok(hop) = hop.parse::<IpAddr>() else {
                 break;
             };
@@ -59,15 +65,45 @@ impl TrustedProxies {
         }
         let mut forwarded_for: Vec<String> = chain.iter().rev().map(IpAddr::to_string).collect();
         forwarded_for.push(peer.to_string());
-        let proto = match xfp.map(str::trim) {
-            Some(p) if p.eq_ignore_ascii_case("https") => "https",
-            Some(p) if p.eq_ignore_ascii_case("http") => "http",
-            _ => own_proto,
+        // One entry per proxy, the client's first: the one `chain.len()` from the right was
+        // written by the trusted proxy the client connected to.
+        let xfp = joined(headers, "x-forwarded-proto");
+        let protos: Vec<&str> = xfp.split(',').map(str::trim).collect();
+        let claimed = protos[protos
+            .len()
+            .saturating_sub(chain.len())
+            .min(protos.len() - 1)];
+        let proto = if claimed.eq_ignore_ascii_case("https") {
+            "https"
+        } else if claimed.eq_ignore_ascii_case("http") {
+            "http"
+        } else {
+            own_proto
         };
         Client {
             ip,
             forwarded_for: forwarded_for.join(", "),
             proto,
+        }
+    }
+}
+
+/// The values of every `name` header line, joined by commas in order (borrowed when there is
+/// one line).
+fn joined<'a>(headers: &'a HeaderMap, name: &str) -> Cow<'a, str> {
+    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    let Some(first) = values.next() else {
+        return Cow::Borrowed("");
+    };
+    match values.next() {
+        None => Cow::Borrowed(first),
+        Some(second) => {
+            let mut all = format!("{first}, {second}");
+            for v in values {
+                all.push_str(", ");
+                all.push_str(v);
+            }
+            Cow::Owned(all)
         }
     }
 }
@@ -84,9 +120,21 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn headers(lines: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in lines {
+            h.append(*name, value.parse().unwrap());
+        }
+        h
+    }
+
     #[test]
     fn an_untrusted_peer_is_the_client_whatever_it_claims() {
-        let c = trusted().client(ip("203.0.113.9"), true, Some("1.2.3.4"), Some("http"));
+        let h = headers(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "http"),
+        ]);
+        let c = trusted().client(ip("203.0.113.9"), true, &h);
         assert_eq!(c.ip, ip("203.0.113.9"));
         assert_eq!(c.forwarded_for, "203.0.113.9");
         assert_eq!(c.proto, "https");
@@ -94,12 +142,11 @@ mod tests {
 
     #[test]
     fn a_trusted_proxy_vouches_for_the_hop_before_it() {
-        let c = trusted().client(
-            ip("10.0.0.2"),
-            false,
-            Some("6.6.6.6, 198.51.100.7, 10.0.0.1"),
-            Some("https"),
-        );
+        let h = headers(&[
+            ("x-forwarded-for", "6.6.6.6, 198.51.100.7, 10.0.0.1"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let c = trusted().client(ip("10.0.0.2"), false, &h);
         // 10.0.0.1 is trusted too, so 198.51.100.7 is the client; 6.6.6.6 came from the
         // client and is not passed on.
         assert_eq!(c.ip, ip("198.51.100.7"));
@@ -108,8 +155,24 @@ mod tests {
     }
 
     #[test]
+    fn header_lines_a_proxy_appended_are_joined_before_the_walk() {
+        // HAProxy's `option forwardfor` adds its own line after the client's.
+        let h = headers(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let c = trusted().client(ip("10.0.0.2"), false, &h);
+        assert_eq!(c.ip, ip("198.51.100.7"));
+        assert_eq!(c.forwarded_for, "198.51.100.7, 10.0.0.2");
+        // The client wrote the first proto; the proxy it reached wrote the second.
+        assert_eq!(c.proto, "https");
+    }
+
+    #[test]
     fn a_trusted_proxy_without_headers_is_the_client() {
-        let c = trusted().client(ip("10.0.0.2"), false, None, None);
+        let c = trusted().client(ip("10.0.0.2"), false, &HeaderMap::new());
         assert_eq!(c.ip, ip("10.0.0.2"));
         assert_eq!(c.forwarded_for, "10.0.0.2");
         assert_eq!(c.proto, "http");
@@ -117,9 +180,15 @@ mod tests {
 
     #[test]
     fn garbage_in_the_chain_stops_the_walk() {
-        let c = trusted().client(ip("10.0.0.2"), false, Some("evil, 198.51.100.7"), None);
-        assert_eq!(c.ip, ip("198.51.100.7"));
-        let c = trusted().client(ip("10.0.0.2"), false, Some("198.51.100.7, junk"), None);
-        assert_eq!(c.ip, ip("10.0.0.2"));
+        let h = headers(&[("x-forwarded-for", "evil, 198.51.100.7")]);
+        assert_eq!(
+            trusted().client(ip("10.0.0.2"), false, &h).ip,
+            ip("198.51.100.7")
+        );
+        let h = headers(&[("x-forwarded-for", "198.51.100.7, junk")]);
+        assert_eq!(
+            trusted().client(ip("10.0.0.2"), false, &h).ip,
+            ip("10.0.0.2")
+        );
     }
 }

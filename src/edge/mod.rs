@@ -1,13 +1,23 @@
-//! The facility edge, in place of nginx: who the client is behind proxies, the maintenance
-//! switch, the HTTPS certificate, and draining on shutdown or hand-over. None of this knows
-//! about the proxy; the proxy asks it.
+//! The facility edge, in place of nginx: client connections from accept to their request
+//! (admission, TLS, timeouts), who the client is behind proxies, the maintenance switch, the
+//! HTTPS certificate, and draining on shutdown or hand-over. None of this knows about the
+//! proxy; the proxy asks it, and the connection layer hands it requests.
 
+mod admission;
 mod certificate;
+mod connection;
 mod drain;
 mod forwarded;
+mod h2;
+mod head;
 mod maintenance;
 
+pub use admission::{
+    raise_descriptor_limit, AcceptGate, Admission, AdmissionLimits, ConnectionPermit,
+    UpstreamPermit,
+};
 pub use certificate::{read_certificates, read_private_key, CertificateStore};
+pub use connection::{ConnectionTimeouts, EdgeApp, TlsEndpoint};
 pub use drain::{ActiveRequest, DrainState, Drainer};
 pub use forwarded::{Client, TrustedProxies};
 pub use maintenance::{Maintenance, Notices, DEFAULT_MESSAGE};

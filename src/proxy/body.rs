@@ -8,12 +8,19 @@
 use crate::openai::ApiError;
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
+use pingora::{Error, ErrorType};
+use std::time::Duration;
 
 /// Mirrors pingora-core's `BODY_BUF_LIMIT` (not configurable in 0.9).
 const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 
-/// Reads the whole body, at most `max` bytes.
-pub async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, ApiError> {
+/// Reads the whole body, at most `max` bytes, each read within `read_timeout` (Pingora bounds
+/// HTTP/1 reads itself, with the same value; HTTP/2 reads are bounded here).
+pub async fn read_body(
+    session: &mut Session,
+    max: usize,
+    read_timeout: Duration,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             413,
@@ -47,11 +54,25 @@ pub async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, ApiEr
             session.enable_retry_buffering();
             armed = true;
         }
-        match session
-            .read_request_body()
-            .await
-            .map_err(|_| read_failed())?
-        {
+        let read = if session.is_http2() {
+            tokio::time::timeout(read_timeout, session.read_request_body())
+                .await
+                .unwrap_or_else(|_| Error::e_explain(ErrorType::ReadTimedout, "body read"))
+        } else {
+            session.read_request_body().await
+        };
+        let chunk = read.map_err(|e| match e.etype() {
+            ErrorType::ReadTimedout => ApiError::new(
+                408,
+                "request_timeout",
+                format!(
+                    "The request body stalled: nothing arrived for {}.",
+                    humantime::format_duration(read_timeout)
+                ),
+            ),
+            _ => read_failed(),
+        })?;
+        match chunk {
             Some(chunk) => {
                 if buf.len() + chunk.len() > max {
                     return Err(too_large());

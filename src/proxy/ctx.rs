@@ -54,6 +54,8 @@ pub struct RequestCtx {
     pub client: Option<crate::edge::Client>,
     /// Counts the request as in flight while it lives.
     pub active: Option<crate::edge::ActiveRequest>,
+    /// The descriptor budget of the backend connection, held while proxying.
+    pub descriptor: Option<crate::edge::UpstreamPermit>,
 }
 
 impl RequestCtx {
@@ -86,6 +88,7 @@ impl RequestCtx {
             instance: None,
             client: None,
             active: None,
+            descriptor: None,
         }
     }
 

@@ -75,6 +75,16 @@ pub fn rate_limited(l: &crate::usage::Limited) -> ApiError {
         .with_retry_after(l.retry_after.as_secs().max(1))
 }
 
+/// The process has no file descriptor left for another backend connection.
+pub fn at_capacity() -> ApiError {
+    ApiError::new(
+        503,
+        "gateway_at_capacity",
+        "The gateway is serving as many requests as it has connections for; retry shortly.",
+    )
+    .with_retry_after(1)
+}
+
 /// The gateway, or the cluster that would serve the request, is under maintenance.
 pub fn maintenance(message: String) -> ApiError {
     ApiError::new(503, "cluster_under_maintenance", message)
@@ -171,6 +181,16 @@ pub fn proxy(e: &Error, d: Option<&Deployment>) -> Option<ApiError> {
             "upstream_error",
             "The request failed.",
         ));
+    }
+    // Beyond the budget `edge::Admission` keeps (an operator set the caps above the limit).
+    let out_of_descriptors = e
+        .root_cause()
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::raw_os_error)
+        .is_some_and(|code| code == 24 || code == 23); // EMFILE, ENFILE
+    if out_of_descriptors {
+        log::warn!("out of file descriptors for a backend connection: {e}");
+        return Some(at_capacity());
     }
     match e.esource() {
         ErrorSource::Downstream => None,

@@ -18,7 +18,7 @@ pub use ctx::RequestCtx;
 use crate::admin::listings;
 use crate::auth::{rules, Authenticator, CacheOutcome, Identity};
 use crate::catalog::{Catalog, Deployment, PoolError};
-use crate::edge::{DrainState, Maintenance, TrustedProxies};
+use crate::edge::{Admission, DrainState, Maintenance, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::openai::{parse_control_fields, ApiError};
 use crate::policy::PolicyStore;
@@ -67,6 +67,8 @@ pub struct GatewayParts {
     pub maintenance: Arc<Maintenance>,
     /// Counts requests in flight, for the drain on shutdown.
     pub drain: Arc<DrainState>,
+    /// Connection and descriptor budget (a proxied request needs a backend connection).
+    pub admission: Arc<Admission>,
 }
 
 /// The gateway's proxy logic.
@@ -83,6 +85,7 @@ pub struct Gateway {
     edge: crate::config::Edge,
     maintenance: Arc<Maintenance>,
     drain: Arc<DrainState>,
+    admission: Arc<Admission>,
     /// Unix time of start-up, reported as `created` in model listings.
     started_unix: u64,
 }
@@ -105,6 +108,7 @@ impl Gateway {
             edge: p.edge,
             maintenance: p.maintenance,
             drain: p.drain,
+            admission: p.admission,
             started_unix,
         }
     }
@@ -295,7 +299,8 @@ impl Gateway {
         else {
             unreachable!("only inference routes are prepared");
         };
-        let body = body::read_body(session, self.max_body_bytes).await?;
+        let body =
+            body::read_body(session, self.max_body_bytes, self.edge.client_read_timeout).await?;
         let t = Instant::now();
         let control = parse_control_fields(&body, endpoint)?;
         // The request keeps the policy version it started with, whatever reloads meanwhile.
@@ -376,6 +381,11 @@ impl Gateway {
         ctx.usage = Some(UsageScanner::new(control.stream, inject));
         ctx.route_kind = "direct";
         ctx.charge(t);
+        ctx.descriptor = Some(
+            self.admission
+                .reserve_upstream()
+                .ok_or_else(errors::at_capacity)?,
+        );
         let slot = match first_try {
             Err(PoolError::AtCapacity) => {
                 let _waiting = deployment.demand.waiting();
@@ -713,23 +723,22 @@ fn head_len(req: &RequestHeader) -> usize {
 }
 
 impl Gateway {
-    /// Applies the edge's client timeouts and keep-alive (off while handing over or
-    /// draining) to the connection, and tells who the client is behind any trusted proxies.
+    /// Applies the edge's client timeouts to the request, ends keep-alive while handing over or
+    /// draining, and tells who the client is behind any trusted proxies.
     fn take_connection(&self, session: &mut Session) -> Option<crate::edge::Client> {
         session.set_read_timeout(Some(self.edge.client_read_timeout));
         session.set_write_timeout(Some(self.edge.client_write_timeout));
-        let keepalive = self.drain.keeps_connections();
-        session.set_keepalive(keepalive.then_some(self.edge.keepalive_timeout.as_secs()));
+        // The edge layer times idle connections out; here keep-alive is only taken away (the
+        // client's own choice, `Connection: close` or HTTP/1.0, stands otherwise).
+        if !self.drain.keeps_connections() {
+            session.set_keepalive(None);
+        }
         let peer = session.client_addr()?.as_inet()?.ip();
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let headers = &session.req_header().headers;
-        let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        Some(self.trusted_proxies.client(
-            peer,
-            tls,
-            value("x-forwarded-for"),
-            value("x-forwarded-proto"),
-        ))
+        Some(
+            self.trusted_proxies
+                .client(peer, tls, &session.req_header().headers),
+        )
     }
 
     /// A rate limit's refusal as a 429 (and counted).
@@ -800,10 +809,12 @@ fn status_label(status: u16) -> &'static str {
         403 => "403",
         404 => "404",
         405 => "405",
+        408 => "408",
         411 => "411",
         413 => "413",
         422 => "422",
         429 => "429",
+        431 => "431",
         500 => "500",
         502 => "502",
         503 => "503",
