@@ -6,7 +6,9 @@
 //! store, access log), firstgate with auth and usage off, and nginx as a plain reverse proxy.
 //! Then it measures, on loopback only and bounded in time: small non-streamed chats at fixed
 //! offered rates and at saturation, and concurrent streams (time to first token, gaps between
-//! chunks, memory per stream). Prints a table and writes JSON under `target/bench/`.
+//! chunks, memory per stream), and as many streams as the descriptor limit allows nginx
+//! (10,000 where it can), to count what each target fails when descriptors run short. Prints a
+//! table and writes JSON under `target/bench/`.
 
 use clap::Parser;
 use firstgate::sim::globus::{FakeClient, FakeUser, GlobusSim, Seed};
@@ -39,9 +41,20 @@ struct Cli {
     /// Concurrent streams (realistic profile).
     #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
     streams: Vec<usize>,
+    /// Concurrent streams of the descriptor-limit run, which shows what each target does with
+    /// more streams than one process has descriptors for (0 skips it). Default: 10,000, or
+    /// half the open-file limit where that is lower.
+    #[arg(long)]
+    edge_streams: Option<usize>,
     /// Workers of the saturation run.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Only these targets (direct, nginx, firstgate-lite, firstgate-full); default all.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Keep the working directory (configurations and the gateways' logs) and print it.
+    #[arg(long)]
+    keep: bool,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -132,6 +145,8 @@ struct Target {
     real: (&'static str, &'static str),
     pid: Option<u32>,
     token: Option<&'static str>,
+    /// A gateway's admin listener, for its connection metrics.
+    admin: Option<SocketAddr>,
 }
 
 impl Target {
@@ -167,6 +182,10 @@ struct RunResult {
     peak_rss_mib: Option<f64>,
     /// Streams only: resident memory added per open stream.
     kib_per_stream: Option<f64>,
+    /// The descriptor-limit run on a gateway: its connection metrics afterwards.
+    connections: Vec<String>,
+    /// Streams only: failed streams by what went wrong.
+    errors_by_kind: std::collections::BTreeMap<String, u64>,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -331,7 +350,9 @@ async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
             let t0 = Instant::now();
             let resp = match req.send().await {
                 Ok(r) if r.status().is_success() => r,
-                _ => return None,
+                Ok(r) => return Err(format!("status {}", r.status().as_u16())),
+                Err(e) if e.is_connect() => return Err("connect".to_string()),
+                Err(e) => return Err(format!("send: {}", error_kind(&e))),
             };
             let mut body = resp.bytes_stream();
             let mut ttft = None;
@@ -339,7 +360,7 @@ async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
             let mut gaps = Vec::new();
             let mut done = false;
             while let Some(chunk) = body.next().await {
-                let Ok(chunk) = chunk else { break };
+                let chunk = chunk.map_err(|e| format!("body: {}", error_kind(&e)))?;
                 let now = Instant::now();
                 if ttft.is_none() && chunk.windows(6).any(|w| w == b"\"tok0 ") {
                     ttft = Some(t0.elapsed().as_secs_f64() * 1000.0);
@@ -349,13 +370,10 @@ async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
                 last = now;
                 done |= chunk.windows(6).any(|w| w == b"[DONE]");
             }
-            done.then(|| {
-                (
-                    t0.elapsed().as_secs_f64() * 1000.0,
-                    ttft.unwrap_or(0.0),
-                    gaps,
-                )
-            })
+            if !done {
+                return Err("ended without [DONE]".to_string());
+            }
+            Ok((t0.elapsed().as_secs_f64() * 1000.0, ttft.unwrap_or(0.0), gaps))
         }));
     }
     // Memory while the streams are in flight: the largest resident size seen.
@@ -376,14 +394,19 @@ async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
     let mut ttfts = Vec::new();
     let mut gaps = Vec::new();
     let mut errors = 0;
+    let mut why = std::collections::BTreeMap::new();
     for h in handles {
         match h.await {
-            Ok(Some((total, ttft, g))) => {
+            Ok(Ok((total, ttft, g))) => {
                 lat.push(total);
                 ttfts.push(ttft);
                 gaps.extend(g);
             }
-            _ => errors += 1,
+            Ok(Err(kind)) => {
+                errors += 1;
+                *why.entry(kind).or_insert(0) += 1;
+            }
+            Err(_) => errors += 1,
         }
     }
     // Streams start together: their rate is over the time until the last one ended.
@@ -412,7 +435,35 @@ async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
         kib_per_stream: rss0
             .filter(|_| rss_peak > 0.0)
             .map(|r0| (rss_peak - r0 as f64).max(0.0) / n as f64),
+        errors_by_kind: why,
+        connections: Vec::new(),
     }
+}
+
+/// A gateway's connection-admission metrics (accept waits, connections closed by reason).
+async fn connection_metrics(admin: SocketAddr) -> Vec<String> {
+    let Ok(resp) = reqwest::get(format!("http://{admin}/metrics")).await else {
+        return Vec::new();
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("firstgate_accept_waits_total")
+                || l.starts_with("firstgate_client_connections_closed_total")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A transport error's kind, without addresses.
+fn error_kind(e: &reqwest::Error) -> String {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    let mut last = String::new();
+    while let Some(s) = source {
+        last = s.to_string();
+        source = s.source();
+    }
+    last.chars().take(60).collect()
 }
 
 fn start_sim(
@@ -437,7 +488,7 @@ fn start_gateway(
     name: &str,
     body: &str,
     env: &[(&str, &str)],
-) -> anyhow::Result<(Proc, SocketAddr)> {
+) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
     let addr = free_addr();
     let admin = free_addr();
     let config = dir.join(format!("{name}.yaml"));
@@ -454,7 +505,7 @@ fn start_gateway(
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
-    Ok((Proc { child }, addr))
+    Ok((Proc { child }, addr, admin))
 }
 
 fn start_nginx(
@@ -513,8 +564,11 @@ async fn main() -> anyhow::Result<()> {
         },
     )
     .await?;
+    // The per-instance cap defaults to vLLM's own (256 sequences); the simulator takes any
+    // number, and nginx has no cap, so it is lifted here to compare the proxying itself.
     let models = format!(
-        "clusters:\n  local:\n    frameworks:\n      vllm:\n        models:\n\
+        "upstream:\n  max_concurrent_per_backend: 1000000\n\
+         clusters:\n  local:\n    frameworks:\n      vllm:\n        models:\n\
          \x20         - name: fast\n            backends: [{fast}]\n\
          \x20         - name: real\n            backends: [{real}]\n"
     );
@@ -532,14 +586,14 @@ async fn main() -> anyhow::Result<()> {
         "auth:\n  mode: none\nlimits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n\
          usage:\n  store: null\naccess_log:\n  enabled: false\n{models}"
     );
-    let (gw_full, full_addr) = start_gateway(
+    let (gw_full, full_addr, full_admin) = start_gateway(
         &bin,
         &dir,
         "firstgate-full",
         &full,
         &[("FG_BENCH_SECRET", "bench-secret")],
     )?;
-    let (gw_lite, lite_addr) = start_gateway(&bin, &dir, "firstgate-lite", &lite, &[])?;
+    let (gw_lite, lite_addr, lite_admin) = start_gateway(&bin, &dir, "firstgate-lite", &lite, &[])?;
     let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, fast, real)?;
     for (a, what) in [
         (full_addr, "firstgate (full)"),
@@ -557,6 +611,7 @@ async fn main() -> anyhow::Result<()> {
             real: ("real", ""),
             pid: None,
             token: None,
+            admin: None,
         },
         Target {
             name: "nginx",
@@ -565,6 +620,7 @@ async fn main() -> anyhow::Result<()> {
             real: ("real", "/real"),
             pid: Some(ngx.pid()),
             token: None,
+            admin: None,
         },
         Target {
             name: "firstgate-lite",
@@ -573,6 +629,7 @@ async fn main() -> anyhow::Result<()> {
             real: ("real", ""),
             pid: Some(gw_lite.pid()),
             token: None,
+            admin: Some(lite_admin),
         },
         Target {
             name: "firstgate-full",
@@ -581,6 +638,7 @@ async fn main() -> anyhow::Result<()> {
             real: ("real", ""),
             pid: Some(gw_full.pid()),
             token: Some("bench-token"),
+            admin: Some(full_admin),
         },
     ];
     // Direct to the realistic simulator needs its own base.
@@ -591,6 +649,7 @@ async fn main() -> anyhow::Result<()> {
         real: ("real", ""),
         pid: None,
         token: None,
+        admin: None,
     };
 
     let client = reqwest::Client::builder()
@@ -609,24 +668,55 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    // A proxy needs two descriptors per stream; nginx spreads them over its two workers, a
+    // gateway process has one limit for all.
+    let edge_streams = cli.edge_streams.unwrap_or_else(|| {
+        let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(_, hard)| hard);
+        10_000.min(usize::try_from(hard / 2).unwrap_or(usize::MAX))
+    });
     let mut results = Vec::new();
-    for t in &targets {
+    for t in targets
+        .iter()
+        .filter(|t| cli.targets.is_empty() || cli.targets.iter().any(|n| n == t.name))
+    {
         for rate in &cli.rates {
             results.push(fixed_rate(&client, t, *rate, cli.duration).await);
         }
         results.push(saturation(&client, t, cli.concurrency, cli.duration).await);
+        let st = if t.name == "direct" { &direct_real } else { t };
         for n in &cli.streams {
-            let st = if t.name == "direct" { &direct_real } else { t };
-            let mut r = streams(&client, st, *n).await;
+            let mut r = streams(&stream_client()?, st, *n).await;
             r.target = t.name.into();
+            results.push(r);
+        }
+        if edge_streams > 0 {
+            let mut r = streams(&stream_client()?, st, edge_streams).await;
+            r.target = t.name.into();
+            r.scenario = format!("{edge_streams} streams, fd limit");
+            if let Some(admin) = t.admin {
+                r.connections = connection_metrics(admin).await;
+            }
             results.push(r);
         }
         eprintln!("done: {}", t.name);
     }
     report(&results, &cli.out)?;
     drop((gw_full, gw_lite, ngx));
-    let _ = std::fs::remove_dir_all(&dir);
+    if cli.keep {
+        println!("working directory kept: {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
+}
+
+/// A client for one run of streams, whose connections close when the run is over: the
+/// generator holds a descriptor per stream too, and idle connections left from one run would
+/// count against the next (in the generator and in the target).
+fn stream_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(usize::MAX)
+        .build()
 }
 
 /// Child process ids (nginx workers).
@@ -697,6 +787,36 @@ fn report(results: &[RunResult], out: &Path) -> anyhow::Result<()> {
         .collect();
     if !per_stream.is_empty() {
         println!("\nmemory per open stream: {}", per_stream.join("; "));
+    }
+    let limit_run: Vec<String> = results
+        .iter()
+        .filter(|r| r.scenario.ends_with("fd limit"))
+        .map(|r| {
+            let why: Vec<String> = r
+                .errors_by_kind
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect();
+            format!(
+                "{} {} of {} failed{}{}",
+                r.target,
+                r.errors,
+                r.errors + r.completed,
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", why.join(", "))
+                },
+                if r.connections.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", r.connections.join(" "))
+                }
+            )
+        })
+        .collect();
+    if !limit_run.is_empty() {
+        println!("\nat the descriptor limit: {}", limit_run.join("; "));
     }
     std::fs::create_dir_all(out)?;
     let path = out.join("results.json");

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Raises the soft limit on open files to the hard limit and returns the limit in force.
@@ -56,6 +56,9 @@ pub fn default_max_connections(limit: u64) -> usize {
 /// The connection budget of the API listeners, shared by all of them.
 pub struct Admission {
     slots: Arc<Semaphore>,
+    /// Slots the accept loop took for connections whose task has not started yet; any such
+    /// task takes one (slots are alike), so a connection dropped in between leaks nothing.
+    reserved: Mutex<Vec<OwnedSemaphorePermit>>,
     max: usize,
     per_ip_max: usize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -161,6 +164,7 @@ impl Admission {
     pub fn new(limits: AdmissionLimits, trusted: TrustedProxies, metrics: Arc<Metrics>) -> Self {
         Admission {
             slots: Arc::new(Semaphore::new(limits.max_connections)),
+            reserved: Mutex::new(Vec::new()),
             max: limits.max_connections,
             per_ip_max: limits.max_connections_per_ip,
             per_ip: Mutex::new(HashMap::new()),
@@ -179,10 +183,11 @@ impl Admission {
         self.max - self.slots.available_permits()
     }
 
-    /// Admits a connection from `ip`, waiting for a slot if the gateway is full (only
-    /// connections accepted in the same burst as the last free slot wait here; the accept loop
-    /// itself pauses at the cap). `None`: the address holds its share already; close it.
+    /// Admits a connection from `ip` with the slot the accept loop reserved for it (or, if it
+    /// came another way, the next free one). `None`: the address holds its share already;
+    /// close it.
     pub async fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Option<ConnectionPermit> {
+        let reserved = self.reserved.lock().expect("reserved slots").pop();
         let counted_ip = ip.filter(|ip| self.per_ip_max > 0 && !self.trusted.trusts(ip));
         if let Some(ip) = counted_ip {
             let mut per_ip = self.per_ip.lock().expect("per-address counts");
@@ -194,15 +199,9 @@ impl Admission {
             }
             *n += 1;
         }
-        // The count goes up before the wait, so the per-address share holds while waiting; the
-        // permit below takes it down again in every case.
-        let slot = match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                let _asking = self.ask_for_room();
-                let slot = self.slots.clone().acquire_owned().await;
-                slot.expect("the connection slots are never closed")
-            }
+        let slot = match reserved {
+            Some(slot) => slot,
+            None => self.take_slot().await,
         };
         self.metrics.connections.inc();
         Some(ConnectionPermit {
@@ -245,42 +244,61 @@ impl Admission {
         (taken + self.open() < self.budget).then_some(permit)
     }
 
-    /// Asks one idle keep-alive connection to close, now or when one turns idle, until the
+    /// Asks `n` idle keep-alive connections to close, now or as they turn idle, until the
     /// returned request is dropped.
-    fn ask_for_room(&self) -> RoomRequest<'_> {
-        self.reclaim_wanted.fetch_add(1, Ordering::Relaxed);
+    fn ask_for_room(&self, n: usize) -> RoomRequest<'_> {
+        self.reclaim_wanted.fetch_add(n, Ordering::Relaxed);
         self.reclaim.notify_waiters();
-        RoomRequest(self)
+        RoomRequest(self, n)
     }
 
-    /// Waits until a connection slot is free (without taking it), asking an idle connection to
-    /// make room meanwhile.
-    async fn wait_for_room(&self) {
-        if self.slots.available_permits() > 0 {
-            return;
+    /// Takes a connection slot, waiting for one if the gateway is full and asking idle
+    /// connections to make room meanwhile: a batch at a time, as nginx frees up to 32 reusable
+    /// connections when it runs out, so a burst is not accepted one closed connection at a time.
+    async fn take_slot(&self) -> OwnedSemaphorePermit {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return slot;
         }
         self.metrics.accept_waits.inc();
-        let _asking = self.ask_for_room();
-        // Fair: queued behind connections already waiting for a slot.
-        drop(self.slots.acquire().await);
+        loop {
+            let _asking = self.ask_for_room(RECLAIM_BATCH);
+            // Fair: queued behind connections already waiting for a slot.
+            let wait = self.slots.clone().acquire_owned();
+            if let Ok(slot) = tokio::time::timeout(Duration::from_secs(1), wait).await {
+                return slot.expect("the connection slots are never closed");
+            }
+            // Still full after a second: ask again (few connections may have been idle).
+        }
+    }
+
+    /// Reserves a slot for a connection being accepted (waiting while the gateway is full).
+    async fn reserve_slot(&self) {
+        let slot = self.take_slot().await;
+        self.reserved.lock().expect("reserved slots").push(slot);
     }
 }
 
-/// A wait for a connection slot; withdraws its request for room when it ends, if no idle
-/// connection took it.
-struct RoomRequest<'a>(&'a Admission);
+/// Idle connections asked to close at once when the accept loop finds the gateway full.
+const RECLAIM_BATCH: usize = 32;
+
+/// A wait for a connection slot; withdraws what is left of its request for room when it ends.
+struct RoomRequest<'a>(&'a Admission, usize);
 
 impl Drop for RoomRequest<'_> {
     fn drop(&mut self) {
+        let asked = self.1;
         let _ = self
             .0
             .reclaim_wanted
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(asked))
+            });
     }
 }
 
-/// Pingora's accept-time filter: holds the accept loop while the gateway is full, so new
-/// connections wait in the backlog.
+/// Pingora's accept-time filter: takes a slot for each connection as it is accepted (the
+/// connection's own task starts later) and holds the accept loop while the gateway is full, so
+/// new connections wait in the backlog.
 pub struct AcceptGate(pub Arc<Admission>);
 
 impl std::fmt::Debug for AcceptGate {
@@ -295,7 +313,7 @@ impl std::fmt::Debug for AcceptGate {
 #[async_trait]
 impl ConnectionFilter for AcceptGate {
     async fn should_accept(&self, _addr: Option<&SocketAddr>) -> bool {
-        self.0.wait_for_room().await;
+        self.0.reserve_slot().await;
         true
     }
 }
@@ -303,7 +321,6 @@ impl ConnectionFilter for AcceptGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn admission(max: usize, per_ip: usize, budget: usize) -> Arc<Admission> {
         Arc::new(Admission::new(
@@ -358,6 +375,28 @@ mod tests {
         assert!(!waiting.is_finished());
         drop(held);
         assert!(waiting.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn slots_reserved_at_accept_are_taken_by_the_connections_accepted() {
+        let a = admission(2, 1, 100);
+        assert!(AcceptGate(a.clone()).should_accept(None).await);
+        assert!(AcceptGate(a.clone()).should_accept(None).await);
+        assert_eq!(a.open(), 2, "reserved slots count");
+        // The accept loop holds the third connection while the gateway is full.
+        let third = tokio::spawn({
+            let a = a.clone();
+            async move { AcceptGate(a).should_accept(None).await }
+        });
+        let first = a.admit(ip("192.0.2.1")).await.unwrap();
+        assert!(!third.is_finished());
+        // A connection refused for its address gives its reserved slot back, which lets the
+        // accept loop go on.
+        assert!(a.admit(ip("192.0.2.1")).await.is_none());
+        assert!(third.await.unwrap());
+        assert_eq!(a.open(), 2);
+        drop(first);
+        assert_eq!(a.open(), 1);
     }
 
     #[tokio::test]

@@ -26,6 +26,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// How long a kept-alive connection must have been idle before it may be closed to make room
+/// for new connections.
+const RECLAIM_AFTER_IDLE: Duration = Duration::from_millis(250);
+
 /// How long a client may take, and how much it may send, before its request is read.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionTimeouts {
@@ -157,6 +161,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> EdgeApp<A> {
                         if rules.new_connection {
                             std::future::pending().await
                         } else {
+                            // Not at once: a client that reuses a connection does so right
+                            // after its answer, and must not race its close.
+                            tokio::time::sleep(RECLAIM_AFTER_IDLE).await;
                             permit.reclaimed().await;
                             self.closed("reclaimed_idle");
                         }

@@ -35,7 +35,7 @@ impl Listening {
         router: Router,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<Listening> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = listen(addr)?;
         let addr = listener.local_addr()?;
         let tls = tls.map(TlsAcceptor::from);
         let serving = serve(listener, router.clone(), tls.clone());
@@ -63,11 +63,25 @@ impl Listening {
     /// Listens again on the same address.
     pub async fn resume(&mut self) -> std::io::Result<()> {
         if self.serving.is_none() {
-            let listener = TcpListener::bind(self.addr).await?;
+            let listener = listen(self.addr)?;
             self.serving = Some(serve(listener, self.router.clone(), self.tls.clone()));
         }
         Ok(())
     }
+}
+
+/// A listening socket with a backlog as deep as the system allows (tokio's `bind` asks for
+/// 1,024): a real vLLM node behind uvicorn asks for 2,048, and thousands of streams opened at
+/// once must queue, not have their handshakes dropped and retried seconds later.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(65_535)
 }
 
 impl Drop for Listening {
