@@ -393,6 +393,17 @@ async fn forwarded_for_lines_appended_by_a_proxy_cannot_be_varied_to_escape_the_
         chat.last_request_headers().unwrap()["x-forwarded-for"],
         "203.0.113.5, 127.0.0.1"
     );
+    // The access log names the same client.
+    wait_for("the access log to name the client", || async {
+        gw.log()
+            .contains("\"client\":\"203.0.113.5\"")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !gw.log().contains("198.51.100."),
+        "a client-written address was logged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -373,7 +373,11 @@ async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
             if !done {
                 return Err("ended without [DONE]".to_string());
             }
-            Ok((t0.elapsed().as_secs_f64() * 1000.0, ttft.unwrap_or(0.0), gaps))
+            Ok((
+                t0.elapsed().as_secs_f64() * 1000.0,
+                ttft.unwrap_or(0.0),
+                gaps,
+            ))
         }));
     }
     // Memory while the streams are in flight: the largest resident size seen.

@@ -681,7 +681,8 @@ impl ProxyHttp for Gateway {
                     .inc_by(n);
             }
             let prompt = ctx.body.as_deref();
-            self.accounting.finish(record, prompt);
+            let client = ctx.client.as_ref().map(|c| c.ip);
+            self.accounting.finish(record, prompt, client);
         }
         let (cluster, model) = ctx
             .deployment

@@ -12,6 +12,7 @@ pub use scan::{Tokens, UsageScanner};
 pub use sink::{MemorySink, SqliteSink, Totals, UsageSink};
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 
 /// Requests and tokens per user and model since the store began (loaded at start, then kept
@@ -66,13 +67,17 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    /// Records a finished request: totals, token limits, the sink, the access log.
-    pub fn finish(&self, r: UsageRecord, prompt: Option<&[u8]>) {
+    /// Records a finished request: totals, token limits, the sink, the access log (which also
+    /// names the client's address, as resolved behind trusted proxies).
+    pub fn finish(&self, r: UsageRecord, prompt: Option<&[u8]>, client: Option<IpAddr>) {
         self.totals.add(&r);
         self.limits
             .add_tokens(&r.username, &r.model, r.total_tokens);
         if self.access_log.enabled {
             let mut line = serde_json::to_value(&r).unwrap_or_default();
+            if let Some(ip) = client {
+                line["client"] = serde_json::Value::String(ip.to_string());
+            }
             if let (true, Some(p)) = (self.access_log.log_prompts, prompt) {
                 line["request_body"] =
                     serde_json::Value::String(String::from_utf8_lossy(p).into_owned());
