@@ -477,39 +477,19 @@ async fn draining_can_be_undone_and_admin_changes_refuse_cross_site_requests() {
     assert_eq!(ready().await.0, 200);
 
     // `firstgate drain` sends what the listener requires.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_firstgate"))
-        .args([
-            "drain",
-            "--admin",
-            &gw.admin.to_string(),
-            "--token-env",
-            "TEST_ADMIN_TOKEN",
-        ])
-        .env("TEST_ADMIN_TOKEN", "s3cret")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let drain = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_firstgate"))
+            .args(["drain", "--admin", &gw.admin.to_string()])
+            .args(["--token-env", "TEST_ADMIN_TOKEN"])
+            .args(extra)
+            .env("TEST_ADMIN_TOKEN", "s3cret")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+    };
+    drain(&[]);
     assert_eq!(ready().await.0, 503);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_firstgate"))
-        .args([
-            "drain",
-            "--undo",
-            "--admin",
-            &gw.admin.to_string(),
-            "--token-env",
-            "TEST_ADMIN_TOKEN",
-        ])
-        .env("TEST_ADMIN_TOKEN", "s3cret")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    drain(&["--undo"]);
     assert_eq!(ready().await.0, 200);
 }
