@@ -11,13 +11,17 @@ pub mod auth;
 pub mod catalog;
 pub mod compute;
 pub mod config;
+#[cfg(feature = "sim")]
 pub mod demo;
 pub mod edge;
 pub mod metrics;
+pub mod model_name;
 pub mod openai;
 pub mod outbound;
+pub mod pem;
 pub mod policy;
 pub mod proxy;
 pub mod server;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod usage;

@@ -1,7 +1,9 @@
 //! The `firstgate` command: serve, check a configuration, or run the demo.
 
 use clap::{Parser, Subcommand};
-use firstgate::{config, demo, server};
+#[cfg(feature = "sim")]
+use firstgate::demo;
+use firstgate::{config, server};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
@@ -82,6 +84,7 @@ enum Command {
         command: PolicyCommand,
     },
     /// Run the gateway with simulated clusters on this machine (no outside service).
+    #[cfg(feature = "sim")]
     Demo {
         /// The demo configuration.
         #[arg(long, short, default_value = "conf/demo.yaml")]
@@ -176,6 +179,7 @@ fn main() -> ExitCode {
             state.as_deref(),
             scale.as_deref(),
         ),
+        #[cfg(feature = "sim")]
         Command::Demo {
             config,
             users,

@@ -220,6 +220,33 @@ impl Metrics {
     }
 }
 
+/// A status code as a static label value (no allocation per request).
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        411 => "411",
+        413 => "413",
+        422 => "422",
+        429 => "429",
+        431 => "431",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        0 => "0",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
 /// Registers a metric whose definition is static (a failure is a programming error).
 fn registered<M: prometheus::core::Collector + Clone + 'static>(
     registry: &Registry,

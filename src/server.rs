@@ -1,7 +1,8 @@
 //! Assembles the Pingora server from a validated configuration: the proxy service on the
-//! gateway listeners (plain, and HTTPS when configured), the admin service (health,
-//! readiness, metrics, maintenance), the backend monitor, the policies' file watcher and
-//! scale runner, the edge reloader and the drainer.
+//! gateway listeners (plain, and HTTPS when configured) behind the edge's connection layer, the
+//! admin service (health, readiness, metrics, maintenance), and the background services (the
+//! backend monitor, the policies' file watcher and scale runner, Globus Compute's task poller
+//! and cluster lifecycle, the edge reloader and the drainer).
 
 use crate::admin::AdminApp;
 use crate::auth::Authenticator;
@@ -14,7 +15,7 @@ use crate::edge::{
 };
 use crate::metrics::Metrics;
 use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
-use crate::proxy::{ColdPath, Gateway, GatewayParts};
+use crate::proxy::{ColdPath, Gateway};
 use crate::usage::{self, Accounting, MemoryLimits, SqliteSink, UsageSink, UsageTotals};
 use anyhow::Context;
 use pingora::apps::HttpServerOptions;
@@ -26,6 +27,7 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How the process starts.
 #[derive(Default)]
@@ -39,27 +41,58 @@ pub struct ServeOptions {
     pub prepared: Option<Box<dyn FnOnce()>>,
 }
 
+/// What the services share, each built once from the configuration.
+struct Parts {
+    catalog: Arc<Catalog>,
+    metrics: Arc<Metrics>,
+    auth: Arc<Authenticator>,
+    policies: Arc<PolicyStore>,
+    compute: Option<Arc<ComputeClient>>,
+    accounting: Arc<Accounting>,
+    maintenance: Arc<Maintenance>,
+    drain: Arc<DrainState>,
+    admission: Arc<Admission>,
+    /// The HTTPS listener's certificate, swappable on reload.
+    certificate: Option<Arc<CertificateStore>>,
+    /// Wakes the scale policy when a request finds no hot instance.
+    scale_wake: Arc<tokio::sync::Notify>,
+}
+
 /// Builds a ready-to-run server. Resolves backend host names and, with `upgrade`, takes the
 /// listening sockets over before returning.
 pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
-    let catalog = Arc::new(Catalog::build(config).context("cannot serve this configuration")?);
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start a runtime to resolve backends")?
-        .block_on(catalog.discover_all());
+    let parts = Parts::build(config)?;
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
+    let proxy = proxy_service(config, &parts, &server.configuration)?;
+    let admin = admin_service(config, &parts)?;
+    // Everything that can fail has been done: only now take the sockets (over), so that a
+    // new process that cannot start leaves the running one alone.
+    if let Some(prepared) = options.prepared {
+        prepared();
+    }
+    if options.upgrade {
+        log::info!(
+            "waiting for the running gateway to hand over its sockets on {} (send it SIGQUIT)",
+            config.server.upgrade_sock.display()
+        );
+    }
+    server.bootstrap();
+    server.add_service(proxy);
+    server.add_service(admin);
+    add_background_services(&mut server, config, parts, options.config_path);
+    Ok(server)
+}
 
+/// Pingora's own settings: threads, the drain's upper bound, the upgrade socket.
+fn server_conf(config: &Config) -> ServerConf {
     let threads = config.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    // The TLS material is read before anything starts, so a bad file stops the start-up.
-    let certificate = match &config.tls {
-        Some(tls) => Some(Arc::new(
-            CertificateStore::load(&tls.cert, &tls.key).context("tls")?,
-        )),
-        None => None,
-    };
-    let conf = ServerConf {
+    ServerConf {
         threads,
         // The drainer exits as soon as nothing is in flight; this is only the upper bound
         // (rounded up: Pingora counts whole seconds).
@@ -70,74 +103,92 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
         upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
         pid_file: config.server.pid_file.to_string_lossy().into_owned(),
         ..ServerConf::default()
-    };
-    let opt = Opt {
-        upgrade: options.upgrade,
-        ..Opt::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
-
-    let auth = Arc::new(Authenticator::new(&config.auth, catalog.uses_group_acls())?);
-    if !auth.is_enforcing() {
-        log::warn!("auth.mode is none: every bearer token is accepted (development only)");
     }
-    let metrics = Arc::new(Metrics::new());
-    let policies = Arc::new(PolicyStore::load(&config.policies)?);
-    let compute = match &config.compute {
-        Some(c) => {
-            let secret = std::env::var(&c.client_secret_env).with_context(|| {
-                format!(
-                    "compute.client_secret_env: the environment variable {} is not set; export \
-                     the service account's secret in it",
-                    c.client_secret_env
-                )
-            })?;
-            Some(Arc::new(ComputeClient::new(c, secret).context("compute")?))
-        }
-        None => None,
-    };
-    let scale_wake = Arc::new(tokio::sync::Notify::new());
-    let cold = compute
-        .as_ref()
-        .zip(config.compute.as_ref())
-        .map(|(client, c)| ColdPath {
-            client: client.clone(),
-            wait: c.wait,
-            keepalive: c.keepalive,
-            metrics: metrics.clone(),
-        });
-    let accounting = Arc::new(Accounting {
-        sink: match &config.usage.store {
-            Some(path) => Some(SqliteSink::start(
-                path,
-                config.usage.queue,
-                config.usage.batch,
-                config.usage.flush_interval,
-                metrics.clone(),
-            )? as Arc<dyn UsageSink>),
+}
+
+impl Parts {
+    fn build(config: &Config) -> anyhow::Result<Parts> {
+        let catalog = Arc::new(Catalog::build(config).context("cannot serve this configuration")?);
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start a runtime to resolve backends")?
+            .block_on(catalog.discover_all());
+        // The TLS material is read before anything starts, so a bad file stops the start-up.
+        let certificate = match &config.tls {
+            Some(tls) => Some(Arc::new(
+                CertificateStore::load(&tls.cert, &tls.key).context("tls")?,
+            )),
             None => None,
-        },
-        totals: match &config.usage.store {
-            Some(path) => UsageTotals::load(
-                usage::sink::open(path)
-                    .and_then(|c| usage::sink::totals(&c, 0, None, None))
-                    .with_context(|| format!("usage.store {}", path.display()))?,
-            ),
-            None => UsageTotals::default(),
-        },
+        };
+        let auth = Arc::new(Authenticator::new(&config.auth, catalog.uses_group_acls())?);
+        if !auth.is_enforcing() {
+            log::warn!("auth.mode is none: every bearer token is accepted (development only)");
+        }
+        let metrics = Arc::new(Metrics::new());
+        let compute = match &config.compute {
+            Some(c) => {
+                let secret = secret_from(&c.client_secret_env, "compute.client_secret_env")?;
+                Some(Arc::new(ComputeClient::new(c, secret).context("compute")?))
+            }
+            None => None,
+        };
+        Ok(Parts {
+            policies: Arc::new(PolicyStore::load(&config.policies)?),
+            accounting: Arc::new(accounting(config, &metrics)?),
+            maintenance: Arc::new(Maintenance::new(
+                config.edge.maintenance_file.clone(),
+                config.edge.maintenance.clone(),
+            )),
+            drain: Arc::new(DrainState::default()),
+            admission: Arc::new(admission(config, &metrics)),
+            scale_wake: Arc::new(tokio::sync::Notify::new()),
+            catalog,
+            metrics,
+            auth,
+            compute,
+            certificate,
+        })
+    }
+}
+
+/// A secret from the environment variable a configuration key names.
+fn secret_from(var: &str, key: &str) -> anyhow::Result<String> {
+    std::env::var(var).with_context(|| {
+        format!("{key}: the environment variable {var} is not set; export the secret in it")
+    })
+}
+
+/// Usage records, per-user totals, rate limits and the access log.
+fn accounting(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Accounting> {
+    let u = &config.usage;
+    let (sink, totals) = match &u.store {
+        Some(path) => {
+            let sink =
+                SqliteSink::start(path, u.queue, u.batch, u.flush_interval, metrics.clone())?;
+            let totals = usage::sink::open(path)
+                .and_then(|c| usage::sink::totals(&c, 0, None, None))
+                .with_context(|| format!("usage.store {}", path.display()))?;
+            (Some(sink as Arc<dyn UsageSink>), UsageTotals::load(totals))
+        }
+        None => (None, UsageTotals::default()),
+    };
+    let l = &config.limits;
+    Ok(Accounting {
+        sink,
+        totals,
         limits: Box::new(MemoryLimits::new(
-            config.limits.requests_per_second,
-            config.limits.ip_requests_per_second,
-            config.limits.ip_burst,
-            config.limits.token_window,
+            l.requests_per_second,
+            l.ip_requests_per_second,
+            l.ip_burst,
+            l.token_window,
         )),
         access_log: config.access_log.clone(),
-    });
-    let maintenance = Arc::new(Maintenance::new(
-        config.edge.maintenance_file.clone(),
-        config.edge.maintenance.clone(),
-    ));
-    let drain = Arc::new(DrainState::default());
+    })
+}
+
+/// The connection budget, from the descriptor limit (raised to the hard limit first).
+fn admission(config: &Config, metrics: &Arc<Metrics>) -> Admission {
     let descriptors = crate::edge::raise_descriptor_limit();
     let limits = AdmissionLimits::new(&config.edge, descriptors);
     log::info!(
@@ -148,26 +199,48 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
             n => format!(", {n} per address"),
         }
     );
-    let admission = Arc::new(Admission::new(
+    Admission::new(
         limits,
         TrustedProxies::new(config.edge.trusted_proxies.clone()),
         metrics.clone(),
-    ));
-    let gateway = Gateway::new(GatewayParts {
-        catalog: catalog.clone(),
-        auth,
-        metrics: metrics.clone(),
-        policies: policies.clone(),
-        cold,
-        scale_wake: scale_wake.clone(),
-        accounting: accounting.clone(),
+    )
+}
+
+/// The API listeners: Pingora's HTTP proxy with the gateway's logic, behind the edge's
+/// connection layer (admission, TLS, request heads on deadlines).
+fn proxy_service(
+    config: &Config,
+    parts: &Parts,
+    conf: &Arc<ServerConf>,
+) -> anyhow::Result<Service<EdgeApp<pingora::proxy::HttpProxy<Gateway>>>> {
+    let gateway = Gateway {
+        catalog: parts.catalog.clone(),
+        auth: parts.auth.clone(),
+        metrics: parts.metrics.clone(),
+        policies: parts.policies.clone(),
+        cold: parts
+            .compute
+            .as_ref()
+            .zip(config.compute.as_ref())
+            .map(|(client, c)| ColdPath {
+                client: client.clone(),
+                wait: c.wait,
+                keepalive: c.keepalive,
+                metrics: parts.metrics.clone(),
+            }),
+        scale_wake: parts.scale_wake.clone(),
+        accounting: parts.accounting.clone(),
         max_body_bytes: config.limits.max_body_bytes,
         edge: config.edge.clone(),
-        maintenance: maintenance.clone(),
-        drain: drain.clone(),
-        admission: admission.clone(),
-    });
-    let mut http = pingora::proxy::http_proxy(&server.configuration, gateway);
+        trusted_proxies: TrustedProxies::new(config.edge.trusted_proxies.clone()),
+        maintenance: parts.maintenance.clone(),
+        drain: parts.drain.clone(),
+        admission: parts.admission.clone(),
+        started_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    let mut http = pingora::proxy::http_proxy(conf, gateway);
     let mut http_options = HttpServerOptions::default();
     // HTTP/2 without TLS (prior knowledge) on the plain listener, for loopback clients.
     http_options.h2c = true;
@@ -177,7 +250,7 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
     h2.max_concurrent_streams(config.edge.http2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(config.edge.max_header_bytes).unwrap_or(u32::MAX));
     http.h2_options = Some(h2);
-    let tls_endpoint = match (&config.tls, &certificate) {
+    let tls = match (&config.tls, &parts.certificate) {
         (Some(tls), Some(store)) => {
             let mut settings =
                 TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
@@ -194,124 +267,114 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
         }
         _ => None,
     };
+    let app = EdgeApp::new(
+        http,
+        tls,
+        parts.admission.clone(),
+        ConnectionTimeouts::from(&config.edge),
+        parts.metrics.clone(),
+    );
+    let mut service = Service::new("firstgate".to_string(), app);
     // Both listeners accept plain TCP: the edge layer runs the TLS handshake itself, on its
     // own deadline, after admission.
-    let mut proxy = Service::new(
-        "firstgate".to_string(),
-        EdgeApp::new(
-            http,
-            tls_endpoint,
-            admission.clone(),
-            ConnectionTimeouts::from(&config.edge),
-            metrics.clone(),
-        ),
-    );
-    proxy.add_tcp(&config.listen.to_string());
+    service.add_tcp(&config.listen.to_string());
     if let Some(tls) = &config.tls {
-        proxy.add_tcp(&tls.listen.to_string());
+        service.add_tcp(&tls.listen.to_string());
     }
-    proxy.set_connection_filter(Arc::new(AcceptGate(admission)));
+    service.set_connection_filter(Arc::new(AcceptGate(parts.admission.clone())));
+    Ok(service)
+}
 
-    let admin_token = match &config.admin.token_env {
-        Some(var) => Some(std::env::var(var).with_context(|| {
-            format!(
-                "admin.token_env: the environment variable {var} is not set; export the admin \
-                 listener's bearer token in it"
-            )
-        })?),
+/// The admin listener: health, readiness, metrics, draining, maintenance.
+fn admin_service(config: &Config, parts: &Parts) -> anyhow::Result<Service<AdminApp>> {
+    let token = match &config.admin.token_env {
+        Some(var) => Some(secret_from(var, "admin.token_env")?),
         None => None,
     };
-    let mut admin = Service::new(
-        "firstgate admin".to_string(),
-        AdminApp::new(
-            metrics.clone(),
-            drain.clone(),
-            maintenance.clone(),
-            config.clusters.keys().cloned().collect(),
-            admin_token,
-        ),
+    let app = AdminApp::new(
+        parts.metrics.clone(),
+        parts.drain.clone(),
+        parts.maintenance.clone(),
+        config.clusters.keys().cloned().collect(),
+        token,
     );
-    admin.add_tcp(&config.admin_listen.to_string());
-    admin.threads = Some(1);
+    let mut service = Service::new("firstgate admin".to_string(), app);
+    service.add_tcp(&config.admin_listen.to_string());
+    service.threads = Some(1);
+    Ok(service)
+}
 
-    let monitor = background_service(
+/// The loops beside the request path.
+fn add_background_services(
+    server: &mut Server,
+    config: &Config,
+    parts: Parts,
+    config_path: Option<PathBuf>,
+) {
+    let metrics = &parts.metrics;
+    server.add_service(background_service(
         "backend monitor",
         BackendMonitor::new(
-            catalog.clone(),
+            parts.catalog.clone(),
             metrics.clone(),
             config.health_check.interval,
             config.health_check.resolve_interval,
         ),
-    );
-    let watcher = background_service(
+    ));
+    server.add_service(background_service(
         "policy watcher",
         PolicyWatcher::new(
-            policies.clone(),
+            parts.policies.clone(),
             metrics.clone(),
             config.policies.watch_interval,
         ),
-    );
-    let actuator: Option<Arc<dyn ScaleActuator>> = compute
+    ));
+    let actuator = parts
+        .compute
         .as_ref()
         .map(|c| Arc::new(ScaleExecutor::new(c.clone())) as Arc<dyn ScaleActuator>);
-    let scaler = background_service(
+    server.add_service(background_service(
         "scale policy",
         ScaleRunner::new(
-            catalog.clone(),
-            policies,
+            parts.catalog.clone(),
+            parts.policies.clone(),
             metrics.clone(),
             config.policies.scale_interval,
             actuator,
-            scale_wake,
+            parts.scale_wake.clone(),
         ),
-    );
-    // Everything that can fail has been done: only now take the sockets (over), so that a
-    // new process that cannot start leaves the running one alone.
-    if let Some(prepared) = options.prepared {
-        prepared();
-    }
-    if options.upgrade {
-        log::info!(
-            "waiting for the running gateway to hand over its sockets on {} (send it SIGQUIT)",
-            config.server.upgrade_sock.display()
-        );
-    }
-    server.bootstrap();
-
-    if let Some(client) = &compute {
+    ));
+    if let Some(client) = &parts.compute {
         server.add_service(background_service(
             "compute tasks",
             TaskPoller(client.clone()),
         ));
     }
-    if ClusterLifecycle::has_work(&catalog) {
+    if ClusterLifecycle::has_work(&parts.catalog) {
         server.add_service(background_service(
             "cluster lifecycle",
-            ClusterLifecycle::new(catalog, compute, metrics.clone()),
+            ClusterLifecycle::new(
+                parts.catalog.clone(),
+                parts.compute.clone(),
+                metrics.clone(),
+            ),
         ));
     }
-
     server.add_service(background_service(
         "drainer",
         Drainer {
-            state: drain,
-            usage: accounting.sink.clone(),
+            state: parts.drain.clone(),
+            usage: parts.accounting.sink.clone(),
             grace_period: config.shutdown.grace_period,
         },
     ));
     server.add_service(background_service(
         "edge reloader",
         EdgeReloader {
-            config_path: options.config_path.clone(),
-            certificate,
-            maintenance,
+            config_path,
+            certificate: parts.certificate.clone(),
+            maintenance: parts.maintenance.clone(),
             metrics: metrics.clone(),
         },
     ));
-    server.add_service(proxy);
-    server.add_service(admin);
-    server.add_service(monitor);
-    server.add_service(watcher);
-    server.add_service(scaler);
-    Ok(server)
 }

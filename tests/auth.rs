@@ -1,6 +1,8 @@
 //! Who gets in: Globus introspection against the stand-in, FIRST's rules in order, the token
 //! cache, failing closed when Globus is down, JWT mode, and tokens kept out of the logs.
 
+#![cfg(feature = "sim")] // against the simulators
+
 mod common;
 
 use common::*;

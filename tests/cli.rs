@@ -1,6 +1,8 @@
 //! `firstgate check`: the shipped configurations pass, mistakes are reported with file, line
 //! and field, and the exit status says which.
 
+#![cfg(feature = "sim")] // against the simulators
+
 use std::process::Command;
 
 fn check(path: &str) -> (bool, String) {

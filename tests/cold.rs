@@ -2,6 +2,8 @@
 //! answered through Compute while the scale policy starts an instance, then served directly;
 //! and the failures a user can meet on the way.
 
+#![cfg(feature = "sim")] // against the simulators
+
 mod common;
 
 use common::*;

@@ -3,6 +3,8 @@
 //! change state are protected. Timeouts are short in these configurations so the suite stays
 //! fast; every wait has a deadline.
 
+#![cfg(feature = "sim")] // against the simulators
+
 mod common;
 
 use common::*;

@@ -2,6 +2,8 @@
 //! backend, the maintenance switch, forwarded headers and header limits, and operations that
 //! must drop nothing: SIGHUP reloads, graceful upgrade, draining on SIGTERM.
 
+#![cfg(feature = "sim")] // against the simulators
+
 mod common;
 
 use common::*;
@@ -57,7 +59,7 @@ async fn stream_to_end(client: &reqwest::Client, url: &str, body: &Value) -> Res
 /// The certificate a TLS server presents on a new handshake (DER).
 async fn presented_certificate(port: u16, ca: &Path) -> Vec<u8> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in firstgate::edge::read_certificates(ca).unwrap() {
+    for c in firstgate::pem::read_certificates(ca).unwrap() {
         roots.add(c).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -88,7 +90,7 @@ fn tls_section(port: u16, issued: &Issued) -> String {
 }
 
 fn pem_der(path: &Path) -> Vec<u8> {
-    firstgate::edge::read_certificates(path).unwrap()[0].to_vec()
+    firstgate::pem::read_certificates(path).unwrap()[0].to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

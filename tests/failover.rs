@@ -1,6 +1,8 @@
 //! Backends going away: requests move to a healthy instance, and a model with none left gets
 //! a 503 that names it.
 
+#![cfg(feature = "sim")] // against the simulators
+
 mod common;
 
 use common::*;

@@ -2,6 +2,8 @@
 //! and a running gateway follows edits to its route policy without restart or failed request,
 //! refusing broken edits while the last good version keeps serving.
 
+#![cfg(feature = "sim")] // against the simulators
+
 mod common;
 
 use common::*;

@@ -1,6 +1,8 @@
 //! What a client of the gateway sees: both URL layouts, streaming, listings, and the errors
 //! for every kind of bad request.
 
+#![cfg(feature = "sim")] // against the simulators
+
 mod common;
 
 use common::*;

@@ -1,6 +1,8 @@
 //! Usage records with exact tokens, what clients see of the injected usage chunk, cancelled
 //! streams, rate limits, the store surviving kill -9, and the metrics.
 
+#![cfg(feature = "sim")] // against the simulators
+
 mod common;
 
 use common::*;

@@ -1,7 +1,8 @@
 //! Read-only listings in the shapes clients expect: OpenAI's `GET /v1/models`, FIRST's
-//! `list-endpoints` and `/{cluster}/models`.
+//! `list-endpoints`, `/{cluster}/models`, `/{cluster}/jobs` and `usage`.
 
-use crate::catalog::{normalize_model_name, Catalog, Deployment};
+use crate::catalog::{Catalog, Deployment};
+use crate::model_name::normalize;
 use crate::policy::state_of;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
@@ -21,6 +22,18 @@ pub fn models(catalog: &Catalog, created: u64, visible: impl Fn(&Deployment) -> 
         })
         .collect();
     Bytes::from(json!({"object": "list", "data": data}).to_string())
+}
+
+/// `GET /resource_server/usage`: the caller's own requests and tokens, per model and in all.
+pub fn usage(username: &str, models: &[crate::usage::Totals]) -> Bytes {
+    let sum = |f: fn(&crate::usage::Totals) -> u64| models.iter().map(f).sum::<u64>();
+    let total = json!({
+        "requests": sum(|t| t.requests),
+        "prompt_tokens": sum(|t| t.prompt_tokens),
+        "completion_tokens": sum(|t| t.completion_tokens),
+        "total_tokens": sum(|t| t.total_tokens),
+    });
+    Bytes::from(json!({"username": username, "models": models, "total": total}).to_string())
 }
 
 /// `GET /resource_server/list-endpoints` (FIRST's shape).
@@ -80,7 +93,7 @@ pub fn cluster_models(
     visible: impl Fn(&Deployment) -> bool,
 ) -> Option<Bytes> {
     let entry = catalog.cluster(cluster)?;
-    let wanted = model_id.map(normalize_model_name);
+    let wanted = model_id.map(normalize);
     let list: Vec<Value> = entry
         .frameworks
         .iter()
@@ -90,7 +103,7 @@ pub fn cluster_models(
             wanted.as_ref().is_none_or(|w| {
                 std::iter::once(&d.model)
                     .chain(&d.aliases)
-                    .any(|n| normalize_model_name(n) == *w)
+                    .any(|n| normalize(n) == *w)
             })
         })
         .map(|(fw, d)| {
@@ -142,7 +155,7 @@ pub fn jobs(
     let allowed: Vec<String> = deployments
         .iter()
         .filter(|d| visible(d))
-        .map(|d| normalize_model_name(&d.backend_model))
+        .map(|d| normalize(&d.backend_model))
         .collect();
     if let Some(obj) = out.as_object_mut() {
         for (key, list) in obj.iter_mut() {
@@ -152,8 +165,7 @@ pub fn jobs(
             if let Some(jobs) = list.as_array_mut() {
                 jobs.retain(|j| {
                     j["Models"].as_str().is_some_and(|m| {
-                        m.split(',')
-                            .any(|m| allowed.contains(&normalize_model_name(m.trim())))
+                        m.split(',').any(|m| allowed.contains(&normalize(m.trim())))
                     })
                 });
             }

@@ -13,19 +13,11 @@ pub use monitor::BackendMonitor;
 pub use pool::{BackendPool, Instance, InstanceGuard, PoolError, UpstreamSettings, UpstreamTls};
 
 use crate::config::{AccessList, BackendAddr, Config, Endpoint};
+use crate::model_name::normalize;
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// Model names match when they are equal after dropping everything but letters and digits
-/// and lower-casing (FIRST matches slugified names the same way).
-pub fn normalize_model_name(name: &str) -> String {
-    name.chars()
-        .filter(|c| c.is_alphanumeric())
-        .flat_map(char::to_lowercase)
-        .collect()
-}
 
 /// One model on one cluster/framework and everything needed to serve it.
 #[derive(Debug)]
@@ -262,7 +254,7 @@ impl Catalog {
                         live: ArcSwap::from_pointee(LiveState::default()),
                     });
                     for name in std::iter::once(&m.name).chain(&m.aliases) {
-                        let key = normalize_model_name(name);
+                        let key = normalize(name);
                         fw_entry
                             .by_name
                             .insert(key.clone(), fw_entry.deployments.len());
@@ -301,7 +293,7 @@ impl Catalog {
                 framework: framework.to_string(),
             })?;
         fw.by_name
-            .get(&normalize_model_name(model))
+            .get(&normalize(model))
             .map(|&i| &fw.deployments[i])
             .ok_or_else(|| LookupError::ModelNotFound {
                 cluster: Some(cluster.to_string()),
@@ -312,7 +304,7 @@ impl Catalog {
     /// Every deployment of `model` across clusters (federated `/v1/...` routes).
     pub fn resolve_federated(&self, model: &str) -> Result<&[Arc<Deployment>], LookupError> {
         self.federated
-            .get(&normalize_model_name(model))
+            .get(&normalize(model))
             .map(Vec::as_slice)
             .ok_or_else(|| LookupError::ModelNotFound {
                 cluster: None,

@@ -32,7 +32,7 @@ impl UpstreamTls {
         };
         let ca = match &m.tls_ca {
             Some(path) => {
-                let certs = der(crate::edge::read_certificates(path)?);
+                let certs = der(crate::pem::read_certificates(path)?);
                 let wrapped: Vec<WrappedX509> = certs
                     .into_iter()
                     .map(|c| WrappedX509::new(c, parse_x509))
@@ -43,8 +43,8 @@ impl UpstreamTls {
         };
         let client = match (&m.tls_client_cert, &m.tls_client_key) {
             (Some(cert), Some(key)) => {
-                let chain = der(crate::edge::read_certificates(cert)?);
-                let key = crate::edge::read_private_key(key)?;
+                let chain = der(crate::pem::read_certificates(cert)?);
+                let key = crate::pem::read_private_key(key)?;
                 Some(Arc::new(CertKey::new(chain, key.secret_der().to_vec())))
             }
             _ => None,

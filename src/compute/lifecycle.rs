@@ -4,9 +4,10 @@
 //! scale policy's `start` / `stop` actions become start and stop tasks.
 
 use super::{ComputeClient, ComputeError};
-use crate::catalog::{normalize_model_name, Catalog, Deployment, JobInfo, JobState, LiveState};
+use crate::catalog::{Catalog, Deployment, JobInfo, JobState, LiveState};
 use crate::config::BackendAddr;
 use crate::metrics::Metrics;
+use crate::model_name::normalize;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -95,12 +96,12 @@ impl ClusterLifecycle {
         let mut running = Vec::new();
         let mut others = Vec::new();
         for d in deployments {
-            let want = normalize_model_name(&d.backend_model);
-            let entry = report.as_object().into_iter().flatten().find(|(_, v)| {
-                v["model"]
-                    .as_str()
-                    .is_some_and(|m| normalize_model_name(m) == want)
-            });
+            let want = normalize(&d.backend_model);
+            let entry = report
+                .as_object()
+                .into_iter()
+                .flatten()
+                .find(|(_, v)| v["model"].as_str().is_some_and(|m| normalize(m) == want));
             let live = entry.is_some_and(|(_, v)| v["status"].as_str() == Some("Live"));
             for (instance, _) in d.pool.instances() {
                 instance.set_draining(!live);
@@ -211,7 +212,7 @@ impl ClusterLifecycle {
 
 /// The jobs of the report that run `d`'s model.
 fn jobs_of(report: &Value, d: &Deployment) -> Vec<JobInfo> {
-    let want = normalize_model_name(&d.backend_model);
+    let want = normalize(&d.backend_model);
     let mut out = Vec::new();
     for (key, state) in [
         ("running", JobState::Running),
@@ -221,11 +222,7 @@ fn jobs_of(report: &Value, d: &Deployment) -> Vec<JobInfo> {
         for job in report[key].as_array().into_iter().flatten() {
             let models = job["Models"].as_str().unwrap_or_default();
             let framework = job["Framework"].as_str().unwrap_or(&d.framework);
-            if framework != d.framework
-                || !models
-                    .split(',')
-                    .any(|m| normalize_model_name(m.trim()) == want)
-            {
+            if framework != d.framework || !models.split(',').any(|m| normalize(m.trim()) == want) {
                 continue;
             }
             out.push(JobInfo {

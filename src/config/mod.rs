@@ -811,7 +811,7 @@ fn validate(config: &Config) -> Result<(), error::Invalid> {
                     .near(&model.name));
                 }
                 for name in std::iter::once(&model.name).chain(&model.aliases) {
-                    let key = crate::catalog::normalize_model_name(name);
+                    let key = crate::model_name::normalize(name);
                     if key.is_empty() {
                         return Err(Invalid::new(
                             &path,

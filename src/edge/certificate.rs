@@ -5,8 +5,6 @@
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -62,23 +60,6 @@ impl ResolvesServerCert for CertificateStore {
     }
 }
 
-/// Certificates of a PEM file (for chains and CA bundles).
-pub fn read_certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("{}: cannot read certificates: {e}", path.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("{}: holds no PEM certificate", path.display());
-    }
-    Ok(certs)
-}
-
-/// The private key of a PEM file.
-pub fn read_private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read a private key: {e}", path.display()))
-}
-
 fn stamps(cert: &Path, key: &Path) -> Stamps {
     let stamp = |path: &Path| {
         let meta = std::fs::metadata(path).ok()?;
@@ -88,8 +69,8 @@ fn stamps(cert: &Path, key: &Path) -> Stamps {
 }
 
 fn read(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
-    let chain = read_certificates(cert)?;
-    let key_der = read_private_key(key)?;
+    let chain = crate::pem::read_certificates(cert)?;
+    let key_der = crate::pem::read_private_key(key)?;
     let provider = rustls::crypto::ring::default_provider();
     let certified = CertifiedKey::from_der(chain, key_der, &provider).map_err(|e| {
         anyhow::anyhow!(

@@ -16,7 +16,7 @@ pub use admission::{
     raise_descriptor_limit, AcceptGate, Admission, AdmissionLimits, ConnectionPermit,
     UpstreamPermit,
 };
-pub use certificate::{read_certificates, read_private_key, CertificateStore};
+pub use certificate::CertificateStore;
 pub use connection::{ConnectionTimeouts, EdgeApp, TlsEndpoint};
 pub use drain::{ActiveRequest, DrainState, Drainer};
 pub use forwarded::{Client, TrustedProxies};

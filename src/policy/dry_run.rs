@@ -6,8 +6,8 @@ use super::script::{Script, ROUTE, SCALE};
 use super::view::{Candidate, Decision, DeploymentState, InstanceView, RouteRequest};
 use super::{builtin_route, PolicyError};
 use crate::auth::{rules, Identity};
-use crate::catalog::normalize_model_name;
 use crate::config::{AccessList, BackendAddr, Config, Endpoint};
+use crate::model_name::normalize;
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -94,7 +94,7 @@ fn candidates(
     endpoint: Endpoint,
     state: &CatalogState,
 ) -> anyhow::Result<Vec<Candidate>> {
-    let wanted = normalize_model_name(&req.model);
+    let wanted = normalize(&req.model);
     let identity = Identity {
         id: req.user.id.clone(),
         username: req.user.username.clone(),
@@ -119,7 +119,7 @@ fn candidates(
             }
             for m in &fw.models {
                 let names = std::iter::once(&m.name).chain(&m.aliases);
-                if !names.into_iter().any(|n| normalize_model_name(n) == wanted) {
+                if !names.into_iter().any(|n| normalize(n) == wanted) {
                     continue;
                 }
                 let cluster_acl = AccessList {
@@ -138,7 +138,7 @@ fn candidates(
                 let listed = state.deployments.iter().find(|d| {
                     &d.cluster == cluster_name
                         && &d.framework == fw_name
-                        && normalize_model_name(&d.model) == wanted
+                        && normalize(&d.model) == wanted
                 });
                 let candidate = match listed {
                     Some(d) => Candidate {

@@ -5,6 +5,7 @@
 //! whole body ourselves, and swap it back in `request_body_filter` on every upstream attempt.
 //! Bodies of unknown length over 64 KiB cannot be replayed: those get 411.
 
+use super::errors;
 use crate::openai::ApiError;
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
@@ -21,20 +22,13 @@ pub async fn read_body(
     max: usize,
     read_timeout: Duration,
 ) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            413,
-            "request_too_large",
-            format!("The request body is larger than this gateway's limit of {max} bytes."),
-        )
-    };
     let headers = &session.req_header().headers;
     let length: Option<usize> = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse().ok());
     if length.is_some_and(|n| n > max) {
-        return Err(too_large());
+        return Err(errors::body_too_large(max));
     }
     let expects_continue = headers
         .get(http::header::EXPECT)
@@ -44,7 +38,7 @@ pub async fn read_body(
         session
             .write_continue_response()
             .await
-            .map_err(|_| read_failed())?;
+            .map_err(|_| errors::body_incomplete())?;
     }
 
     let mut buf = BytesMut::with_capacity(length.unwrap_or(16 * 1024).min(max));
@@ -62,20 +56,13 @@ pub async fn read_body(
             session.read_request_body().await
         };
         let chunk = read.map_err(|e| match e.etype() {
-            ErrorType::ReadTimedout => ApiError::new(
-                408,
-                "request_timeout",
-                format!(
-                    "The request body stalled: nothing arrived for {}.",
-                    humantime::format_duration(read_timeout)
-                ),
-            ),
-            _ => read_failed(),
+            ErrorType::ReadTimedout => errors::body_stalled(read_timeout),
+            _ => errors::body_incomplete(),
         })?;
         match chunk {
             Some(chunk) => {
                 if buf.len() + chunk.len() > max {
-                    return Err(too_large());
+                    return Err(errors::body_too_large(max));
                 }
                 buf.extend_from_slice(&chunk);
             }
@@ -83,18 +70,7 @@ pub async fn read_body(
         }
     }
     if !buf.is_empty() && session.get_retry_buffer().is_none() {
-        return Err(ApiError::new(
-            411,
-            "length_required",
-            format!(
-                "Bodies over {} KiB must be sent with a Content-Length header.",
-                RETRY_BUFFER_LIMIT / 1024
-            ),
-        ));
+        return Err(errors::length_required(RETRY_BUFFER_LIMIT));
     }
     Ok(buf.freeze())
-}
-
-fn read_failed() -> ApiError {
-    ApiError::invalid_request("The request body could not be read completely.")
 }

@@ -3,11 +3,12 @@
 //! JSON, or for a stream an SSE response that keeps the connection alive with comments while
 //! the task waits and then sends the completion as OpenAI chunks.
 
-use super::errors;
+use super::serve::Outcome;
+use super::{errors, respond, Gateway, RequestCtx};
 use crate::catalog::Deployment;
 use crate::compute::{serialize::unwrap_json_string, ComputeClient, ComputeError};
 use crate::config::Endpoint;
-use crate::openai::ApiError;
+use crate::openai::{completion_events, ApiError, ControlFields};
 use crate::usage::Tokens;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -26,8 +27,81 @@ pub struct ColdPath {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
+/// A request the policy sent through Globus Compute.
+pub struct ColdRequest {
+    deployment: Arc<Deployment>,
+    endpoint: Endpoint,
+    /// The body with the backend's model name.
+    body: Bytes,
+    stream: bool,
+    /// The client asked for the usage chunk.
+    include_usage: bool,
+}
+
+impl ColdRequest {
+    pub fn new(
+        deployment: Arc<Deployment>,
+        endpoint: Endpoint,
+        control: &ControlFields,
+        body: Bytes,
+    ) -> Self {
+        let body = if control.model != deployment.backend_model {
+            control.rewrite(&body, Some(&deployment.backend_model), false)
+        } else {
+            body
+        };
+        ColdRequest {
+            deployment,
+            endpoint,
+            body,
+            stream: control.stream,
+            include_usage: control.include_usage,
+        }
+    }
+}
+
+impl Gateway {
+    /// Runs the request through Globus Compute and answers it.
+    pub(super) async fn answer_cold(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        req: ColdRequest,
+    ) -> Result<Outcome, ApiError> {
+        let Some(cold) = &self.cold else {
+            return Err(errors::compute_unavailable(&req.deployment));
+        };
+        let d = &req.deployment;
+        // Counts as waiting demand, and asks the scale policy now rather than at its next run.
+        let _cold = d.demand.cold();
+        self.scale_wake.notify_one();
+        let task = submit(cold, d, req.endpoint, &req.body).await?;
+        let written = if req.stream {
+            ctx.target.answered = true;
+            answer_stream(session, cold, d, &task, req.endpoint, req.include_usage)
+                .await
+                .map(|tokens| ctx.meter.answered = tokens)
+        } else {
+            let completion = completion(cold, d, &task).await?;
+            ctx.target.answered = true;
+            ctx.meter.answered = Some(Tokens::of_completion(&completion));
+            let headers = [
+                ("x-firstgate-route", "compute".to_string()),
+                ("x-firstgate-task", task.clone()),
+            ];
+            let body = Bytes::from(completion.to_string());
+            respond::send_json(session, 200, body, &headers).await
+        };
+        if let Err(e) = written {
+            // The client went away while the task ran.
+            log::debug!("cold answer for task {task} not delivered: {e}");
+        }
+        Ok(Outcome::Answered)
+    }
+}
+
 /// Submits FIRST's payload for this request; errors are the client's answer.
-pub async fn submit(
+async fn submit(
     cold: &ColdPath,
     d: &Deployment,
     endpoint: Endpoint,
@@ -38,30 +112,21 @@ pub async fn submit(
     };
     match cold.client.endpoint_status(&c.endpoint).await {
         Ok(s) if s.online => {}
-        Ok(_) => return Err(endpoint_offline(d)),
-        Err(e) => return Err(compute_error(&e, d)),
+        Ok(_) => return Err(errors::endpoint_offline(d)),
+        Err(e) => return Err(errors::compute(&e, d)),
     }
-    let mut params: Value = serde_json::from_slice(body).map_err(|_| {
-        ApiError::new(
-            400,
-            "invalid_request_error",
-            "The request body is not valid JSON.",
-        )
-    })?;
-    let Some(p) = params.as_object_mut() else {
-        return Err(ApiError::new(
-            400,
-            "invalid_request_error",
-            "The request body must be a JSON object.",
-        ));
-    };
+    let mut params: Value =
+        serde_json::from_slice(body).map_err(|_| errors::body_not_an_object(false))?;
+    let p = params
+        .as_object_mut()
+        .ok_or_else(|| errors::body_not_an_object(true))?;
     p.insert("openai_endpoint".into(), json!(endpoint.path()));
     p.insert("api_port".into(), json!(c.api_port));
     let task = cold
         .client
         .submit(&c.endpoint, &c.function, &[json!({"model_params": params})])
         .await
-        .map_err(|e| compute_error(&e, d))?;
+        .map_err(|e| errors::compute(&e, d))?;
     cold.metrics
         .compute_tasks
         .with_label_values(&["submitted"])
@@ -70,7 +135,7 @@ pub async fn submit(
 }
 
 /// Waits for the task and returns the completion JSON.
-pub async fn completion(cold: &ColdPath, d: &Deployment, task: &str) -> Result<Value, ApiError> {
+async fn completion(cold: &ColdPath, d: &Deployment, task: &str) -> Result<Value, ApiError> {
     let outcome = cold.client.wait(task, cold.wait).await;
     let state = match &outcome {
         Ok(_) => "success",
@@ -78,7 +143,7 @@ pub async fn completion(cold: &ColdPath, d: &Deployment, task: &str) -> Result<V
         Err(_) => "failed",
     };
     cold.metrics.compute_tasks.with_label_values(&[state]).inc();
-    let v = outcome.map_err(|e| compute_error(&e, d))?;
+    let v = outcome.map_err(|e| errors::compute(&e, d))?;
     match unwrap_json_string(v) {
         Value::Object(o) => Ok(Value::Object(o)),
         // FIRST wraps a non-JSON 200 answer this way.
@@ -86,26 +151,10 @@ pub async fn completion(cold: &ColdPath, d: &Deployment, task: &str) -> Result<V
     }
 }
 
-/// Answers a non-streamed request.
-pub async fn answer_json(
-    session: &mut Session,
-    task: &str,
-    completion: &Value,
-) -> pingora::Result<()> {
-    let body = Bytes::from(completion.to_string());
-    let mut resp = ResponseHeader::build(200, Some(4))?;
-    resp.insert_header("content-type", "application/json")?;
-    resp.insert_header("content-length", body.len().to_string())?;
-    resp.insert_header("x-firstgate-route", "compute")?;
-    resp.insert_header("x-firstgate-task", task)?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
-}
-
 /// Answers a streamed request: the header at once, keep-alive comments while the task runs,
 /// then the completion as chunks, or the error as an SSE error event. Returns the completion's
 /// usage, if one came.
-pub async fn answer_stream(
+async fn answer_stream(
     session: &mut Session,
     cold: &ColdPath,
     d: &Deployment,
@@ -136,9 +185,9 @@ pub async fn answer_stream(
         }
     };
     let (events, tokens) = match outcome {
-        Ok(completion) => (
-            chunks(&completion, endpoint, include_usage),
-            Some(tokens_of(&completion)),
+        Ok(c) => (
+            completion_events(&c, endpoint, include_usage),
+            Some(Tokens::of_completion(&c)),
         ),
         Err(e) => (
             format!("data: {}\n\n", String::from_utf8_lossy(&e.body())),
@@ -149,185 +198,4 @@ pub async fn answer_stream(
         .write_response_body(Some(Bytes::from(events + "data: [DONE]\n\n")), true)
         .await?;
     Ok(tokens)
-}
-
-/// The completion's usage.
-pub fn tokens_of(c: &Value) -> Tokens {
-    let u = &c["usage"];
-    let prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
-    let completion = u["completion_tokens"].as_u64().unwrap_or(0);
-    Tokens {
-        prompt,
-        completion,
-        total: u["total_tokens"].as_u64().unwrap_or(prompt + completion),
-    }
-}
-
-/// A finished completion as the SSE events a streaming backend would have sent.
-pub fn chunks(c: &Value, endpoint: Endpoint, include_usage: bool) -> String {
-    let chat = endpoint == Endpoint::ChatCompletions;
-    let object = if chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    };
-    let base = |choices: Value| {
-        json!({"id": c["id"], "object": object, "created": c["created"], "model": c["model"],
-               "choices": choices})
-    };
-    let mut out = String::new();
-    let mut push = |v: Value| out.push_str(&format!("data: {v}\n\n"));
-    for (i, choice) in c["choices"].as_array().into_iter().flatten().enumerate() {
-        let index = choice.get("index").cloned().unwrap_or(json!(i));
-        if chat {
-            let msg = &choice["message"];
-            push(base(
-                json!([{"index": index, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": null, "finish_reason": null}]),
-            ));
-            let mut delta = json!({"content": msg["content"]});
-            if msg
-                .get("tool_calls")
-                .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
-            {
-                delta["tool_calls"] = msg["tool_calls"].clone();
-            }
-            push(base(
-                json!([{"index": index, "delta": delta, "logprobs": null,
-                              "finish_reason": choice["finish_reason"]}]),
-            ));
-        } else {
-            push(base(
-                json!([{"index": index, "text": choice["text"], "logprobs": null,
-                              "finish_reason": choice["finish_reason"]}]),
-            ));
-        }
-    }
-    if include_usage && !c["usage"].is_null() {
-        let mut last = base(json!([]));
-        last["usage"] = c["usage"].clone();
-        push(last);
-    }
-    out
-}
-
-fn endpoint_offline(d: &Deployment) -> ApiError {
-    ApiError::new(
-        503,
-        "endpoint_offline",
-        format!(
-            "The Globus Compute endpoint of '{}' on cluster '{}' is offline. Try again later.",
-            d.model, d.cluster
-        ),
-    )
-    .with_retry_after(60)
-}
-
-/// What the client is told about a Compute failure (details go to the log only).
-fn compute_error(e: &ComputeError, d: &Deployment) -> ApiError {
-    match e {
-        ComputeError::TimedOut(task) => ApiError::new(
-            504,
-            "compute_timeout",
-            format!(
-                "'{}' on cluster '{}' did not answer in time (Globus Compute task {task}); it is \
-                 probably still starting. Try again in a few minutes.",
-                d.model, d.cluster
-            ),
-        ),
-        ComputeError::TaskFailed { task, exception } => {
-            log::error!(
-                "compute task {task} for {} on {} failed:\n{exception}",
-                d.model,
-                d.cluster
-            );
-            ApiError::new(
-                502,
-                "compute_task_failed",
-                format!(
-                    "Running '{}' on cluster '{}' failed (Globus Compute task {task}: {}). The \
-                     operators have the details.",
-                    d.model,
-                    d.cluster,
-                    last_line(exception)
-                ),
-            )
-        }
-        ComputeError::Undecodable { task, reason } => {
-            log::error!("compute task {task}: {reason}");
-            ApiError::new(
-                502,
-                "compute_bad_result",
-                format!("Globus Compute task {task} returned a result the gateway cannot read."),
-            )
-        }
-        ComputeError::Refused { status: 429, .. } => ApiError::new(
-            503,
-            "compute_busy",
-            "Globus Compute is rate-limiting the gateway. Try again shortly.",
-        )
-        .with_retry_after(10),
-        ComputeError::Unreachable(_) | ComputeError::Refused { .. } => {
-            log::error!("Globus Compute for {} on {}: {e}", d.model, d.cluster);
-            ApiError::new(
-                503,
-                "compute_unavailable",
-                format!(
-                    "Globus Compute cannot be reached to run '{}' on cluster '{}'. Try again shortly.",
-                    d.model, d.cluster
-                ),
-            )
-            .with_retry_after(30)
-        }
-    }
-}
-
-/// The exception's last line with its Python class name only (no paths or hosts), e.g.
-/// `WorkerLost` or `Exception: API request failed with status code: 500`.
-fn last_line(exception: &str) -> String {
-    let line = exception
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("unknown error");
-    let (class, rest) = line.split_once(':').unwrap_or((line, ""));
-    let class = class.rsplit('.').next().unwrap_or(class).trim();
-    let rest = rest.trim();
-    // Keep the message only when it is short and names no host.
-    if rest.is_empty() || rest.len() > 80 || rest.contains(" on host ") {
-        class.to_string()
-    } else {
-        format!("{class}: {rest}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exceptions_are_sanitized() {
-        let e = "Traceback (most recent call last):\n  File \"/x.py\"\nparsl.executors.high_throughput.errors.WorkerLost: Task failure due to loss of worker 0 on host x3005c0s13b0n0";
-        assert_eq!(last_line(e), "WorkerLost");
-        assert_eq!(
-            last_line("Traceback\nException: API request failed with status code: 500"),
-            "Exception: API request failed with status code: 500"
-        );
-    }
-
-    #[test]
-    fn a_completion_becomes_chunks() {
-        let c = json!({"id": "x", "created": 1, "model": "m", "usage": {"total_tokens": 3},
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]});
-        let sse = chunks(&c, Endpoint::ChatCompletions, true);
-        let events: Vec<Value> = sse
-            .split("\n\n")
-            .filter_map(|e| e.strip_prefix("data: "))
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect();
-        assert_eq!(events.len(), 3);
-        assert_eq!(events[1]["choices"][0]["delta"]["content"], "hi");
-        assert_eq!(events[1]["choices"][0]["finish_reason"], "stop");
-        assert_eq!(events[2]["usage"]["total_tokens"], 3);
-    }
 }

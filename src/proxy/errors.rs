@@ -3,6 +3,7 @@
 use super::routes::RouteError;
 use crate::auth::AuthError;
 use crate::catalog::{Deployment, LookupError, PoolError};
+use crate::compute::ComputeError;
 use crate::config::Endpoint;
 use crate::openai::ApiError;
 use pingora::{Error, ErrorSource, ErrorType};
@@ -227,6 +228,150 @@ pub fn proxy(e: &Error, d: Option<&Deployment>) -> Option<ApiError> {
     }
 }
 
+/// The body is larger than `limits.max_body_bytes`.
+pub fn body_too_large(max: usize) -> ApiError {
+    ApiError::new(
+        413,
+        "request_too_large",
+        format!("The request body is larger than this gateway's limit of {max} bytes."),
+    )
+}
+
+/// The body stopped arriving for `edge.client_read_timeout`.
+pub fn body_stalled(timeout: std::time::Duration) -> ApiError {
+    ApiError::new(
+        408,
+        "request_timeout",
+        format!(
+            "The request body stalled: nothing arrived for {}.",
+            humantime::format_duration(timeout)
+        ),
+    )
+}
+
+/// The connection broke while the body was read.
+pub fn body_incomplete() -> ApiError {
+    ApiError::invalid_request("The request body could not be read completely.")
+}
+
+/// A body of unknown length too large to replay on a retry.
+pub fn length_required(replayable: usize) -> ApiError {
+    ApiError::new(
+        411,
+        "length_required",
+        format!(
+            "Bodies over {} KiB must be sent with a Content-Length header.",
+            replayable / 1024
+        ),
+    )
+}
+
+/// The body of a request sent through Globus Compute is not a JSON object.
+pub fn body_not_an_object(parsed: bool) -> ApiError {
+    let message = if parsed {
+        "The request body must be a JSON object."
+    } else {
+        "The request body is not valid JSON."
+    };
+    ApiError::new(400, "invalid_request_error", message)
+}
+
+/// The route policy refused the request itself.
+pub fn policy_rejected(status: u16, message: String) -> ApiError {
+    ApiError::new(status, "policy_rejected", message)
+}
+
+/// The model's Globus Compute endpoint is offline.
+pub fn endpoint_offline(d: &Deployment) -> ApiError {
+    ApiError::new(
+        503,
+        "endpoint_offline",
+        format!(
+            "The Globus Compute endpoint of '{}' on cluster '{}' is offline. Try again later.",
+            d.model, d.cluster
+        ),
+    )
+    .with_retry_after(60)
+}
+
+/// What the client is told about a Compute failure (details go to the log only).
+pub fn compute(e: &ComputeError, d: &Deployment) -> ApiError {
+    match e {
+        ComputeError::TimedOut(task) => ApiError::new(
+            504,
+            "compute_timeout",
+            format!(
+                "'{}' on cluster '{}' did not answer in time (Globus Compute task {task}); it is \
+                 probably still starting. Try again in a few minutes.",
+                d.model, d.cluster
+            ),
+        ),
+        ComputeError::TaskFailed { task, exception } => {
+            log::error!(
+                "compute task {task} for {} on {} failed:\n{exception}",
+                d.model,
+                d.cluster
+            );
+            ApiError::new(
+                502,
+                "compute_task_failed",
+                format!(
+                    "Running '{}' on cluster '{}' failed (Globus Compute task {task}: {}). The \
+                     operators have the details.",
+                    d.model,
+                    d.cluster,
+                    last_line(exception)
+                ),
+            )
+        }
+        ComputeError::Undecodable { task, reason } => {
+            log::error!("compute task {task}: {reason}");
+            ApiError::new(
+                502,
+                "compute_bad_result",
+                format!("Globus Compute task {task} returned a result the gateway cannot read."),
+            )
+        }
+        ComputeError::Refused { status: 429, .. } => ApiError::new(
+            503,
+            "compute_busy",
+            "Globus Compute is rate-limiting the gateway. Try again shortly.",
+        )
+        .with_retry_after(10),
+        ComputeError::Unreachable(_) | ComputeError::Refused { .. } => {
+            log::error!("Globus Compute for {} on {}: {e}", d.model, d.cluster);
+            ApiError::new(
+                503,
+                "compute_unavailable",
+                format!(
+                    "Globus Compute cannot be reached to run '{}' on cluster '{}'. Try again shortly.",
+                    d.model, d.cluster
+                ),
+            )
+            .with_retry_after(30)
+        }
+    }
+}
+
+/// The exception's last line with its Python class name only (no paths or hosts), e.g.
+/// `WorkerLost` or `Exception: API request failed with status code: 500`.
+fn last_line(exception: &str) -> String {
+    let line = exception
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("unknown error");
+    let (class, rest) = line.split_once(':').unwrap_or((line, ""));
+    let class = class.rsplit('.').next().unwrap_or(class).trim();
+    let rest = rest.trim();
+    // Keep the message only when it is short and names no host.
+    if rest.is_empty() || rest.len() > 80 || rest.contains(" on host ") {
+        class.to_string()
+    } else {
+        format!("{class}: {rest}")
+    }
+}
+
 /// How to get a fresh token, appended to 401 messages.
 const TOKEN_HELP: &str = "Get a fresh access token (for ALCF: `python inference_auth_token.py \
     get_access_token`) and send it as 'Authorization: Bearer <token>'.";
@@ -263,5 +408,20 @@ pub fn auth(e: AuthError) -> ApiError {
             "The identity provider cannot be reached to check your token. Try again shortly.",
         )
         .with_retry_after(5),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_exceptions_are_sanitized() {
+        let e = "Traceback (most recent call last):\n  File \"/x.py\"\nparsl.executors.high_throughput.errors.WorkerLost: Task failure due to loss of worker 0 on host x3005c0s13b0n0";
+        assert_eq!(last_line(e), "WorkerLost");
+        assert_eq!(
+            last_line("Traceback\nException: API request failed with status code: 500"),
+            "Exception: API request failed with status code: 500"
+        );
     }
 }

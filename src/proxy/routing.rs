@@ -145,8 +145,6 @@ pub fn route(
                 via_compute: true,
             })
         }
-        Decision::Reject { status, message } => {
-            Err(ApiError::new(status, "policy_rejected", message))
-        }
+        Decision::Reject { status, message } => Err(errors::policy_rejected(status, message)),
     }
 }

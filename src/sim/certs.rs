@@ -93,7 +93,7 @@ impl TestCa {
             .with_safe_default_protocol_versions()?;
         let builder = if require_clients {
             let mut roots = rustls::RootCertStore::empty();
-            for c in crate::edge::read_certificates(&self.ca_path())? {
+            for c in crate::pem::read_certificates(&self.ca_path())? {
                 roots.add(c)?;
             }
             let verifier =
@@ -104,8 +104,8 @@ impl TestCa {
             builder.with_no_client_auth()
         };
         let config = builder.with_single_cert(
-            crate::edge::read_certificates(&server.cert)?,
-            crate::edge::read_private_key(&server.key)?,
+            crate::pem::read_certificates(&server.cert)?,
+            crate::pem::read_private_key(&server.key)?,
         )?;
         Ok(Arc::new(config))
     }

@@ -7,7 +7,7 @@ mod scan;
 pub mod sink;
 
 pub use limits::{Limited, Limits, MemoryLimits};
-pub use record::UsageRecord;
+pub use record::{Meter, UsageRecord};
 pub use scan::{Tokens, UsageScanner};
 pub use sink::{MemorySink, SqliteSink, Totals, UsageSink};
 

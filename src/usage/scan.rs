@@ -16,6 +16,20 @@ pub struct Tokens {
     pub total: u64,
 }
 
+impl Tokens {
+    /// The `usage` of a whole completion (missing counts are 0).
+    pub fn of_completion(completion: &Value) -> Tokens {
+        let u = &completion["usage"];
+        let prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
+        let completion = u["completion_tokens"].as_u64().unwrap_or(0);
+        Tokens {
+            prompt,
+            completion,
+            total: u["total_tokens"].as_u64().unwrap_or(prompt + completion),
+        }
+    }
+}
+
 /// Follows one response body.
 #[derive(Debug, Default)]
 pub struct UsageScanner {

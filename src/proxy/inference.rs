@@ -1,0 +1,151 @@
+//! An inference request up to its backend: the body and its control fields, the deployment
+//! (the route policy), admission (maintenance, token limits, demand), then an instance to
+//! proxy to, or the cold path through Globus Compute.
+
+use super::cold::ColdRequest;
+use super::serve::Outcome;
+use super::{body, errors, routing, Gateway, RequestCtx};
+use crate::auth::Identity;
+use crate::catalog::{Deployment, InstanceGuard, PoolError};
+use crate::config::Endpoint;
+use crate::openai::{parse_control_fields, ApiError, ControlFields};
+use crate::usage::UsageScanner;
+use bytes::Bytes;
+use pingora::proxy::Session;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the URL asks for: cluster and framework (FIRST's layout), and the endpoint.
+pub type Asked<'a> = (Option<&'a str>, Option<&'a str>, Endpoint);
+
+impl Gateway {
+    /// Reads and checks the body, finds the deployment, admits the request, and reserves an
+    /// instance (`Outcome::Proxy`) or answers through Globus Compute.
+    pub(super) async fn inference(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        asked: Asked<'_>,
+        identity: &Identity,
+    ) -> Result<Outcome, ApiError> {
+        let (cluster, framework, endpoint) = asked;
+        let body =
+            body::read_body(session, self.max_body_bytes, self.edge.client_read_timeout).await?;
+        let t = Instant::now();
+        let control = parse_control_fields(&body, endpoint)?;
+        // The request keeps the policy version it started with, whatever reloads meanwhile.
+        let routed = routing::route(
+            &self.catalog,
+            &self.policies.current(),
+            &self.metrics,
+            identity,
+            session.req_header(),
+            &routing::Asked {
+                cluster,
+                framework,
+                endpoint,
+                model: &control.model,
+                stream: control.stream,
+                body_len: body.len(),
+            },
+        )?;
+        let deployment = routed.deployment.clone();
+        self.admit(identity, &deployment, body.len())?;
+        ctx.request.endpoint = Some(endpoint);
+        ctx.request.stream = control.stream;
+        ctx.meter.bytes_in = body.len() as u64;
+        let Some(first_try) = self.first_instance(&routed) else {
+            ctx.target.route = "compute";
+            ctx.target.deployment = Some(deployment.clone());
+            ctx.charge(t);
+            let cold = ColdRequest::new(deployment, endpoint, &control, body);
+            return self.answer_cold(session, ctx, cold).await;
+        };
+        ctx.target.route = "direct";
+        forward(ctx, &control, body, &deployment);
+        ctx.charge(t);
+        self.reserve_instance(ctx, &deployment, first_try).await?;
+        Ok(Outcome::Proxy)
+    }
+
+    /// What may still refuse a request its deployment could serve (maintenance, the token
+    /// limits); then it counts as the model's demand.
+    fn admit(&self, identity: &Identity, d: &Deployment, body_len: usize) -> Result<(), ApiError> {
+        if let Some(message) = self.maintenance.refusal(Some(&d.cluster)) {
+            return Err(errors::maintenance(message));
+        }
+        self.limited(self.accounting.limits.check_tokens(
+            &identity.username,
+            &d.model,
+            d.tokens_per_minute,
+            d.tokens_per_minute_per_user,
+        ))?;
+        d.demand.requests.fetch_add(1, Ordering::Relaxed);
+        d.demand
+            .prompt_bytes
+            .fetch_add(body_len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The first try at an instance, or `None` for the cold path: the policy chose it, or the
+    /// last instance went away since the policy chose and the model can run through Compute.
+    fn first_instance(&self, routed: &routing::Routed) -> Option<Result<InstanceGuard, PoolError>> {
+        if routed.via_compute {
+            return None;
+        }
+        let d = &routed.deployment;
+        let first = match routed.instance.and_then(|i| d.pool.try_acquire_at(i)) {
+            Some(slot) => Ok(slot),
+            None => d.pool.try_acquire(&[]),
+        };
+        let lost = matches!(first, Err(PoolError::NoHealthyBackend))
+            && d.compute.is_some()
+            && self.cold.is_some();
+        (!lost).then_some(first)
+    }
+
+    /// Holds a backend connection's descriptor and an instance slot, waiting for one when
+    /// every instance is at its cap.
+    async fn reserve_instance(
+        &self,
+        ctx: &mut RequestCtx,
+        d: &Arc<Deployment>,
+        first_try: Result<InstanceGuard, PoolError>,
+    ) -> Result<(), ApiError> {
+        let descriptor = self.admission.reserve_upstream();
+        ctx.target.descriptor = Some(descriptor.ok_or_else(errors::at_capacity)?);
+        let slot = match first_try {
+            Err(PoolError::AtCapacity) => {
+                let _waiting = d.demand.waiting();
+                d.pool.acquire(&[]).await
+            }
+            other => other,
+        }
+        .map_err(|e| errors::pool(e, d))?;
+        ctx.target.slot = Some(slot);
+        self.metrics
+            .in_flight
+            .with_label_values(&[&d.cluster, &d.model])
+            .inc();
+        ctx.target.in_flight = true;
+        ctx.target.deployment = Some(d.clone());
+        Ok(())
+    }
+}
+
+/// The body to forward (the backend's model name; a request for usage in streams) and the
+/// scanner of the response.
+fn forward(ctx: &mut RequestCtx, control: &ControlFields, body: Bytes, d: &Deployment) {
+    let rename = (control.model != d.backend_model).then_some(d.backend_model.as_str());
+    // Streams report usage in a last chunk only when asked: ask for clients that did not (and
+    // hide that chunk from them); respect clients that set stream_options themselves.
+    let inject = control.stream && !control.has_stream_options;
+    let body = if rename.is_some() || inject {
+        control.rewrite(&body, rename, inject)
+    } else {
+        body
+    };
+    ctx.request.body = Some(body);
+    ctx.meter.scanner = Some(UsageScanner::new(control.stream, inject));
+}

@@ -1,0 +1,58 @@
+//! The read routes: listings of what the caller may use, who the caller is, the caller's usage.
+
+use super::routes::Read;
+use super::{errors, Gateway};
+use crate::admin::listings;
+use crate::auth::{rules, Identity};
+use crate::catalog::{Deployment, LookupError};
+use crate::openai::ApiError;
+use bytes::Bytes;
+
+impl Gateway {
+    /// Answers a read route for `identity`, showing only what it may use.
+    pub(super) fn read(
+        &self,
+        read: &Read,
+        query: Option<&str>,
+        identity: &Identity,
+    ) -> Result<Bytes, ApiError> {
+        let visible = |d: &Deployment| {
+            rules::may_see(identity, &d.cluster_access) && rules::may_see(identity, &d.model_access)
+        };
+        let cluster_not_found = |cluster: &String| {
+            errors::lookup(LookupError::ClusterNotFound {
+                cluster: cluster.clone(),
+            })
+        };
+        Ok(match read {
+            Read::Models => listings::models(&self.catalog, self.started_unix, visible),
+            Read::ListEndpoints => listings::list_endpoints(&self.catalog, visible),
+            Read::Health => Bytes::from_static(br#"{"status":"ok"}"#),
+            Read::Whoami => Bytes::from(identity.whoami().to_string()),
+            Read::Usage => listings::usage(
+                &identity.username,
+                &self.accounting.totals.of(&identity.username),
+            ),
+            Read::Jobs { cluster } => listings::jobs(&self.catalog, cluster, visible)
+                .ok_or_else(|| cluster_not_found(cluster))?,
+            Read::ClusterModels { cluster } => {
+                let model_id = query.and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("model_id="))
+                        .filter(|v| !v.is_empty())
+                });
+                listings::cluster_models(&self.catalog, cluster, model_id, visible).ok_or_else(
+                    || match model_id {
+                        Some(m) if self.catalog.cluster(cluster).is_some() => {
+                            errors::lookup(LookupError::ModelNotFound {
+                                cluster: Some(cluster.clone()),
+                                model: m.to_string(),
+                            })
+                        }
+                        _ => cluster_not_found(cluster),
+                    },
+                )?
+            }
+        })
+    }
+}

@@ -1,0 +1,160 @@
+//! The steps every request takes: who the client is, which route, the limits and the
+//! maintenance switch, authentication; then a read or an inference, and the answer.
+
+use super::routes::{self, Read, Route};
+use super::{errors, respond, Gateway, RequestCtx};
+use crate::auth::{CacheOutcome, Identity};
+use crate::edge::Client;
+use crate::openai::ApiError;
+use crate::usage::Limited;
+use bytes::Bytes;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How a request was handled before any upstream phase.
+pub enum Outcome {
+    /// A body the gateway answers with (200, JSON).
+    Answer(Bytes),
+    /// The response is written already (the cold path).
+    Answered,
+    /// Proxy it: an instance is reserved in the context.
+    Proxy,
+}
+
+impl Gateway {
+    /// Applies the edge's client timeouts to the request, ends keep-alive while handing over or
+    /// draining, and tells who the client is behind any trusted proxies.
+    pub(super) fn take_connection(&self, session: &mut Session) -> Option<Client> {
+        session.set_read_timeout(Some(self.edge.client_read_timeout));
+        session.set_write_timeout(Some(self.edge.client_write_timeout));
+        // The edge layer times idle connections out; here keep-alive is only taken away (the
+        // client's own choice, `Connection: close` or HTTP/1.0, stands otherwise).
+        if !self.drain.keeps_connections() {
+            session.set_keepalive(None);
+        }
+        let peer = session.client_addr()?.as_inet()?.ip();
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        Some(
+            self.trusted_proxies
+                .client(peer, tls, &session.req_header().headers),
+        )
+    }
+
+    /// The route of the request line, if its head is not too large.
+    pub(super) fn match_route(&self, req: &RequestHeader) -> Result<Route, ApiError> {
+        if head_len(req) > self.edge.max_header_bytes {
+            return Err(errors::headers_too_large(self.edge.max_header_bytes));
+        }
+        routes::match_route(&req.method, req.uri.path())
+            .map_err(|e| errors::route(e, &req.method, req.uri.path()))
+    }
+
+    /// Limits, maintenance and authentication, then the route itself.
+    pub(super) async fn serve(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: Route,
+    ) -> Result<Outcome, ApiError> {
+        if let Some(ip) = ctx.request.client.as_ref().map(|c| c.ip) {
+            self.limited(self.accounting.limits.check_ip(ip))?;
+        }
+        if route == Route::Read(Read::Health) {
+            return Ok(Outcome::Answer(Bytes::from_static(br#"{"status":"ok"}"#)));
+        }
+        if let Some(message) = self.maintenance.refusal(None) {
+            return Err(errors::maintenance(message));
+        }
+        let identity = self.authenticate(session, ctx).await?;
+        if self.auth.is_enforcing() {
+            self.limited(self.accounting.limits.check_user(&identity.username))?;
+        }
+        ctx.request.identity = Some(identity.clone());
+        match route {
+            Route::Read(read) => {
+                let t = Instant::now();
+                let query = session.req_header().uri.query();
+                let body = self.read(&read, query, &identity);
+                ctx.charge(t);
+                body.map(Outcome::Answer)
+            }
+            Route::Inference {
+                cluster,
+                framework,
+                endpoint,
+            } => {
+                let asked = (cluster.as_deref(), framework.as_deref(), endpoint);
+                self.inference(session, ctx, asked, &identity).await
+            }
+        }
+    }
+
+    /// Authenticates the request (the token cache makes this cheap for a known token).
+    async fn authenticate(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Arc<Identity>, ApiError> {
+        let t = Instant::now();
+        let header = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION);
+        let (result, outcome) = self.auth.authenticate(header.map(|h| h.as_bytes())).await;
+        if let Some(outcome) = outcome {
+            let label = match outcome {
+                CacheOutcome::Hit => {
+                    ctx.charge(t);
+                    "hit"
+                }
+                CacheOutcome::Miss => "miss",
+            };
+            self.metrics.auth_cache.with_label_values(&[label]).inc();
+        }
+        result.map_err(errors::auth)
+    }
+
+    /// A rate limit's refusal as a 429 (and counted).
+    pub(super) fn limited(&self, check: Result<(), Limited>) -> Result<(), ApiError> {
+        check.map_err(|l| {
+            self.metrics
+                .rate_limited
+                .with_label_values(&[l.limit])
+                .inc();
+            errors::rate_limited(&l)
+        })
+    }
+
+    /// Writes what the gateway answers itself; `Ok(false)` when the request is to be proxied.
+    pub(super) async fn answer(
+        &self,
+        session: &mut Session,
+        outcome: Result<Outcome, ApiError>,
+    ) -> pingora::Result<bool> {
+        match outcome {
+            Ok(Outcome::Proxy) => Ok(false),
+            Ok(Outcome::Answered) => Ok(true),
+            Ok(Outcome::Answer(body)) => {
+                respond::send_json(session, 200, body, &[]).await?;
+                Ok(true)
+            }
+            Err(err) => {
+                respond::send_error(session, &err).await?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// Size of a request head as received: request line and header lines.
+fn head_len(req: &RequestHeader) -> usize {
+    let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method.as_str().len() + target + 12;
+    req.headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
+}

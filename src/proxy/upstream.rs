@@ -1,0 +1,105 @@
+//! The backend side of a proxied request: which instance each attempt goes to, the request it
+//! receives, and when a failed attempt may be tried again.
+
+use super::{errors, RequestCtx};
+use bytes::Bytes;
+use pingora::http::RequestHeader;
+use pingora::prelude::HttpPeer;
+use pingora::{Error, ErrorType};
+
+/// Request headers that must not travel to a backend: hop-by-hop headers, the client's
+/// credentials, and encodings we want to see in plain text.
+const STRIPPED_UPSTREAM_HEADERS: [&str; 11] = [
+    "authorization",
+    "proxy-authorization",
+    "connection",
+    "keep-alive",
+    "te",
+    "upgrade",
+    "expect",
+    "transfer-encoding",
+    "accept-encoding",
+    // Client-written claims about the client; the gateway sends its own X-Forwarded-*.
+    "forwarded",
+    "x-real-ip",
+];
+
+/// The peer of this attempt: the reserved instance, or on a retry another one (or the same
+/// again when only its pooled connection was stale).
+pub fn next_peer(ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+    let t = &mut ctx.target;
+    let deployment = t
+        .deployment
+        .clone()
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no deployment chosen"))?;
+    if !t.tried.is_empty() {
+        t.slot = None;
+        let mut next = deployment.pool.try_acquire(&t.tried);
+        if next.is_err() && t.stale_connection {
+            next = deployment.pool.try_acquire(&[]);
+        }
+        match next {
+            Ok(slot) => t.slot = Some(slot),
+            Err(e) => {
+                t.failure = Some(errors::pool(e, &deployment));
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    "no backend left to retry",
+                ));
+            }
+        }
+    }
+    let slot = t
+        .slot
+        .as_ref()
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no instance reserved"))?;
+    t.tried.push(slot.instance().socket);
+    t.instance = Some(slot.instance().id());
+    Ok(Box::new(deployment.pool.peer(slot.instance())))
+}
+
+/// The backend's request: its path, host and credentials, the gateway's `X-Forwarded-*`, and
+/// the length of the (rewritten) body.
+pub fn rewrite_request(upstream: &mut RequestHeader, ctx: &RequestCtx) -> pingora::Result<()> {
+    let (Some(deployment), Some(slot), Some(endpoint)) = (
+        &ctx.target.deployment,
+        &ctx.target.slot,
+        ctx.request.endpoint,
+    ) else {
+        return Err(Error::explain(
+            ErrorType::InternalError,
+            "upstream request without a target",
+        ));
+    };
+    let addr = &slot.instance().addr;
+    let path = format!("{}/{}", addr.base_path, endpoint.path());
+    upstream.set_uri(
+        http::Uri::try_from(path)
+            .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?,
+    );
+    for name in STRIPPED_UPSTREAM_HEADERS {
+        upstream.remove_header(name);
+    }
+    upstream.insert_header("host", addr.authority())?;
+    if let Some(client) = &ctx.request.client {
+        upstream.insert_header("x-forwarded-for", client.forwarded_for.as_str())?;
+        upstream.insert_header("x-forwarded-proto", client.proto)?;
+    }
+    if let Some(auth) = &deployment.pool.settings.authorization {
+        upstream.insert_header("authorization", auth.clone())?;
+    }
+    let len = ctx.request.body.as_ref().map_or(0, Bytes::len);
+    upstream.insert_header("content-length", len.to_string())
+}
+
+/// Uses the request's one retry, if it is left; `stale` when only a pooled connection failed
+/// (the same instance may then be tried again).
+pub fn retry(ctx: &mut RequestCtx, stale: bool) -> bool {
+    let t = &mut ctx.target;
+    if t.retries_left == 0 {
+        return false;
+    }
+    t.retries_left -= 1;
+    t.stale_connection = stale;
+    true
+}
