@@ -12,7 +12,6 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const LLAMA: &str = "meta-llama/Meta-Llama-3.1-8B-Instruct";
 const RESTRICTED: &str = "gpt-oss-120b";
 const GROUP: &str = "0a1b2c3d-0000-4000-8000-000000000001";
 const CLIENT: &str = "gateway-client-id";
@@ -63,14 +62,6 @@ async fn globus() -> GlobusSim {
         .expect("Globus stand-in starts")
 }
 
-fn auth_yaml(globus: &GlobusSim, extra_globus: &str, rules: &str) -> String {
-    format!(
-        "auth:\n  mode: globus\n  globus:\n    client_id: {CLIENT}\n    client_secret_env: FG_TEST_GLOBUS_SECRET\n\
-         \x20   auth_url: {url}\n    groups_url: {url}\n{extra_globus}  rules:\n{rules}",
-        url = globus.url()
-    )
-}
-
 /// Cluster `sophia` (open) serving Llama and the group-restricted model, and cluster `anl`
 /// open only to anl.gov users.
 fn clusters(chat: &VllmSimAddr) -> String {
@@ -89,37 +80,23 @@ struct VllmSimAddr(std::net::SocketAddr);
 async fn start(globus: &GlobusSim, chat: &VllmSimAddr, extra_globus: &str, rules: &str) -> Gateway {
     // Rate limits are tested elsewhere; 1,000 requests of one user must pass here.
     Gateway::start_with(
-        &auth_yaml(globus, extra_globus, rules),
+        &globus_auth(&globus.url(), CLIENT, extra_globus, rules),
         &format!(
             "limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n{}",
             clusters(chat)
         ),
-        &[("FG_TEST_GLOBUS_SECRET", SECRET), ("RUST_LOG", "debug")],
+        &[(GLOBUS_SECRET_ENV, SECRET), ("RUST_LOG", "debug")],
     )
     .await
 }
 
 async fn chat_as(gw: &Gateway, token: Option<&str>, path: &str, model: &str) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .post(gw.url(path))
-        .json(&chat_body(model, false));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    status_json(post_chat(gw, path, token, model, false).await).await
 }
 
 async fn get_as(gw: &Gateway, token: &str, path: &str) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .get(gw.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    let resp = gw.get(path).bearer_auth(token).send().await;
+    status_json(resp.expect("request")).await
 }
 
 fn message(v: &Value) -> &str {

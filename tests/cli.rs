@@ -3,16 +3,13 @@
 
 #![cfg(feature = "sim")] // against the simulators
 
-use std::process::Command;
+mod common;
+
+use common::firstgate;
 
 fn check(path: &str) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_firstgate"))
-        .args(["check", "--config", path])
-        .output()
-        .expect("run firstgate");
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + String::from_utf8_lossy(&out.stderr).as_ref();
-    (out.status.success(), text)
+    let (ok, stdout, stderr) = firstgate(&["check", "--config", path]);
+    (ok, format!("{stdout}{stderr}"))
 }
 
 #[test]

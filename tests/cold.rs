@@ -103,12 +103,7 @@ async fn gateway(globus: &GlobusSim, o: Opts) -> Gateway {
 }
 
 async fn ask(gw: &Gateway, stream: bool) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(MODEL, stream))
-        .send()
-        .await
-        .expect("request")
+    post_chat(gw, "/v1/chat/completions", None, MODEL, stream).await
 }
 
 fn route(r: &reqwest::Response) -> String {

@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-const LLAMA: &str = "meta-llama/Meta-Llama-3.1-8B-Instruct";
-
 /// Reads until the gateway closes the connection (or resets it); returns what it sent and how
 /// long that took. Fails the test after the harness deadline.
 async fn until_closed(conn: &mut TcpStream) -> (Vec<u8>, Duration) {

@@ -15,8 +15,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-const LLAMA: &str = "meta-llama/Meta-Llama-3.1-8B-Instruct";
-
 fn trusting(ca: &Path) -> reqwest::ClientBuilder {
     let pem = std::fs::read(ca).expect("CA file");
     reqwest::Client::builder()

@@ -9,15 +9,8 @@ use common::*;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 
-const LLAMA: &str = "meta-llama/Meta-Llama-3.1-8B-Instruct";
-
 async fn chat(gw: &Gateway) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(gw.url("/resource_server/sophia/vllm/v1/chat/completions"))
-        .json(&chat_body(LLAMA, false))
-        .send()
-        .await
-        .expect("request")
+    post_chat(gw, SOPHIA_CHAT, None, LLAMA, false).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

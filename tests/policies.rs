@@ -10,23 +10,7 @@ use common::*;
 use firstgate::sim::vllm::VllmSim;
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::Ordering;
-
-const LLAMA: &str = "meta-llama/Meta-Llama-3.1-8B-Instruct";
-
-fn firstgate(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_firstgate"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run firstgate");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// `firstgate policy test` on the demo configuration with an example policy.
 fn dry_run(policy: &str, input: &[&str]) -> Value {
@@ -170,17 +154,13 @@ fn replace(path: &Path, text: &str) {
 }
 
 async fn chat(gw: &Gateway, headers: &[(&str, &str)]) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
+    let mut req = gw
+        .post("/v1/chat/completions")
         .json(&chat_body(LLAMA, false));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = req.send().await.unwrap();
-    (
-        resp.status().as_u16(),
-        resp.json().await.unwrap_or(Value::Null),
-    )
+    status_json(req.send().await.unwrap()).await
 }
 
 /// A gateway whose route policy (first version: everything to `alpha`) sits in a file it
@@ -276,11 +256,7 @@ async fn sighup_reloads_the_policies_at_once() {
     let (gw, _a, b, _dir, policy) = alpha_and_beta("1h").await;
     assert_eq!(chat(&gw, &[]).await.0, 200);
     replace(&policy, &route_to("beta"));
-    let status = Command::new("kill")
-        .args(["-HUP", &gw.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    gw.signal("HUP");
     wait_for("requests to reach beta", || async {
         assert_eq!(chat(&gw, &[]).await.0, 200);
         (b.stats().chat_requests.load(Ordering::SeqCst) > 0).then_some(())

@@ -10,7 +10,6 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
-const LLAMA: &str = "meta-llama/Meta-Llama-3.1-8B-Instruct";
 const EMBED: &str = "Salesforce/SFR-Embedding-Mistral";
 
 /// A gateway in front of one chat simulator (cluster sophia, framework vllm) and one
@@ -34,13 +33,8 @@ async fn setup() -> (
     (gw, chat, embed)
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::new()
-}
-
 async fn post(gw: &Gateway, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
-    client()
-        .post(gw.url(path))
+    gw.post(path)
         .header("authorization", "Bearer user-token")
         .header("content-type", "application/json")
         .body(body)
@@ -260,7 +254,7 @@ async fn bad_requests_get_clear_openai_errors() {
     assert_eq!(s, 413);
     assert!(e["message"].as_str().unwrap().contains("1048576"));
 
-    let resp = client().get(gw.url(chat_path)).send().await.unwrap();
+    let resp = gw.get(chat_path).send().await.unwrap();
     assert_eq!(resp.headers()["allow"], "POST");
     assert_eq!(error_of(resp).await.0, 405);
 

@@ -9,9 +9,6 @@ use common::*;
 use firstgate::sim::globus::{FakeClient, FakeUser, GlobusSim, Seed};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use std::process::Command;
-
-const LLAMA: &str = "meta-llama/Meta-Llama-3.1-8B-Instruct";
 
 fn store(gw: &Gateway) -> rusqlite::Connection {
     let path = gw.config_path().with_file_name("firstgate-usage.db");
@@ -29,28 +26,21 @@ fn count(gw: &Gateway, filter: &str) -> i64 {
 }
 
 async fn post(gw: &Gateway, body: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth("tok")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    let req = gw.post("/v1/chat/completions").bearer_auth("tok");
+    req.json(&body).send().await.unwrap()
 }
 
 /// `firstgate usage --json` for the gateway's configuration.
 fn usage_cli(gw: &Gateway) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_firstgate"))
-        .args(["usage", "--json", "--config"])
-        .arg(gw.config_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let config = gw.config_path();
+    let (ok, stdout, stderr) = firstgate(&[
+        "usage".as_ref(),
+        "--json".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]);
+    assert!(ok, "{stderr}");
+    serde_json::from_str(&stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,17 +158,14 @@ async fn globus_user() -> GlobusSim {
 async fn each_limit_answers_429_then_recovers() {
     let globus = globus_user().await;
     let chat = sim(&[LLAMA], |_| {}).await;
-    let auth = format!(
-        "auth:\n  mode: globus\n  globus:\n    client_id: gw\n    client_secret_env: FG_TEST_SECRET\n    auth_url: {u}\n    groups_url: {u}\n",
-        u = globus.url()
-    );
+    let auth = globus_auth(&globus.url(), "gw", "", "");
     let body = format!(
         "limits:\n  requests_per_second: 3\n  ip_requests_per_second: 20\n  ip_burst: 20\n  token_window: 2s\n\
          clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n          - name: {LLAMA}\n\
          \x20           backends: [{}]\n            tokens_per_minute_per_user: 10\n",
         chat.addr()
     );
-    let gw = Gateway::start_with(&auth, &body, &[("FG_TEST_SECRET", "gw-secret")]).await;
+    let gw = Gateway::start_with(&auth, &body, &[(GLOBUS_SECRET_ENV, "gw-secret")]).await;
     let models = || async {
         reqwest::Client::new()
             .get(gw.url("/v1/models"))
@@ -286,11 +273,7 @@ async fn committed_records_survive_kill_9() {
     })
     .await;
     // ...and a kill -9 then loses none of it.
-    let status = Command::new("kill")
-        .args(["-9", &gw.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    gw.signal("KILL");
     wait_for("the gateway to die", || async {
         std::net::TcpStream::connect(gw.addr).is_err().then_some(())
     })

@@ -1,6 +1,6 @@
-//! The scale hook's input and actions, and the background service that asks the scale policy
-//! about every model periodically. Carrying the actions out belongs to the cold path; until
-//! then they are logged and counted.
+//! The scale hook's input and actions. The background service that asks the scale policy about
+//! every model periodically hands the actions to a `ScaleActuator` (Globus Compute's start and
+//! stop functions, `compute::ScaleExecutor`); without one they are logged and counted.
 
 use serde::{Deserialize, Serialize};
 

@@ -10,6 +10,15 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The chat model most tests serve.
+pub const LLAMA: &str = "meta-llama/Meta-Llama-3.1-8B-Instruct";
+
+/// FIRST's layout for the chat endpoint of cluster `sophia`, framework `vllm`.
+pub const SOPHIA_CHAT: &str = "/resource_server/sophia/vllm/v1/chat/completions";
+
+/// The variable that holds the gateway's Globus client secret in tests.
+pub const GLOBUS_SECRET_ENV: &str = "FG_TEST_GLOBUS_SECRET";
+
 /// How long any awaited condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -68,6 +77,19 @@ impl Gateway {
     /// Like [`Gateway::start`] with an `auth:` section and extra environment variables
     /// (secrets; `RUST_LOG`, default `info`).
     pub async fn start_with(auth: &str, body: &str, env: &[(&str, &str)]) -> Gateway {
+        // A port found free may be taken (by an outgoing connection of another test) before
+        // the gateway binds it: try again on other ports.
+        for _ in 0..3 {
+            match Gateway::try_start(auth, body, env).await {
+                Ok(gw) => return gw,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("firstgate exited early:\n{log}"),
+            }
+        }
+        panic!("no free ports for the gateway after 3 tries")
+    }
+
+    async fn try_start(auth: &str, body: &str, env: &[(&str, &str)]) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -119,10 +141,20 @@ impl Gateway {
             }
         })
         .await;
-        if let Some(status) = exited {
-            panic!("firstgate exited early ({status}):\n{}", gw.log());
+        match exited {
+            Some(status) => Err(format!("({status}) {}", gw.log())),
+            None => Ok(gw),
         }
-        gw
+    }
+
+    /// A POST to `path` on the gateway (a new client each time: no connection is reused).
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::new().post(self.url(path))
+    }
+
+    /// A GET of `path` on the gateway.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::new().get(self.url(path))
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -257,4 +289,53 @@ pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
     text.split("\n\n")
         .filter_map(|ev| ev.trim().strip_prefix("data: ").map(str::to_owned))
         .collect()
+}
+
+/// The `auth:` section for the Globus stand-in at `url`, as client `client` (its secret in
+/// [`GLOBUS_SECRET_ENV`]); `extra_globus` lines go under `globus:`, `rules` under `rules:`.
+pub fn globus_auth(url: &str, client: &str, extra_globus: &str, rules: &str) -> String {
+    let rules = if rules.is_empty() {
+        String::new()
+    } else {
+        format!("  rules:\n{rules}")
+    };
+    format!(
+        "auth:\n  mode: globus\n  globus:\n    client_id: {client}\n    client_secret_env: \
+         {GLOBUS_SECRET_ENV}\n    auth_url: {url}\n    groups_url: {url}\n{extra_globus}{rules}"
+    )
+}
+
+/// Posts [`chat_body`] for `model` to `path`, with `token` as the bearer if given.
+pub async fn post_chat(
+    gw: &Gateway,
+    path: &str,
+    token: Option<&str>,
+    model: &str,
+    stream: bool,
+) -> reqwest::Response {
+    let mut req = gw.post(path).json(&chat_body(model, stream));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.expect("request")
+}
+
+/// A response's status and JSON body (`Null` when the body is not JSON).
+pub async fn status_json(resp: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
+/// Runs `firstgate` with `args` in the repository; whether it succeeded, its stdout and stderr.
+pub fn firstgate<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_firstgate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run firstgate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
