@@ -53,6 +53,8 @@ pub struct Metrics {
     pub usage_written: IntCounter,
     /// Usage records lost (queue full or write error).
     pub usage_dropped: IntCounter,
+    /// Responses too large to read their usage from (tokens recorded as unknown).
+    pub usage_unscanned: IntCounter,
     /// Globus Compute tasks by outcome (`submitted`, `success`, `failed`, `timeout`).
     pub compute_tasks: IntCounterVec,
     /// Backend instances by state (`serving`, `unhealthy`, `draining`).
@@ -172,6 +174,14 @@ impl Metrics {
                 IntCounter::new(
                     "firstgate_usage_records_dropped_total",
                     "Usage records lost because the queue was full or the store failed.",
+                ),
+            ),
+            usage_unscanned: registered(
+                &registry,
+                IntCounter::new(
+                    "firstgate_usage_unscanned_total",
+                    "Responses passed through without reading their usage (an SSE event over 1 MiB \
+                     or a JSON answer over 4 MiB); their records' tokens are unknown.",
                 ),
             ),
             compute_tasks: counter(

@@ -182,6 +182,7 @@ fn accounting(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Account
             l.ip_requests_per_second,
             l.ip_burst,
             l.token_window,
+            l.max_concurrent_per_user,
         )),
         access_log: config.access_log.clone(),
     })
@@ -231,6 +232,7 @@ fn proxy_service(
         scale_wake: parts.scale_wake.clone(),
         accounting: parts.accounting.clone(),
         max_body_bytes: config.limits.max_body_bytes,
+        default_max_tokens: config.limits.default_max_tokens,
         edge: config.edge.clone(),
         trusted_proxies: TrustedProxies::new(config.edge.trusted_proxies.clone()),
         maintenance: parts.maintenance.clone(),

@@ -90,6 +90,12 @@ pub struct Limits {
     /// The window of the token limits (`tokens_per_minute*` of models). Default 1 minute.
     #[serde(with = "humantime_serde")]
     pub token_window: Duration,
+    /// Completion tokens a request that sets no `max_tokens` is assumed to use when it reserves
+    /// against a token limit (its real usage replaces the estimate when it ends). Default 512.
+    pub default_max_tokens: u64,
+    /// Inference requests one user may have in flight at once, so that one user's long streams
+    /// cannot hold every backend slot (0: no limit). Default 128.
+    pub max_concurrent_per_user: u32,
 }
 
 impl Default for Limits {
@@ -100,6 +106,8 @@ impl Default for Limits {
             ip_requests_per_second: 50,
             ip_burst: 100,
             token_window: Duration::from_secs(60),
+            default_max_tokens: 512,
+            max_concurrent_per_user: 128,
         }
     }
 }

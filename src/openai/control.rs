@@ -35,36 +35,55 @@ pub struct ControlFields {
     pub stream: bool,
     /// Where the `model` value (with its quotes) sits in the body.
     model_span: Range<usize>,
-    /// The body has a top-level `stream_options`.
-    pub has_stream_options: bool,
-    /// `stream_options.include_usage` is true.
+    /// Where the `stream_options` value sits, if the body has one.
+    stream_options_span: Option<Range<usize>>,
+    /// `stream_options.include_usage` is true: the client asked for the usage chunk.
     pub include_usage: bool,
+    /// The most tokens the answer may have, as the client set it (`max_completion_tokens`,
+    /// else `max_tokens`).
+    pub max_tokens: Option<u64>,
 }
 
 impl ControlFields {
-    /// The body with `model` replaced (if `name` is given) and, if `inject_usage`,
-    /// `"stream_options":{"include_usage":true}` added as the first member; every other byte
-    /// unchanged.
-    pub fn rewrite(&self, body: &Bytes, name: Option<&str>, inject_usage: bool) -> Bytes {
+    /// The body with `model` replaced (if `name` is given) and, with `ask_usage`,
+    /// `stream_options.include_usage` set to true (the member added to the client's
+    /// `stream_options`, or `"stream_options":{"include_usage":true}` added in front); every
+    /// other byte unchanged.
+    pub fn rewrite(&self, body: &Bytes, name: Option<&str>, ask_usage: bool) -> Bytes {
         const USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
-        let quoted = name.map(|n| serde_json::to_string(n).expect("a string serializes"));
+        let mut edits: Vec<(Range<usize>, Cow<'_, [u8]>)> = Vec::with_capacity(2);
+        if let Some(n) = name {
+            let quoted = serde_json::to_vec(n).expect("a string serializes");
+            edits.push((self.model_span.clone(), Cow::Owned(quoted)));
+        }
+        if ask_usage {
+            match &self.stream_options_span {
+                Some(span) => {
+                    let mut options: serde_json::Value =
+                        serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
+                    if !options.is_object() {
+                        options = serde_json::json!({});
+                    }
+                    options["include_usage"] = true.into();
+                    let bytes = serde_json::to_vec(&options).expect("a value serializes");
+                    edits.push((span.clone(), Cow::Owned(bytes)));
+                }
+                None => {
+                    // The object has members (`model` at least), so a trailing comma is right.
+                    let at = body.iter().position(|b| *b == b'{').map_or(0, |b| b + 1);
+                    edits.push((at..at, Cow::Borrowed(USAGE)));
+                }
+            }
+        }
+        edits.sort_by_key(|(span, _)| span.start);
         let mut out = BytesMut::with_capacity(body.len() + USAGE.len() + 64);
         let mut at = 0;
-        if inject_usage {
-            // The object has members (`model` at least), so a trailing comma is right.
-            let brace = body.iter().position(|b| *b == b'{').unwrap_or(0);
-            out.extend_from_slice(&body[..=brace]);
-            out.extend_from_slice(USAGE);
-            at = brace + 1;
+        for (span, bytes) in edits {
+            out.extend_from_slice(&body[at..span.start]);
+            out.extend_from_slice(&bytes);
+            at = span.end;
         }
-        match &quoted {
-            Some(q) => {
-                out.extend_from_slice(&body[at..self.model_span.start]);
-                out.extend_from_slice(q.as_bytes());
-                out.extend_from_slice(&body[self.model_span.end..]);
-            }
-            None => out.extend_from_slice(&body[at..]),
-        }
+        out.extend_from_slice(&body[at..]);
         out.freeze()
     }
 }
@@ -151,16 +170,24 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         }
     }
 
+    let span_of = |raw: &RawValue| {
+        let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+        start..start + raw.get().len()
+    };
     let stream_options = fields.get("stream_options");
     let include_usage = stream_options
         .and_then(|v| serde_json::from_str::<serde_json::Value>(v.get()).ok())
         .is_some_and(|v| v["include_usage"] == true);
+    let max_tokens = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|f| fields.get(*f)?.get().parse::<u64>().ok());
     Ok(ControlFields {
         model,
         stream,
         model_span,
-        has_stream_options: stream_options.is_some(),
+        stream_options_span: stream_options.map(|v| span_of(v)),
         include_usage,
+        max_tokens,
     })
 }
 
@@ -240,7 +267,46 @@ mod tests {
             &out[..],
             &br#"{"stream_options":{"include_usage":true}, "temperature" : 0.70, "model" :  "Llama" , "messages":[{"content":"model"}]}"#[..]
         );
-        assert!(!c.has_stream_options && !c.include_usage);
+        assert!(!c.include_usage);
+    }
+
+    #[test]
+    fn asks_for_usage_inside_the_clients_own_stream_options() {
+        for (options, expected) in [
+            (r#"{"include_usage": false}"#, r#"{"include_usage":true}"#),
+            ("{}", r#"{"include_usage":true}"#),
+            (
+                r#"{"continuous_usage_stats":true}"#,
+                r#"{"continuous_usage_stats":true,"include_usage":true}"#,
+            ),
+            ("null", r#"{"include_usage":true}"#),
+        ] {
+            let body = Bytes::from(format!(
+                r#"{{"model":"m","stream":true,"stream_options":{options},"messages":[]}}"#
+            ));
+            let c = parse_control_fields(&body, Endpoint::ChatCompletions).unwrap();
+            assert!(!c.include_usage, "{options}");
+            let out = c.rewrite(&body, Some("backend-m"), true);
+            assert_eq!(
+                String::from_utf8(out.to_vec()).unwrap(),
+                format!(
+                    r#"{{"model":"backend-m","stream":true,"stream_options":{expected},"messages":[]}}"#
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn reads_the_answers_token_cap() {
+        let c = chat(r#"{"model":"m","max_tokens":100,"messages":[]}"#).unwrap();
+        assert_eq!(c.max_tokens, Some(100));
+        let c = chat(r#"{"model":"m","max_tokens":100,"max_completion_tokens":7,"messages":[]}"#)
+            .unwrap();
+        assert_eq!(c.max_tokens, Some(7));
+        assert_eq!(
+            chat(r#"{"model":"m","messages":[]}"#).unwrap().max_tokens,
+            None
+        );
     }
 
     #[test]

@@ -95,6 +95,7 @@ impl Gateway {
         if let Err(e) = written {
             // The client went away while the task ran.
             log::debug!("cold answer for task {task} not delivered: {e}");
+            ctx.meter.client_left = true;
         }
         Ok(Outcome::Answered)
     }

@@ -6,7 +6,7 @@ use crate::catalog::{Deployment, InstanceGuard};
 use crate::config::Endpoint;
 use crate::edge::{ActiveRequest, Client, UpstreamPermit};
 use crate::openai::ApiError;
-use crate::usage::Meter;
+use crate::usage::{InFlightPermit, Meter, TokenReservation};
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +60,10 @@ pub struct Target {
     pub descriptor: Option<UpstreamPermit>,
     /// `firstgate_in_flight_requests` was raised for this request.
     pub in_flight: bool,
+    /// Tokens reserved against the deployment's token limits, settled when the request ends.
+    pub tokens: Option<TokenReservation>,
+    /// Counts against the user's requests in flight.
+    pub user_slot: Option<InFlightPermit>,
     /// The gateway already wrote the response (the cold path).
     pub answered: bool,
 }
@@ -88,6 +92,8 @@ impl RequestCtx {
                 failure: None,
                 descriptor: None,
                 in_flight: false,
+                tokens: None,
+                user_slot: None,
                 answered: false,
             },
             meter: Meter::start(),

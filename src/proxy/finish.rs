@@ -2,13 +2,28 @@
 
 use super::{Gateway, RequestCtx};
 use crate::metrics::status_label;
-use crate::usage::UsageRecord;
+use crate::usage::{Ending, UsageRecord};
+use pingora::{Error, ErrorSource};
 
 impl Gateway {
-    /// Records a finished request; `failed` when an error cut it.
-    pub(super) fn finish(&self, ctx: &mut RequestCtx, status: u16, failed: bool) {
+    /// Records a finished request; `error` is what cut it, if anything did.
+    pub(super) fn finish(&self, ctx: &mut RequestCtx, status: u16, error: Option<&Error>) {
         ctx.target.slot = None;
-        if let Some(record) = usage_record(ctx, status, failed) {
+        let ending = match error {
+            Some(e) if e.esource() == &ErrorSource::Downstream => Ending::ClientLeft,
+            Some(_) => Ending::Failed,
+            None if ctx.meter.client_left => Ending::ClientLeft,
+            None => Ending::Complete,
+        };
+        if ctx.meter.scanner.as_ref().is_some_and(|s| s.unscanned()) {
+            self.metrics.usage_unscanned.inc();
+        }
+        let record = usage_record(ctx, status, ending);
+        if let Some(reserved) = ctx.target.tokens.take() {
+            let used = record.as_ref().map_or(0, |r| r.total_tokens);
+            self.accounting.limits.settle_tokens(reserved, used);
+        }
+        if let Some(record) = record {
             for (kind, n) in [
                 ("prompt", record.prompt_tokens),
                 ("completion", record.completion_tokens),
@@ -63,7 +78,7 @@ impl Gateway {
 }
 
 /// The usage record of a finished inference request: who asked, where it went, what it used.
-fn usage_record(ctx: &RequestCtx, status: u16, failed: bool) -> Option<UsageRecord> {
+fn usage_record(ctx: &RequestCtx, status: u16, ending: Ending) -> Option<UsageRecord> {
     let d = ctx.target.deployment.as_ref()?;
     let identity = ctx.request.identity.as_ref()?;
     let meter = &ctx.meter;
@@ -91,6 +106,8 @@ fn usage_record(ctx: &RequestCtx, status: u16, failed: bool) -> Option<UsageReco
         bytes_in: meter.bytes_in,
         bytes_out: meter.bytes_out,
         instance: ctx.target.instance.clone().unwrap_or_default(),
-        cancelled: meter.cancelled(status, failed, ctx.request.stream),
+        cancelled: status == 200 && ending == Ending::ClientLeft,
+        failed: ending == Ending::Failed,
+        tokens_unknown: status == 200 && !meter.tokens_known(),
     })
 }

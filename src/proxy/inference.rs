@@ -51,7 +51,7 @@ impl Gateway {
             },
         )?;
         let deployment = routed.deployment.clone();
-        self.admit(identity, &deployment, body.len())?;
+        self.admit(ctx, identity, &deployment, &control, body.len())?;
         ctx.request.endpoint = Some(endpoint);
         ctx.request.stream = control.stream;
         ctx.meter.bytes_in = body.len() as u64;
@@ -69,17 +69,32 @@ impl Gateway {
         Ok(Outcome::Proxy)
     }
 
-    /// What may still refuse a request its deployment could serve (maintenance, the token
-    /// limits); then it counts as the model's demand.
-    fn admit(&self, identity: &Identity, d: &Deployment, body_len: usize) -> Result<(), ApiError> {
+    /// What may still refuse a request its deployment could serve (maintenance, the user's
+    /// requests in flight, the token limits); then it counts as the model's demand.
+    fn admit(
+        &self,
+        ctx: &mut RequestCtx,
+        identity: &Identity,
+        d: &Deployment,
+        control: &ControlFields,
+        body_len: usize,
+    ) -> Result<(), ApiError> {
         if let Some(message) = self.maintenance.refusal(Some(&d.cluster)) {
             return Err(errors::maintenance(message));
         }
-        self.limited(self.accounting.limits.check_tokens(
+        let limits = &self.accounting.limits;
+        if self.auth.is_enforcing() {
+            ctx.target.user_slot = self.limited(limits.begin_request(&identity.username))?;
+        }
+        // About four bytes of prompt per token, plus what the answer may use.
+        let estimate = (body_len as u64 / 4)
+            .saturating_add(control.max_tokens.unwrap_or(self.default_max_tokens));
+        ctx.target.tokens = self.limited(limits.reserve_tokens(
             &identity.username,
             &d.model,
             d.tokens_per_minute,
             d.tokens_per_minute_per_user,
+            estimate,
         ))?;
         d.demand.requests.fetch_add(1, Ordering::Relaxed);
         d.demand
@@ -134,18 +149,18 @@ impl Gateway {
     }
 }
 
-/// The body to forward (the backend's model name; a request for usage in streams) and the
+/// The body to forward (the backend's model name; streams asked for their usage) and the
 /// scanner of the response.
 fn forward(ctx: &mut RequestCtx, control: &ControlFields, body: Bytes, d: &Deployment) {
     let rename = (control.model != d.backend_model).then_some(d.backend_model.as_str());
-    // Streams report usage in a last chunk only when asked: ask for clients that did not (and
-    // hide that chunk from them); respect clients that set stream_options themselves.
-    let inject = control.stream && !control.has_stream_options;
-    let body = if rename.is_some() || inject {
-        control.rewrite(&body, rename, inject)
+    // Streams report usage in a last chunk only when asked: ask for every stream, and hide that
+    // chunk from clients that did not ask for it themselves.
+    let ask_usage = control.stream && !control.include_usage;
+    let body = if rename.is_some() || ask_usage {
+        control.rewrite(&body, rename, ask_usage)
     } else {
         body
     };
     ctx.request.body = Some(body);
-    ctx.meter.scanner = Some(UsageScanner::new(control.stream, inject));
+    ctx.meter.scanner = Some(UsageScanner::new(control.stream, ask_usage));
 }

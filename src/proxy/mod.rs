@@ -59,6 +59,8 @@ pub struct Gateway {
     pub scale_wake: Arc<tokio::sync::Notify>,
     pub accounting: Arc<Accounting>,
     pub max_body_bytes: usize,
+    /// Completion tokens assumed for a request without `max_tokens` (token reservations).
+    pub default_max_tokens: u64,
     pub edge: Edge,
     pub trusted_proxies: TrustedProxies,
     pub maintenance: Arc<Maintenance>,
@@ -244,6 +246,6 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        self.finish(ctx, status, e.is_some());
+        self.finish(ctx, status, e);
     }
 }

@@ -117,7 +117,7 @@ impl Gateway {
     }
 
     /// A rate limit's refusal as a 429 (and counted).
-    pub(super) fn limited(&self, check: Result<(), Limited>) -> Result<(), ApiError> {
+    pub(super) fn limited<T>(&self, check: Result<T, Limited>) -> Result<T, ApiError> {
         check.map_err(|l| {
             self.metrics
                 .rate_limited

@@ -6,8 +6,8 @@ mod record;
 mod scan;
 pub mod sink;
 
-pub use limits::{Limited, Limits, MemoryLimits};
-pub use record::{Meter, UsageRecord};
+pub use limits::{InFlightPermit, Limited, Limits, MemoryLimits, TokenReservation};
+pub use record::{Ending, Meter, UsageRecord};
 pub use scan::{Tokens, UsageScanner};
 pub use sink::{MemorySink, SqliteSink, Totals, UsageSink};
 
@@ -38,10 +38,11 @@ impl UsageTotals {
                 model: r.model.clone(),
                 ..Totals::default()
             });
+        // Every request counts, with or without tokens; absurd counts saturate.
         t.requests += 1;
-        t.prompt_tokens += r.prompt_tokens;
-        t.completion_tokens += r.completion_tokens;
-        t.total_tokens += r.total_tokens;
+        t.prompt_tokens = t.prompt_tokens.saturating_add(r.prompt_tokens);
+        t.completion_tokens = t.completion_tokens.saturating_add(r.completion_tokens);
+        t.total_tokens = t.total_tokens.saturating_add(r.total_tokens);
     }
 
     /// One user's totals per model.
@@ -67,12 +68,10 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    /// Records a finished request: totals, token limits, the sink, the access log (which also
+    /// Records a finished request: totals, the sink, the access log (which also
     /// names the client's address, as resolved behind trusted proxies).
     pub fn finish(&self, r: UsageRecord, prompt: Option<&[u8]>, client: Option<IpAddr>) {
         self.totals.add(&r);
-        self.limits
-            .add_tokens(&r.username, &r.model, r.total_tokens);
         if self.access_log.enabled {
             let mut line = serde_json::to_value(&r).unwrap_or_default();
             if let Some(ip) = client {

@@ -32,6 +32,24 @@ pub struct UsageRecord {
     pub instance: String,
     /// The client went away before the end of the answer.
     pub cancelled: bool,
+    /// The backend (or the gateway) broke the answer off.
+    #[serde(default)]
+    pub failed: bool,
+    /// The tokens are not the backend's own count: it reported none, or its answer was too
+    /// large to read (then they are an estimate, or 0).
+    #[serde(default)]
+    pub tokens_unknown: bool,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The answer was delivered whole (whatever its status).
+    Complete,
+    /// The client went away before the end of the answer.
+    ClientLeft,
+    /// The backend, or the gateway, broke the answer off.
+    Failed,
 }
 
 /// What one request used, measured while it runs: the part of its record that is not who asked
@@ -48,6 +66,8 @@ pub struct Meter {
     pub scanner: Option<UsageScanner>,
     /// Usage of an answer the gateway wrote itself (through Globus Compute).
     pub answered: Option<Tokens>,
+    /// The client went away while the gateway wrote its answer itself.
+    pub client_left: bool,
 }
 
 impl Meter {
@@ -63,6 +83,7 @@ impl Meter {
             bytes_out: 0,
             scanner: None,
             answered: None,
+            client_left: false,
         }
     }
 
@@ -73,10 +94,9 @@ impl Meter {
             .unwrap_or_default()
     }
 
-    /// Whether a 200 answer was cut short: by an error, or a stream that did not reach its end.
-    pub fn cancelled(&self, status: u16, failed: bool, stream: bool) -> bool {
-        let finished = self.scanner.as_ref().is_some_and(|s| s.finished);
-        status == 200 && (failed || (stream && !finished))
+    /// Whether the tokens are the backend's own count.
+    pub fn tokens_known(&self) -> bool {
+        self.answered.is_some() || self.scanner.as_ref().is_some_and(|s| s.tokens_known())
     }
 
     /// Time to the first response byte, in milliseconds.

@@ -1,14 +1,24 @@
-//! Reading token usage out of a response as it passes: the `usage` object of a JSON answer,
-//! or of the final SSE chunk of a stream. When the gateway injected `include_usage` for a
-//! client that did not ask, the usage-only chunk is removed from what the client receives.
+//! Reading token usage out of a response as it passes: the `usage` object of a JSON answer, or
+//! of the stream's usage event (an OpenAI chunk with `usage`, or `/v1/responses`'
+//! `response.completed`). When the gateway asked for usage on a client's behalf, the usage-only
+//! chunk is removed from what that client receives; every other event is passed on as soon as
+//! its blank line arrives.
+//!
+//! Bounded and linear: each byte is looked at once, and at most one incomplete event is held.
+//! An event over [`MAX_EVENT`] (no usage chunk is that large) stops the reading: the rest of
+//! the stream passes through unread and the record's tokens are unknown.
 
+use crate::openai::sse::{field, lines, SseSplitter};
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
 /// Largest JSON answer kept to read its usage (bigger ones are passed on, not parsed).
 const MAX_JSON: usize = 4 * 1024 * 1024;
+/// Largest SSE event held while waiting for its end.
+pub const MAX_EVENT: usize = 1024 * 1024;
 
-/// Token counts of one response.
+/// Token counts of one response. Arithmetic on them saturates: a backend's absurd numbers
+/// cannot wrap a total.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tokens {
     pub prompt: u64,
@@ -19,14 +29,7 @@ pub struct Tokens {
 impl Tokens {
     /// The `usage` of a whole completion (missing counts are 0).
     pub fn of_completion(completion: &Value) -> Tokens {
-        let u = &completion["usage"];
-        let prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
-        let completion = u["completion_tokens"].as_u64().unwrap_or(0);
-        Tokens {
-            prompt,
-            completion,
-            total: u["total_tokens"].as_u64().unwrap_or(prompt + completion),
-        }
+        tokens_of(&completion["usage"]).unwrap_or_default()
     }
 }
 
@@ -36,13 +39,16 @@ pub struct UsageScanner {
     stream: bool,
     /// Remove the usage-only chunk (the client did not ask for it).
     strip_usage: bool,
-    /// Unparsed tail of the SSE text, or the JSON body so far.
-    pending: BytesMut,
+    sse: SseSplitter,
+    /// The JSON body so far.
+    json: BytesMut,
     usage: Option<Tokens>,
     /// Chunks that carried generated content (an estimate of tokens when usage never came).
     content_chunks: u64,
-    /// `data: [DONE]` seen, or the JSON body ended.
-    pub finished: bool,
+    /// The body ended (the backend finished it).
+    ended: bool,
+    /// The body was too large to read: passed through unread.
+    unscanned: bool,
 }
 
 impl UsageScanner {
@@ -54,74 +60,98 @@ impl UsageScanner {
         }
     }
 
-    /// Feeds one body chunk; returns what to send to the client instead of it.
+    /// Feeds one body chunk; returns what to send to the client instead of it (`None`: the
+    /// chunk unchanged).
     pub fn feed(&mut self, chunk: &Bytes, end: bool) -> Option<Bytes> {
+        self.ended |= end;
         if !self.stream {
-            if self.pending.len() + chunk.len() <= MAX_JSON {
-                self.pending.extend_from_slice(chunk);
-            }
-            if end {
-                self.finished = true;
-                if let Ok(v) = serde_json::from_slice::<Value>(&self.pending) {
-                    self.usage = tokens_of(&v["usage"]);
-                }
-                self.pending.clear();
-            }
+            self.feed_json(chunk, end);
             return None;
         }
-        self.pending.extend_from_slice(chunk);
-        // Complete events end with a blank line. Without stripping, the chunk goes on
-        // unchanged and only complete events are read; with stripping, complete events are
-        // sent (minus the usage-only one) and an incomplete tail waits for the next chunk.
+        if self.unscanned {
+            return None;
+        }
+        self.sse.push(chunk);
         let mut out = self.strip_usage.then(BytesMut::new);
-        let mut consumed = 0;
-        while let Some(at) = find(&self.pending[consumed..], b"\n\n") {
-            let event = self.pending[consumed..consumed + at + 2].to_vec();
+        while let Some(event) = self.sse.next_event() {
             let keep = self.event(&event);
             if let (Some(o), true) = (out.as_mut(), keep) {
                 o.extend_from_slice(&event);
             }
-            consumed += at + 2;
         }
-        let _ = self.pending.split_to(consumed);
-        if end {
+        if end || self.sse.pending() > MAX_EVENT {
+            // The stream's end, or an event too large to be a usage chunk: let the rest go.
+            self.unscanned |= !end;
+            let rest = self.sse.take_rest();
             if let Some(o) = out.as_mut() {
-                o.extend_from_slice(&self.pending);
+                o.extend_from_slice(&rest);
             }
-            self.pending.clear();
         }
         out.map(BytesMut::freeze)
     }
 
+    fn feed_json(&mut self, chunk: &Bytes, end: bool) {
+        if self.json.len() + chunk.len() <= MAX_JSON {
+            self.json.extend_from_slice(chunk);
+        } else {
+            self.unscanned = true;
+            self.json = BytesMut::new();
+        }
+        if end && !self.unscanned {
+            if let Ok(v) = serde_json::from_slice::<Value>(&self.json) {
+                self.usage = tokens_of(&v["usage"]);
+            }
+            self.json.clear();
+        }
+    }
+
     /// Reads one event; false when it is to be dropped.
     fn event(&mut self, event: &[u8]) -> bool {
-        let text = String::from_utf8_lossy(event);
-        let Some(data) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("data:"))
-            .map(str::trim)
-        else {
-            return true;
-        };
-        if data == "[DONE]" {
-            self.finished = true;
+        let mut data: Vec<&[u8]> = lines(event).filter_map(|l| field(l, b"data")).collect();
+        if data.len() > 1 {
+            // Several `data:` lines make one payload; relayed streams may also pack several
+            // events' lines into one: read each line when the joined payload is not JSON.
+            let joined = data.join(&b'\n');
+            if serde_json::from_slice::<Value>(&joined).is_ok() {
+                return self.payload(&joined);
+            }
+        }
+        let mut keep = true;
+        for d in data.drain(..) {
+            keep &= self.payload(d);
+        }
+        keep
+    }
+
+    /// Reads one event payload; false when its event is to be dropped.
+    fn payload(&mut self, data: &[u8]) -> bool {
+        let data = data.trim_ascii();
+        if data == b"[DONE]" {
             return true;
         }
         // Most events are content chunks: recognise them without parsing the JSON.
-        if !data.contains("\"usage\"") {
-            let empty = data.contains("\"content\":\"\"") || data.contains("\"text\":\"\"");
-            let content = data.contains("\"content\":\"") || data.contains("\"text\":\"");
+        if find(data, b"\"usage\"").is_none() {
+            let content = find(data, b"\"content\":\"").is_some()
+                || find(data, b"\"text\":\"").is_some()
+                || find(data, b"\"delta\":\"").is_some();
+            let empty =
+                find(data, b"\"content\":\"\"").is_some() || find(data, b"\"text\":\"\"").is_some();
             if content && !empty {
-                self.content_chunks += 1;
+                self.content_chunks = self.content_chunks.saturating_add(1);
             }
             return true;
         }
-        let Ok(v) = serde_json::from_str::<Value>(data) else {
+        let Ok(v) = serde_json::from_slice::<Value>(data) else {
             return true;
         };
-        if let Some(t) = tokens_of(&v["usage"]) {
+        // `/v1/responses`: the usage is the completed response's.
+        let usage = match v["type"].as_str() {
+            Some(t) if t.starts_with("response.") => &v["response"]["usage"],
+            _ => &v["usage"],
+        };
+        if let Some(t) = tokens_of(usage) {
             self.usage = Some(t);
-            let usage_only = v["choices"].as_array().is_none_or(Vec::is_empty);
+            let usage_only = v["choices"].as_array().is_some_and(Vec::is_empty);
             if usage_only && self.strip_usage {
                 return false;
             }
@@ -133,12 +163,12 @@ impl UsageScanner {
                 || c["text"].as_str().is_some_and(|s| !s.is_empty())
         });
         if has_content {
-            self.content_chunks += 1;
+            self.content_chunks = self.content_chunks.saturating_add(1);
         }
         true
     }
 
-    /// The usage reported, or for a stream cut short, the content chunks counted so far.
+    /// The usage reported; when none came, the content chunks counted (an estimate).
     pub fn tokens(&self) -> Tokens {
         self.usage.unwrap_or(Tokens {
             prompt: 0,
@@ -147,19 +177,39 @@ impl UsageScanner {
         })
     }
 
+    /// The backend reported usage (and it was read): the tokens are exact.
+    pub fn tokens_known(&self) -> bool {
+        self.usage.is_some()
+    }
+
+    /// The body ended: the backend finished it.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The body was too large to read and passed through unread.
+    pub fn unscanned(&self) -> bool {
+        self.unscanned
+    }
+
     /// Whether the usage chunk is removed (the body changes length).
     pub fn strips(&self) -> bool {
         self.stream && self.strip_usage
     }
 }
 
+/// OpenAI's `prompt_tokens`/`completion_tokens`, or `/v1/responses`' `input_tokens`/
+/// `output_tokens`.
 fn tokens_of(v: &Value) -> Option<Tokens> {
-    let prompt = v["prompt_tokens"].as_u64()?;
-    let completion = v["completion_tokens"].as_u64().unwrap_or(0);
+    let count = |a: &str, b: &str| v[a].as_u64().or_else(|| v[b].as_u64());
+    let prompt = count("prompt_tokens", "input_tokens")?;
+    let completion = count("completion_tokens", "output_tokens").unwrap_or(0);
     Some(Tokens {
         prompt,
         completion,
-        total: v["total_tokens"].as_u64().unwrap_or(prompt + completion),
+        total: v["total_tokens"]
+            .as_u64()
+            .unwrap_or(prompt.saturating_add(completion)),
     })
 }
 

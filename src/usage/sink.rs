@@ -37,39 +37,57 @@ pub struct SqliteSink {
     path: PathBuf,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS usage (
-    request_id TEXT PRIMARY KEY,
-    time_ms INTEGER NOT NULL,
-    user_id TEXT NOT NULL,
-    username TEXT NOT NULL,
-    cluster TEXT NOT NULL,
-    framework TEXT NOT NULL,
-    model TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    route TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    total_tokens INTEGER NOT NULL,
-    ttft_ms INTEGER,
-    duration_ms INTEGER NOT NULL,
-    bytes_in INTEGER NOT NULL,
-    bytes_out INTEGER NOT NULL,
-    instance TEXT NOT NULL,
-    cancelled INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS usage_user_time ON usage (username, time_ms);
-CREATE INDEX IF NOT EXISTS usage_model_time ON usage (model, time_ms);
-";
+/// The store's schema, one step per version. Opening a database brings it to the last version
+/// (`PRAGMA user_version` says where it is); steps only add, so older readers keep working.
+const MIGRATIONS: &[&str] = &[
+    // 1: the records.
+    "CREATE TABLE IF NOT EXISTS usage (
+        request_id TEXT PRIMARY KEY,
+        time_ms INTEGER NOT NULL,
+        user_id TEXT NOT NULL,
+        username TEXT NOT NULL,
+        cluster TEXT NOT NULL,
+        framework TEXT NOT NULL,
+        model TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        route TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        total_tokens INTEGER NOT NULL,
+        ttft_ms INTEGER,
+        duration_ms INTEGER NOT NULL,
+        bytes_in INTEGER NOT NULL,
+        bytes_out INTEGER NOT NULL,
+        instance TEXT NOT NULL,
+        cancelled INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS usage_user_time ON usage (username, time_ms);
+    CREATE INDEX IF NOT EXISTS usage_model_time ON usage (model, time_ms);",
+    // 2: answers the backend broke off, and tokens that are not the backend's own count.
+    "ALTER TABLE usage ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN tokens_unknown INTEGER NOT NULL DEFAULT 0;",
+];
 
-/// Opens (creating if needed) the usage database.
+/// Opens (creating if needed) the usage database, at the current schema version.
 pub fn open(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.execute_batch(SCHEMA)?;
+    migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Applies the schema steps the database has not had yet, each in its own transaction.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (done, step) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", done + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
 }
 
 impl SqliteSink {
@@ -219,8 +237,11 @@ fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()
     let tx = conn.transaction()?;
     {
         let mut stmt = tx.prepare_cached(
-            "INSERT OR REPLACE INTO usage VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
-             ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+            "INSERT OR REPLACE INTO usage (request_id, time_ms, user_id, username, cluster, \
+             framework, model, endpoint, route, status, prompt_tokens, completion_tokens, \
+             total_tokens, ttft_ms, duration_ms, bytes_in, bytes_out, instance, cancelled, failed, \
+             tokens_unknown) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, \
+             ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
         )?;
         for r in records {
             stmt.execute(params![
@@ -234,19 +255,27 @@ fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()
                 r.endpoint,
                 r.route,
                 r.status,
-                r.prompt_tokens as i64,
-                r.completion_tokens as i64,
-                r.total_tokens as i64,
+                clamp(r.prompt_tokens),
+                clamp(r.completion_tokens),
+                clamp(r.total_tokens),
                 r.ttft_ms.map(|t| t as i64),
                 r.duration_ms as i64,
                 r.bytes_in as i64,
                 r.bytes_out as i64,
                 r.instance,
                 r.cancelled,
+                r.failed,
+                r.tokens_unknown,
             ])?;
         }
     }
     tx.commit()
+}
+
+/// SQLite integers are signed: counts beyond `i64::MAX` (only a broken backend reports them)
+/// are stored as the largest one.
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Totals per user and model from the store (for `firstgate usage` and start-up).

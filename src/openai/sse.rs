@@ -1,0 +1,179 @@
+//! Server-sent events as they arrive: an incremental splitter that finds where each event ends
+//! (a blank line; lines end with LF, CRLF or CR, as the SSE specification allows) in a byte
+//! stream cut anywhere, looking at each byte once and holding at most the incomplete event.
+//! One splitter reads what backends stream (OpenAI chunks, `/v1/responses` typed events) and
+//! what is relayed from elsewhere, whatever their line endings.
+
+use bytes::{Bytes, BytesMut};
+
+/// Splits a byte stream into SSE events (see the module comment).
+#[derive(Debug)]
+pub struct SseSplitter {
+    /// The incomplete event, and complete ones not yet taken.
+    buf: BytesMut,
+    /// How far `buf` has been looked at.
+    pos: usize,
+    /// No byte but line ends since the last line end (a line end now makes a blank line).
+    at_line_start: bool,
+    /// The last byte was CR: an LF now completes that line end rather than making another.
+    after_cr: bool,
+}
+
+impl Default for SseSplitter {
+    fn default() -> Self {
+        SseSplitter {
+            buf: BytesMut::new(),
+            pos: 0,
+            at_line_start: true,
+            after_cr: false,
+        }
+    }
+}
+
+impl SseSplitter {
+    /// Adds bytes that arrived.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete event, with the blank line that ends it, if one has arrived.
+    pub fn next_event(&mut self) -> Option<Bytes> {
+        while self.pos < self.buf.len() {
+            let b = self.buf[self.pos];
+            self.pos += 1;
+            let ends = match b {
+                b'\r' => {
+                    let blank = self.at_line_start;
+                    self.at_line_start = true;
+                    self.after_cr = true;
+                    blank
+                }
+                b'\n' if self.after_cr => {
+                    self.after_cr = false;
+                    false
+                }
+                b'\n' => {
+                    let blank = self.at_line_start;
+                    self.at_line_start = true;
+                    blank
+                }
+                _ => {
+                    self.at_line_start = false;
+                    self.after_cr = false;
+                    false
+                }
+            };
+            if ends {
+                // An event ended by CR keeps the LF of its CRLF, when it has arrived.
+                if self.after_cr && self.buf.get(self.pos) == Some(&b'\n') {
+                    self.pos += 1;
+                    self.after_cr = false;
+                }
+                let event = self.buf.split_to(self.pos).freeze();
+                self.pos = 0;
+                return Some(event);
+            }
+        }
+        None
+    }
+
+    /// Bytes held back: the incomplete event.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Takes the incomplete event (at the end of the stream, or to stop reading).
+    pub fn take_rest(&mut self) -> Bytes {
+        self.pos = 0;
+        self.buf.split().freeze()
+    }
+}
+
+/// The lines of an event, without their line ends.
+pub fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = event;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') else {
+            let line = rest;
+            rest = &[];
+            return Some(line);
+        };
+        let line = &rest[..end];
+        let crlf = rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n');
+        rest = &rest[end + if crlf { 2 } else { 1 }..];
+        Some(line)
+    })
+}
+
+/// The value of a field line `name: value` (one space after the colon is dropped).
+pub fn field<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let value = line.strip_prefix(name)?.strip_prefix(b":")?;
+    Some(value.strip_prefix(b" ").unwrap_or(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_all(input: &[u8], cuts: &[usize]) -> (Vec<Bytes>, Bytes) {
+        let mut s = SseSplitter::default();
+        let mut events = Vec::new();
+        let mut at = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&input.len())) {
+            s.push(&input[at..cut]);
+            at = cut;
+            while let Some(e) = s.next_event() {
+                events.push(e);
+            }
+        }
+        (events, s.take_rest())
+    }
+
+    #[test]
+    fn events_end_at_a_blank_line_whatever_the_line_endings() {
+        for (sep, name) in [
+            ("\n\n", "LF"),
+            ("\r\n\r\n", "CRLF"),
+            ("\r\r", "CR"),
+            ("\r\n\n", "mixed"),
+        ] {
+            let input = format!("data: a{sep}data: b{sep}data: [DONE]{sep}");
+            let (events, rest) = split_all(input.as_bytes(), &[3, 9, 10, 17]);
+            let data: Vec<String> = events
+                .iter()
+                .map(|e| {
+                    let data = lines(e).find_map(|l| field(l, b"data")).unwrap();
+                    String::from_utf8(data.to_vec()).unwrap()
+                })
+                .collect();
+            assert_eq!(data, ["a", "b", "[DONE]"], "{name}");
+            // Nothing is lost or duplicated: the events and the rest are the input.
+            let joined: Vec<u8> = events
+                .iter()
+                .flatten()
+                .chain(rest.iter())
+                .copied()
+                .collect();
+            assert_eq!(joined, input.as_bytes(), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_incomplete_event_is_held_until_its_blank_line() {
+        let mut s = SseSplitter::default();
+        s.push(b"event: response.completed\r\ndata: {\"x\":1}\r\n");
+        assert!(s.next_event().is_none());
+        assert_eq!(s.pending(), 42);
+        s.push(b"\r\n");
+        let e = s.next_event().unwrap();
+        let l: Vec<&[u8]> = lines(&e).collect();
+        assert_eq!(
+            l,
+            [&b"event: response.completed"[..], b"data: {\"x\":1}", b""]
+        );
+        assert_eq!(s.pending(), 0);
+    }
+}
