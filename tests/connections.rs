@@ -75,15 +75,13 @@ async fn request_on(conn: &mut TcpStream, path: &str) -> u16 {
 /// Waits until the gateway holds no client connection (the harness's own have closed).
 async fn no_connections(gw: &Gateway) {
     wait_for("the gateway to hold no client connection", || async {
-        (metric(&gw.metrics().await, "firstgate_client_connections") == 0).then_some(())
+        (count(&gw.metrics().await, "firstgate_client_connections") == 0).then_some(())
     })
     .await;
 }
 
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+fn count(text: &str, series: &str) -> u64 {
+    common::metric(text, series) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +160,7 @@ async fn clients_that_stall_before_their_request_is_read_are_closed() {
 
     let m = gw.metrics().await;
     assert!(
-        metric(
+        count(
             &m,
             "firstgate_client_connections_closed_total{reason=\"header_timeout\"}"
         ) >= 3,
@@ -224,7 +222,7 @@ async fn tls_and_http2_connections_that_stall_are_closed() {
 
     let m = gw.metrics().await;
     assert_eq!(
-        metric(
+        count(
             &m,
             "firstgate_client_connections_closed_total{reason=\"tls_handshake_timeout\"}"
         ),
@@ -232,7 +230,7 @@ async fn tls_and_http2_connections_that_stall_are_closed() {
         "{m}"
     );
     assert!(
-        metric(
+        count(
             &m,
             "firstgate_client_connections_closed_total{reason=\"header_timeout\"}"
         ) >= 2,
@@ -277,7 +275,7 @@ async fn an_address_beyond_its_connection_share_is_refused_while_others_are_serv
     .await;
     let m = gw.metrics().await;
     assert!(
-        metric(
+        count(
             &m,
             "firstgate_client_connections_closed_total{reason=\"max_connections_per_ip\"}"
         ) >= 2,
@@ -348,9 +346,9 @@ async fn at_max_connections_new_clients_wait_and_idle_ones_make_room() {
         .unwrap();
     assert_eq!(fresh.status(), 200);
     let m = gw.metrics().await;
-    assert!(metric(&m, "firstgate_accept_waits_total") >= 1, "{m}");
+    assert!(count(&m, "firstgate_accept_waits_total") >= 1, "{m}");
     assert!(
-        metric(
+        count(
             &m,
             "firstgate_client_connections_closed_total{reason=\"reclaimed_idle\"}"
         ) >= 1,

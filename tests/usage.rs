@@ -9,14 +9,10 @@ use common::*;
 use firstgate::sim::globus::{FakeClient, FakeUser, GlobusSim, Seed};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-
-fn store(gw: &Gateway) -> rusqlite::Connection {
-    let path = gw.config_path().with_file_name("firstgate-usage.db");
-    rusqlite::Connection::open(path).expect("the usage store exists")
-}
+use std::sync::atomic::Ordering;
 
 fn count(gw: &Gateway, filter: &str) -> i64 {
-    store(gw)
+    usage_store(gw)
         .query_row(
             &format!("SELECT COUNT(*) FROM usage WHERE {filter}"),
             [],
@@ -146,7 +142,10 @@ async fn globus_user() -> GlobusSim {
             id: "gw".into(),
             secret: "gw-secret".into(),
         }],
-        users: vec![FakeUser::new("tok", "alice@anl.gov")],
+        users: vec![
+            FakeUser::new("tok", "alice@anl.gov"),
+            FakeUser::new("tok-bob", "bob@anl.gov"),
+        ],
         ..Seed::default()
     };
     GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
@@ -279,4 +278,64 @@ async fn committed_records_survive_kill_9() {
     })
     .await;
     assert_eq!(count(&gw, "1"), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_at_the_concurrency_cap_does_not_block_another() {
+    let globus = globus_user().await;
+    let chat = sim(&[LLAMA], |c| c.itl = std::time::Duration::from_millis(100)).await;
+    let gw = Gateway::start_with(
+        &globus_auth(&globus.url(), "gw", "", ""),
+        &format!(
+            "limits:\n  max_concurrent_per_user: 2\n  ip_requests_per_second: 0\n{}",
+            one_model("sophia", "vllm", LLAMA, &[chat.addr()])
+        ),
+        &[(GLOBUS_SECRET_ENV, "gw-secret")],
+    )
+    .await;
+    let long = json!({"model": LLAMA, "stream": true, "max_tokens": 30,
+        "messages": [{"role": "user", "content": "a long story"}]});
+    // Alice's two long streams take her share...
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let req = gw
+                .post("/v1/chat/completions")
+                .bearer_auth("tok")
+                .json(&long);
+            tokio::spawn(async move { req.send().await.unwrap().text().await.unwrap() })
+        })
+        .collect();
+    wait_for("alice's streams to run", || async {
+        (chat.stats().running.load(Ordering::Relaxed) == 2).then_some(())
+    })
+    .await;
+    // ...a third is refused, naming the limit...
+    let third = post(&gw, chat_body(LLAMA, false)).await;
+    assert_eq!(third.status(), 429);
+    assert!(third.headers().contains_key("retry-after"));
+    let v: Value = third.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("in flight per user"),
+        "{v}"
+    );
+    // ...while Bob is served.
+    let bob = post_chat(&gw, "/v1/chat/completions", Some("tok-bob"), LLAMA, false).await;
+    assert_eq!(bob.status(), 200);
+    assert_eq!(
+        chat.stats().running.load(Ordering::Relaxed),
+        2,
+        "alice's still run"
+    );
+    for s in streams {
+        assert!(s.await.unwrap().contains("[DONE]"));
+    }
+    // Her share is back once they end.
+    assert_eq!(post(&gw, chat_body(LLAMA, false)).await.status(), 200);
+    assert!(gw
+        .metrics()
+        .await
+        .contains("firstgate_rate_limited_total{limit=\"max_concurrent_per_user\"} 1"));
 }

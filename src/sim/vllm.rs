@@ -11,9 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
+use futures_util::StreamExt as _;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -107,6 +108,26 @@ pub struct SimFaults {
     pub close_after_chunks: AtomicU32,
     /// `GET /health` answers 503, as vLLM does when its engine died.
     pub unhealthy: AtomicBool,
+    /// When non-zero, streams stop sending (and keep the connection open) after this many
+    /// chunks, and JSON answers never come: a backend that hangs.
+    pub stall_after_chunks: AtomicU32,
+    /// How SSE lines end: 0 LF (vLLM's own), 1 CRLF, 2 CR (all allowed by the SSE
+    /// specification; some servers and proxies use them).
+    pub sse_line_ends: AtomicU8,
+    /// When non-zero, a stream sends one event of this many bytes before its blank line (a
+    /// stream that never lets a reader find an event's end), then ends normally.
+    pub oversized_event_bytes: AtomicU64,
+}
+
+impl SimFaults {
+    /// The line end SSE events are written with.
+    fn line_end(&self) -> &'static str {
+        match self.sse_line_ends.load(Ordering::Relaxed) {
+            1 => "\r\n",
+            2 => "\r",
+            _ => "\n",
+        }
+    }
 }
 
 impl SimFaults {
@@ -115,6 +136,9 @@ impl SimFaults {
             "fail_status": self.fail_status.load(Ordering::Relaxed),
             "close_after_chunks": self.close_after_chunks.load(Ordering::Relaxed),
             "unhealthy": self.unhealthy.load(Ordering::Relaxed),
+            "stall_after_chunks": self.stall_after_chunks.load(Ordering::Relaxed),
+            "sse_line_ends": self.sse_line_ends.load(Ordering::Relaxed),
+            "oversized_event_bytes": self.oversized_event_bytes.load(Ordering::Relaxed),
         })
     }
 }
@@ -277,6 +301,18 @@ async fn set_faults(State(s): State<Arc<Shared>>, Json(v): Json<Value>) -> Json<
     }
     if let Some(b) = v["unhealthy"].as_bool() {
         s.faults.unhealthy.store(b, Ordering::Relaxed);
+    }
+    if let Some(n) = v["stall_after_chunks"].as_u64() {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        s.faults.stall_after_chunks.store(n, Ordering::Relaxed);
+    }
+    if let Some(n) = v["sse_line_ends"].as_u64() {
+        s.faults
+            .sse_line_ends
+            .store(n.min(2) as u8, Ordering::Relaxed);
+    }
+    if let Some(n) = v["oversized_event_bytes"].as_u64() {
+        s.faults.oversized_event_bytes.store(n, Ordering::Relaxed);
     }
     Json(s.faults.snapshot())
 }
@@ -515,6 +551,9 @@ async fn generate(s: Arc<Shared>, api: Api, headers: HeaderMap, raw: Bytes) -> R
     }
 
     let _running = Running::new(&s);
+    if s.faults.stall_after_chunks.load(Ordering::Relaxed) != 0 {
+        std::future::pending::<()>().await;
+    }
     tokio::time::sleep(s.cfg.ttft + s.cfg.itl * tokens.saturating_sub(1)).await;
     s.stats
         .generation_tokens
@@ -606,7 +645,8 @@ impl StreamState {
         if !usage.is_null() {
             v["usage"] = usage;
         }
-        format!("data: {v}\n\n")
+        let end = self.s.faults.line_end();
+        format!("data: {v}{end}{end}")
     }
 
     fn choice(&self, text: &str, finish: Option<&str>, first: bool) -> Value {
@@ -632,6 +672,10 @@ impl StreamState {
         if limit != 0 && self.sent >= limit && !self.done {
             return Some(Err(std::io::Error::other("simulated crash mid-stream")));
         }
+        let stall = self.s.faults.stall_after_chunks.load(Ordering::Relaxed);
+        if stall != 0 && self.sent >= stall && !self.done {
+            std::future::pending::<()>().await;
+        }
         let event = if self.api == Api::Chat && self.sent == 0 {
             // vLLM opens a chat stream with the assistant role and empty content.
             self.chunk(self.choice("", None, true), Value::Null)
@@ -656,13 +700,35 @@ impl StreamState {
             self.chunk(json!([]), usage(self.prompt_tokens, u64::from(self.tokens)))
         } else if !self.done {
             self.done = true;
-            "data: [DONE]\n\n".to_owned()
+            let end = self.s.faults.line_end();
+            format!("data: [DONE]{end}{end}")
         } else {
             return None;
         };
         self.sent += 1;
         Some(Ok(Bytes::from(event)))
     }
+}
+
+/// A stream whose first event is `size` bytes long before its blank line: `data: ` and then
+/// `x`s in 64 KiB pieces, then the blank line and `[DONE]`.
+fn oversized_stream(mut state: StreamState, size: u64) -> Response {
+    const PIECE: u64 = 64 * 1024;
+    let pieces = size.div_ceil(PIECE);
+    let head = futures_util::stream::once(async { Ok(Bytes::from_static(b"data: ")) });
+    let body = futures_util::stream::iter((0..pieces).map(move |i| {
+        let n = PIECE.min(size - i * PIECE) as usize;
+        Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; n]))
+    }));
+    state.done = true;
+    let tail = futures_util::stream::once(async move {
+        let _done = state;
+        Ok(Bytes::from_static(b"\n\ndata: [DONE]\n\n"))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .body(Body::from_stream(head.chain(body).chain(tail)))
+        .expect("a valid response")
 }
 
 fn stream(
@@ -691,6 +757,10 @@ fn stream(
         usage_sent: false,
         done: false,
     };
+    let oversized = state.s.faults.oversized_event_bytes.load(Ordering::Relaxed);
+    if oversized > 0 {
+        return oversized_stream(state, oversized);
+    }
     let body = futures_util::stream::unfold(state, |mut st| async move {
         st.next_event().await.map(|ev| (ev, st))
     });

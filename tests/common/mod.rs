@@ -339,3 +339,17 @@ pub fn firstgate<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The gateway's usage store (the default `firstgate-usage.db` beside its configuration).
+pub fn usage_store(gw: &Gateway) -> rusqlite::Connection {
+    let path = gw.config_path().with_file_name("firstgate-usage.db");
+    rusqlite::Connection::open(path).expect("the usage store exists")
+}
+
+/// A value of the Prometheus text `metrics` for `series` (name and labels), 0 when absent.
+pub fn metric(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
