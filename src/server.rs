@@ -5,6 +5,7 @@
 //! and cluster lifecycle, the edge reloader and the drainer).
 
 use crate::admin::AdminApp;
+use crate::auth::persist::VerdictKeeper;
 use crate::auth::Authenticator;
 use crate::catalog::{BackendMonitor, Catalog};
 use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller};
@@ -360,6 +361,18 @@ fn add_background_services(
                 parts.compute.clone(),
                 metrics.clone(),
             ),
+        ));
+    }
+    let caches = config.auth.mode != crate::config::AuthMode::None;
+    if let Some(path) = config.auth.cache.file.as_ref().filter(|_| caches) {
+        server.add_service(background_service(
+            "auth cache",
+            VerdictKeeper {
+                auth: parts.auth.clone(),
+                path: path.clone(),
+                interval: config.auth.cache.save_interval,
+                metrics: metrics.clone(),
+            },
         ));
     }
     server.add_service(background_service(

@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use firstgate::sim::globus::{FakeClient, FakeGroup, FakeUser, GlobusSim, Seed};
 use firstgate::sim::oidc::JwksSim;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -414,6 +415,136 @@ async fn when_globus_is_down_cached_users_are_served_and_new_tokens_get_503() {
     globus.faults().fail(503, Some(1));
     assert_eq!(chat_as(&gw, Some("tok-bob-secret"), v1, LLAMA).await.0, 200);
     assert!(gw.log().contains("retrying"), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_tokens_cannot_drive_globus_and_real_users_keep_working() {
+    let globus = globus().await;
+    let chat = sim(&[LLAMA], |_| {}).await;
+    let gw = start(
+        &globus,
+        &VllmSimAddr(chat.addr()),
+        "    max_introspections_per_second: 10\n",
+        "",
+    )
+    .await;
+    let v1 = "/v1/chat/completions";
+    assert_eq!(
+        chat_as(&gw, Some("tok-alice-secret"), v1, LLAMA).await.0,
+        200
+    );
+    let before = globus.stats().introspect.load(Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    // 5,000 made-up tokens, a tenth of them not even shaped like one, 400 at a time.
+    let statuses: Vec<(u16, bool)> = futures_util::stream::iter(0..5000)
+        .map(|i| {
+            let token = if i % 10 == 0 {
+                format!("not{{a}}token%{i}")
+            } else {
+                format!("Ag{i:040}")
+            };
+            let req = gw
+                .post(v1)
+                .bearer_auth(token)
+                .json(&chat_body(LLAMA, false));
+            async move {
+                let r = req.send().await.unwrap();
+                (r.status().as_u16(), r.headers().contains_key("retry-after"))
+            }
+        })
+        .buffer_unordered(400)
+        .collect()
+        .await;
+    // Meanwhile (and after) the real user is served from the cache.
+    assert_eq!(
+        chat_as(&gw, Some("tok-alice-secret"), v1, LLAMA).await.0,
+        200
+    );
+    let introspected = globus.stats().introspect.load(Ordering::Relaxed) - before;
+    let secs = started.elapsed().as_secs() + 2;
+    assert!(
+        introspected <= 10 * secs,
+        "{introspected} introspections in about {secs} s at 10/s"
+    );
+    assert!(statuses
+        .iter()
+        .all(|(s, retry)| *s == 401 || (*s == 503 && *retry)));
+    assert!(
+        statuses.iter().any(|(s, _)| *s == 503),
+        "the cap was reached"
+    );
+    assert!(gw
+        .metrics()
+        .await
+        .contains("firstgate_rate_limited_total{limit=\"max_introspections_per_second\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_globus_answers_429_cached_users_are_served_and_new_ones_told_to_retry() {
+    let globus = globus().await;
+    let chat = sim(&[LLAMA], |_| {}).await;
+    let gw = start(&globus, &VllmSimAddr(chat.addr()), "    retries: 0\n", "").await;
+    let v1 = "/v1/chat/completions";
+    assert_eq!(
+        chat_as(&gw, Some("tok-alice-secret"), v1, LLAMA).await.0,
+        200
+    );
+    globus.faults().fail(429, None);
+    assert_eq!(
+        chat_as(&gw, Some("tok-alice-secret"), v1, LLAMA).await.0,
+        200
+    );
+    let resp = post_chat(&gw, v1, Some("tok-bob-secret"), LLAMA, false).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    globus.faults().heal();
+    assert_eq!(chat_as(&gw, Some("tok-bob-secret"), v1, LLAMA).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_keeps_the_verdicts_so_users_are_not_introspected_again() {
+    let globus = globus().await;
+    let chat = sim(&[LLAMA], |_| {}).await;
+    let mut old = start(&globus, &VllmSimAddr(chat.addr()), "", "").await;
+    let v1 = "/v1/chat/completions";
+    assert_eq!(
+        chat_as(&old, Some("tok-alice-secret"), v1, LLAMA).await.0,
+        200
+    );
+    assert_eq!(
+        chat_as(&old, Some("tok-expired-carol"), v1, LLAMA).await.0,
+        401
+    );
+    let introspected = globus.stats().introspect.load(Ordering::Relaxed);
+    let new = old.start_successor();
+    old.signal("QUIT");
+    wait_for("the old process to exit", || {
+        let exited = old.exited();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    // The new process answers both from the verdicts the old one handed over: alice
+    // admitted, carol's expired token refused, and Globus is not asked again.
+    assert_eq!(
+        chat_as(&old, Some("tok-alice-secret"), v1, LLAMA).await.0,
+        200
+    );
+    assert_eq!(
+        chat_as(&old, Some("tok-expired-carol"), v1, LLAMA).await.0,
+        401
+    );
+    assert_eq!(
+        globus.stats().introspect.load(Ordering::Relaxed),
+        introspected,
+        "{}",
+        new.log()
+    );
+    let file = std::fs::read_to_string(
+        old.config_path()
+            .with_file_name("firstgate-auth-cache.json"),
+    )
+    .unwrap();
+    assert!(!file.contains("tok-"), "a token was written");
 }
 
 // ---- JWT ----

@@ -2,7 +2,8 @@
 //! stored), one verification in flight per token however many requests wait for it.
 //!
 //! An admitted token lives min(TTL, its expiry); a refused one the negative TTL. Failures to
-//! reach the identity provider are not cached, so the next request asks again.
+//! reach the identity provider are not cached, so the next request asks again. The verdicts
+//! can be taken out and put back (with their expiry), to outlive a restart (`persist`).
 
 use super::{AuthError, Identity};
 use crate::config::TokenCacheConfig;
@@ -27,6 +28,13 @@ pub enum Verdict {
     Refused(AuthError),
 }
 
+/// A verdict and the Unix time it stops holding.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    pub verdict: Verdict,
+    pub until: u64,
+}
+
 /// Whether a lookup was answered from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheOutcome {
@@ -40,30 +48,18 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-struct VerdictExpiry {
-    ttl: Duration,
-    negative_ttl: Duration,
-}
+struct UntilExpiry;
 
-impl Expiry<TokenKey, Verdict> for VerdictExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &TokenKey,
-        verdict: &Verdict,
-        _now: Instant,
-    ) -> Option<Duration> {
-        Some(match verdict {
-            Verdict::Admitted(id) => {
-                let left = Duration::from_secs(id.expires_at.saturating_sub(unix_now()));
-                self.ttl.min(left)
-            }
-            Verdict::Refused(_) => self.negative_ttl,
-        })
+impl Expiry<TokenKey, Cached> for UntilExpiry {
+    fn expire_after_create(&self, _key: &TokenKey, c: &Cached, _now: Instant) -> Option<Duration> {
+        Some(Duration::from_secs(c.until.saturating_sub(unix_now())))
     }
 }
 
 pub struct TokenCache {
-    cache: Cache<TokenKey, Verdict>,
+    cache: Cache<TokenKey, Cached>,
+    ttl: Duration,
+    negative_ttl: Duration,
 }
 
 impl TokenCache {
@@ -71,11 +67,20 @@ impl TokenCache {
         TokenCache {
             cache: Cache::builder()
                 .max_capacity(cfg.max_entries)
-                .expire_after(VerdictExpiry {
-                    ttl: cfg.ttl,
-                    negative_ttl: cfg.negative_ttl,
-                })
+                .expire_after(UntilExpiry)
                 .build(),
+            ttl: cfg.ttl,
+            negative_ttl: cfg.negative_ttl,
+        }
+    }
+
+    /// How long a new verdict holds: an admission min(TTL, the token's expiry), a refusal the
+    /// negative TTL.
+    fn until(&self, verdict: &Verdict) -> u64 {
+        let now = unix_now();
+        match verdict {
+            Verdict::Admitted(id) => id.expires_at.min(now.saturating_add(self.ttl.as_secs())),
+            Verdict::Refused(_) => now.saturating_add(self.negative_ttl.as_secs()),
         }
     }
 
@@ -89,14 +94,40 @@ impl TokenCache {
     where
         F: Future<Output = Result<Verdict, AuthError>>,
     {
-        if let Some(v) = self.cache.get(&key).await {
-            return (Ok(v), CacheOutcome::Hit);
+        if let Some(c) = self.cache.get(&key).await {
+            return (Ok(c.verdict), CacheOutcome::Hit);
         }
         let result = self
             .cache
-            .try_get_with(key, verify)
+            .try_get_with(key, async {
+                let verdict = verify.await?;
+                let until = self.until(&verdict);
+                Ok(Cached { verdict, until })
+            })
             .await
+            .map(|c| c.verdict)
             .map_err(|e: Arc<AuthError>| (*e).clone());
         (result, CacheOutcome::Miss)
+    }
+
+    /// Every verdict still holding.
+    pub fn entries(&self) -> Vec<(TokenKey, Cached)> {
+        let now = unix_now();
+        self.cache
+            .iter()
+            .filter(|(_, c)| c.until > now)
+            .map(|(k, c)| (*k, c))
+            .collect()
+    }
+
+    /// Puts verdicts back (those still holding).
+    pub async fn restore(&self, entries: Vec<(TokenKey, Cached)>) -> usize {
+        let now = unix_now();
+        let mut restored = 0;
+        for (key, c) in entries.into_iter().filter(|(_, c)| c.until > now) {
+            self.cache.insert(key, c).await;
+            restored += 1;
+        }
+        restored
     }
 }

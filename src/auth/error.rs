@@ -23,6 +23,10 @@ pub enum AuthError {
     /// The identity provider could not be asked (only for tokens not in the cache).
     #[error("identity provider unavailable: {0}")]
     Unavailable(String),
+    /// More new tokens arrived than the gateway checks per second (`max_introspections_per_
+    /// second`); not cached, the next request asks again.
+    #[error("too many new tokens to check right now")]
+    Throttled,
 }
 
 impl AuthError {

@@ -8,6 +8,7 @@ mod error;
 mod globus;
 mod identity;
 mod jwt;
+pub mod persist;
 pub mod rules;
 
 pub use cache::{token_key, CacheOutcome, TokenKey};
@@ -17,7 +18,11 @@ pub use identity::Identity;
 
 use crate::config::{AccessRules, AuthConfig, AuthMode};
 use cache::{unix_now, TokenCache, Verdict};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use std::num::NonZeroU32;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A problem with the `auth:` configuration found at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +36,10 @@ enum Verifier {
     None,
     Globus {
         client: GlobusClient,
+        /// Introspections started per second, across the process.
+        introspections: DefaultDirectRateLimiter,
+        /// Longest wait for an introspection slot.
+        wait: Duration,
         policies: Vec<String>,
         required_scope: Option<String>,
         audience: Option<String>,
@@ -69,8 +78,12 @@ impl Authenticator {
                     field: "globus",
                     message: e.to_string(),
                 })?;
+                let per_second =
+                    NonZeroU32::new(g.max_introspections_per_second).unwrap_or(NonZeroU32::MIN);
                 Verifier::Globus {
                     client,
+                    introspections: RateLimiter::direct(Quota::per_second(per_second)),
+                    wait: g.introspection_wait,
                     policies: g.policies.clone(),
                     required_scope: g.required_scope.clone(),
                     audience: g.audience.clone(),
@@ -108,7 +121,9 @@ impl Authenticator {
         if let Verifier::None = self.verifier {
             return (Ok(anonymous()), None);
         }
-        let token = match bearer_token(authorization) {
+        let token = match bearer_token(authorization)
+            .and_then(|t| plausible(t, matches!(self.verifier, Verifier::Jwt(_))))
+        {
             Ok(t) => t,
             Err(e) => return (Err(e), None),
         };
@@ -140,11 +155,16 @@ impl Authenticator {
             },
             Verifier::Globus {
                 client,
+                introspections,
+                wait,
                 policies,
                 required_scope,
                 audience,
                 needs_groups,
             } => {
+                tokio::time::timeout(*wait, introspections.until_ready())
+                    .await
+                    .map_err(|_| AuthError::Throttled)?;
                 let intro = client.introspect(token).await.map_err(unavailable)?;
                 if let Some(refused) =
                     check_introspection(&intro, required_scope.as_deref(), audience.as_deref())
@@ -176,6 +196,32 @@ impl Authenticator {
             Err(e) => Verdict::Refused(e),
         })
     }
+}
+
+impl Authenticator {
+    /// Writes the verdicts in force to `path` (see `persist`).
+    pub fn save_verdicts(&self, path: &Path) -> std::io::Result<usize> {
+        let entries = self.cache.entries();
+        persist::save(path, &entries)?;
+        Ok(entries.len())
+    }
+
+    /// Puts back the verdicts `path` holds that still hold.
+    pub async fn restore_verdicts(&self, path: &Path) -> std::io::Result<usize> {
+        let entries = persist::load(path)?;
+        Ok(self.cache.restore(entries).await)
+    }
+}
+
+/// A bearer string that can be a token at all: the characters of RFC 6750's `b64token`, at
+/// most 4 KiB, and for JWT three dot-separated parts. Anything else is refused before any
+/// call to the identity provider.
+fn plausible(token: &str, jwt: bool) -> Result<&str, AuthError> {
+    let b64token = |c: u8| c.is_ascii_alphanumeric() || b"-._~+/=".contains(&c);
+    let shaped = token.len() <= 4096
+        && token.bytes().all(b64token)
+        && (!jwt || token.bytes().filter(|c| *c == b'.').count() == 2);
+    shaped.then_some(token).ok_or(AuthError::InvalidToken)
 }
 
 fn anonymous() -> Arc<Identity> {
@@ -238,6 +284,16 @@ fn bearer_token(header: Option<&[u8]>) -> Result<&str, AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn implausible_tokens_are_refused_before_any_call() {
+        assert_eq!(plausible("AgXy12_z-3.0+/=", false), Ok("AgXy12_z-3.0+/="));
+        for bad in ["tok\"en", "t\u{e9}", "a;b", &"x".repeat(5000)] {
+            assert_eq!(plausible(bad, false), Err(AuthError::InvalidToken), "{bad}");
+        }
+        assert!(plausible("aaa.bbb.ccc", true).is_ok());
+        assert_eq!(plausible("aaabbbccc", true), Err(AuthError::InvalidToken));
+    }
 
     #[test]
     fn bearer_headers() {

@@ -59,6 +59,14 @@ pub struct GlobusAuthConfig {
     /// Retries of a failed call (429, 5xx, connection errors), with Globus SDK back-off.
     #[serde(default = "defaults::globus_retries")]
     pub retries: u32,
+    /// Most introspections started per second, whatever the traffic: unknown tokens beyond it
+    /// wait up to `introspection_wait`, then get 503 with `Retry-After`, so a flood of made-up
+    /// tokens cannot drive Globus (nor exhaust the gateway's Globus rate limit). Default 20.
+    #[serde(default = "defaults::max_introspections_per_second")]
+    pub max_introspections_per_second: u32,
+    /// Longest wait for an introspection slot. Default 1 s.
+    #[serde(default = "defaults::introspection_wait", with = "humantime_serde")]
+    pub introspection_wait: Duration,
 }
 
 /// OIDC/JWT verification for sites with their own identity provider.
@@ -98,6 +106,13 @@ pub struct TokenCacheConfig {
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
     pub max_entries: u64,
+    /// The verdicts are written here (token hashes, identities and expiries; never a token)
+    /// every `save_interval` and at shutdown, and read at start, so a restart or an upgrade
+    /// does not send every active user's token to the identity provider again. Relative to the
+    /// configuration file; `null` keeps them in memory only. Default `firstgate-auth-cache.json`.
+    pub file: Option<std::path::PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub save_interval: Duration,
 }
 
 impl Default for TokenCacheConfig {
@@ -106,6 +121,8 @@ impl Default for TokenCacheConfig {
             ttl: Duration::from_secs(600),
             negative_ttl: Duration::from_secs(60),
             max_entries: 100_000,
+            file: Some(std::path::PathBuf::from("firstgate-auth-cache.json")),
+            save_interval: Duration::from_secs(30),
         }
     }
 }
@@ -158,6 +175,12 @@ mod defaults {
     }
     pub fn globus_retries() -> u32 {
         2
+    }
+    pub fn max_introspections_per_second() -> u32 {
+        20
+    }
+    pub fn introspection_wait() -> Duration {
+        Duration::from_secs(1)
     }
     pub fn username_claim() -> String {
         "preferred_username".into()

@@ -697,6 +697,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
         &mut config.policies.route,
         &mut config.policies.scale,
         &mut config.usage.store,
+        &mut config.auth.cache.file,
         &mut config.edge.maintenance_file,
     ]
     .into_iter()
@@ -857,6 +858,17 @@ fn check_auth(auth: &AuthConfig) -> Result<(), error::Invalid> {
             "mode is jwt: add a `jwt:` section with jwks_url, issuer and audience",
         )
         .near("mode")),
+        _ if auth
+            .globus
+            .as_ref()
+            .is_some_and(|g| g.max_introspections_per_second == 0) =>
+        {
+            Err(Invalid::new(
+                "auth.globus.max_introspections_per_second",
+                "must be at least 1 (0 would refuse every new token)",
+            )
+            .near("max_introspections_per_second"))
+        }
         _ => Ok(()),
     }
 }

@@ -408,6 +408,13 @@ pub fn auth(e: AuthError) -> ApiError {
             "The identity provider cannot be reached to check your token. Try again shortly.",
         )
         .with_retry_after(5),
+        AuthError::Throttled => ApiError::new(
+            503,
+            "auth_busy",
+            "The gateway is checking many new tokens right now; try again in a second (a \
+             token it has checked before is not held up).",
+        )
+        .with_retry_after(1),
     }
 }
 

@@ -113,6 +113,12 @@ impl Gateway {
             };
             self.metrics.auth_cache.with_label_values(&[label]).inc();
         }
+        if let Err(crate::auth::AuthError::Throttled) = &result {
+            self.metrics
+                .rate_limited
+                .with_label_values(&["max_introspections_per_second"])
+                .inc();
+        }
         result.map_err(errors::auth)
     }
 

@@ -64,6 +64,8 @@ pub struct Gateway {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     log_path: PathBuf,
+    /// The environment it was started with (a successor gets the same).
+    env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -119,6 +121,10 @@ impl Gateway {
             addr,
             admin,
             log_path,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _dir: dir,
         };
         let client = reqwest::Client::new();
@@ -199,6 +205,7 @@ impl Gateway {
             .args(["serve", "--upgrade", "--config"])
             .arg(self.config_path())
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .stdin(Stdio::null())
