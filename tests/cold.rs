@@ -300,6 +300,38 @@ async fn a_lost_worker_is_a_502_without_internal_details() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_result_is_a_502_and_the_gateway_keeps_serving() {
+    use base64::Engine as _;
+    let globus = facility(100, 100).await;
+    // 200,000 nested lists, pickled: a recursive decoder would overflow its stack.
+    let mut deep = b"\x80\x02".to_vec();
+    deep.extend(std::iter::repeat_n(b']', 200_000));
+    deep.extend(std::iter::repeat_n(b'a', 199_999));
+    deep.push(b'.');
+    let deep = format!(
+        "00\n{}\n",
+        base64::engine::general_purpose::STANDARD.encode(deep)
+    );
+    // And JSON nested deeper than any answer.
+    let json = format!("11\n{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    globus
+        .compute()
+        .faults
+        .raw_results
+        .lock()
+        .unwrap()
+        .extend([deep, json]);
+    let gw = gateway(&globus, DEFAULT).await;
+    for _ in 0..2 {
+        let resp = ask(&gw, false).await;
+        assert_eq!(resp.status(), 502);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "compute_bad_result");
+    }
+    assert_eq!(ask(&gw, false).await.status(), 200, "the gateway still serves");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_longer_than_the_limit_is_a_504_naming_the_task() {
     let globus = facility(100, 100).await;
     // No scale policy: nothing ever starts, so the task waits.

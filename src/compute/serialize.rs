@@ -119,79 +119,52 @@ pub enum DecodeError {
     Invalid(String),
 }
 
-/// Decodes a task's `result` string by its header into JSON.
+/// Largest task result decoded (the encoded string).
+pub const MAX_RESULT_BYTES: usize = 16 * 1024 * 1024;
+
+/// Decodes a task's `result` string by its header into JSON. A result is outside input:
+/// its size is bounded, JSON nesting by serde_json's limit, pickles by `pickle`'s.
 pub fn decode_result(result: &str) -> Result<Value, DecodeError> {
-    let (header, body) = result
-        .split_at_checked(3)
-        .ok_or(DecodeError::Malformed("shorter than a header"))?;
+    if result.len() > MAX_RESULT_BYTES {
+        return Err(DecodeError::Invalid(format!(
+            "a result of {} bytes is over the {} MiB the gateway reads",
+            result.len(),
+            MAX_RESULT_BYTES / (1024 * 1024)
+        )));
+    }
+    let (header, body) = split_header(result)?;
+    if header == "13\n" {
+        // All strategies: the JSON buffer if there is one, else the first (not nested again).
+        let parts = unpack(body)?;
+        let part = parts
+            .iter()
+            .find(|p| p.starts_with("11\n"))
+            .or(parts.first())
+            .ok_or(DecodeError::Malformed("no buffer in an all-strategies result"))?;
+        let (header, body) = split_header(part)?;
+        return decode_single(header, body);
+    }
+    decode_single(header, body)
+}
+
+fn split_header(s: &str) -> Result<(&str, &str), DecodeError> {
+    s.split_at_checked(3)
+        .ok_or(DecodeError::Malformed("shorter than a header"))
+}
+
+/// One buffer: JSONData (`11\n`) or a base64 pickle (`00\n`).
+fn decode_single(header: &str, body: &str) -> Result<Value, DecodeError> {
     match header {
         "11\n" => serde_json::from_str(body).map_err(|e| DecodeError::Invalid(e.to_string())),
-        "13\n" => {
-            let parts = unpack(body)?;
-            if let Some(json) = parts.iter().find(|p| p.starts_with("11\n")) {
-                return decode_result(json);
-            }
-            match parts.first() {
-                Some(first) => decode_result(first),
-                None => Err(DecodeError::Malformed(
-                    "no buffer in an all-strategies result",
-                )),
-            }
-        }
         "00\n" => {
             let compact: String = body.chars().filter(|c| !c.is_whitespace()).collect();
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(compact)
                 .map_err(|e| DecodeError::Invalid(format!("base64: {e}")))?;
-            let value: serde_pickle::Value =
-                serde_pickle::value_from_slice(&bytes, serde_pickle::DeOptions::new())
-                    .map_err(|e| DecodeError::Invalid(format!("pickle: {e}")))?;
-            pickle_to_json(value)
+            super::pickle::decode(&bytes)
         }
         other => Err(DecodeError::UnknownHeader(other.trim_end().to_string())),
     }
-}
-
-/// Plain pickled values (what `json.dumps` could also express) as JSON.
-fn pickle_to_json(v: serde_pickle::Value) -> Result<Value, DecodeError> {
-    use serde_pickle::{HashableValue as H, Value as P};
-    fn key(k: H) -> Result<String, DecodeError> {
-        Ok(match k {
-            H::String(s) => s,
-            H::I64(i) => i.to_string(),
-            H::Bool(b) => b.to_string(),
-            H::F64(f) => f.to_string(),
-            H::None => "null".into(),
-            _ => {
-                return Err(DecodeError::Invalid(
-                    "a pickled dict key that JSON cannot hold".into(),
-                ))
-            }
-        })
-    }
-    Ok(match v {
-        P::None => Value::Null,
-        P::Bool(b) => Value::Bool(b),
-        P::I64(i) => Value::from(i),
-        P::F64(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
-        P::String(s) => Value::String(s),
-        P::Bytes(b) => Value::String(String::from_utf8_lossy(&b).into_owned()),
-        P::List(l) | P::Tuple(l) => Value::Array(
-            l.into_iter()
-                .map(pickle_to_json)
-                .collect::<Result<_, _>>()?,
-        ),
-        P::Dict(d) => Value::Object(
-            d.into_iter()
-                .map(|(k, v)| Ok((key(k)?, pickle_to_json(v)?)))
-                .collect::<Result<_, DecodeError>>()?,
-        ),
-        _ => {
-            return Err(DecodeError::Invalid(
-                "a pickled value that is not plain data".into(),
-            ))
-        }
-    })
 }
 
 /// The completion a FIRST inference function returned: it returns `json.dumps(...)`, a

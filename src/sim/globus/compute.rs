@@ -129,6 +129,9 @@ pub struct ComputeFaults {
     pub lose_workers: AtomicU32,
     /// Enforce the 20-requests-per-10-s limit with 429 + Retry-After.
     pub rate_limit: AtomicBool,
+    /// The next inference tasks succeed with these result strings, as an endpoint serialized
+    /// them (header included): what a broken or hostile endpoint could return.
+    pub raw_results: Mutex<std::collections::VecDeque<String>>,
 }
 
 /// One simulated batch job running a model instance.
@@ -572,6 +575,20 @@ async fn run_task(
     if lost {
         let e = traceback("parsl.executors.high_throughput.errors.WorkerLost: Task failure due to loss of worker 0 on host sim-node-01");
         return finish(&s, &id, Err(e), json_results);
+    }
+    let raw = if kind == "inference" {
+        s.compute.faults.raw_results.lock().unwrap().pop_front()
+    } else {
+        None
+    };
+    if let Some(raw) = raw {
+        let mut tasks = s.compute.tasks.lock().unwrap();
+        if let Some(t) = tasks.get_mut(&id) {
+            t.completed = Some(now_f());
+            t.status = "success";
+            t.result = Some(raw);
+        }
+        return;
     }
     let args = match parse_payload(&payload) {
         Ok(a) => a,
