@@ -55,6 +55,8 @@ pub struct Metrics {
     pub usage_dropped: IntCounter,
     /// Responses too large to read their usage from (tokens recorded as unknown).
     pub usage_unscanned: IntCounter,
+    /// Failed attempts to write a batch of usage records (each is retried).
+    pub usage_write_errors: IntCounter,
     /// Globus Compute tasks by outcome (`submitted`, `success`, `failed`, `timeout`).
     pub compute_tasks: IntCounterVec,
     /// Backend instances by state (`serving`, `unhealthy`, `draining`).
@@ -182,6 +184,14 @@ impl Metrics {
                     "firstgate_usage_unscanned_total",
                     "Responses passed through without reading their usage (an SSE event over 1 MiB \
                      or a JSON answer over 4 MiB); their records' tokens are unknown.",
+                ),
+            ),
+            usage_write_errors: registered(
+                &registry,
+                IntCounter::new(
+                    "firstgate_usage_write_errors_total",
+                    "Failed attempts to write a batch of usage records (locked, full or read-only \
+                     store); each batch is retried with back-off.",
                 ),
             ),
             compute_tasks: counter(

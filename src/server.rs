@@ -23,12 +23,12 @@ use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How the process starts.
 #[derive(Default)]
@@ -59,9 +59,27 @@ struct Parts {
     scale_wake: Arc<tokio::sync::Notify>,
 }
 
+/// A server ready to run.
+pub struct Assembled {
+    server: Server,
+    usage: Option<Arc<dyn UsageSink>>,
+}
+
+impl Assembled {
+    /// Serves until shutdown; then writes the usage records still queued, those of requests
+    /// cut at the end of the grace period included, and exits.
+    pub fn run_forever(self) -> ! {
+        self.server.run(RunArgs::default());
+        if let Some(sink) = self.usage {
+            sink.flush(Duration::from_secs(10));
+        }
+        std::process::exit(0)
+    }
+}
+
 /// Builds a ready-to-run server. Resolves backend host names and, with `upgrade`, takes the
 /// listening sockets over before returning.
-pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
+pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Assembled> {
     let parts = Parts::build(config)?;
     let opt = Opt {
         upgrade: options.upgrade,
@@ -84,8 +102,9 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Server> {
     server.bootstrap();
     server.add_service(proxy);
     server.add_service(admin);
+    let usage = parts.accounting.sink.clone();
     add_background_services(&mut server, config, parts, options.config_path);
-    Ok(server)
+    Ok(Assembled { server, usage })
 }
 
 /// Pingora's own settings: threads, the drain's upper bound, the upgrade socket.

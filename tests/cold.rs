@@ -328,7 +328,11 @@ async fn a_hostile_result_is_a_502_and_the_gateway_keeps_serving() {
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["error"]["code"], "compute_bad_result");
     }
-    assert_eq!(ask(&gw, false).await.status(), 200, "the gateway still serves");
+    assert_eq!(
+        ask(&gw, false).await.status(),
+        200,
+        "the gateway still serves"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

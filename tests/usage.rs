@@ -339,3 +339,62 @@ async fn a_user_at_the_concurrency_cap_does_not_block_another() {
         .await
         .contains("firstgate_rate_limited_total{limit=\"max_concurrent_per_user\"} 1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_locked_for_seconds_loses_no_record_and_holds_up_no_request() {
+    let chat = sim(&[LLAMA], |_| {}).await;
+    let gw = Gateway::start(&format!(
+        "limits:\n  ip_requests_per_second: 0\nusage:\n  flush_interval: 50ms\n{}",
+        one_model("sophia", "vllm", LLAMA, &[chat.addr()])
+    ))
+    .await;
+    // Something else takes the database's write lock (a backup, a long report).
+    let holder = usage_store(&gw);
+    holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // Every request is answered while the lock is held: none waits for the store.
+    let answers =
+        futures_util::future::join_all((0..50).map(|_| post(&gw, chat_body(LLAMA, false)))).await;
+    assert!(answers.iter().all(|r| r.status() == 200));
+    wait_for("the writer to meet the lock and retry", || async {
+        (metric(&gw.metrics().await, "firstgate_usage_write_errors_total") >= 2.0).then_some(())
+    })
+    .await;
+    holder.execute_batch("COMMIT").unwrap();
+    wait_for(
+        "every record to be written once the lock is gone",
+        || async { (count(&gw, "1 = 1") == 50).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        metric(&gw.metrics().await, "firstgate_usage_records_dropped_total"),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_at_the_end_of_the_grace_period_still_leaves_its_record() {
+    let chat = sim(&[LLAMA], |c| c.itl = std::time::Duration::from_millis(200)).await;
+    let mut gw = Gateway::start(&format!(
+        "shutdown:\n  grace_period: 1s\n  final_timeout: 1s\n{}",
+        one_model("sophia", "vllm", LLAMA, &[chat.addr()])
+    ))
+    .await;
+    let long = json!({"model": LLAMA, "stream": true, "max_tokens": 200,
+        "messages": [{"role": "user", "content": "a very long story"}]});
+    let stream = tokio::spawn(post(&gw, long).await.text());
+    wait_for("the stream to run", || async {
+        (chat.stats().running.load(Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+    gw.signal("TERM");
+    wait_for("the gateway to exit", || {
+        let exited = gw.exited();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    let _ = stream.await;
+    assert_eq!(
+        count(&gw, "failed = 1 AND cancelled = 0 AND status = 200"),
+        1
+    );
+}

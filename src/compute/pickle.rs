@@ -305,7 +305,11 @@ impl Machine<'_> {
     }
 
     /// A new container holding `items` (pairs of key and value for a dict).
-    fn push_container(&mut self, empty: Value, items: Vec<(Value, u32)>) -> Result<(), DecodeError> {
+    fn push_container(
+        &mut self,
+        empty: Value,
+        items: Vec<(Value, u32)>,
+    ) -> Result<(), DecodeError> {
         self.push(empty)?;
         self.extend_top(items)
     }

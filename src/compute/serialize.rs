@@ -140,7 +140,9 @@ pub fn decode_result(result: &str) -> Result<Value, DecodeError> {
             .iter()
             .find(|p| p.starts_with("11\n"))
             .or(parts.first())
-            .ok_or(DecodeError::Malformed("no buffer in an all-strategies result"))?;
+            .ok_or(DecodeError::Malformed(
+                "no buffer in an all-strategies result",
+            ))?;
         let (header, body) = split_header(part)?;
         return decode_single(header, body);
     }

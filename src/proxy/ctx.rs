@@ -6,7 +6,7 @@ use crate::catalog::{Deployment, InstanceGuard};
 use crate::config::Endpoint;
 use crate::edge::{ActiveRequest, Client, UpstreamPermit};
 use crate::openai::ApiError;
-use crate::usage::{InFlightPermit, Meter, TokenReservation};
+use crate::usage::{Accounting, InFlightPermit, Meter, TokenReservation};
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,6 +66,9 @@ pub struct Target {
     pub user_slot: Option<InFlightPermit>,
     /// The gateway already wrote the response (the cold path).
     pub answered: bool,
+    /// Where the request's usage record goes; taken when the request finishes, so a request
+    /// dropped unfinished (cut when the process exits) still leaves its record.
+    pub accounting: Option<Arc<Accounting>>,
 }
 
 impl RequestCtx {
@@ -95,6 +98,7 @@ impl RequestCtx {
                 tokens: None,
                 user_slot: None,
                 answered: false,
+                accounting: None,
             },
             meter: Meter::start(),
             overhead: Duration::ZERO,
@@ -104,5 +108,11 @@ impl RequestCtx {
     /// Adds the time since `since` to the gateway's own overhead.
     pub fn charge(&mut self, since: Instant) {
         self.overhead += since.elapsed();
+    }
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        super::finish::cut(self);
     }
 }

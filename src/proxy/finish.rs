@@ -9,6 +9,7 @@ impl Gateway {
     /// Records a finished request; `error` is what cut it, if anything did.
     pub(super) fn finish(&self, ctx: &mut RequestCtx, status: u16, error: Option<&Error>) {
         ctx.target.slot = None;
+        ctx.target.accounting = None;
         let ending = match error {
             Some(e) if e.esource() == &ErrorSource::Downstream => Ending::ClientLeft,
             Some(_) => Ending::Failed,
@@ -74,6 +75,20 @@ impl Gateway {
                 .with_label_values(&[&d.cluster, &d.model])
                 .inc();
         }
+    }
+}
+
+/// A request dropped before it finished (cut when the process exits after its grace period):
+/// its record says the gateway broke it off.
+pub(super) fn cut(ctx: &mut RequestCtx) {
+    let Some(accounting) = ctx.target.accounting.take() else {
+        return;
+    };
+    let started = ctx.meter.first_byte.is_some() || ctx.target.answered;
+    let status = if started { 200 } else { 0 };
+    if let Some(record) = usage_record(ctx, status, Ending::Failed) {
+        let client = ctx.request.client.as_ref().map(|c| c.ip);
+        accounting.finish(record, None, client);
     }
 }
 

@@ -96,6 +96,7 @@ impl Gateway {
             d.tokens_per_minute_per_user,
             estimate,
         ))?;
+        ctx.target.accounting = Some(self.accounting.clone());
         d.demand.requests.fetch_add(1, Ordering::Relaxed);
         d.demand
             .prompt_bytes

@@ -6,6 +6,11 @@
 //! `batch` records) after the request ended. On `kill -9` the records still queued or in the
 //! open batch are lost; nothing committed is (WAL with `synchronous=NORMAL` survives a process
 //! crash; a power loss may also lose the last commits). A graceful shutdown flushes everything.
+//!
+//! Storage faults (the database locked by another process, a full disk, a read-only file) do
+//! not lose records: the writer retries its batch with back-off (up to 5 s apart) while new
+//! records wait in the bounded queue; only what overflows the queue, or is still unwritten
+//! when a flush's time runs out at shutdown, is dropped, logged and counted.
 
 use super::UsageRecord;
 use crate::metrics::Metrics;
@@ -26,7 +31,8 @@ pub trait UsageSink: Send + Sync {
 
 enum Message {
     Record(Box<UsageRecord>),
-    Flush(SyncSender<()>),
+    /// Write everything now; give up on what cannot be written by the deadline.
+    Flush(SyncSender<()>, Instant),
 }
 
 /// SQLite behind a writer thread.
@@ -72,6 +78,8 @@ const MIGRATIONS: &[&str] = &[
 /// Opens (creating if needed) the usage database, at the current schema version.
 pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     let mut conn = Connection::open(path)?;
+    // Another process's lock is waited for briefly; longer ones are retried by the writer.
+    conn.busy_timeout(Duration::from_millis(500))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     migrate(&mut conn)?;
@@ -149,7 +157,7 @@ impl UsageSink for SqliteSink {
     fn flush(&self, limit: Duration) {
         let (ack, done) = sync_channel(1);
         let deadline = Instant::now() + limit;
-        let mut msg = Message::Flush(ack);
+        let mut msg = Message::Flush(ack, deadline);
         loop {
             match self.tx.try_send(msg) {
                 Ok(()) => break,
@@ -174,6 +182,7 @@ fn write_loop(
 ) {
     let mut pending: Vec<UsageRecord> = Vec::with_capacity(batch);
     let mut acks: Vec<SyncSender<()>> = Vec::new();
+    let mut flush_by: Option<Instant> = None;
     let mut opened = Instant::now();
     loop {
         let wait = flush_interval.saturating_sub(opened.elapsed());
@@ -190,8 +199,9 @@ fn write_loop(
                 pending.push(*r);
                 false
             }
-            Ok(Message::Flush(ack)) => {
+            Ok(Message::Flush(ack, deadline)) => {
                 acks.push(ack);
+                flush_by = Some(flush_by.map_or(deadline, |d| d.min(deadline)));
                 false
             }
             Err(RecvTimeoutError::Timeout) => false,
@@ -202,35 +212,69 @@ fn write_loop(
             || !acks.is_empty()
             || closed;
         if due && !pending.is_empty() {
-            let started = Instant::now();
-            match insert(&mut conn, &pending) {
-                Ok(()) => metrics.usage_written.inc_by(pending.len() as u64),
-                Err(e) => {
-                    metrics.usage_dropped.inc_by(pending.len() as u64);
-                    log::error!(
-                        "usage: cannot write {} records to {path}: {e}",
-                        pending.len()
-                    );
-                }
-            }
-            metrics
-                .background_runs
-                .with_label_values(&["usage_flush"])
-                .inc();
-            log::trace!(
-                "usage batch of {} in {:?}",
-                pending.len(),
-                started.elapsed()
-            );
-            pending.clear();
+            write_batch(&mut conn, &mut pending, flush_by, &metrics, &path);
         }
         for ack in acks.drain(..) {
             let _ = ack.send(());
         }
+        flush_by = None;
         if closed {
             return;
         }
     }
+}
+
+/// Writes `pending`, retrying with back-off while the store refuses (new records wait in the
+/// queue meanwhile); gives up, counting the batch as dropped, only when `give_up_at` passes.
+fn write_batch(
+    conn: &mut Connection,
+    pending: &mut Vec<UsageRecord>,
+    give_up_at: Option<Instant>,
+    metrics: &Metrics,
+    path: &str,
+) {
+    let mut backoff = Duration::from_millis(50);
+    let mut failures = 0u32;
+    loop {
+        match insert(conn, pending) {
+            Ok(()) => {
+                metrics.usage_written.inc_by(pending.len() as u64);
+                if failures > 0 {
+                    log::warn!(
+                        "usage: {} records written to {path} after {failures} failed attempts",
+                        pending.len()
+                    );
+                }
+                break;
+            }
+            Err(e) => {
+                failures += 1;
+                metrics.usage_write_errors.inc();
+                if failures == 1 {
+                    log::error!(
+                        "usage: cannot write {} records to {path}: {e}; retrying with back-off \
+                         while new records wait in the queue (usage.queue)",
+                        pending.len()
+                    );
+                }
+                if give_up_at.is_some_and(|t| Instant::now() + backoff > t) {
+                    metrics.usage_dropped.inc_by(pending.len() as u64);
+                    log::error!(
+                        "usage: {} records DROPPED at shutdown: {path} still refuses them ({e})",
+                        pending.len()
+                    );
+                    break;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    metrics
+        .background_runs
+        .with_label_values(&["usage_flush"])
+        .inc();
+    pending.clear();
 }
 
 fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()> {
