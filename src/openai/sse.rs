@@ -17,6 +17,18 @@ pub struct SseSplitter {
     at_line_start: bool,
     /// The last byte was CR: an LF now completes that line end rather than making another.
     after_cr: bool,
+    /// The last event ended with a CR at the end of what had arrived: an LF arriving next is
+    /// that event's last byte.
+    event_may_continue: bool,
+}
+
+/// What the splitter found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// A complete event, with the blank line that ends it.
+    Event(Bytes),
+    /// The LF that completes the CRLF ending the previous event, which arrived after it.
+    EndOfPrevious(Bytes),
 }
 
 impl Default for SseSplitter {
@@ -26,6 +38,7 @@ impl Default for SseSplitter {
             pos: 0,
             at_line_start: true,
             after_cr: false,
+            event_may_continue: false,
         }
     }
 }
@@ -37,7 +50,14 @@ impl SseSplitter {
     }
 
     /// The next complete event, with the blank line that ends it, if one has arrived.
-    pub fn next_event(&mut self) -> Option<Bytes> {
+    pub fn next_piece(&mut self) -> Option<Piece> {
+        if self.event_may_continue && !self.buf.is_empty() {
+            self.event_may_continue = false;
+            if self.buf[0] == b'\n' {
+                self.after_cr = false;
+                return Some(Piece::EndOfPrevious(self.buf.split_to(1).freeze()));
+            }
+        }
         while self.pos < self.buf.len() {
             let b = self.buf[self.pos];
             self.pos += 1;
@@ -64,14 +84,19 @@ impl SseSplitter {
                 }
             };
             if ends {
-                // An event ended by CR keeps the LF of its CRLF, when it has arrived.
-                if self.after_cr && self.buf.get(self.pos) == Some(&b'\n') {
-                    self.pos += 1;
-                    self.after_cr = false;
+                // An event ended by CR keeps the LF of its CRLF: now if it has arrived, else
+                // as a piece of its own when it does.
+                if self.after_cr {
+                    if self.buf.get(self.pos) == Some(&b'\n') {
+                        self.pos += 1;
+                        self.after_cr = false;
+                    } else {
+                        self.event_may_continue = self.pos == self.buf.len();
+                    }
                 }
                 let event = self.buf.split_to(self.pos).freeze();
                 self.pos = 0;
-                return Some(event);
+                return Some(Piece::Event(event));
             }
         }
         None
@@ -85,6 +110,7 @@ impl SseSplitter {
     /// Takes the incomplete event (at the end of the stream, or to stop reading).
     pub fn take_rest(&mut self) -> Bytes {
         self.pos = 0;
+        self.event_may_continue = false;
         self.buf.split().freeze()
     }
 }
@@ -125,8 +151,14 @@ mod tests {
         for &cut in cuts.iter().chain(std::iter::once(&input.len())) {
             s.push(&input[at..cut]);
             at = cut;
-            while let Some(e) = s.next_event() {
-                events.push(e);
+            while let Some(piece) = s.next_piece() {
+                match piece {
+                    Piece::Event(e) => events.push(e),
+                    Piece::EndOfPrevious(lf) => {
+                        let last = events.pop().unwrap();
+                        events.push([last, lf].concat().into());
+                    }
+                }
             }
         }
         (events, s.take_rest())
@@ -141,7 +173,7 @@ mod tests {
             ("\r\n\n", "mixed"),
         ] {
             let input = format!("data: a{sep}data: b{sep}data: [DONE]{sep}");
-            let (events, rest) = split_all(input.as_bytes(), &[3, 9, 10, 17]);
+            let (events, rest) = split_all(input.as_bytes(), &[3, 9, 10, 11, 17]);
             let data: Vec<String> = events
                 .iter()
                 .map(|e| {
@@ -165,10 +197,12 @@ mod tests {
     fn an_incomplete_event_is_held_until_its_blank_line() {
         let mut s = SseSplitter::default();
         s.push(b"event: response.completed\r\ndata: {\"x\":1}\r\n");
-        assert!(s.next_event().is_none());
+        assert!(s.next_piece().is_none());
         assert_eq!(s.pending(), 42);
         s.push(b"\r\n");
-        let e = s.next_event().unwrap();
+        let Some(Piece::Event(e)) = s.next_piece() else {
+            panic!("an event")
+        };
         let l: Vec<&[u8]> = lines(&e).collect();
         assert_eq!(
             l,

@@ -8,7 +8,7 @@
 //! An event over [`MAX_EVENT`] (no usage chunk is that large) stops the reading: the rest of
 //! the stream passes through unread and the record's tokens are unknown.
 
-use crate::openai::sse::{field, lines, SseSplitter};
+use crate::openai::sse::{field, lines, Piece, SseSplitter};
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
@@ -49,6 +49,8 @@ pub struct UsageScanner {
     ended: bool,
     /// The body was too large to read: passed through unread.
     unscanned: bool,
+    /// The last event was passed on (not the hidden usage chunk).
+    kept_last: bool,
 }
 
 impl UsageScanner {
@@ -73,10 +75,16 @@ impl UsageScanner {
         }
         self.sse.push(chunk);
         let mut out = self.strip_usage.then(BytesMut::new);
-        while let Some(event) = self.sse.next_event() {
-            let keep = self.event(&event);
+        while let Some(piece) = self.sse.next_piece() {
+            let (bytes, keep) = match piece {
+                Piece::Event(event) => {
+                    self.kept_last = self.event(&event);
+                    (event, self.kept_last)
+                }
+                Piece::EndOfPrevious(lf) => (lf, self.kept_last),
+            };
             if let (Some(o), true) = (out.as_mut(), keep) {
-                o.extend_from_slice(&event);
+                o.extend_from_slice(&bytes);
             }
         }
         if end || self.sse.pending() > MAX_EVENT {
