@@ -580,7 +580,7 @@ async fn main() -> anyhow::Result<()> {
     let full = format!(
         "auth:\n  mode: globus\n  globus:\n    client_id: bench\n    client_secret_env: FG_BENCH_SECRET\n\
          \x20   auth_url: {u}\n    groups_url: {u}\n  rules:\n    allowed_domains: [anl.gov]\n\
-         limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n\
+         limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n  max_concurrent_per_user: 0\n\
          policies:\n  route: {policy}\nusage:\n  store: {store}\n{models}",
         u = globus.url(),
         policy = policy.display(),
