@@ -38,6 +38,7 @@ pub struct DemoOptions {
 /// Runs the demo until interrupted.
 pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let mut config = load(&opts.config)?;
+    crate::logging::init(config.log.format, &config.tracing)?;
     if let Some(l) = opts.listen {
         config.listen = l;
     }

@@ -28,6 +28,7 @@ pub mod config;
 #[cfg(feature = "sim")]
 pub mod demo;
 pub mod edge;
+pub mod logging;
 pub mod metrics;
 pub mod model_name;
 pub mod openai;
@@ -38,4 +39,5 @@ pub mod proxy;
 pub mod server;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod trace_context;
 pub mod usage;

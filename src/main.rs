@@ -136,8 +136,15 @@ enum PolicyCommand {
 }
 
 fn main() -> ExitCode {
-    init_logging();
-    let result = match Cli::parse().command {
+    let command = Cli::parse().command;
+    // Serving sets up its own log, from the configuration, once any fork is done.
+    let serves = matches!(command, Command::Serve { .. });
+    #[cfg(feature = "sim")]
+    let serves = serves || matches!(command, Command::Demo { .. });
+    if !serves {
+        firstgate::logging::init_text();
+    }
+    let result = match command {
         Command::Serve {
             config,
             upgrade,
@@ -219,6 +226,7 @@ fn serve(path: &Path, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
     } else {
         None
     };
+    firstgate::logging::init(loaded.config.log.format, &loaded.config.tracing)?;
     let options = server::ServeOptions {
         upgrade,
         config_path: Some(config_path),
@@ -444,23 +452,4 @@ fn policy_test(
     };
     println!("{out}");
     Ok(())
-}
-
-/// Logs to stderr at `RUST_LOG` (default `info`). Pingora's TRACE events dump raw request
-/// headers, tokens and backend keys included, so they are dropped whatever `RUST_LOG` says.
-fn init_logging() {
-    use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let no_header_dumps = tracing_subscriber::filter::filter_fn(|meta| {
-        !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
-    });
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(no_header_dumps),
-        )
-        .init();
 }

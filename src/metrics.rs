@@ -57,6 +57,8 @@ pub struct Metrics {
     pub usage_unscanned: IntCounter,
     /// Failed attempts to write a batch of usage records (each is retried).
     pub usage_write_errors: IntCounter,
+    /// Access-log lines lost (the writer fell behind, or could not write).
+    pub access_log_dropped: IntCounter,
     /// Globus Compute tasks by outcome (`submitted`, `success`, `failed`, `timeout`).
     pub compute_tasks: IntCounterVec,
     /// Backend instances by state (`serving`, `unhealthy`, `draining`).
@@ -192,6 +194,13 @@ impl Metrics {
                     "firstgate_usage_write_errors_total",
                     "Failed attempts to write a batch of usage records (locked, full or read-only \
                      store); each batch is retried with back-off.",
+                ),
+            ),
+            access_log_dropped: registered(
+                &registry,
+                IntCounter::new(
+                    "firstgate_access_log_dropped_total",
+                    "Access-log lines lost because the writer fell behind or could not write.",
                 ),
             ),
             compute_tasks: counter(

@@ -17,7 +17,7 @@ use crate::edge::{
 use crate::metrics::Metrics;
 use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
 use crate::proxy::{ColdPath, Gateway};
-use crate::usage::{self, Accounting, MemoryLimits, SqliteSink, UsageSink, UsageTotals};
+use crate::usage::{self, AccessLog, Accounting, MemoryLimits, SqliteSink, UsageSink, UsageTotals};
 use anyhow::Context;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
@@ -62,7 +62,7 @@ struct Parts {
 /// A server ready to run.
 pub struct Assembled {
     server: Server,
-    usage: Option<Arc<dyn UsageSink>>,
+    accounting: Arc<Accounting>,
 }
 
 impl Assembled {
@@ -70,9 +70,8 @@ impl Assembled {
     /// cut at the end of the grace period included, and exits.
     pub fn run_forever(self) -> ! {
         self.server.run(RunArgs::default());
-        if let Some(sink) = self.usage {
-            sink.flush(Duration::from_secs(10));
-        }
+        self.accounting.flush(Duration::from_secs(10));
+        crate::logging::flush_traces();
         std::process::exit(0)
     }
 }
@@ -102,9 +101,9 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Assembled
     server.bootstrap();
     server.add_service(proxy);
     server.add_service(admin);
-    let usage = parts.accounting.sink.clone();
+    let accounting = parts.accounting.clone();
     add_background_services(&mut server, config, parts, options.config_path);
-    Ok(Assembled { server, usage })
+    Ok(Assembled { server, accounting })
 }
 
 /// Pingora's own settings: threads, the drain's upper bound, the upgrade socket.
@@ -194,6 +193,16 @@ fn accounting(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Account
         None => (None, UsageTotals::default()),
     };
     let l = &config.limits;
+    let access_log = match config.access_log.enabled {
+        true => Some(
+            AccessLog::start(
+                config.access_log.path.clone(),
+                metrics.access_log_dropped.clone(),
+            )
+            .context("access_log.path")?,
+        ),
+        false => None,
+    };
     Ok(Accounting {
         sink,
         totals,
@@ -204,7 +213,8 @@ fn accounting(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Account
             l.token_window,
             l.max_concurrent_per_user,
         )),
-        access_log: config.access_log.clone(),
+        access_log,
+        log_prompts: config.access_log.log_prompts,
     })
 }
 
@@ -398,7 +408,7 @@ fn add_background_services(
         "drainer",
         Drainer {
             state: parts.drain.clone(),
-            usage: parts.accounting.sink.clone(),
+            accounting: parts.accounting.clone(),
             grace_period: config.shutdown.grace_period,
         },
     ));
@@ -408,6 +418,7 @@ fn add_background_services(
             config_path,
             certificate: parts.certificate.clone(),
             maintenance: parts.maintenance.clone(),
+            accounting: parts.accounting.clone(),
             metrics: metrics.clone(),
         },
     ));

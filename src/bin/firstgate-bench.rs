@@ -505,7 +505,7 @@ fn start_gateway(
         .args(["serve", "--config"])
         .arg(&config)
         .envs(env.iter().copied())
-        .env("RUST_LOG", "warn,firstgate::access=info")
+        .env("RUST_LOG", "warn")
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;

@@ -67,6 +67,12 @@ pub struct Config {
     pub usage: UsageConfig,
     #[serde(default)]
     pub access_log: AccessLog,
+    /// The application log's format.
+    #[serde(default)]
+    pub log: Log,
+    /// Trace export.
+    #[serde(default)]
+    pub tracing: Tracing,
     /// Globus Compute, for cold models and the clusters' instance lifecycle.
     #[serde(default)]
     pub compute: Option<ComputeConfig>,
@@ -253,13 +259,16 @@ impl Default for UsageConfig {
     }
 }
 
-/// The JSON access log (one line per request, target `firstgate::access`).
+/// The access log: one JSON object per line per inference request, nothing else on the line.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessLog {
     pub enabled: bool,
     /// Also log request bodies (prompts). Off by default.
     pub log_prompts: bool,
+    /// `stdout` (the default), `stderr`, or a file (relative to this file's directory),
+    /// appended to and reopened on SIGHUP or when it was moved or deleted (logrotate).
+    pub path: LogTarget,
 }
 
 impl Default for AccessLog {
@@ -267,6 +276,69 @@ impl Default for AccessLog {
         AccessLog {
             enabled: true,
             log_prompts: false,
+            path: LogTarget::Stdout,
+        }
+    }
+}
+
+/// Where a log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for LogTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "stdout" => LogTarget::Stdout,
+            "stderr" => LogTarget::Stderr,
+            "" => {
+                return Err(serde::de::Error::custom(
+                    "empty: say stdout, stderr or a file",
+                ))
+            }
+            _ => LogTarget::File(PathBuf::from(s)),
+        })
+    }
+}
+
+/// The application log (standard error; `RUST_LOG` sets what it shows).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// `text` (the default) or `json` (one object per line, for log pipelines). Text is in
+    /// colour only on a terminal, and never with `NO_COLOR` set.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Trace export (W3C trace context is always read from and passed to clients and backends).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tracing {
+    /// An OpenTelemetry collector's OTLP/HTTP endpoint (`http://host:4318`): one span per
+    /// request with child spans for its phases, sent in batches off the request path. Off by
+    /// default.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the spans. Default `firstgate`.
+    pub service_name: String,
+}
+
+impl Default for Tracing {
+    fn default() -> Self {
+        Tracing {
+            otlp_endpoint: None,
+            service_name: "firstgate".into(),
         }
     }
 }
@@ -706,6 +778,9 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
     if let Some(tls) = &mut config.tls {
         relative(&mut tls.cert);
         relative(&mut tls.key);
+    }
+    if let LogTarget::File(file) = &mut config.access_log.path {
+        relative(file);
     }
     for model in config
         .clusters

@@ -6,7 +6,7 @@
 //! usage records and exits, so a drain takes as long as the longest stream, at most the
 //! configured grace period.
 
-use crate::usage::UsageSink;
+use crate::usage::Accounting;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -98,7 +98,8 @@ impl Drop for ActiveRequest {
 /// Waits for shutdown, then for the last request, then flushes usage and exits.
 pub struct Drainer {
     pub state: Arc<DrainState>,
-    pub usage: Option<Arc<dyn UsageSink>>,
+    /// Usage records and access-log lines to write before leaving.
+    pub accounting: Arc<Accounting>,
     /// Longest wait for requests in flight (Pingora's grace period ends it anyway).
     pub grace_period: Duration,
 }
@@ -142,12 +143,12 @@ impl BackgroundService for Drainer {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let left = self.state.active();
-        if let Some(sink) = self.usage.clone() {
-            let _ = tokio::task::spawn_blocking(move || sink.flush(Duration::from_secs(10))).await;
-            log::info!("usage records flushed");
-        }
         if left == 0 {
+            let accounting = self.accounting.clone();
+            let _ = tokio::task::spawn_blocking(move || accounting.flush(Duration::from_secs(10)))
+                .await;
             log::info!("drained: no request in flight, exiting");
+            crate::logging::flush_traces();
             std::process::exit(0);
         }
         log::warn!("grace period over with {left} requests in flight; they are cut");

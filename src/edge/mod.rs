@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
-/// Re-reads what may change without a restart: on SIGHUP the certificate and the
-/// configuration's maintenance notices; every second the maintenance file, and the certificate
+/// Re-reads what may change without a restart: on SIGHUP the certificate, the configuration's
+/// maintenance notices and the access-log file; every second the maintenance file, and the certificate
 /// if its files changed. (The policies have their own watcher.) A file that cannot be read or
 /// parsed leaves the previous state in force.
 pub struct EdgeReloader {
@@ -40,6 +40,8 @@ pub struct EdgeReloader {
     pub config_path: Option<PathBuf>,
     pub certificate: Option<Arc<CertificateStore>>,
     pub maintenance: Arc<Maintenance>,
+    /// Its access log is reopened on SIGHUP.
+    pub accounting: Arc<crate::usage::Accounting>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -85,6 +87,9 @@ impl BackgroundService for EdgeReloader {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(()) = async { hangup.as_mut()?.recv().await } => {
+                    if let Some(log) = &self.accounting.access_log {
+                        log.reopen();
+                    }
                     // File reads and certificate parsing stay off the async workers.
                     let (path, certificate, maintenance) =
                         (self.config_path.clone(), self.certificate.clone(), self.maintenance.clone());

@@ -4,6 +4,7 @@
 //! the task waits and then sends the completion as OpenAI chunks.
 
 use super::serve::Outcome;
+use super::trace::phase_span;
 use super::{errors, respond, Gateway, RequestCtx};
 use crate::catalog::Deployment;
 use crate::compute::{serialize::unwrap_json_string, ComputeClient, ComputeError};
@@ -75,10 +76,20 @@ impl Gateway {
         // Counts as waiting demand, and asks the scale policy now rather than at its next run.
         let _cold = d.demand.cold();
         self.scale_wake.notify_one();
+        let submitting = phase_span!(ctx, "compute_submit");
         let task = submit(cold, d, req.endpoint, &req.body).await?;
+        drop(submitting);
+        let _polling = phase_span!(ctx, "compute_poll", task = task.as_str());
         let written = if req.stream {
             ctx.target.answered = true;
-            answer_stream(session, cold, d, &task, req.endpoint, req.include_usage)
+            let traceparent = ctx.request.trace.as_ref().map(|t| t.traceparent());
+            let stream = StreamAnswer {
+                task: &task,
+                endpoint: req.endpoint,
+                include_usage: req.include_usage,
+                traceparent,
+            };
+            answer_stream(session, cold, d, stream)
                 .await
                 .map(|tokens| ctx.meter.answered = tokens)
         } else {
@@ -90,7 +101,7 @@ impl Gateway {
                 ("x-firstgate-task", task.clone()),
             ];
             let body = Bytes::from(completion.to_string());
-            respond::send_json(session, 200, body, &headers).await
+            respond::send_json(session, ctx, 200, body, &headers).await
         };
         if let Err(e) = written {
             // The client went away while the task ran.
@@ -152,6 +163,15 @@ async fn completion(cold: &ColdPath, d: &Deployment, task: &str) -> Result<Value
     }
 }
 
+/// What a streamed cold answer needs to know.
+struct StreamAnswer<'a> {
+    task: &'a str,
+    endpoint: Endpoint,
+    /// The client asked for the usage chunk.
+    include_usage: bool,
+    traceparent: Option<String>,
+}
+
 /// Answers a streamed request: the header at once, keep-alive comments while the task runs,
 /// then the completion as chunks, or the error as an SSE error event. Returns the completion's
 /// usage, if one came.
@@ -159,16 +179,18 @@ async fn answer_stream(
     session: &mut Session,
     cold: &ColdPath,
     d: &Deployment,
-    task: &str,
-    endpoint: Endpoint,
-    include_usage: bool,
+    a: StreamAnswer<'_>,
 ) -> pingora::Result<Option<Tokens>> {
-    let mut resp = ResponseHeader::build(200, Some(5))?;
+    let task = a.task;
+    let mut resp = ResponseHeader::build(200, Some(6))?;
     resp.insert_header("content-type", "text/event-stream; charset=utf-8")?;
     resp.insert_header("cache-control", "no-cache")?;
     resp.insert_header("transfer-encoding", "chunked")?;
     resp.insert_header("x-firstgate-route", "compute")?;
     resp.insert_header("x-firstgate-task", task)?;
+    if let Some(tp) = a.traceparent {
+        resp.insert_header("traceparent", tp)?;
+    }
     session.write_response_header(Box::new(resp), false).await?;
 
     let result = completion(cold, d, task);
@@ -187,7 +209,7 @@ async fn answer_stream(
     };
     let (events, tokens) = match outcome {
         Ok(c) => (
-            completion_events(&c, endpoint, include_usage),
+            completion_events(&c, a.endpoint, a.include_usage),
             Some(Tokens::of_completion(&c)),
         ),
         Err(e) => (

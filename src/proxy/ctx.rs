@@ -1,11 +1,13 @@
 //! What one request carries from phase to phase, by concern: the request as it came, where it
 //! goes, and what it used.
 
+use super::trace::Spans;
 use crate::auth::Identity;
 use crate::catalog::{Deployment, InstanceGuard};
 use crate::config::Endpoint;
 use crate::edge::{ActiveRequest, Client, UpstreamPermit};
 use crate::openai::ApiError;
+use crate::trace_context::TraceContext;
 use crate::usage::{Accounting, InFlightPermit, Meter, TokenReservation};
 use bytes::Bytes;
 use std::net::SocketAddr;
@@ -34,6 +36,10 @@ pub struct Request {
     pub stream: bool,
     /// The body to forward (model already rewritten).
     pub body: Option<Bytes>,
+    /// The request's place in a trace (set as soon as its head is read).
+    pub trace: Option<TraceContext>,
+    /// Its exported spans, when spans are exported.
+    pub spans: Option<Spans>,
     /// Counts the request as in flight (for draining) while it lives.
     _active: ActiveRequest,
 }
@@ -82,6 +88,8 @@ impl RequestCtx {
                 endpoint: None,
                 stream: false,
                 body: None,
+                trace: None,
+                spans: None,
                 _active: active,
             },
             target: Target {

@@ -100,6 +100,12 @@ fn usage_record(ctx: &RequestCtx, status: u16, ending: Ending) -> Option<UsageRe
     let tokens = meter.tokens();
     Some(UsageRecord {
         request_id: ctx.request.id.clone(),
+        trace_id: ctx
+            .request
+            .trace
+            .as_ref()
+            .map(|t| t.trace_id_hex())
+            .unwrap_or_default(),
         time_ms: meter.arrived_ms,
         user_id: identity.id.clone(),
         username: identity.username.clone(),

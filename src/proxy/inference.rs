@@ -4,6 +4,7 @@
 
 use super::cold::ColdRequest;
 use super::serve::Outcome;
+use super::trace::phase_span;
 use super::{body, errors, routing, Gateway, RequestCtx};
 use crate::auth::Identity;
 use crate::catalog::{Deployment, InstanceGuard, PoolError};
@@ -35,6 +36,7 @@ impl Gateway {
         let t = Instant::now();
         let control = parse_control_fields(&body, endpoint)?;
         // The request keeps the policy version it started with, whatever reloads meanwhile.
+        let routing_span = phase_span!(ctx, "route");
         let routed = routing::route(
             &self.catalog,
             &self.policies.current(),
@@ -50,6 +52,7 @@ impl Gateway {
                 body_len: body.len(),
             },
         )?;
+        drop(routing_span);
         let deployment = routed.deployment.clone();
         self.admit(ctx, identity, &deployment, &control, body.len())?;
         ctx.request.endpoint = Some(endpoint);
@@ -134,6 +137,7 @@ impl Gateway {
         let slot = match first_try {
             Err(PoolError::AtCapacity) => {
                 let _waiting = d.demand.waiting();
+                let _span = phase_span!(ctx, "admission_wait");
                 d.pool.acquire(&[]).await
             }
             other => other,

@@ -26,6 +26,7 @@ mod respond;
 mod routes;
 mod routing;
 mod serve;
+mod trace;
 mod upstream;
 
 pub use cold::ColdPath;
@@ -88,6 +89,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         let t = Instant::now();
+        trace::start(ctx, session.req_header());
         ctx.request.client = self.take_connection(session);
         let route = self.match_route(session.req_header());
         ctx.charge(t);
@@ -95,7 +97,7 @@ impl ProxyHttp for Gateway {
             Ok(route) => self.serve(session, ctx, route).await,
             Err(e) => Err(e),
         };
-        self.answer(session, outcome).await
+        self.answer(session, ctx, outcome).await
     }
 
     async fn upstream_peer(
@@ -105,8 +107,23 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<Box<HttpPeer>> {
         let t = Instant::now();
         let peer = upstream::next_peer(ctx);
+        trace::open_between(ctx, trace::phase_span!(ctx, "upstream_connect"));
         ctx.charge(t);
         peer
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        trace::open_between(ctx, trace::phase_span!(ctx, "upstream_first_byte"));
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -143,6 +160,7 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<()> {
         if ctx.target.deployment.is_some() {
             ctx.meter.first_byte.get_or_insert_with(Instant::now);
+            trace::close_between(ctx);
             response.insert_header("x-firstgate-route", "direct")?;
             let overhead = format!("{:.3}", ctx.overhead.as_secs_f64() * 1000.0);
             response.insert_header("x-firstgate-overhead-ms", overhead)?;
@@ -152,6 +170,9 @@ impl ProxyHttp for Gateway {
             }
         }
         response.insert_header("x-request-id", ctx.request.id.as_str())?;
+        if let Some(t) = &ctx.request.trace {
+            response.insert_header("traceparent", t.traceparent())?;
+        }
         Ok(())
     }
 
@@ -225,7 +246,7 @@ impl ProxyHttp for Gateway {
             .or_else(|| errors::proxy(e, ctx.target.deployment.as_deref()));
         let error_code = match err {
             Some(err) if session.response_written().is_none() => {
-                if let Err(write) = respond::send_error(session, &err).await {
+                if let Err(write) = respond::send_error(session, ctx, &err).await {
                     log::debug!("could not send error response: {write}");
                 }
                 err.status
@@ -239,13 +260,23 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
-        // A client that hangs up mid-stream is normal for LLM traffic, not an error.
-        error.esource() == &ErrorSource::Downstream
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        // `logging` says it, with the request's id and trace.
+        true
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        // A client that hangs up mid-stream is normal for LLM traffic, not an error.
+        if let Some(e) = e.filter(|e| e.esource() != &ErrorSource::Downstream) {
+            let trace = ctx.request.trace.as_ref().map(|t| t.trace_id_hex());
+            log::error!(
+                "{} failed: {e} (status {status}, request {}, trace {})",
+                session.request_summary(),
+                ctx.request.id,
+                trace.as_deref().unwrap_or("-")
+            );
+        }
         self.finish(ctx, status, e);
     }
 }

@@ -1,20 +1,26 @@
 //! Writing responses the gateway answers itself (errors and listings).
 
+use super::RequestCtx;
 use crate::openai::ApiError;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
-/// Sends a complete JSON response.
+/// Sends a complete JSON response, with the request's id and trace.
 pub async fn send_json(
     session: &mut Session,
+    ctx: &RequestCtx,
     status: u16,
     body: Bytes,
     headers: &[(&'static str, String)],
 ) -> pingora::Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(3 + headers.len()))?;
+    let mut resp = ResponseHeader::build(status, Some(5 + headers.len()))?;
     resp.insert_header("content-type", "application/json")?;
     resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("x-request-id", ctx.request.id.as_str())?;
+    if let Some(t) = &ctx.request.trace {
+        resp.insert_header("traceparent", t.traceparent())?;
+    }
     for (name, value) in headers {
         resp.insert_header(*name, value.as_str())?;
     }
@@ -23,9 +29,13 @@ pub async fn send_json(
 }
 
 /// Sends an error in the OpenAI envelope.
-pub async fn send_error(session: &mut Session, err: &ApiError) -> pingora::Result<()> {
+pub async fn send_error(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    err: &ApiError,
+) -> pingora::Result<()> {
     let retry = err.retry_after.map(|s| ("retry-after", s.to_string()));
     let allow = err.allow.map(|a| ("allow", a.to_string()));
     let headers: Vec<_> = retry.into_iter().chain(allow).collect();
-    send_json(session, err.status, err.body(), &headers).await
+    send_json(session, ctx, err.status, err.body(), &headers).await
 }

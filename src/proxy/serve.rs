@@ -2,6 +2,7 @@
 //! maintenance switch, authentication; then a read or an inference, and the answer.
 
 use super::routes::{self, Read, Route};
+use super::trace::phase_span;
 use super::{errors, respond, Gateway, RequestCtx};
 use crate::auth::{CacheOutcome, Identity};
 use crate::edge::Client;
@@ -98,6 +99,7 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Arc<Identity>, ApiError> {
         let t = Instant::now();
+        let span = phase_span!(ctx, "authenticate", cache = tracing::field::Empty);
         let header = session
             .req_header()
             .headers
@@ -112,6 +114,9 @@ impl Gateway {
                 CacheOutcome::Miss => "miss",
             };
             self.metrics.auth_cache.with_label_values(&[label]).inc();
+            if let Some(span) = &span {
+                span.record("cache", label);
+            }
         }
         if let Err(crate::auth::AuthError::Throttled) = &result {
             self.metrics
@@ -137,17 +142,18 @@ impl Gateway {
     pub(super) async fn answer(
         &self,
         session: &mut Session,
+        ctx: &RequestCtx,
         outcome: Result<Outcome, ApiError>,
     ) -> pingora::Result<bool> {
         match outcome {
             Ok(Outcome::Proxy) => Ok(false),
             Ok(Outcome::Answered) => Ok(true),
             Ok(Outcome::Answer(body)) => {
-                respond::send_json(session, 200, body, &[]).await?;
+                respond::send_json(session, ctx, 200, body, &[]).await?;
                 Ok(true)
             }
             Err(err) => {
-                respond::send_error(session, &err).await?;
+                respond::send_error(session, ctx, &err).await?;
                 Ok(true)
             }
         }

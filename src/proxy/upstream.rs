@@ -88,6 +88,13 @@ pub fn rewrite_request(upstream: &mut RequestHeader, ctx: &RequestCtx) -> pingor
     if let Some(auth) = &deployment.pool.settings.authorization {
         upstream.insert_header("authorization", auth.clone())?;
     }
+    // The backend continues the trace with the gateway as its parent.
+    if let Some(t) = &ctx.request.trace {
+        upstream.insert_header("traceparent", t.traceparent())?;
+        if let Some(state) = &t.state {
+            upstream.insert_header("tracestate", state.as_str())?;
+        }
+    }
     let len = ctx.request.body.as_ref().map_or(0, Bytes::len);
     upstream.insert_header("content-length", len.to_string())
 }

@@ -1,11 +1,13 @@
 //! Usage: one record per request (exact tokens from the backend's `usage`), written off the
 //! request path; per-user totals for `GET /resource_server/usage`; rate limits.
 
+mod access_log;
 mod limits;
 mod record;
 mod scan;
 pub mod sink;
 
+pub use access_log::AccessLog;
 pub use limits::{InFlightPermit, Limited, Limits, MemoryLimits, TokenReservation};
 pub use record::{Ending, Meter, UsageRecord};
 pub use scan::{Tokens, UsageScanner};
@@ -59,32 +61,58 @@ impl UsageTotals {
 }
 
 /// Everything the request path needs for usage: the sink, the totals, the limits and the
-/// access log settings.
+/// access log.
 pub struct Accounting {
     pub sink: Option<std::sync::Arc<dyn UsageSink>>,
     pub totals: UsageTotals,
     pub limits: Box<dyn Limits>,
-    pub access_log: crate::config::AccessLog,
+    /// The access log, when enabled.
+    pub access_log: Option<AccessLog>,
+    /// Request bodies go into the access log too.
+    pub log_prompts: bool,
+}
+
+/// One access-log line: the record's fields, the client's address, and the body if asked.
+#[derive(serde::Serialize)]
+struct AccessLine<'a> {
+    #[serde(flatten)]
+    record: &'a UsageRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_body: Option<std::borrow::Cow<'a, str>>,
 }
 
 impl Accounting {
-    /// Records a finished request: totals, the sink, the access log (which also
-    /// names the client's address, as resolved behind trusted proxies).
+    /// Records a finished request: totals, the sink, the access log (which also names the
+    /// client's address, as resolved behind trusted proxies).
     pub fn finish(&self, r: UsageRecord, prompt: Option<&[u8]>, client: Option<IpAddr>) {
         self.totals.add(&r);
-        if self.access_log.enabled {
-            let mut line = serde_json::to_value(&r).unwrap_or_default();
-            if let Some(ip) = client {
-                line["client"] = serde_json::Value::String(ip.to_string());
+        if let Some(log) = &self.access_log {
+            let line = AccessLine {
+                record: &r,
+                client,
+                request_body: prompt
+                    .filter(|_| self.log_prompts)
+                    .map(String::from_utf8_lossy),
+            };
+            if let Ok(bytes) = serde_json::to_vec(&line) {
+                log.write(&bytes);
             }
-            if let (true, Some(p)) = (self.access_log.log_prompts, prompt) {
-                line["request_body"] =
-                    serde_json::Value::String(String::from_utf8_lossy(p).into_owned());
-            }
-            log::info!(target: "firstgate::access", "{line}");
         }
         if let Some(sink) = &self.sink {
             sink.record(r);
+        }
+    }
+
+    /// Writes the records and access-log lines handed over so far; waits at most `limit` for
+    /// each.
+    pub fn flush(&self, limit: std::time::Duration) {
+        if let Some(sink) = &self.sink {
+            sink.flush(limit);
+        }
+        if let Some(log) = &self.access_log {
+            log.flush(limit);
         }
     }
 }

@@ -8,6 +8,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub request_id: String,
+    /// The W3C trace the request was part of (32 hex digits).
+    #[serde(default)]
+    pub trace_id: String,
     /// Unix time of arrival, in milliseconds.
     pub time_ms: i64,
     pub user_id: String,

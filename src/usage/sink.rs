@@ -73,6 +73,8 @@ const MIGRATIONS: &[&str] = &[
     // 2: answers the backend broke off, and tokens that are not the backend's own count.
     "ALTER TABLE usage ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN tokens_unknown INTEGER NOT NULL DEFAULT 0;",
+    // 3: the W3C trace each request was part of, to find its spans and log lines.
+    "ALTER TABLE usage ADD COLUMN trace_id TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Opens (creating if needed) the usage database, at the current schema version.
@@ -284,8 +286,8 @@ fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()
             "INSERT OR REPLACE INTO usage (request_id, time_ms, user_id, username, cluster, \
              framework, model, endpoint, route, status, prompt_tokens, completion_tokens, \
              total_tokens, ttft_ms, duration_ms, bytes_in, bytes_out, instance, cancelled, failed, \
-             tokens_unknown) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, \
-             ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+             tokens_unknown, trace_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
+             ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
         )?;
         for r in records {
             stmt.execute(params![
@@ -310,6 +312,7 @@ fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()
                 r.cancelled,
                 r.failed,
                 r.tokens_unknown,
+                r.trace_id,
             ])?;
         }
     }
