@@ -49,7 +49,8 @@ struct Cli {
     /// Workers of the saturation run.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Only these targets (direct, nginx, firstgate-lite, firstgate-full); default all.
+    /// Only these targets (direct, nginx, pingora-bare, firstgate-lite, firstgate-full); default
+    /// all.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
     /// Keep the working directory (configurations and the gateways' logs) and print it.
@@ -512,6 +513,26 @@ fn start_gateway(
     Ok((Proc { child }, addr, admin))
 }
 
+/// The floor: a Pingora proxy that only picks the peer (`examples/bare-proxy.rs`).
+fn start_bare(
+    bin: &Path,
+    fast: SocketAddr,
+    real: SocketAddr,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr = free_addr();
+    let child = Command::new(bin.join("examples/bare-proxy"))
+        .args([
+            addr.to_string(),
+            fast.to_string(),
+            real.to_string(),
+            "2".into(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok((Proc { child }, addr))
+}
+
 fn start_nginx(
     nginx: &str,
     dir: &Path,
@@ -599,10 +620,12 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let (gw_lite, lite_addr, lite_admin) = start_gateway(&bin, &dir, "firstgate-lite", &lite, &[])?;
     let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, fast, real)?;
+    let (bare, bare_addr) = start_bare(&bin, fast, real)?;
     for (a, what) in [
         (full_addr, "firstgate (full)"),
         (lite_addr, "firstgate (lite)"),
         (ngx_addr, "nginx"),
+        (bare_addr, "the bare Pingora proxy"),
     ] {
         wait_listening(a, what).await?;
     }
@@ -623,6 +646,15 @@ async fn main() -> anyhow::Result<()> {
             fast: ("fast", "/fast"),
             real: ("real", "/real"),
             pid: Some(ngx.pid()),
+            token: None,
+            admin: None,
+        },
+        Target {
+            name: "pingora-bare",
+            base: format!("http://{bare_addr}"),
+            fast: ("fast", "/fast"),
+            real: ("real", "/real"),
+            pid: Some(bare.pid()),
             token: None,
             admin: None,
         },
@@ -705,7 +737,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("done: {}", t.name);
     }
     report(&results, &cli.out)?;
-    drop((gw_full, gw_lite, ngx));
+    drop((gw_full, gw_lite, ngx, bare));
     if cli.keep {
         println!("working directory kept: {}", dir.display());
     } else {
@@ -740,7 +772,7 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
 
 fn report(results: &[RunResult], out: &Path) -> anyhow::Result<()> {
     println!(
-        "{:<15} {:<18} {:>9} {:>6} {:>9} {:>9} {:>9} {:>11} {:>9} {:>9} {:>9} {:>8}",
+        "{:<15} {:<18} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
         "target",
         "scenario",
         "req/s",
@@ -752,6 +784,7 @@ fn report(results: &[RunResult], out: &Path) -> anyhow::Result<()> {
         "ttft p50",
         "gap p99",
         "cpu/1k",
+        "vs bare",
         "MiB"
     );
     for r in results {
@@ -761,13 +794,21 @@ fn report(results: &[RunResult], out: &Path) -> anyhow::Result<()> {
         let nginx = results
             .iter()
             .find(|d| d.target == "nginx" && d.scenario == r.scenario);
+        let bare = results
+            .iter()
+            .find(|d| d.target == "pingora-bare" && d.scenario == r.scenario);
         let added = direct.map_or(0.0, |d| r.p50_ms - d.p50_ms);
         let ratio = nginx.map_or(String::new(), |n| {
             format!("{:.2}x", r.achieved_rps / n.achieved_rps.max(1e-9))
         });
-        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        // CPU per request against the bare Pingora proxy: the headline figure.
+        let vs_bare = bare
+            .and_then(|b| Some(r.cpu_s_per_1k? / b.cpu_s_per_1k.filter(|c| *c > 0.0)?))
+            .map_or("-".to_string(), |x| format!("{x:.2}x"));
+        let opt =
+            |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
-            "{:<15} {:<18} {:>9.0} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>11} {:>9} {:>9} {:>9} {:>8}",
+            "{:<15} {:<18} {:>9.0} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
             r.target,
             r.scenario,
             r.achieved_rps,
@@ -776,10 +817,11 @@ fn report(results: &[RunResult], out: &Path) -> anyhow::Result<()> {
             r.p99_ms,
             added,
             ratio,
-            opt(r.ttft_p50_ms),
-            opt(r.gap_p99_ms),
-            opt(r.cpu_s_per_1k),
-            opt(r.peak_rss_mib)
+            opt(r.ttft_p50_ms, 2),
+            opt(r.gap_p99_ms, 2),
+            opt(r.cpu_s_per_1k, 3),
+            vs_bare,
+            opt(r.peak_rss_mib, 1)
         );
     }
     let per_stream: Vec<String> = results
