@@ -2,6 +2,7 @@
 # Installs the system packages firstgate's build needs on Debian/Ubuntu:
 #   cmake       – pingora-core builds zlib-ng through flate2
 #   pkg-config, libssl-dev – found by -sys crates
+#   build-essential – cc and make: SQLite (bundled) and jemalloc are built from source
 
 # Idempotent and quiet when everything is already there; safe under CI (no stdin).
 set -euo pipefail

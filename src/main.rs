@@ -11,6 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// jemalloc in place of glibc's malloc: per-thread caches, so the worker threads no longer
+/// contend on allocator locks when one frees what another allocated (tasks move between
+/// workers), without the memory mimalloc keeps per open stream. See docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "firstgate",

@@ -3,8 +3,8 @@
 //! so cardinality stays bounded; tokens never appear in labels.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets from 0.5 ms to 5 min: gateway overhead at the low end, long streams at the top.
@@ -16,6 +16,9 @@ const SECONDS_BUCKETS: &[f64] = &[
 const OVERHEAD_BUCKETS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
 ];
+
+/// The routes a request takes (`Target::route`).
+const ROUTES: [&str; 3] = ["local", "direct", "compute"];
 
 pub struct Metrics {
     registry: Registry,
@@ -69,6 +72,25 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// Times the accept loop paused because `edge.max_connections` were open.
     pub accept_waits: IntCounter,
+    /// Series every request touches, resolved once (see [`DeploymentMetrics`]).
+    overhead_by_route: [Histogram; 3],
+    /// `auth_cache{outcome="hit"}`.
+    pub auth_cache_hits: IntCounter,
+}
+
+/// One deployment's series that every request to it updates, resolved once per deployment
+/// (the catalog keeps them): `with_label_values` hashes the labels and takes a lock on each
+/// call. A deployment built anew (catalog reload) resolves its own; the series themselves live
+/// in the registry and carry on.
+#[derive(Debug)]
+pub struct DeploymentMetrics {
+    /// `requests_total{status="200"}` (other statuses are looked up when they happen).
+    pub answered_ok: IntCounter,
+    pub prompt_tokens: IntCounter,
+    pub completion_tokens: IntCounter,
+    pub duration: Histogram,
+    pub time_to_first_byte: Histogram,
+    pub in_flight: IntGauge,
 }
 
 impl Metrics {
@@ -85,7 +107,22 @@ impl Metrics {
             registered(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
         let cm = &["cluster", "model"];
+        let overhead = hist(
+            "firstgate_gateway_overhead_seconds",
+            "Time the gateway spent on a request itself, excluding waits on client and backend.",
+            OVERHEAD_BUCKETS,
+            &["route"],
+        );
+        let auth_cache = counter(
+            "firstgate_auth_cache_lookups_total",
+            "Token-cache lookups by outcome; a miss verifies the token with the identity provider.",
+            &["outcome"],
+        );
         Metrics {
+            overhead_by_route: ROUTES.map(|r| overhead.with_label_values(&[r])),
+            auth_cache_hits: auth_cache.with_label_values(&["hit"]),
+            overhead,
+            auth_cache,
             requests: counter(
                 "firstgate_requests_total",
                 "Requests answered, by cluster, model and HTTP status.",
@@ -113,12 +150,6 @@ impl Metrics {
                 "1 when the backend instance passes its health check, else 0.",
                 &["cluster", "model", "backend"],
             ),
-            overhead: hist(
-                "firstgate_gateway_overhead_seconds",
-                "Time the gateway spent on a request itself, excluding waits on client and backend.",
-                OVERHEAD_BUCKETS,
-                &["route"],
-            ),
             retries: counter(
                 "firstgate_upstream_retries_total",
                 "Requests retried on another backend after a connect failure or a stale connection.",
@@ -128,11 +159,6 @@ impl Metrics {
                 "firstgate_background_runs_total",
                 "Completed runs of background loops, by task.",
                 &["task"],
-            ),
-            auth_cache: counter(
-                "firstgate_auth_cache_lookups_total",
-                "Token-cache lookups by outcome; a miss verifies the token with the identity provider.",
-                &["outcome"],
             ),
             policy_reloads: counter(
                 "firstgate_policy_reloads_total",
@@ -236,6 +262,30 @@ impl Metrics {
                 ),
             ),
             registry,
+        }
+    }
+
+    /// The series of one deployment's requests (resolve once, keep: see [`DeploymentMetrics`]).
+    pub fn deployment(&self, cluster: &str, model: &str) -> DeploymentMetrics {
+        let cm = [cluster, model];
+        DeploymentMetrics {
+            answered_ok: self.requests.with_label_values(&[cluster, model, "200"]),
+            prompt_tokens: self.tokens.with_label_values(&[cluster, model, "prompt"]),
+            completion_tokens: self
+                .tokens
+                .with_label_values(&[cluster, model, "completion"]),
+            duration: self.request_duration.with_label_values(&cm),
+            time_to_first_byte: self.time_to_first_byte.with_label_values(&cm),
+            in_flight: self.in_flight.with_label_values(&cm),
+        }
+    }
+
+    /// Observes a request's `gateway_overhead_seconds` on its route (`local`, `direct` or
+    /// `compute`).
+    pub fn observe_overhead(&self, route: &str, seconds: f64) {
+        match ROUTES.iter().position(|r| *r == route) {
+            Some(i) => self.overhead_by_route[i].observe(seconds),
+            None => self.overhead.with_label_values(&[route]).observe(seconds),
         }
     }
 

@@ -21,6 +21,7 @@ use crate::usage::{self, AccessLog, Accounting, MemoryLimits, SqliteSink, UsageS
 use anyhow::Context;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
@@ -308,10 +309,15 @@ fn proxy_service(
     );
     let mut service = Service::new("firstgate".to_string(), app);
     // Both listeners accept plain TCP: the edge layer runs the TLS handshake itself, on its
-    // own deadline, after admission.
-    service.add_tcp(&config.listen.to_string());
+    // own deadline, after admission. Pingora gives each connection a 64 KiB read buffer by
+    // default; plain HTTP reads straight into the request's own buffers instead (the same
+    // number of reads, one copy less, 64 KiB less per open stream), and TLS keeps one record's
+    // worth (16 KiB) so that reading a record's header and body stays one read.
+    let plain = L4BufferSettings::default().read(0);
+    service.add_listener(ListenerConfig::tcp(config.listen.to_string()).l4_buffer(plain));
     if let Some(tls) = &config.tls {
-        service.add_tcp(&tls.listen.to_string());
+        let records = L4BufferSettings::default().read(16 * 1024);
+        service.add_listener(ListenerConfig::tcp(tls.listen.to_string()).l4_buffer(records));
     }
     service.set_connection_filter(Arc::new(AcceptGate(parts.admission.clone())));
     Ok(service)

@@ -3,7 +3,6 @@
 //! to the client, and written with the request's usage record and log lines.
 
 use http::HeaderMap;
-use std::fmt::Write as _;
 
 /// One request's place in a trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,18 +55,20 @@ impl TraceContext {
 
     /// The trace id as 32 lowercase hex digits.
     pub fn trace_id_hex(&self) -> String {
-        hex::encode(self.trace_id)
+        let mut out = [0; 32];
+        hex::encode_to_slice(self.trace_id, &mut out).expect("32 digits for 16 bytes");
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     /// The `traceparent` naming the gateway's span.
     pub fn traceparent(&self) -> String {
-        let mut s = String::with_capacity(55);
-        s.push_str("00-");
-        s.push_str(&hex::encode(self.trace_id));
-        s.push('-');
-        s.push_str(&hex::encode(self.span_id));
-        let _ = write!(s, "-{:02x}", self.flags);
-        s
+        // `00-` trace id `-` span id `-` flags: 55 bytes, written in place.
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        let digits = hex::encode_to_slice(self.trace_id, &mut out[3..35])
+            .and_then(|()| hex::encode_to_slice(self.span_id, &mut out[36..52]))
+            .and_then(|()| hex::encode_to_slice([self.flags], &mut out[53..55]));
+        digits.expect("the lengths match");
+        String::from_utf8_lossy(&out).into_owned()
     }
 }
 

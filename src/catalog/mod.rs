@@ -13,11 +13,12 @@ pub use monitor::BackendMonitor;
 pub use pool::{BackendPool, Instance, InstanceGuard, PoolError, UpstreamSettings, UpstreamTls};
 
 use crate::config::{AccessList, BackendAddr, Config, Endpoint};
+use crate::metrics::DeploymentMetrics;
 use crate::model_name::normalize;
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// One model on one cluster/framework and everything needed to serve it.
 #[derive(Debug)]
@@ -51,6 +52,8 @@ pub struct Deployment {
     pub status_url: Option<crate::config::StatusUrl>,
     /// What the lifecycle last reported.
     pub live: ArcSwap<LiveState>,
+    /// Its metric series, resolved on first use and kept.
+    pub metrics: OnceLock<DeploymentMetrics>,
 }
 
 /// What the cluster lifecycle last reported about a deployment.
@@ -252,6 +255,7 @@ impl Catalog {
                         tokens_per_minute: m.tokens_per_minute,
                         tokens_per_minute_per_user: m.tokens_per_minute_per_user,
                         live: ArcSwap::from_pointee(LiveState::default()),
+                        metrics: OnceLock::new(),
                     });
                     for name in std::iter::once(&m.name).chain(&m.aliases) {
                         let key = normalize(name);

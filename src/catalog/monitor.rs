@@ -55,7 +55,7 @@ impl BackendMonitor {
             for (instance, healthy) in d.pool.instances() {
                 self.metrics
                     .backend_healthy
-                    .with_label_values(&[&d.cluster, &d.model, &instance.id()])
+                    .with_label_values(&[&d.cluster, &d.model, instance.id()])
                     .set(i64::from(healthy));
             }
         }

@@ -116,6 +116,8 @@ impl fmt::Debug for UpstreamSettings {
 pub struct Instance {
     pub addr: BackendAddr,
     pub socket: SocketAddr,
+    /// `host:port` (the policy's instance id, and the `Host` of its requests).
+    id: String,
     in_flight: AtomicUsize,
     released: Arc<Notify>,
     /// Moving average of request durations on this instance, in microseconds (0: none yet).
@@ -139,6 +141,7 @@ impl Instance {
         admitted: bool,
     ) -> Self {
         Instance {
+            id: addr.authority(),
             addr,
             socket,
             in_flight: AtomicUsize::new(0),
@@ -210,8 +213,8 @@ impl Instance {
     }
 
     /// A stable name for logs and metric labels: `host:port`.
-    pub fn id(&self) -> String {
-        self.addr.authority()
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Takes a slot if fewer than `cap` requests are in flight.
@@ -348,21 +351,22 @@ impl BackendPool {
     }
 
     fn all_instances(&self) -> Vec<(Arc<Instance>, bool)> {
-        let backends = self.lb.backends();
-        backends
-            .get_backend()
-            .iter()
-            .filter_map(|b| Some((b.ext.get::<Arc<Instance>>()?.clone(), backends.ready(b))))
-            .collect()
+        self.instances_with(|_, healthy| healthy)
     }
 
     /// Every instance, and whether it takes new requests (healthy, admitted, not draining).
     pub fn instances(&self) -> Vec<(Arc<Instance>, bool)> {
-        self.all_instances()
-            .into_iter()
-            .map(|(i, healthy)| {
-                let serves = i.serves(healthy);
-                (i, serves)
+        self.instances_with(|i, healthy| i.serves(healthy))
+    }
+
+    fn instances_with(&self, flag: impl Fn(&Instance, bool) -> bool) -> Vec<(Arc<Instance>, bool)> {
+        let backends = self.lb.backends();
+        backends
+            .get_backend()
+            .iter()
+            .filter_map(|b| {
+                let i = b.ext.get::<Arc<Instance>>()?;
+                Some((i.clone(), flag(i, backends.ready(b))))
             })
             .collect()
     }

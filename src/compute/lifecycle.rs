@@ -166,7 +166,7 @@ impl ClusterLifecycle {
             let drain_before = lc.drain_before.as_secs() as i64;
             for (instance, _) in d.pool.instances() {
                 let ending = jobs.iter().any(|j| {
-                    j.host.as_deref() == Some(instance.id().as_str())
+                    j.host.as_deref() == Some(instance.id())
                         && j.ends_in().is_some_and(|left| left <= drain_before)
                 });
                 if ending && !instance.is_draining() {

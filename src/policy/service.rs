@@ -28,15 +28,14 @@ pub fn candidates_of(deployments: &[Arc<Deployment>]) -> Candidates {
                     .instances()
                     .into_iter()
                     .map(|(i, healthy)| {
-                        let id = i.id();
-                        let ends_in = live.ends_in(&id);
+                        let ends_in = live.ends_in(i.id());
                         InstanceView {
                             healthy,
                             in_flight: i.in_flight() as i64,
                             latency_ms: i.recent_latency().map_or(0, |l| l.as_millis() as i64),
                             ends_in,
                             socket: Some(i.socket),
-                            id,
+                            id: i.id().to_owned(),
                         }
                     })
                     .collect();
@@ -237,10 +236,9 @@ impl ScaleRunner {
                 if i.is_draining() {
                     continue;
                 }
-                let id = i.id();
-                let ends_in = live.ends_in(&id);
+                let ends_in = live.ends_in(i.id());
                 input.instances.push(ScaleInstance {
-                    id,
+                    id: i.id().to_owned(),
                     cluster: d.cluster.clone(),
                     age: i.age().as_secs() as i64,
                     idle: i.idle().as_secs() as i64,

@@ -1,7 +1,8 @@
 //! The end of a request: its usage record (with the access-log line) and its metrics.
 
 use super::{Gateway, RequestCtx};
-use crate::metrics::status_label;
+use crate::catalog::Deployment;
+use crate::metrics::{status_label, DeploymentMetrics};
 use crate::usage::{Ending, UsageRecord};
 use pingora::{Error, ErrorSource};
 
@@ -24,48 +25,48 @@ impl Gateway {
             let used = record.as_ref().map_or(0, |r| r.total_tokens);
             self.accounting.limits.settle_tokens(reserved, used);
         }
+        let m = &self.metrics;
+        m.observe_overhead(ctx.target.route, ctx.overhead.as_secs_f64());
+        // Requests without a deployment (listings, refusals) have no record either.
+        let Some(d) = ctx.target.deployment.as_deref() else {
+            m.requests
+                .with_label_values(&["", "", status_label(status)])
+                .inc();
+            return;
+        };
+        let series = self.series(d);
         if let Some(record) = record {
-            for (kind, n) in [
-                ("prompt", record.prompt_tokens),
-                ("completion", record.completion_tokens),
-            ] {
-                self.metrics
-                    .tokens
-                    .with_label_values(&[&record.cluster, &record.model, kind])
-                    .inc_by(n);
-            }
+            series.prompt_tokens.inc_by(record.prompt_tokens);
+            series.completion_tokens.inc_by(record.completion_tokens);
             let client = ctx.request.client.as_ref().map(|c| c.ip);
             let prompt = ctx.request.body.as_deref();
             self.accounting.finish(record, prompt, client);
         }
-        let (cluster, model) = ctx
-            .target
-            .deployment
-            .as_deref()
-            .map_or(("", ""), |d| (d.cluster.as_str(), d.model.as_str()));
-        let m = &self.metrics;
-        m.requests
-            .with_label_values(&[cluster, model, status_label(status)])
-            .inc();
-        m.overhead
-            .with_label_values(&[ctx.target.route])
-            .observe(ctx.overhead.as_secs_f64());
-        if ctx.target.deployment.is_none() {
-            return;
+        match status {
+            200 => series.answered_ok.inc(),
+            _ => m
+                .requests
+                .with_label_values(&[&d.cluster, &d.model, status_label(status)])
+                .inc(),
         }
-        let labels = [cluster, model];
         let meter = &ctx.meter;
-        m.request_duration
-            .with_label_values(&labels)
+        series
+            .duration
             .observe(meter.started.elapsed().as_secs_f64());
         if let Some(first) = meter.first_byte {
-            m.time_to_first_byte
-                .with_label_values(&labels)
+            series
+                .time_to_first_byte
                 .observe((first - meter.started).as_secs_f64());
         }
         if ctx.target.in_flight {
-            m.in_flight.with_label_values(&labels).dec();
+            series.in_flight.dec();
         }
+    }
+
+    /// The deployment's metric series (resolved on its first request).
+    pub(super) fn series<'d>(&self, d: &'d Deployment) -> &'d DeploymentMetrics {
+        d.metrics
+            .get_or_init(|| self.metrics.deployment(&d.cluster, &d.model))
     }
 
     pub(super) fn count_retry(&self, ctx: &RequestCtx) {

@@ -144,10 +144,7 @@ impl Gateway {
         }
         .map_err(|e| errors::pool(e, d))?;
         ctx.target.slot = Some(slot);
-        self.metrics
-            .in_flight
-            .with_label_values(&[&d.cluster, &d.model])
-            .inc();
+        self.series(d).in_flight.inc();
         ctx.target.in_flight = true;
         ctx.target.deployment = Some(d.clone());
         Ok(())

@@ -109,11 +109,14 @@ impl Gateway {
             let label = match outcome {
                 CacheOutcome::Hit => {
                     ctx.charge(t);
+                    self.metrics.auth_cache_hits.inc();
                     "hit"
                 }
-                CacheOutcome::Miss => "miss",
+                CacheOutcome::Miss => {
+                    self.metrics.auth_cache.with_label_values(&["miss"]).inc();
+                    "miss"
+                }
             };
-            self.metrics.auth_cache.with_label_values(&[label]).inc();
             if let Some(span) = &span {
                 span.record("cache", label);
             }

@@ -71,18 +71,38 @@ impl AccessLog {
 
     /// Appends one line (`line` without its newline). Never blocks on I/O.
     pub fn write(&self, line: &[u8]) {
+        self.append(|lines| {
+            lines.extend_from_slice(line);
+            Ok(())
+        });
+    }
+
+    /// Appends `value` as one JSON line, serialised straight into the waiting lines (no buffer
+    /// of its own). Never blocks on I/O.
+    pub fn write_json<T: serde::Serialize>(&self, value: &T) {
+        self.append(|lines| serde_json::to_writer(lines, value).map_err(|_| ()));
+    }
+
+    fn append(&self, line: impl FnOnce(&mut Vec<u8>) -> Result<(), ()>) {
         let mut p = self
             .shared
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if p.lines.len() + line.len() + 1 > MAX_BUFFERED {
-            drop(p);
-            self.shared.dropped(1, "the writer is behind");
-            return;
+        let before = p.lines.len();
+        let refused = match line(&mut p.lines) {
+            Err(()) => Some("a line could not be serialised"),
+            Ok(()) if p.lines.len() + 1 > MAX_BUFFERED => Some("the writer is behind"),
+            Ok(()) => None,
+        };
+        match refused {
+            None => p.lines.push(b'\n'),
+            Some(why) => {
+                p.lines.truncate(before);
+                drop(p);
+                self.shared.dropped(1, why);
+            }
         }
-        p.lines.extend_from_slice(line);
-        p.lines.push(b'\n');
     }
 
     /// Reopens a file target (after logrotate moved it; SIGHUP).

@@ -20,26 +20,34 @@ use std::sync::Mutex;
 /// Requests and tokens per user and model since the store began (loaded at start, then kept
 /// up to date in memory, so answering a user never touches the database).
 #[derive(Default)]
-pub struct UsageTotals(Mutex<HashMap<(String, String), Totals>>);
+pub struct UsageTotals(Mutex<HashMap<String, HashMap<String, Totals>>>);
 
 impl UsageTotals {
     pub fn load(rows: Vec<Totals>) -> Self {
-        UsageTotals(Mutex::new(
-            rows.into_iter()
-                .map(|t| ((t.username.clone(), t.model.clone()), t))
-                .collect(),
-        ))
+        let mut map: HashMap<String, HashMap<String, Totals>> = HashMap::new();
+        for t in rows {
+            map.entry(t.username.clone())
+                .or_default()
+                .insert(t.model.clone(), t);
+        }
+        UsageTotals(Mutex::new(map))
     }
 
     pub fn add(&self, r: &UsageRecord) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let t = map
-            .entry((r.username.clone(), r.model.clone()))
-            .or_insert_with(|| Totals {
+        // Keyed by user, then model: a known pair is found without building a key.
+        let t = match map.get_mut(&r.username) {
+            Some(models) => models,
+            None => map.entry(r.username.clone()).or_default(),
+        };
+        let t = match t.get_mut(&r.model) {
+            Some(t) => t,
+            None => t.entry(r.model.clone()).or_insert_with(|| Totals {
                 username: r.username.clone(),
                 model: r.model.clone(),
                 ..Totals::default()
-            });
+            }),
+        };
         // Every request counts, with or without tokens; absurd counts saturate.
         t.requests += 1;
         t.prompt_tokens = t.prompt_tokens.saturating_add(r.prompt_tokens);
@@ -51,10 +59,9 @@ impl UsageTotals {
     pub fn of(&self, username: &str) -> Vec<Totals> {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<Totals> = map
-            .values()
-            .filter(|t| t.username == username)
-            .cloned()
-            .collect();
+            .get(username)
+            .map(|models| models.values().cloned().collect())
+            .unwrap_or_default();
         out.sort_by(|a, b| a.model.cmp(&b.model));
         out
     }
@@ -96,9 +103,7 @@ impl Accounting {
                     .filter(|_| self.log_prompts)
                     .map(String::from_utf8_lossy),
             };
-            if let Ok(bytes) = serde_json::to_vec(&line) {
-                log.write(&bytes);
-            }
+            log.write_json(&line);
         }
         if let Some(sink) = &self.sink {
             sink.record(r);

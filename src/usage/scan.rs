@@ -99,17 +99,23 @@ impl UsageScanner {
     }
 
     fn feed_json(&mut self, chunk: &Bytes, end: bool) {
-        if self.json.len() + chunk.len() <= MAX_JSON {
-            self.json.extend_from_slice(chunk);
-        } else {
+        if self.unscanned {
+            return;
+        }
+        if self.json.len() + chunk.len() > MAX_JSON {
             self.unscanned = true;
             self.json = BytesMut::new();
+            return;
         }
-        if end && !self.unscanned {
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.json) {
-                self.usage = tokens_of(&v["usage"]);
-            }
-            self.json.clear();
+        if end && self.json.is_empty() {
+            // The whole answer in one piece (the usual case): read it where it is.
+            self.usage = usage_of_answer(chunk);
+            return;
+        }
+        self.json.extend_from_slice(chunk);
+        if end {
+            self.usage = usage_of_answer(&self.json);
+            self.json = BytesMut::new();
         }
     }
 
@@ -204,6 +210,18 @@ impl UsageScanner {
     pub fn strips(&self) -> bool {
         self.stream && self.strip_usage
     }
+}
+
+/// The `usage` of a whole JSON answer. Only `usage` is built; the rest (the generated text) is
+/// skipped over without being copied.
+fn usage_of_answer(body: &[u8]) -> Option<Tokens> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        usage: Value,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    tokens_of(&answer.usage)
 }
 
 /// OpenAI's `prompt_tokens`/`completion_tokens`, or `/v1/responses`' `input_tokens`/
