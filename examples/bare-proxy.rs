@@ -2,9 +2,14 @@
 //! examples do. It routes like the benchmark's nginx (`/fast/...` and `/real/...` to two
 //! upstreams, the prefix dropped) so that both see the same requests.
 //!
-//! `bare-proxy LISTEN FAST_UPSTREAM REAL_UPSTREAM THREADS`
+//! `bare-proxy LISTEN FAST_UPSTREAM REAL_UPSTREAM THREADS [--tuned]`
+//!
+//! With `--tuned`, Pingora is set up as firstgate sets it up (no L4 read buffer on the plain
+//! listener); `bare-proxy-tuned` adds firstgate's allocator. The benchmark runs both, to show
+//! what the settings alone do for the floor.
 
 use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 use std::net::SocketAddr;
@@ -41,11 +46,20 @@ impl ProxyHttp for Bare {
     }
 }
 
+#[allow(dead_code)] // `bare-proxy-tuned` has its own `main`
 fn main() {
+    run()
+}
+
+pub fn run() {
     let args: Vec<String> = std::env::args().collect();
-    let [_, listen, fast, real, threads] = args.as_slice() else {
-        eprintln!("usage: bare-proxy LISTEN FAST_UPSTREAM REAL_UPSTREAM THREADS");
-        std::process::exit(2);
+    let (listen, fast, real, threads, tuned) = match args.as_slice() {
+        [_, l, f, r, t] => (l, f, r, t, false),
+        [_, l, f, r, t, flag] if flag == "--tuned" => (l, f, r, t, true),
+        _ => {
+            eprintln!("usage: bare-proxy LISTEN FAST_UPSTREAM REAL_UPSTREAM THREADS [--tuned]");
+            std::process::exit(2);
+        }
     };
     let conf = ServerConf {
         threads: threads.parse().expect("a thread count"),
@@ -60,7 +74,13 @@ fn main() {
         real: real.parse().expect("an upstream address"),
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, bare);
-    proxy.add_tcp(listen);
+    if tuned {
+        proxy.add_listener(
+            ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
+    } else {
+        proxy.add_tcp(listen);
+    }
     server.add_service(proxy);
     server.run_forever();
 }

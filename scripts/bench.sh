@@ -12,6 +12,6 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     $SUDO apt-get install -y -q nginx-light || $SUDO apt-get install -y -q nginx
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-cargo build --release --bins --example bare-proxy
+cargo build --release --bins --example bare-proxy --example bare-proxy-tuned
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 exec target/release/firstgate-bench --nginx "$NGINX" "$@"

@@ -49,8 +49,13 @@ struct Cli {
     /// Workers of the saturation run.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Only these targets (direct, nginx, pingora-bare, firstgate-lite, firstgate-full); default
-    /// all.
+    /// Rounds of every scenario, the targets taking turns within each (so that a slower
+    /// moment of the shared machine does not fall on one target); each row reports the round
+    /// with the median CPU per request.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Only these targets (direct, nginx, pingora-bare, pingora-tuned, firstgate-lite,
+    /// firstgate-full); default all.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
     /// Keep the working directory (configurations and the gateways' logs) and print it.
@@ -176,6 +181,7 @@ struct RunResult {
     p99_ms: f64,
     max_ms: f64,
     /// Streams only: time to first token and gaps between chunks.
+    ttft_mean_ms: Option<f64>,
     ttft_p50_ms: Option<f64>,
     ttft_p99_ms: Option<f64>,
     gap_p99_ms: Option<f64>,
@@ -187,6 +193,8 @@ struct RunResult {
     connections: Vec<String>,
     /// Streams only: failed streams by what went wrong.
     errors_by_kind: std::collections::BTreeMap<String, u64>,
+    /// CPU seconds per 1,000 requests of every round (the row is the median round's).
+    cpu_s_per_1k_rounds: Vec<f64>,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -429,6 +437,7 @@ async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
         p50_ms: pct(&lat, 0.5),
         p99_ms: pct(&lat, 0.99),
         max_ms: lat.last().copied().unwrap_or(0.0),
+        ttft_mean_ms: Some(ttfts.iter().sum::<f64>() / ttfts.len().max(1) as f64),
         ttft_p50_ms: Some(pct(&ttfts, 0.5)),
         ttft_p99_ms: Some(pct(&ttfts, 0.99)),
         gap_p99_ms: Some(pct(&gaps, 0.99)),
@@ -441,7 +450,7 @@ async fn streams(client: &reqwest::Client, t: &Target, n: usize) -> RunResult {
             .filter(|_| rss_peak > 0.0)
             .map(|r0| (rss_peak - r0 as f64).max(0.0) / n as f64),
         errors_by_kind: why,
-        connections: Vec::new(),
+        ..RunResult::default()
     }
 }
 
@@ -513,20 +522,27 @@ fn start_gateway(
     Ok((Proc { child }, addr, admin))
 }
 
-/// The floor: a Pingora proxy that only picks the peer (`examples/bare-proxy.rs`).
+/// The floor: a Pingora proxy that only picks the peer (`examples/bare-proxy.rs`), as Pingora
+/// sets it up by default, or (`tuned`) with the settings and the allocator firstgate uses.
 fn start_bare(
     bin: &Path,
     fast: SocketAddr,
     real: SocketAddr,
+    tuned: bool,
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr = free_addr();
-    let child = Command::new(bin.join("examples/bare-proxy"))
+    let (example, flag) = match tuned {
+        true => ("examples/bare-proxy-tuned", Some("--tuned")),
+        false => ("examples/bare-proxy", None),
+    };
+    let child = Command::new(bin.join(example))
         .args([
             addr.to_string(),
             fast.to_string(),
             real.to_string(),
             "2".into(),
         ])
+        .args(flag)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -590,9 +606,13 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     // The per-instance cap defaults to vLLM's own (256 sequences); the simulator takes any
-    // number, and nginx has no cap, so it is lifted here to compare the proxying itself.
+    // number, and nginx has no cap, so it is lifted here to compare the proxying itself. The
+    // connect timeout is nginx's default (`proxy_connect_timeout 60s`; the bare proxy has
+    // none): thousands of connects at once overflow the simulator's SYN queue
+    // (`tcp_max_syn_backlog`), and a connect whose SYN is retried after 1 s and 3 s would miss
+    // the gateway's 2 s default, a difference of settings rather than of proxying.
     let models = format!(
-        "upstream:\n  max_concurrent_per_backend: 1000000\n\
+        "upstream:\n  max_concurrent_per_backend: 1000000\n  connect_timeout: 60s\n\
          clusters:\n  local:\n    frameworks:\n      vllm:\n        models:\n\
          \x20         - name: fast\n            backends: [{fast}]\n\
          \x20         - name: real\n            backends: [{real}]\n"
@@ -620,12 +640,14 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let (gw_lite, lite_addr, lite_admin) = start_gateway(&bin, &dir, "firstgate-lite", &lite, &[])?;
     let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, fast, real)?;
-    let (bare, bare_addr) = start_bare(&bin, fast, real)?;
+    let (bare, bare_addr) = start_bare(&bin, fast, real, false)?;
+    let (tuned, tuned_addr) = start_bare(&bin, fast, real, true)?;
     for (a, what) in [
         (full_addr, "firstgate (full)"),
         (lite_addr, "firstgate (lite)"),
         (ngx_addr, "nginx"),
         (bare_addr, "the bare Pingora proxy"),
+        (tuned_addr, "the tuned bare Pingora proxy"),
     ] {
         wait_listening(a, what).await?;
     }
@@ -655,6 +677,15 @@ async fn main() -> anyhow::Result<()> {
             fast: ("fast", "/fast"),
             real: ("real", "/real"),
             pid: Some(bare.pid()),
+            token: None,
+            admin: None,
+        },
+        Target {
+            name: "pingora-tuned",
+            base: format!("http://{tuned_addr}"),
+            fast: ("fast", "/fast"),
+            real: ("real", "/real"),
+            pid: Some(tuned.pid()),
             token: None,
             admin: None,
         },
@@ -710,23 +741,36 @@ async fn main() -> anyhow::Result<()> {
         let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(_, hard)| hard);
         10_000.min(usize::try_from(hard / 2).unwrap_or(usize::MAX))
     });
-    let mut results = Vec::new();
-    for t in targets
+    let chosen: Vec<&Target> = targets
         .iter()
         .filter(|t| cli.targets.is_empty() || cli.targets.iter().any(|n| n == t.name))
-    {
+        .collect();
+    // Direct streams go to the realistic simulator.
+    let streams_of = |t: &Target| (t.name == "direct").then_some(&direct_real);
+    let mut runs = Vec::new();
+    for round in 1..=cli.rounds.max(1) {
+        eprintln!("round {round} of {}", cli.rounds.max(1));
         for rate in &cli.rates {
-            results.push(fixed_rate(&client, t, *rate, cli.duration).await);
+            for t in &chosen {
+                runs.push(fixed_rate(&client, t, *rate, cli.duration).await);
+            }
         }
-        results.push(saturation(&client, t, cli.concurrency, cli.duration).await);
-        let st = if t.name == "direct" { &direct_real } else { t };
+        for t in &chosen {
+            runs.push(saturation(&client, t, cli.concurrency, cli.duration).await);
+        }
         for n in &cli.streams {
-            let mut r = streams(&stream_client()?, st, *n).await;
-            r.target = t.name.into();
-            results.push(r);
+            for t in &chosen {
+                let mut r = streams(&stream_client()?, streams_of(t).unwrap_or(t), *n).await;
+                r.target = t.name.into();
+                runs.push(r);
+            }
         }
-        if edge_streams > 0 {
-            let mut r = streams(&stream_client()?, st, edge_streams).await;
+    }
+    let mut results = median_rounds(runs, &chosen);
+    // The descriptor-limit run is about failures, not cost: once.
+    if edge_streams > 0 {
+        for t in &chosen {
+            let mut r = streams(&stream_client()?, streams_of(t).unwrap_or(t), edge_streams).await;
             r.target = t.name.into();
             r.scenario = format!("{edge_streams} streams, fd limit");
             if let Some(admin) = t.admin {
@@ -734,16 +778,53 @@ async fn main() -> anyhow::Result<()> {
             }
             results.push(r);
         }
-        eprintln!("done: {}", t.name);
     }
     report(&results, &cli.out)?;
-    drop((gw_full, gw_lite, ngx, bare));
+    drop((gw_full, gw_lite, ngx, bare, tuned));
     if cli.keep {
         println!("working directory kept: {}", dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
+}
+
+/// One row per target and scenario (targets in their order, scenarios in the order run): the
+/// round with the median CPU per request, with every round's figure beside it, the median of
+/// the rounds' mean times to first token, and the first round's memory per stream (later
+/// rounds reuse memory the allocator kept from the first).
+fn median_rounds(runs: Vec<RunResult>, targets: &[&Target]) -> Vec<RunResult> {
+    let mut scenarios: Vec<String> = Vec::new();
+    for r in &runs {
+        if !scenarios.contains(&r.scenario) {
+            scenarios.push(r.scenario.clone());
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let mut rows = Vec::new();
+    for t in targets {
+        for scenario in &scenarios {
+            let rounds: Vec<&RunResult> = runs
+                .iter()
+                .filter(|r| r.target == t.name && &r.scenario == scenario)
+                .collect();
+            let cpu = |r: &RunResult| r.cpu_s_per_1k.unwrap_or(f64::INFINITY);
+            let mut by_cpu = rounds.clone();
+            by_cpu.sort_by(|a, b| cpu(a).total_cmp(&cpu(b)));
+            let Some(middle) = by_cpu.get(by_cpu.len() / 2) else {
+                continue;
+            };
+            let mut row = (*middle).clone();
+            row.cpu_s_per_1k_rounds = rounds.iter().filter_map(|r| r.cpu_s_per_1k).collect();
+            row.ttft_mean_ms = median(rounds.iter().filter_map(|r| r.ttft_mean_ms).collect());
+            row.kib_per_stream = rounds[0].kib_per_stream;
+            rows.push(row);
+        }
+    }
+    rows
 }
 
 /// A client for one run of streams, whose connections close when the run is over: the
@@ -772,7 +853,7 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
 
 fn report(results: &[RunResult], out: &Path) -> anyhow::Result<()> {
     println!(
-        "{:<15} {:<18} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "{:<15} {:<18} {:>8} {:>6} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
         "target",
         "scenario",
         "req/s",
@@ -780,35 +861,33 @@ fn report(results: &[RunResult], out: &Path) -> anyhow::Result<()> {
         "p50 ms",
         "p99 ms",
         "+p50 ms",
-        "vs nginx",
+        "ttft mean",
         "ttft p50",
         "gap p99",
         "cpu/1k",
-        "vs bare",
+        "×nginx",
+        "×bare",
+        "×tuned",
         "MiB"
     );
     for r in results {
-        let direct = results
-            .iter()
-            .find(|d| d.target == "direct" && d.scenario == r.scenario);
-        let nginx = results
-            .iter()
-            .find(|d| d.target == "nginx" && d.scenario == r.scenario);
-        let bare = results
-            .iter()
-            .find(|d| d.target == "pingora-bare" && d.scenario == r.scenario);
-        let added = direct.map_or(0.0, |d| r.p50_ms - d.p50_ms);
-        let ratio = nginx.map_or(String::new(), |n| {
-            format!("{:.2}x", r.achieved_rps / n.achieved_rps.max(1e-9))
-        });
-        // CPU per request against the bare Pingora proxy: the headline figure.
-        let vs_bare = bare
-            .and_then(|b| Some(r.cpu_s_per_1k? / b.cpu_s_per_1k.filter(|c| *c > 0.0)?))
-            .map_or("-".to_string(), |x| format!("{x:.2}x"));
+        let same = |target: &str| {
+            results
+                .iter()
+                .find(|d| d.target == target && d.scenario == r.scenario)
+        };
+        let added = same("direct").map_or(0.0, |d| r.p50_ms - d.p50_ms);
+        // CPU per request (or stream) against nginx and the two Pingora floors: the headline
+        // figures (throughput on shared cores mostly measures the load generator).
+        let cpu_vs = |target: &str| {
+            same(target)
+                .and_then(|b| Some(r.cpu_s_per_1k? / b.cpu_s_per_1k.filter(|c| *c > 0.0)?))
+                .map_or("-".to_string(), |x| format!("{x:.2}"))
+        };
         let opt =
             |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
-            "{:<15} {:<18} {:>9.0} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+            "{:<15} {:<18} {:>8.0} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
             r.target,
             r.scenario,
             r.achieved_rps,
@@ -816,11 +895,13 @@ fn report(results: &[RunResult], out: &Path) -> anyhow::Result<()> {
             r.p50_ms,
             r.p99_ms,
             added,
-            ratio,
-            opt(r.ttft_p50_ms, 2),
-            opt(r.gap_p99_ms, 2),
+            opt(r.ttft_mean_ms, 1),
+            opt(r.ttft_p50_ms, 1),
+            opt(r.gap_p99_ms, 1),
             opt(r.cpu_s_per_1k, 3),
-            vs_bare,
+            cpu_vs("nginx"),
+            cpu_vs("pingora-bare"),
+            cpu_vs("pingora-tuned"),
             opt(r.peak_rss_mib, 1)
         );
     }
