@@ -272,6 +272,7 @@ fn proxy_service(
         started_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        cors: crate::edge::Cors::new(&config.edge.cors),
     };
     let mut http = pingora::proxy::http_proxy(conf, gateway);
     let mut http_options = HttpServerOptions::default();

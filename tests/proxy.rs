@@ -202,6 +202,131 @@ async fn listings_have_the_expected_shapes() {
     assert_eq!(error_of(resp).await.0, 404);
 }
 
+/// FIRST's documented `/resource_server/v1/...` path, model retrieval, and the model list under
+/// a FIRST-layout base URL (what SDKs and chat front-ends call first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_first_path_and_model_retrieval() {
+    let (gw, chat, _) = setup().await;
+    let resp = post(
+        &gw,
+        "/resource_server/v1/chat/completions",
+        chat_body(LLAMA, false).to_string(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(chat.stats().chat_requests.load(Ordering::Relaxed), 1);
+
+    let get = |path: &'static str| {
+        let url = gw.url(path);
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, v) = get("/resource_server/v1/models").await;
+    assert_eq!((status, v["object"].as_str()), (200, Some("list")));
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+
+    // By id, with the `/` of `org/model` as is or encoded, and by alias (canonical id back).
+    for path in [
+        "/v1/models/meta-llama/Meta-Llama-3.1-8B-Instruct",
+        "/v1/models/meta-llama%2FMeta-Llama-3.1-8B-Instruct",
+        "/resource_server/sophia/vllm/v1/models/llama-8b",
+    ] {
+        let (status, v) = get(path).await;
+        assert_eq!(status, 200, "{path}: {v}");
+        assert_eq!(v["id"], LLAMA, "{path}");
+        assert_eq!(v["object"], "model");
+    }
+    let (status, v) = get("/v1/models/gpt-7").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("endpoint_not_found")),
+        "{v}"
+    );
+
+    let (status, v) = get("/resource_server/sophia/vllm/v1/models").await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [EMBED, LLAMA]);
+    let (status, v) = get("/resource_server/nowhere/vllm/v1/models").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("cluster_not_found"))
+    );
+    let (status, v) = get("/resource_server/sophia/sglang/v1/models").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("framework_not_found"))
+    );
+}
+
+/// A web page of another origin calls the API: the browser's preflight is answered, and the
+/// answer carries the CORS headers with the request id readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_preflight_and_cors_headers() {
+    let (gw, _chat, _embed) = setup().await;
+    let client = reqwest::Client::new();
+    let path = "/resource_server/sophia/vllm/v1/chat/completions";
+    let resp = client
+        .request(reqwest::Method::OPTIONS, gw.url(path))
+        .header("origin", "https://chat.example.org")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let h = resp.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert_eq!(h["access-control-allow-methods"], "POST");
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "authorization, content-type"
+    );
+
+    let resp = client
+        .post(gw.url(path))
+        .header("origin", "https://chat.example.org")
+        .header("content-type", "application/json")
+        .body(chat_body(LLAMA, false).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert!(h["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .contains("x-request-id"));
+    // An error the gateway answers itself carries them too.
+    let resp = client
+        .get(gw.url("/v1/models/gpt-7"))
+        .header("origin", "https://chat.example.org")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    // Not a path: still 404.
+    let resp = client
+        .request(reqwest::Method::OPTIONS, gw.url("/nope"))
+        .header("origin", "https://chat.example.org")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_openai_errors() {
     let (gw, chat, _) = setup().await;

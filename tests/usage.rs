@@ -398,3 +398,86 @@ async fn a_stream_cut_at_the_end_of_the_grace_period_still_leaves_its_record() {
         1
     );
 }
+
+/// `/v1/responses` where a framework lists it: JSON and typed-event streams reach the client as
+/// vLLM sent them (no `stream_options` added, no `[DONE]`), bad input is refused with the field
+/// named, and the usage comes from the response's own `input_tokens`/`output_tokens`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_endpoint_json_and_stream_with_usage() {
+    let chat = sim(&[LLAMA], |_| {}).await;
+    let gw = Gateway::start(&format!(
+        "clusters:\n  sophia:\n    frameworks:\n      vllm:\n        \
+         endpoints: [chat/completions, responses]\n        models:\n          \
+         - name: {LLAMA}\n            backends: [{}]\n",
+        chat.addr()
+    ))
+    .await;
+    let ask = |body: Value| {
+        gw.post("/resource_server/sophia/vllm/v1/responses")
+            .bearer_auth("tok")
+            .json(&body)
+            .send()
+    };
+    let v: Value = ask(json!({"model": LLAMA, "input": "say hello", "max_output_tokens": 4}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "response");
+    assert_eq!(v["status"], "incomplete");
+    assert_eq!(v["usage"]["output_tokens"], 4);
+
+    let resp = ask(
+        json!({"model": LLAMA, "stream": true, "max_output_tokens": 3,
+                          "input": [{"role": "user", "content": "say hello"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.starts_with("event: response.created\n"), "{text}");
+    assert!(text.contains("event: response.output_text.delta"));
+    assert!(
+        text.trim_end().lines().rev().nth(1) == Some("event: response.completed"),
+        "{text}"
+    );
+    assert!(!text.contains("[DONE]"));
+    let sent: Value = serde_json::from_slice(&chat.last_request_body().unwrap()).unwrap();
+    assert!(sent.get("stream_options").is_none(), "{sent}");
+
+    let resp = ask(json!({"model": LLAMA, "input": 42})).await.unwrap();
+    let (status, e) = status_json(resp).await;
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("input")),
+        "{e}"
+    );
+
+    // Not offered for embeddings-only frameworks and the like: a clear 400.
+    let resp = gw
+        .post("/resource_server/sophia/vllm/v1/completions")
+        .bearer_auth("tok")
+        .json(&json!({"model": LLAMA, "prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, e) = status_json(resp).await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("unsupported_endpoint")),
+        "{e}"
+    );
+
+    wait_for("two records with the responses' tokens", || async {
+        (count(&gw, "endpoint = 'responses' AND status = 200") == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(
+            &gw,
+            "endpoint = 'responses' AND completion_tokens IN (3, 4) AND prompt_tokens > 0 AND tokens_unknown = 0"
+        ),
+        2
+    );
+}

@@ -8,20 +8,50 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
-/// `GET /v1/models`: each model once, with the clusters that serve it.
-/// Listings show only what `visible` admits (the caller's access lists).
+/// `GET /v1/models`: each model once, with the clusters that serve it (`visible` also narrows
+/// it to one framework under a FIRST-layout base). Listings show only what `visible` admits (the
+/// caller's access lists).
 pub fn models(catalog: &Catalog, created: u64, visible: impl Fn(&Deployment) -> bool) -> Bytes {
+    let data: Vec<Value> = by_model(catalog, visible)
+        .into_iter()
+        .map(|(id, clusters)| model_object(id, created, &clusters))
+        .collect();
+    Bytes::from(json!({"object": "list", "data": data}).to_string())
+}
+
+/// `GET /v1/models/{id}`: the model named `id` (or one of its aliases) as in the listing;
+/// `None` when the caller may not see it or it does not exist.
+pub fn model(
+    catalog: &Catalog,
+    created: u64,
+    id: &str,
+    visible: impl Fn(&Deployment) -> bool,
+) -> Option<Bytes> {
+    let wanted = normalize(id);
+    let named = |d: &Deployment| {
+        std::iter::once(&d.model)
+            .chain(&d.aliases)
+            .any(|n| normalize(n) == wanted)
+    };
+    let (id, clusters) = by_model(catalog, |d| named(d) && visible(d))
+        .into_iter()
+        .next()?;
+    Some(Bytes::from(
+        model_object(id, created, &clusters).to_string(),
+    ))
+}
+
+/// Visible models by name, with the clusters serving each.
+fn by_model(catalog: &Catalog, visible: impl Fn(&Deployment) -> bool) -> BTreeMap<&str, Vec<&str>> {
     let mut by_name: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for d in catalog.deployments().filter(|d| visible(d)) {
         by_name.entry(&d.model).or_default().push(&d.cluster);
     }
-    let data: Vec<Value> = by_name
-        .into_iter()
-        .map(|(id, clusters)| {
-            json!({"id": id, "object": "model", "created": created, "owned_by": "firstgate", "clusters": clusters})
-        })
-        .collect();
-    Bytes::from(json!({"object": "list", "data": data}).to_string())
+    by_name
+}
+
+fn model_object(id: &str, created: u64, clusters: &[&str]) -> Value {
+    json!({"id": id, "object": "model", "created": created, "owned_by": "firstgate", "clusters": clusters})
 }
 
 /// `GET /resource_server/usage`: the caller's own requests and tokens, per model and in all.
@@ -131,7 +161,7 @@ pub fn jobs(
         .flat_map(|f| f.deployments.iter())
         .collect();
     let report = entry.jobs.load();
-    let mut out = if report.is_null() {
+    let out = if report.is_null() {
         let mut running = Vec::new();
         let mut others = Vec::new();
         for d in deployments.iter().filter(|d| visible(d)) {
@@ -146,11 +176,11 @@ pub fn jobs(
                 }
             }
         }
-        json!({"running": running, "starting": [], "queued": [], "others": others,
-               "private-batch-running": [], "private-batch-queued": []})
+        json!({"running": running, "others": others})
     } else {
         (**report).clone()
     };
+    let mut out = first_jobs_shape(out);
     // Only jobs of models the caller may see.
     let allowed: Vec<String> = deployments
         .iter()
@@ -172,4 +202,77 @@ pub fn jobs(
         }
     }
     Some(Bytes::from(out.to_string()))
+}
+
+/// The lists of FIRST's `JobsByStatus`, every one present in its answers.
+const JOB_LISTS: [&str; 6] = [
+    "running",
+    "queued",
+    "stopped",
+    "others",
+    "private_batch_running",
+    "private_batch_queued",
+];
+
+/// A status report in FIRST's `JobsByStatus` shape: the six lists and `cluster_status`, a
+/// starting job inside `running` (its `Model Status` says "starting"), whatever a cluster's
+/// status function reported (`starting` as a list of its own, `private-batch-*` keys).
+/// Other keys are kept as extra fields.
+pub fn first_jobs_shape(report: Value) -> Value {
+    let Value::Object(mut map) = report else {
+        return report;
+    };
+    let mut out = Map::new();
+    for key in JOB_LISTS {
+        let mut list = take_list(&mut map, key);
+        list.extend(take_list(&mut map, &key.replace('_', "-")));
+        if key == "running" {
+            list.extend(take_list(&mut map, "starting"));
+        }
+        out.insert(key.to_string(), Value::Array(list));
+    }
+    let status = map.remove("cluster_status").unwrap_or_else(|| json!({}));
+    out.insert("cluster_status".into(), status);
+    out.extend(map);
+    Value::Object(out)
+}
+
+fn take_list(map: &mut Map<String, Value>, key: &str) -> Vec<Value> {
+    match map.remove(key) {
+        Some(Value::Array(list)) => list,
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_in_first_shape() {
+        let report = json!({
+            "running": [{"Job ID": "1", "Model Status": "running"}],
+            "starting": [{"Job ID": "2", "Model Status": "starting"}],
+            "private-batch-queued": [{"Job ID": "3"}],
+            "cluster_status": {"free_nodes": 4},
+        });
+        let out = first_jobs_shape(report);
+        let keys: Vec<&String> = out.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "running",
+                "queued",
+                "stopped",
+                "others",
+                "private_batch_running",
+                "private_batch_queued",
+                "cluster_status"
+            ]
+        );
+        assert_eq!(out["running"].as_array().unwrap().len(), 2);
+        assert_eq!(out["running"][1]["Model Status"], "starting");
+        assert_eq!(out["private_batch_queued"][0]["Job ID"], "3");
+        assert_eq!(out["cluster_status"]["free_nodes"], 4);
+    }
 }

@@ -94,7 +94,7 @@ impl ClusterLifecycle {
             .await
             .map_err(|e| format!("status URL: {e}"))?;
         let mut running = Vec::new();
-        let mut others = Vec::new();
+        let mut stopped = Vec::new();
         for d in deployments {
             let want = normalize(&d.backend_model);
             let entry = report
@@ -116,14 +116,13 @@ impl ClusterLifecycle {
             if live {
                 running.push(job)
             } else {
-                others.push(job)
+                stopped.push(job)
             }
         }
         if let Some(entry) = self.catalog.cluster(cluster) {
-            entry.jobs.store(Arc::new(
-                json!({"running": running, "starting": [], "queued": [],
-                "others": others, "private-batch-running": [], "private-batch-queued": []}),
-            ));
+            entry
+                .jobs
+                .store(Arc::new(json!({"running": running, "stopped": stopped})));
         }
         Ok(())
     }
@@ -214,12 +213,18 @@ impl ClusterLifecycle {
 fn jobs_of(report: &Value, d: &Deployment) -> Vec<JobInfo> {
     let want = normalize(&d.backend_model);
     let mut out = Vec::new();
-    for (key, state) in [
+    // FIRST lists a starting job under `running` with `Model Status: starting`; a `starting`
+    // list of its own is read too.
+    for (key, listed_state) in [
         ("running", JobState::Running),
         ("starting", JobState::Starting),
         ("queued", JobState::Queued),
     ] {
         for job in report[key].as_array().into_iter().flatten() {
+            let state = match job["Model Status"].as_str() {
+                Some("starting") => JobState::Starting,
+                _ => listed_state,
+            };
             let models = job["Models"].as_str().unwrap_or_default();
             let framework = job["Framework"].as_str().unwrap_or(&d.framework);
             if framework != d.framework || !models.split(',').any(|m| normalize(m.trim()) == want) {

@@ -182,6 +182,29 @@ pub struct Edge {
     /// Clusters under maintenance and the message their requests get (FIRST's
     /// `MAINTENANCE_ERROR_NOTICES`). Re-read on SIGHUP.
     pub maintenance: BTreeMap<String, String>,
+    /// Which web pages may call the API from a browser (CORS).
+    pub cors: CorsConfig,
+}
+
+/// Cross-origin requests from browsers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins (`https://host[:port]`) whose pages may call the API; `*` (the default, as FIRST
+    /// and OpenAI answer) for any; an empty list turns CORS off (preflights then get 405).
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a preflight's answer (`Access-Control-Max-Age`). Default 1 h.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allowed_origins: vec!["*".into()],
+            max_age: Duration::from_secs(3600),
+        }
+    }
 }
 
 impl Default for Edge {
@@ -199,6 +222,7 @@ impl Default for Edge {
             max_connections_per_ip: 0,
             maintenance_file: None,
             maintenance: BTreeMap::new(),
+            cors: CorsConfig::default(),
         }
     }
 }
@@ -582,7 +606,8 @@ pub struct Cluster {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Framework {
-    /// OpenAI endpoints offered. Default: all three.
+    /// OpenAI endpoints offered. Default: chat/completions, completions, embeddings;
+    /// `responses` (the Responses API) when listed.
     #[serde(default = "defaults::endpoints")]
     pub endpoints: Vec<Endpoint>,
     /// The models served.
@@ -598,10 +623,21 @@ pub enum Endpoint {
     Completions,
     #[serde(rename = "embeddings")]
     Embeddings,
+    /// The OpenAI Responses API (vLLM serves it); offered only where listed.
+    #[serde(rename = "responses")]
+    Responses,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 3] = [
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+    ];
+
+    /// Offered by a framework that does not list its endpoints.
+    pub const DEFAULT: [Endpoint; 3] = [
         Endpoint::ChatCompletions,
         Endpoint::Completions,
         Endpoint::Embeddings,
@@ -613,6 +649,7 @@ impl Endpoint {
             Endpoint::ChatCompletions => "chat/completions",
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
         }
     }
 
@@ -696,7 +733,7 @@ mod defaults {
         SocketAddr::from(([127, 0, 0, 1], 9090))
     }
     pub fn endpoints() -> Vec<Endpoint> {
-        Endpoint::ALL.to_vec()
+        Endpoint::DEFAULT.to_vec()
     }
     pub fn yes() -> bool {
         true

@@ -6,6 +6,7 @@
 mod admission;
 mod certificate;
 mod connection;
+mod cors;
 mod drain;
 mod forwarded;
 mod h2;
@@ -18,6 +19,7 @@ pub use admission::{
 };
 pub use certificate::CertificateStore;
 pub use connection::{ConnectionTimeouts, EdgeApp, TlsEndpoint};
+pub use cors::{AllowedOrigin, Cors, Preflight};
 pub use drain::{ActiveRequest, DrainState, Drainer};
 pub use forwarded::{Client, TrustedProxies};
 pub use maintenance::{Maintenance, Notices, DEFAULT_MESSAGE};

@@ -159,6 +159,7 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
     match endpoint {
         Endpoint::ChatCompletions => check_messages(fields.get("messages").copied())?,
         Endpoint::Completions => check_prompt("prompt", fields.get("prompt").copied())?,
+        Endpoint::Responses => check_response_input(fields.get("input").copied())?,
         Endpoint::Embeddings => {
             check_prompt("input", fields.get("input").copied())?;
             if stream {
@@ -178,7 +179,7 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
     let include_usage = stream_options
         .and_then(|v| serde_json::from_str::<serde_json::Value>(v.get()).ok())
         .is_some_and(|v| v["include_usage"] == true);
-    let max_tokens = ["max_completion_tokens", "max_tokens"]
+    let max_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .iter()
         .find_map(|f| fields.get(*f)?.get().parse::<u64>().ok());
     Ok(ControlFields {
@@ -189,6 +190,27 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         include_usage,
         max_tokens,
     })
+}
+
+/// `input` of the Responses API: a string, or a list of input items (objects).
+fn check_response_input(raw: Option<&RawValue>) -> Result<(), ApiError> {
+    let bad = || {
+        ApiError::invalid_request(
+            "`input` must be a string or a list of input items, e.g. \
+             [{\"role\": \"user\", \"content\": \"Hello\"}].",
+        )
+        .with_param("input")
+    };
+    let raw = raw.ok_or_else(bad)?.get();
+    if raw.starts_with('"') {
+        return Ok(());
+    }
+    let items: Vec<&RawValue> = serde_json::from_str(raw).map_err(|_| bad())?;
+    if items.iter().all(|m| m.get().starts_with('{')) {
+        Ok(())
+    } else {
+        Err(bad())
+    }
 }
 
 fn check_messages(raw: Option<&RawValue>) -> Result<(), ApiError> {

@@ -10,4 +10,4 @@ mod stream;
 
 pub use control::{parse_control_fields, ControlFields, RESERVED_FIELDS};
 pub use error::ApiError;
-pub use stream::completion_events;
+pub use stream::{completion_events, END};

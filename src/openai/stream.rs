@@ -1,12 +1,17 @@
 //! Building OpenAI streams: a finished completion as the server-sent events a streaming
 //! backend would have sent (the cold path gets whole completions from Globus Compute).
+//! Chat and completions streams end with `data: [DONE]`; a Responses stream ends with its
+//! `response.completed` event, as vLLM's does.
 
 use crate::config::Endpoint;
 use serde_json::{json, Value};
 
-/// The SSE events of `completion` (`chat.completion.chunk`s, or `text_completion`s), the usage
-/// chunk last when `include_usage`; without the closing `data: [DONE]`.
+/// The SSE events of `completion` (`chat.completion.chunk`s, or `text_completion`s, the usage
+/// chunk last when `include_usage`; or a response's typed events), with the stream's end.
 pub fn completion_events(completion: &Value, endpoint: Endpoint, include_usage: bool) -> String {
+    if endpoint == Endpoint::Responses {
+        return response_events(completion);
+    }
     let c = completion;
     let chat = endpoint == Endpoint::ChatCompletions;
     let object = if chat {
@@ -51,6 +56,65 @@ pub fn completion_events(completion: &Value, endpoint: Endpoint, include_usage: 
         last["usage"] = c["usage"].clone();
         push(last);
     }
+    out.push_str(END);
+    out
+}
+
+/// The end of a chat or completions stream.
+pub const END: &str = "data: [DONE]\n\n";
+
+/// A finished `/v1/responses` object as vLLM streams one: `response.created`, each output item
+/// with its text parts (the whole text as one delta), then `response.completed` with the usage.
+fn response_events(r: &Value) -> String {
+    let mut out = String::new();
+    let mut seq = 0u64;
+    let mut push = |kind: &str, mut data: Value| {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(seq);
+        seq += 1;
+        out.push_str(&format!("event: {kind}\ndata: {data}\n\n"));
+    };
+    let mut begun = r.clone();
+    begun["status"] = json!("in_progress");
+    begun["output"] = json!([]);
+    begun["usage"] = Value::Null;
+    begun["incomplete_details"] = Value::Null;
+    push("response.created", json!({"response": begun}));
+    for (i, item) in r["output"].as_array().into_iter().flatten().enumerate() {
+        let mut added = item.clone();
+        added["status"] = json!("in_progress");
+        if added["content"].is_array() {
+            added["content"] = json!([]);
+        }
+        push(
+            "response.output_item.added",
+            json!({"item": added, "output_index": i}),
+        );
+        for (j, part) in item["content"].as_array().into_iter().flatten().enumerate() {
+            let text = part["text"].as_str().unwrap_or_default();
+            let at = json!({"item_id": item["id"], "output_index": i, "content_index": j});
+            let with = |extra: Value| {
+                let mut v = at.clone();
+                if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+                    o.extend(e.clone());
+                }
+                v
+            };
+            let mut empty = part.clone();
+            empty["text"] = json!("");
+            push("response.content_part.added", with(json!({"part": empty})));
+            if part["type"] == "output_text" {
+                push("response.output_text.delta", with(json!({"delta": text})));
+                push("response.output_text.done", with(json!({"text": text})));
+            }
+            push("response.content_part.done", with(json!({"part": part})));
+        }
+        push(
+            "response.output_item.done",
+            json!({"item": item, "output_index": i}),
+        );
+    }
+    push("response.completed", json!({"response": r}));
     out
 }
 
@@ -66,11 +130,51 @@ mod tests {
         let events: Vec<Value> = sse
             .split("\n\n")
             .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|e| *e != "[DONE]")
             .map(|e| serde_json::from_str(e).unwrap())
             .collect();
         assert_eq!(events.len(), 3);
+        assert!(sse.ends_with(END));
         assert_eq!(events[1]["choices"][0]["delta"]["content"], "hi");
         assert_eq!(events[1]["choices"][0]["finish_reason"], "stop");
         assert_eq!(events[2]["usage"]["total_tokens"], 3);
+    }
+
+    #[test]
+    fn a_response_becomes_typed_events_ending_with_completed() {
+        let r = json!({"id": "resp_1", "object": "response", "status": "completed",
+            "output": [{"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": "hi there", "annotations": []}]}],
+            "usage": {"input_tokens": 4, "output_tokens": 2, "total_tokens": 6}});
+        let sse = completion_events(&r, Endpoint::Responses, false);
+        let events: Vec<(&str, Value)> = sse
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let (kind, data) = e.split_once('\n').unwrap();
+                let data: Value =
+                    serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+                (kind.strip_prefix("event: ").unwrap(), data)
+            })
+            .collect();
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds[0], "response.created");
+        assert!(kinds.contains(&"response.output_text.delta"));
+        assert_eq!(*kinds.last().unwrap(), "response.completed");
+        assert!(!sse.contains("[DONE]"));
+        for (i, (kind, data)) in events.iter().enumerate() {
+            assert_eq!(data["type"], *kind);
+            assert_eq!(data["sequence_number"], i);
+        }
+        assert_eq!(events[0].1["response"]["usage"], Value::Null);
+        let delta = events
+            .iter()
+            .find(|(k, _)| *k == "response.output_text.delta")
+            .unwrap();
+        assert_eq!(delta.1["delta"], "hi there");
+        assert_eq!(
+            events.last().unwrap().1["response"]["usage"]["output_tokens"],
+            2
+        );
     }
 }

@@ -9,7 +9,7 @@ use super::{errors, respond, Gateway, RequestCtx};
 use crate::catalog::Deployment;
 use crate::compute::{serialize::unwrap_json_string, ComputeClient, ComputeError};
 use crate::config::Endpoint;
-use crate::openai::{completion_events, ApiError, ControlFields};
+use crate::openai::{completion_events, ApiError, ControlFields, END};
 use crate::usage::Tokens;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -82,12 +82,11 @@ impl Gateway {
         let _polling = phase_span!(ctx, "compute_poll", task = task.as_str());
         let written = if req.stream {
             ctx.target.answered = true;
-            let traceparent = ctx.request.trace.as_ref().map(|t| t.traceparent());
             let stream = StreamAnswer {
+                ctx,
                 task: &task,
                 endpoint: req.endpoint,
                 include_usage: req.include_usage,
-                traceparent,
             };
             answer_stream(session, cold, d, stream)
                 .await
@@ -132,6 +131,10 @@ async fn submit(
     let p = params
         .as_object_mut()
         .ok_or_else(|| errors::body_not_an_object(true))?;
+    // FIRST's function streams only back to a streaming server; without one the answer comes
+    // back whole and the gateway replays it as SSE. vLLM refuses `stream_options` then.
+    p.insert("stream".into(), json!(false));
+    p.remove("stream_options");
     p.insert("openai_endpoint".into(), json!(endpoint.path()));
     p.insert("api_port".into(), json!(c.api_port));
     let task = cold
@@ -165,11 +168,12 @@ async fn completion(cold: &ColdPath, d: &Deployment, task: &str) -> Result<Value
 
 /// What a streamed cold answer needs to know.
 struct StreamAnswer<'a> {
+    /// The request (its id, trace and CORS headers go on the answer).
+    ctx: &'a RequestCtx,
     task: &'a str,
     endpoint: Endpoint,
     /// The client asked for the usage chunk.
     include_usage: bool,
-    traceparent: Option<String>,
 }
 
 /// Answers a streamed request: the header at once, keep-alive comments while the task runs,
@@ -182,15 +186,13 @@ async fn answer_stream(
     a: StreamAnswer<'_>,
 ) -> pingora::Result<Option<Tokens>> {
     let task = a.task;
-    let mut resp = ResponseHeader::build(200, Some(6))?;
+    let mut resp = ResponseHeader::build(200, Some(10))?;
+    respond::tag(&mut resp, a.ctx)?;
     resp.insert_header("content-type", "text/event-stream; charset=utf-8")?;
     resp.insert_header("cache-control", "no-cache")?;
     resp.insert_header("transfer-encoding", "chunked")?;
     resp.insert_header("x-firstgate-route", "compute")?;
     resp.insert_header("x-firstgate-task", task)?;
-    if let Some(tp) = a.traceparent {
-        resp.insert_header("traceparent", tp)?;
-    }
     session.write_response_header(Box::new(resp), false).await?;
 
     let result = completion(cold, d, task);
@@ -212,13 +214,21 @@ async fn answer_stream(
             completion_events(&c, a.endpoint, a.include_usage),
             Some(Tokens::of_completion(&c)),
         ),
+        // An error event, then the stream's end (a Responses stream's is the error itself).
+        Err(e) if a.endpoint == Endpoint::Responses => (
+            format!(
+                "event: error\ndata: {}\n\n",
+                String::from_utf8_lossy(&e.body())
+            ),
+            None,
+        ),
         Err(e) => (
-            format!("data: {}\n\n", String::from_utf8_lossy(&e.body())),
+            format!("data: {}\n\n{END}", String::from_utf8_lossy(&e.body())),
             None,
         ),
     };
     session
-        .write_response_body(Some(Bytes::from(events + "data: [DONE]\n\n")), true)
+        .write_response_body(Some(Bytes::from(events)), true)
         .await?;
     Ok(tokens)
 }

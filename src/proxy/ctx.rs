@@ -5,7 +5,7 @@ use super::trace::Spans;
 use crate::auth::Identity;
 use crate::catalog::{Deployment, InstanceGuard};
 use crate::config::Endpoint;
-use crate::edge::{ActiveRequest, Client, UpstreamPermit};
+use crate::edge::{ActiveRequest, AllowedOrigin, Client, UpstreamPermit};
 use crate::openai::ApiError;
 use crate::trace_context::TraceContext;
 use crate::usage::{Accounting, InFlightPermit, Meter, TokenReservation};
@@ -40,6 +40,8 @@ pub struct Request {
     pub trace: Option<TraceContext>,
     /// Its exported spans, when spans are exported.
     pub spans: Option<Spans>,
+    /// The CORS headers its answer carries (a page of an allowed origin asked).
+    pub cors: Option<AllowedOrigin>,
     /// Counts the request as in flight (for draining) while it lives.
     _active: ActiveRequest,
 }
@@ -91,6 +93,7 @@ impl RequestCtx {
                 body: None,
                 trace: None,
                 spans: None,
+                cors: None,
                 _active: active,
             },
             target: Target {

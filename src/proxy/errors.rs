@@ -26,6 +26,34 @@ pub fn route(e: RouteError, method: &http::Method, path: &str) -> ApiError {
     }
 }
 
+/// A FIRST-layout base URL whose framework the cluster does not have, asked for its models
+/// (inference there is FIRST's 400 `unsupported_framework`; a listing is a missing resource).
+pub fn framework_not_listed(cluster: &str, framework: &str) -> ApiError {
+    ApiError::new(
+        404,
+        "framework_not_found",
+        format!(
+            "The framework '{framework}' is not available on cluster '{cluster}'. GET \
+             /resource_server/list-endpoints lists what each cluster offers."
+        ),
+    )
+}
+
+/// A preflight from a page whose origin may not call the API.
+pub fn origin_not_allowed(origin: Option<&http::HeaderValue>) -> ApiError {
+    let origin = origin
+        .and_then(|o| o.to_str().ok())
+        .unwrap_or("(no Origin header)");
+    ApiError::new(
+        403,
+        "origin_not_allowed",
+        format!(
+            "Pages from {origin} may not call this API from a browser. The operators can allow \
+             the origin in edge.cors.allowed_origins."
+        ),
+    )
+}
+
 pub fn lookup(e: LookupError) -> ApiError {
     match e {
         LookupError::ClusterNotFound { cluster } => ApiError::new(

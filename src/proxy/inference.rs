@@ -66,7 +66,7 @@ impl Gateway {
             return self.answer_cold(session, ctx, cold).await;
         };
         ctx.target.route = "direct";
-        forward(ctx, &control, body, &deployment);
+        forward(ctx, endpoint, &control, body, &deployment);
         ctx.charge(t);
         self.reserve_instance(ctx, &deployment, first_try).await?;
         Ok(Outcome::Proxy)
@@ -153,11 +153,18 @@ impl Gateway {
 
 /// The body to forward (the backend's model name; streams asked for their usage) and the
 /// scanner of the response.
-fn forward(ctx: &mut RequestCtx, control: &ControlFields, body: Bytes, d: &Deployment) {
+fn forward(
+    ctx: &mut RequestCtx,
+    endpoint: Endpoint,
+    control: &ControlFields,
+    body: Bytes,
+    d: &Deployment,
+) {
     let rename = (control.model != d.backend_model).then_some(d.backend_model.as_str());
     // Streams report usage in a last chunk only when asked: ask for every stream, and hide that
-    // chunk from clients that did not ask for it themselves.
-    let ask_usage = control.stream && !control.include_usage;
+    // chunk from clients that did not ask for it themselves. (A Responses stream always ends
+    // with its usage, in `response.completed`.)
+    let ask_usage = control.stream && !control.include_usage && endpoint != Endpoint::Responses;
     let body = if rename.is_some() || ask_usage {
         control.rewrite(&body, rename, ask_usage)
     } else {

@@ -35,7 +35,7 @@ pub use ctx::RequestCtx;
 use crate::auth::Authenticator;
 use crate::catalog::Catalog;
 use crate::config::Edge;
-use crate::edge::{Admission, DrainState, Maintenance, TrustedProxies};
+use crate::edge::{Admission, Cors, DrainState, Maintenance, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::policy::PolicyStore;
 use crate::usage::Accounting;
@@ -71,6 +71,8 @@ pub struct Gateway {
     pub admission: Arc<Admission>,
     /// Unix time of start-up, reported as `created` in model listings.
     pub started_unix: u64,
+    /// Which browser pages may call the API (none: CORS off).
+    pub cors: Option<Cors>,
 }
 
 #[async_trait]
@@ -91,6 +93,10 @@ impl ProxyHttp for Gateway {
         let t = Instant::now();
         trace::start(ctx, session.req_header());
         ctx.request.client = self.take_connection(session);
+        ctx.request.cors = self
+            .cors
+            .as_ref()
+            .and_then(|c| c.allow_origin(&session.req_header().headers));
         let route = self.match_route(session.req_header());
         ctx.charge(t);
         let outcome = match route {
@@ -169,11 +175,7 @@ impl ProxyHttp for Gateway {
                 response.remove_header("content-length");
             }
         }
-        response.insert_header("x-request-id", ctx.request.id.as_str())?;
-        if let Some(t) = &ctx.request.trace {
-            response.insert_header("traceparent", t.traceparent())?;
-        }
-        Ok(())
+        respond::tag(response, ctx)
     }
 
     fn fail_to_connect(

@@ -1,6 +1,6 @@
 //! The read routes: listings of what the caller may use, who the caller is, the caller's usage.
 
-use super::routes::Read;
+use super::routes::{Read, Scope};
 use super::{errors, Gateway};
 use crate::admin::listings;
 use crate::auth::{rules, Identity};
@@ -25,7 +25,23 @@ impl Gateway {
             })
         };
         Ok(match read {
-            Read::Models => listings::models(&self.catalog, self.started_unix, visible),
+            Read::Models { scope } => {
+                self.check_scope(scope.as_ref())?;
+                let in_scope = |d: &Deployment| in_scope(scope.as_ref(), d) && visible(d);
+                listings::models(&self.catalog, self.started_unix, in_scope)
+            }
+            Read::Model { scope, id } => {
+                self.check_scope(scope.as_ref())?;
+                let in_scope = |d: &Deployment| in_scope(scope.as_ref(), d) && visible(d);
+                listings::model(&self.catalog, self.started_unix, id, in_scope).ok_or_else(
+                    || {
+                        errors::lookup(LookupError::ModelNotFound {
+                            cluster: scope.as_ref().map(|s| s.cluster.clone()),
+                            model: id.clone(),
+                        })
+                    },
+                )?
+            }
             Read::ListEndpoints => listings::list_endpoints(&self.catalog, visible),
             Read::Health => Bytes::from_static(br#"{"status":"ok"}"#),
             Read::Whoami => Bytes::from(identity.whoami().to_string()),
@@ -55,4 +71,27 @@ impl Gateway {
             }
         })
     }
+
+    /// A FIRST-layout base must name a cluster and framework that exist.
+    fn check_scope(&self, scope: Option<&Scope>) -> Result<(), ApiError> {
+        let Some(scope) = scope else { return Ok(()) };
+        let cluster = self.catalog.cluster(&scope.cluster).ok_or_else(|| {
+            errors::lookup(LookupError::ClusterNotFound {
+                cluster: scope.cluster.clone(),
+            })
+        })?;
+        if cluster.frameworks.contains_key(&scope.framework) {
+            Ok(())
+        } else {
+            Err(errors::framework_not_listed(
+                &scope.cluster,
+                &scope.framework,
+            ))
+        }
+    }
+}
+
+/// Whether a deployment belongs to the base's cluster and framework (any, without one).
+fn in_scope(scope: Option<&Scope>, d: &Deployment) -> bool {
+    scope.is_none_or(|s| d.cluster == s.cluster && d.framework == s.framework)
 }

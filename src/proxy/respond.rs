@@ -14,18 +14,44 @@ pub async fn send_json(
     body: Bytes,
     headers: &[(&'static str, String)],
 ) -> pingora::Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(5 + headers.len()))?;
+    let mut resp = ResponseHeader::build(status, Some(8 + headers.len()))?;
     resp.insert_header("content-type", "application/json")?;
     resp.insert_header("content-length", body.len().to_string())?;
-    resp.insert_header("x-request-id", ctx.request.id.as_str())?;
-    if let Some(t) = &ctx.request.trace {
-        resp.insert_header("traceparent", t.traceparent())?;
-    }
+    tag(&mut resp, ctx)?;
     for (name, value) in headers {
         resp.insert_header(*name, value.as_str())?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
+}
+
+/// Adds what every answer carries: the request's id, its trace context, and the CORS headers
+/// when a page of an allowed origin asked.
+pub fn tag(resp: &mut ResponseHeader, ctx: &RequestCtx) -> pingora::Result<()> {
+    resp.insert_header("x-request-id", ctx.request.id.as_str())?;
+    if let Some(t) = &ctx.request.trace {
+        resp.insert_header("traceparent", t.traceparent())?;
+    }
+    if let Some(cors) = &ctx.request.cors {
+        for (name, value) in cors.headers() {
+            resp.insert_header(name, value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Answers a browser's preflight: 204 with the CORS headers.
+pub async fn send_preflight(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    headers: Vec<(&'static str, http::HeaderValue)>,
+) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build(204, Some(3 + headers.len()))?;
+    resp.insert_header("x-request-id", ctx.request.id.as_str())?;
+    for (name, value) in headers {
+        resp.insert_header(name, value)?;
+    }
+    session.write_response_header(Box::new(resp), true).await
 }
 
 /// Sends an error in the OpenAI envelope.

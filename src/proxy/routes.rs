@@ -1,6 +1,6 @@
 //! Which route a request is for: FIRST's `/resource_server/...` layout, the federated
-//! OpenAI `/v1/...` layout, and the read-only listings. Trailing slashes are not accepted
-//! (FIRST does not redirect either).
+//! OpenAI `/v1/...` layout (also under FIRST's `/resource_server/v1/...`), and the read-only
+//! listings. Trailing slashes are not accepted (FIRST does not redirect either).
 
 use crate::config::Endpoint;
 use http::Method;
@@ -16,12 +16,17 @@ pub enum Route {
     },
     /// A read answered by the gateway itself.
     Read(Read),
+    /// A browser's CORS preflight (`OPTIONS`) for a path served with `allow`.
+    Preflight { allow: &'static str },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Read {
-    /// `GET /v1/models`
-    Models,
+    /// `GET /v1/models`, `GET /resource_server/v1/models`, and under a FIRST-layout base
+    /// `GET /resource_server/{cluster}/{framework}/v1/models` (then only that framework's).
+    Models { scope: Option<Scope> },
+    /// `GET {base}/models/{id}` under the same bases; the id may contain `/`.
+    Model { scope: Option<Scope>, id: String },
     /// `GET /resource_server/list-endpoints`
     ListEndpoints,
     /// `GET /resource_server/{cluster}/models`
@@ -34,6 +39,13 @@ pub enum Read {
     Jobs { cluster: String },
     /// `GET /resource_server/usage`: the caller's own totals.
     Usage,
+}
+
+/// A cluster and framework named in a FIRST-layout path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub cluster: String,
+    pub framework: String,
 }
 
 /// Why no route matched.
@@ -49,14 +61,16 @@ pub enum RouteError {
 /// Matches a request line.
 pub fn match_route(method: &Method, path: &str) -> Result<Route, RouteError> {
     let (expected, route) = match_path(path).ok_or(RouteError::NotFound)?;
+    let allow = if expected == Method::GET {
+        "GET"
+    } else {
+        "POST"
+    };
     if *method == expected {
         Ok(route)
+    } else if *method == Method::OPTIONS {
+        Ok(Route::Preflight { allow })
     } else {
-        let allow = if expected == Method::GET {
-            "GET"
-        } else {
-            "POST"
-        };
         Err(RouteError::MethodNotAllowed { allow })
     }
 }
@@ -80,9 +94,21 @@ fn match_path(path: &str) -> Option<(Method, Route)> {
             )
         })
     };
+    let models = |scope: Option<Scope>, id: &[&str]| {
+        let read = match id {
+            [] => Read::Models { scope },
+            id => Read::Model {
+                scope,
+                id: percent_decode(&id.join("/")),
+            },
+        };
+        Some((Method::GET, Route::Read(read)))
+    };
     match parts.as_slice() {
-        ["v1", "models"] => Some((Method::GET, Route::Read(Read::Models))),
-        ["v1", tail @ ..] => inference(None, None, tail),
+        ["v1", "models", id @ ..] | ["resource_server", "v1", "models", id @ ..] => {
+            models(None, id)
+        }
+        ["v1", tail @ ..] | ["resource_server", "v1", tail @ ..] => inference(None, None, tail),
         ["resource_server", "list-endpoints"] => {
             Some((Method::GET, Route::Read(Read::ListEndpoints)))
         }
@@ -101,11 +127,45 @@ fn match_path(path: &str) -> Option<(Method, Route)> {
                 cluster: cluster.to_string(),
             }),
         )),
+        ["resource_server", cluster, framework, "v1", "models", id @ ..] => {
+            let scope = Scope {
+                cluster: cluster.to_string(),
+                framework: framework.to_string(),
+            };
+            models(Some(scope), id)
+        }
         ["resource_server", cluster, framework, "v1", tail @ ..] => {
             inference(Some(cluster), Some(framework), tail)
         }
         _ => None,
     }
+}
+
+/// `%2F` and friends in a model id (SDKs may encode the `/` of `org/model`).
+fn percent_decode(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_string();
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -141,7 +201,39 @@ mod tests {
         ));
         assert_eq!(
             match_route(&Method::GET, "/v1/models"),
-            Ok(Route::Read(Read::Models))
+            Ok(Route::Read(Read::Models { scope: None }))
+        );
+        assert!(matches!(
+            match_route(&Method::POST, "/resource_server/v1/chat/completions"),
+            Ok(Route::Inference {
+                cluster: None,
+                endpoint: Endpoint::ChatCompletions,
+                ..
+            })
+        ));
+        assert_eq!(
+            match_route(&Method::GET, "/resource_server/v1/models"),
+            Ok(Route::Read(Read::Models { scope: None }))
+        );
+        assert_eq!(
+            match_route(&Method::GET, "/v1/models/meta-llama/Llama-3.1-8B"),
+            Ok(Route::Read(Read::Model {
+                scope: None,
+                id: "meta-llama/Llama-3.1-8B".into()
+            }))
+        );
+        assert_eq!(
+            match_route(
+                &Method::GET,
+                "/resource_server/sophia/vllm/v1/models/org%2Fm"
+            ),
+            Ok(Route::Read(Read::Model {
+                scope: Some(Scope {
+                    cluster: "sophia".into(),
+                    framework: "vllm".into()
+                }),
+                id: "org/m".into()
+            }))
         );
         assert_eq!(
             match_route(&Method::GET, "/resource_server/metis/models"),

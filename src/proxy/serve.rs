@@ -5,7 +5,7 @@ use super::routes::{self, Read, Route};
 use super::trace::phase_span;
 use super::{errors, respond, Gateway, RequestCtx};
 use crate::auth::{CacheOutcome, Identity};
-use crate::edge::Client;
+use crate::edge::{Client, Preflight};
 use crate::openai::ApiError;
 use crate::usage::Limited;
 use bytes::Bytes;
@@ -22,6 +22,8 @@ pub enum Outcome {
     Answered,
     /// Proxy it: an instance is reserved in the context.
     Proxy,
+    /// A CORS preflight's answer: 204 with these headers.
+    Preflight(Vec<(&'static str, http::HeaderValue)>),
 }
 
 impl Gateway {
@@ -62,6 +64,9 @@ impl Gateway {
         if let Some(ip) = ctx.request.client.as_ref().map(|c| c.ip) {
             self.limited(self.accounting.limits.check_ip(ip))?;
         }
+        if let Route::Preflight { allow } = route {
+            return self.preflight(session.req_header(), allow);
+        }
         if route == Route::Read(Read::Health) {
             return Ok(Outcome::Answer(Bytes::from_static(br#"{"status":"ok"}"#)));
         }
@@ -89,6 +94,22 @@ impl Gateway {
                 let asked = (cluster.as_deref(), framework.as_deref(), endpoint);
                 self.inference(session, ctx, asked, &identity).await
             }
+            Route::Preflight { .. } => unreachable!("answered before authentication"),
+        }
+    }
+
+    /// A browser asks whether a page of its origin may call `allow` on this path; preflights
+    /// carry no credentials, so this comes before authentication.
+    fn preflight(&self, req: &RequestHeader, allow: &'static str) -> Result<Outcome, ApiError> {
+        let Some(cors) = &self.cors else {
+            let not_allowed = routes::RouteError::MethodNotAllowed { allow };
+            return Err(errors::route(not_allowed, &req.method, req.uri.path()));
+        };
+        match cors.preflight(&req.headers, allow) {
+            Preflight::Allowed(headers) => Ok(Outcome::Preflight(headers)),
+            Preflight::Refused => Err(errors::origin_not_allowed(
+                req.headers.get(http::header::ORIGIN),
+            )),
         }
     }
 
@@ -153,6 +174,10 @@ impl Gateway {
             Ok(Outcome::Answered) => Ok(true),
             Ok(Outcome::Answer(body)) => {
                 respond::send_json(session, ctx, 200, body, &[]).await?;
+                Ok(true)
+            }
+            Ok(Outcome::Preflight(headers)) => {
+                respond::send_preflight(session, ctx, headers).await?;
                 Ok(true)
             }
             Err(err) => {

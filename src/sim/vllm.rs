@@ -3,6 +3,8 @@
 //! text (`tok0 tok1 …`) instead of a model. Tests and the demo drive it; the counters and fault
 //! knobs let a test observe what reached the backend and make it misbehave.
 
+mod responses;
+
 use super::listener::Listening;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -68,6 +70,7 @@ pub struct SimStats {
     pub chat_requests: AtomicU64,
     pub completion_requests: AtomicU64,
     pub embedding_requests: AtomicU64,
+    pub responses_requests: AtomicU64,
     pub streams_started: AtomicU64,
     pub streams_completed: AtomicU64,
     /// Streams whose client went away before the last chunk.
@@ -88,6 +91,7 @@ impl SimStats {
             "chat_requests": g(&self.chat_requests),
             "completion_requests": g(&self.completion_requests),
             "embedding_requests": g(&self.embedding_requests),
+            "responses_requests": g(&self.responses_requests),
             "streams_started": g(&self.streams_started),
             "streams_completed": g(&self.streams_completed),
             "streams_cancelled": g(&self.streams_cancelled),
@@ -225,6 +229,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses::responses))
         .route(
             "/_sim/stats",
             get(|State(s): State<Arc<Shared>>| async move { Json(s.stats.snapshot()) }),
@@ -382,6 +387,7 @@ enum Api {
     Chat,
     Completions,
     Embeddings,
+    Responses,
 }
 
 /// Everything common to the three inference routes, up to a validated request.
@@ -397,6 +403,7 @@ fn accept(s: &Shared, api: Api, headers: HeaderMap, raw: Bytes) -> Result<Accept
         Api::Chat => &s.stats.chat_requests,
         Api::Completions => &s.stats.completion_requests,
         Api::Embeddings => &s.stats.embedding_requests,
+        Api::Responses => &s.stats.responses_requests,
     };
     counter.fetch_add(1, Ordering::Relaxed);
     *s.last_request.lock().unwrap() = Some((headers.clone(), raw.clone()));
@@ -421,6 +428,12 @@ fn accept(s: &Shared, api: Api, headers: HeaderMap, raw: Bytes) -> Result<Accept
     let Some(model) = body["model"].as_str().map(str::to_owned) else {
         return Err(bad_request("Field required: model"));
     };
+    // vLLM's request validator (`validate_stream_options`).
+    if !body["stream_options"].is_null() && body["stream"].as_bool() != Some(true) {
+        return Err(bad_request(
+            "Stream options can only be defined when `stream=True`.",
+        ));
+    }
     let generative = s.cfg.models.contains(&model);
     let embedding = s.cfg.embedding_models.contains(&model);
     if !generative && !embedding {
@@ -440,7 +453,15 @@ fn accept(s: &Shared, api: Api, headers: HeaderMap, raw: Bytes) -> Result<Accept
         Api::Embeddings if embedding => {
             input_text(&body["input"]).ok_or_else(|| bad_request("Field required: input"))?
         }
+        Api::Responses if generative => match &body["input"] {
+            Value::String(t) => t.clone(),
+            Value::Array(items) if items.iter().all(Value::is_object) => {
+                chat_text(&body["input"]).unwrap_or_default()
+            }
+            _ => return Err(bad_request("Field required: input")),
+        },
         Api::Embeddings => return Err(bad_request("The model does not support Embeddings API")),
+        Api::Responses => return Err(bad_request("The model does not support Responses API")),
         Api::Chat => {
             return Err(bad_request(
                 "The model does not support Chat Completions API",
@@ -493,10 +514,9 @@ fn input_text(v: &Value) -> Option<String> {
 
 /// How many tokens to generate, and whether that ends the answer on `length` or `stop`.
 fn token_budget(s: &Shared, body: &Value) -> Result<(u32, &'static str), Refusal> {
-    let requested = body
-        .get("max_completion_tokens")
-        .filter(|v| !v.is_null())
-        .or_else(|| body.get("max_tokens").filter(|v| !v.is_null()));
+    let requested = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|f| body.get(*f).filter(|v| !v.is_null()));
     match requested {
         None => Ok((s.cfg.default_max_tokens, "stop")),
         Some(v) => match v.as_i64() {
