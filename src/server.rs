@@ -8,6 +8,7 @@ use crate::admin::AdminApp;
 use crate::auth::persist::VerdictKeeper;
 use crate::auth::Authenticator;
 use crate::catalog::{BackendMonitor, Catalog};
+use crate::compute::relay::StreamRelay;
 use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller};
 use crate::config::Config;
 use crate::edge::{
@@ -50,6 +51,8 @@ struct Parts {
     auth: Arc<Authenticator>,
     policies: Arc<PolicyStore>,
     compute: Option<Arc<ComputeClient>>,
+    /// Where cold streams' lines come back to (with `compute.streaming`).
+    relay: Option<Arc<StreamRelay>>,
     accounting: Arc<Accounting>,
     maintenance: Arc<Maintenance>,
     drain: Arc<DrainState>,
@@ -153,7 +156,15 @@ impl Parts {
             }
             None => None,
         };
+        let relay = match config.compute.as_ref().and_then(|c| c.streaming.as_ref()) {
+            Some(s) => Some(StreamRelay::new(secret_from(
+                &s.secret_env,
+                "compute.streaming.secret_env",
+            )?)),
+            None => None,
+        };
         Ok(Parts {
+            relay,
             policies: Arc::new(PolicyStore::load(&config.policies)?),
             accounting: Arc::new(accounting(config, &metrics)?),
             maintenance: Arc::new(Maintenance::new(
@@ -259,6 +270,7 @@ fn proxy_service(
                 wait: c.wait,
                 keepalive: c.keepalive,
                 metrics: parts.metrics.clone(),
+                streaming: parts.relay.clone().zip(c.streaming.clone()),
             }),
         scale_wake: parts.scale_wake.clone(),
         accounting: parts.accounting.clone(),

@@ -21,13 +21,22 @@ const F_INFER: &str = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e60";
 const F_STATUS: &str = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c50";
 const F_START: &str = "2c3d4e5f-6a7b-4c8d-9e0f-1a2b3c4d5e60";
 const F_STOP: &str = "3d4e5f6a-7b8c-4d9e-8f0a-1b2c3d4e5f70";
+const RELAY_SECRET: &str = "relay-secret";
 
 async fn facility(queue_wait_ms: u64, load_ms: u64) -> GlobusSim {
+    facility_with(queue_wait_ms, load_ms, |_| {}).await
+}
+
+async fn facility_with(
+    queue_wait_ms: u64,
+    load_ms: u64,
+    tweak: impl FnOnce(&mut ComputeSeed),
+) -> GlobusSim {
     let f = |id: &str, kind: &str| FakeFunction {
         id: id.into(),
         kind: kind.into(),
     };
-    let seed = Seed {
+    let mut seed = Seed {
         clients: vec![FakeClient {
             id: "svc".into(),
             secret: "svc-secret".into(),
@@ -51,6 +60,7 @@ async fn facility(queue_wait_ms: u64, load_ms: u64) -> GlobusSim {
         },
         ..Seed::default()
     };
+    tweak(&mut seed.compute);
     GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
         .await
         .unwrap()
@@ -62,6 +72,8 @@ struct Opts {
     wait: &'static str,
     keep_hot: &'static str,
     drain_before: &'static str,
+    /// Cold streams come back through the relay (`compute.streaming`).
+    streaming: bool,
 }
 
 const DEFAULT: Opts = Opts {
@@ -69,6 +81,7 @@ const DEFAULT: Opts = Opts {
     wait: "60s",
     keep_hot: "24h",
     drain_before: "10m",
+    streaming: false,
 };
 
 async fn gateway(globus: &GlobusSim, o: Opts) -> Gateway {
@@ -80,9 +93,15 @@ async fn gateway(globus: &GlobusSim, o: Opts) -> Gateway {
     } else {
         String::new()
     };
+    let streaming = if o.streaming {
+        "  streaming:\n    advertise_host: 127.0.0.1\n    advertise_port: {LISTEN_PORT}\n    \
+         protocol: http\n    secret_env: FG_TEST_RELAY_SECRET\n"
+    } else {
+        ""
+    };
     let body = format!(
         "compute:\n  url: {url}\n  auth_url: {url}\n  client_id: svc\n  client_secret_env: FG_TEST_COMPUTE_SECRET\n\
-         \x20 wait: {wait}\n  poll_interval: 100ms\n  keepalive: 100ms\n{scale}\
+         \x20 wait: {wait}\n  poll_interval: 100ms\n  keepalive: 100ms\n{streaming}{scale}\
          clusters:\n  sophia:\n    compute:\n      endpoint: {EP}\n      status_function: {F_STATUS}\n\
          \x20     start_function: {F_START}\n      stop_function: {F_STOP}\n      status_interval: 100ms\n\
          \x20     drain_before: {drain}\n    frameworks:\n      vllm:\n        models:\n\
@@ -97,7 +116,10 @@ async fn gateway(globus: &GlobusSim, o: Opts) -> Gateway {
     Gateway::start_with(
         "auth:\n  mode: none\n",
         &body,
-        &[("FG_TEST_COMPUTE_SECRET", "svc-secret")],
+        &[
+            ("FG_TEST_COMPUTE_SECRET", "svc-secret"),
+            ("FG_TEST_RELAY_SECRET", RELAY_SECRET),
+        ],
     )
     .await
 }
@@ -479,4 +501,149 @@ async fn a_model_not_live_at_its_status_url_gets_no_requests() {
         .await
         .unwrap();
     assert_eq!(jobs["running"][0]["Models"], "gpt-oss-120b", "{jobs}");
+}
+
+/// The id and token a cold stream's payload handed FIRST's function (the `n`-th streamed one).
+fn relay_credentials(globus: &GlobusSim, n: usize) -> Option<(String, String)> {
+    let payloads = globus.compute().stats.payloads.lock().unwrap().clone();
+    let streamed: Vec<&String> = payloads
+        .iter()
+        .filter(|p| p.contains("stream_task_id"))
+        .collect();
+    let p = streamed.get(n)?;
+    let value_after = |key: &str| {
+        let rest = &p[p.find(key)? + key.len()..];
+        let start = rest.find(|c: char| c.is_ascii_hexdigit())?;
+        let rest = &rest[start..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_hexdigit() || c == '-'))
+            .unwrap_or(rest.len());
+        Some(rest[..end].to_string())
+    };
+    Some((
+        value_after("stream_task_id")?,
+        value_after("stream_task_token")?,
+    ))
+}
+
+/// FIRST's streaming protocol: the inference function streams on the compute node and posts
+/// the lines back as they are generated, so a cold model's tokens reach the client spread over
+/// the generation (not all at the end); the posts need the shared secret and the task's own
+/// token; and a refused request becomes an error event in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_stream_arrives_as_it_is_generated_through_the_relay() {
+    let globus = facility_with(300, 300, |c| {
+        c.itl = Duration::from_millis(60);
+        c.streaming_secret = Some(RELAY_SECRET.into());
+    })
+    .await;
+    let gw = gateway(
+        &globus,
+        Opts {
+            scale: true,
+            streaming: true,
+            ..DEFAULT
+        },
+    )
+    .await;
+    let stream = |max_tokens: u64| {
+        let mut body = chat_body(MODEL, true);
+        body["max_tokens"] = max_tokens.into();
+        gw.post("/v1/chat/completions").json(&body).send()
+    };
+    // Both are cold (the instance they wait for is starting).
+    let long = tokio::spawn(stream(16));
+    let refused = tokio::spawn(stream(100_000));
+
+    // While they wait: posts without the secret, for no waiting task, or with a wrong token.
+    let (task, token) = wait_for("the first stream's payload", || async {
+        relay_credentials(&globus, 0)
+    })
+    .await;
+    let relay_post = |secret: &str, token: &str, task: &str| {
+        gw.post("/resource_server/api/streaming/data/")
+            .header("x-internal-secret", secret)
+            .header("x-stream-task-token", token)
+            .json(&serde_json::json!({"task_id": task, "data": "data: {}", "type": "data"}))
+            .send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        status(relay_post("wrong", &token, &task).await.unwrap()),
+        401
+    );
+    assert_eq!(
+        status(relay_post(RELAY_SECRET, "wrong", &task).await.unwrap()),
+        403
+    );
+    let nobody = "00000000-0000-4000-a000-000000000000";
+    assert_eq!(
+        status(relay_post(RELAY_SECRET, &token, nobody).await.unwrap()),
+        404
+    );
+
+    // The long stream: content chunks arrive spread over the generation (16 tokens, 60 ms
+    // apart, posted in batches every 0.5 s), complete, ended by [DONE].
+    let resp = long.await.unwrap().unwrap();
+    assert_eq!(route(&resp), "compute");
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    let mut content_at = Vec::new();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+        let chunk = String::from_utf8(chunk.unwrap().to_vec()).unwrap();
+        if chunk.contains("\"content\":\"tok") {
+            content_at.push(Instant::now());
+        }
+        text.push_str(&chunk);
+    }
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let content: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    let expected: String = (0..16).map(|i| format!("tok{i} ")).collect();
+    assert_eq!(content, expected);
+    assert!(!text.contains("\"usage\""), "usage chunk hidden: {text}");
+    let spread = *content_at.last().unwrap() - content_at[0];
+    assert!(
+        content_at.len() >= 2 && spread >= Duration::from_millis(300),
+        "tokens arrived in {} pieces over {spread:?}",
+        content_at.len()
+    );
+
+    // vLLM refused the other (too many tokens): an error event, then the end.
+    let text = refused.await.unwrap().unwrap().text().await.unwrap();
+    assert!(text.contains("compute_stream_failed"), "{text}");
+    assert!(text.contains("maximum context length"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    assert_eq!(
+        globus
+            .compute()
+            .stats
+            .stream_posts_failed
+            .load(Ordering::Relaxed),
+        0
+    );
+    // The usage record has the stream's exact tokens (from the hidden usage chunk).
+    wait_for("the stream's usage record", || async {
+        usage_store(&gw)
+            .query_row(
+                "SELECT completion_tokens FROM usage WHERE route = 'compute' AND status = 200 \
+                 AND completion_tokens = 16 AND tokens_unknown = 0",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .ok()
+    })
+    .await;
 }

@@ -6,6 +6,7 @@
 mod client;
 mod lifecycle;
 mod pickle;
+pub mod relay;
 pub mod serialize;
 
 pub use client::{uuid, uuid_from_bits, ComputeClient, ComputeError, EndpointStatus};

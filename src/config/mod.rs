@@ -537,6 +537,29 @@ pub struct ComputeConfig {
     /// Timeout of each call to the service.
     #[serde(default = "defaults::compute_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// True token streaming for cold models (FIRST's protocol): the inference function posts
+    /// each batch of lines back to this gateway. Without it a cold stream is answered whole
+    /// and replayed as SSE.
+    #[serde(default)]
+    pub streaming: Option<ComputeStreaming>,
+}
+
+/// Where FIRST's inference function sends a cold stream's lines: this gateway's API listener
+/// as compute nodes reach it (routes `/resource_server/api/streaming/{data,error,done}/`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeStreaming {
+    /// Host name or address of this gateway, as compute nodes reach it. With several replicas
+    /// each advertises its own, so a stream's lines come back to the replica holding its client.
+    pub advertise_host: String,
+    /// Port of the API listener there.
+    pub advertise_port: u16,
+    /// `https` (the function's default) or `http`.
+    #[serde(default = "defaults::streaming_protocol")]
+    pub protocol: String,
+    /// Environment variable holding the shared secret (the endpoints'
+    /// `INTERNAL_STREAMING_SECRET`, sent as `X-Internal-Secret`).
+    pub secret_env: String,
 }
 
 /// A cluster's lifecycle functions, run on its Globus Compute endpoint.
@@ -732,6 +755,9 @@ mod defaults {
     pub fn admin_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 9090))
     }
+    pub fn streaming_protocol() -> String {
+        "https".into()
+    }
     pub fn endpoints() -> Vec<Endpoint> {
         Endpoint::DEFAULT.to_vec()
     }
@@ -851,6 +877,15 @@ fn validate(config: &Config) -> Result<(), error::Invalid> {
                 Invalid::new("tls.listen", "must differ from `listen` and `admin_listen`")
                     .near("listen"),
             );
+        }
+    }
+    if let Some(s) = config.compute.as_ref().and_then(|c| c.streaming.as_ref()) {
+        if s.protocol != "https" && s.protocol != "http" {
+            return Err(Invalid::new(
+                "compute.streaming.protocol",
+                format!("must be `https` or `http`, not `{}`", s.protocol),
+            )
+            .near("protocol"));
         }
     }
     let edge = &config.edge;

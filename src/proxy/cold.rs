@@ -1,14 +1,16 @@
 //! The cold path: no instance is hot, so the request runs through Globus Compute (FIRST's
 //! inference function on the model's endpoint) and the gateway answers itself: the completion
 //! JSON, or for a stream an SSE response that keeps the connection alive with comments while
-//! the task waits and then sends the completion as OpenAI chunks.
+//! the task waits and then sends the completion as OpenAI chunks. With `compute.streaming`
+//! a stream's tokens come back as they are generated instead (`relay`).
 
 use super::serve::Outcome;
 use super::trace::phase_span;
 use super::{errors, respond, Gateway, RequestCtx};
 use crate::catalog::Deployment;
+use crate::compute::relay::{RelayTicket, StreamRelay};
 use crate::compute::{serialize::unwrap_json_string, ComputeClient, ComputeError};
-use crate::config::Endpoint;
+use crate::config::{ComputeStreaming, Endpoint};
 use crate::openai::{completion_events, ApiError, ControlFields, END};
 use crate::usage::Tokens;
 use bytes::Bytes;
@@ -26,6 +28,8 @@ pub struct ColdPath {
     /// Interval of keep-alive comments on streams.
     pub keepalive: Duration,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where streamed lines come back to, and how compute nodes reach it.
+    pub streaming: Option<(Arc<StreamRelay>, ComputeStreaming)>,
 }
 
 /// A request the policy sent through Globus Compute.
@@ -76,11 +80,29 @@ impl Gateway {
         // Counts as waiting demand, and asks the scale policy now rather than at its next run.
         let _cold = d.demand.cold();
         self.scale_wake.notify_one();
+        // A stream's lines come back through the relay when it is set up.
+        let relayed = cold
+            .streaming
+            .as_ref()
+            .filter(|_| req.stream)
+            .map(|(relay, at)| (relay.open(), at));
         let submitting = phase_span!(ctx, "compute_submit");
-        let task = submit(cold, d, req.endpoint, &req.body).await?;
+        let via = relayed.as_ref().map(|(ticket, at)| (ticket, *at));
+        let task = submit(cold, d, req.endpoint, &req.body, via).await?;
         drop(submitting);
         let _polling = phase_span!(ctx, "compute_poll", task = task.as_str());
-        let written = if req.stream {
+        let written = if let Some((ticket, _)) = relayed {
+            ctx.target.answered = true;
+            let stream = StreamAnswer {
+                ctx,
+                task: &task,
+                endpoint: req.endpoint,
+                include_usage: req.include_usage,
+            };
+            super::relay::answer_relayed(session, cold, d, stream, ticket)
+                .await
+                .map(|tokens| ctx.meter.answered = Some(tokens))
+        } else if req.stream {
             ctx.target.answered = true;
             let stream = StreamAnswer {
                 ctx,
@@ -111,12 +133,14 @@ impl Gateway {
     }
 }
 
-/// Submits FIRST's payload for this request; errors are the client's answer.
+/// Submits FIRST's payload for this request, with where to stream its lines (`relay`) or for a
+/// whole answer; errors are the client's answer.
 async fn submit(
     cold: &ColdPath,
     d: &Deployment,
     endpoint: Endpoint,
     body: &Bytes,
+    relay: Option<(&RelayTicket, &ComputeStreaming)>,
 ) -> Result<String, ApiError> {
     let Some(c) = &d.compute else {
         return Err(errors::compute_unavailable(d));
@@ -131,10 +155,30 @@ async fn submit(
     let p = params
         .as_object_mut()
         .ok_or_else(|| errors::body_not_an_object(true))?;
-    // FIRST's function streams only back to a streaming server; without one the answer comes
-    // back whole and the gateway replays it as SSE. vLLM refuses `stream_options` then.
-    p.insert("stream".into(), json!(false));
-    p.remove("stream_options");
+    match relay {
+        // FIRST's streaming parameters; the usage chunk is asked for (and hidden from a client
+        // that did not ask), as on the direct path.
+        Some((ticket, at)) => {
+            p.insert("streaming_server_host".into(), json!(at.advertise_host));
+            p.insert("streaming_server_port".into(), json!(at.advertise_port));
+            p.insert("streaming_server_protocol".into(), json!(at.protocol));
+            p.insert("stream_task_id".into(), json!(ticket.task_id));
+            p.insert("stream_task_token".into(), json!(ticket.token));
+            if endpoint != Endpoint::Responses {
+                let options = p.entry("stream_options").or_insert_with(|| json!({}));
+                if !options.is_object() {
+                    *options = json!({});
+                }
+                options["include_usage"] = json!(true);
+            }
+        }
+        // Without a streaming server FIRST's function cannot stream: the answer comes back
+        // whole and the gateway replays it as SSE. vLLM refuses `stream_options` then.
+        None => {
+            p.insert("stream".into(), json!(false));
+            p.remove("stream_options");
+        }
+    }
     p.insert("openai_endpoint".into(), json!(endpoint.path()));
     p.insert("api_port".into(), json!(c.api_port));
     let task = cold
@@ -150,7 +194,11 @@ async fn submit(
 }
 
 /// Waits for the task and returns the completion JSON.
-async fn completion(cold: &ColdPath, d: &Deployment, task: &str) -> Result<Value, ApiError> {
+pub(super) async fn completion(
+    cold: &ColdPath,
+    d: &Deployment,
+    task: &str,
+) -> Result<Value, ApiError> {
     let outcome = cold.client.wait(task, cold.wait).await;
     let state = match &outcome {
         Ok(_) => "success",
@@ -167,13 +215,13 @@ async fn completion(cold: &ColdPath, d: &Deployment, task: &str) -> Result<Value
 }
 
 /// What a streamed cold answer needs to know.
-struct StreamAnswer<'a> {
+pub(super) struct StreamAnswer<'a> {
     /// The request (its id, trace and CORS headers go on the answer).
-    ctx: &'a RequestCtx,
-    task: &'a str,
-    endpoint: Endpoint,
+    pub ctx: &'a RequestCtx,
+    pub task: &'a str,
+    pub endpoint: Endpoint,
     /// The client asked for the usage chunk.
-    include_usage: bool,
+    pub include_usage: bool,
 }
 
 /// Answers a streamed request: the header at once, keep-alive comments while the task runs,
@@ -186,15 +234,7 @@ async fn answer_stream(
     a: StreamAnswer<'_>,
 ) -> pingora::Result<Option<Tokens>> {
     let task = a.task;
-    let mut resp = ResponseHeader::build(200, Some(10))?;
-    respond::tag(&mut resp, a.ctx)?;
-    resp.insert_header("content-type", "text/event-stream; charset=utf-8")?;
-    resp.insert_header("cache-control", "no-cache")?;
-    resp.insert_header("transfer-encoding", "chunked")?;
-    resp.insert_header("x-firstgate-route", "compute")?;
-    resp.insert_header("x-firstgate-task", task)?;
-    session.write_response_header(Box::new(resp), false).await?;
-
+    write_stream_head(session, &a).await?;
     let result = completion(cold, d, task);
     tokio::pin!(result);
     let mut tick = tokio::time::interval(cold.keepalive);
@@ -214,21 +254,36 @@ async fn answer_stream(
             completion_events(&c, a.endpoint, a.include_usage),
             Some(Tokens::of_completion(&c)),
         ),
-        // An error event, then the stream's end (a Responses stream's is the error itself).
-        Err(e) if a.endpoint == Endpoint::Responses => (
-            format!(
-                "event: error\ndata: {}\n\n",
-                String::from_utf8_lossy(&e.body())
-            ),
-            None,
-        ),
-        Err(e) => (
-            format!("data: {}\n\n{END}", String::from_utf8_lossy(&e.body())),
-            None,
-        ),
+        Err(e) => (error_event(a.endpoint, &e), None),
     };
     session
         .write_response_body(Some(Bytes::from(events)), true)
         .await?;
     Ok(tokens)
+}
+
+/// The head of a streamed cold answer.
+pub(super) async fn write_stream_head(
+    session: &mut Session,
+    a: &StreamAnswer<'_>,
+) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build(200, Some(10))?;
+    respond::tag(&mut resp, a.ctx)?;
+    resp.insert_header("content-type", "text/event-stream; charset=utf-8")?;
+    resp.insert_header("cache-control", "no-cache")?;
+    resp.insert_header("transfer-encoding", "chunked")?;
+    resp.insert_header("x-firstgate-route", "compute")?;
+    resp.insert_header("x-firstgate-task", a.task)?;
+    session.write_response_header(Box::new(resp), false).await
+}
+
+/// An error inside a stream: an error event, then the stream's end (a Responses stream's end
+/// is the error itself).
+pub(super) fn error_event(endpoint: Endpoint, e: &ApiError) -> String {
+    let body = String::from_utf8_lossy(&e.body()).into_owned();
+    if endpoint == Endpoint::Responses {
+        format!("event: error\ndata: {body}\n\n")
+    } else {
+        format!("data: {body}\n\n{END}")
+    }
 }

@@ -3,6 +3,7 @@
 use super::routes::RouteError;
 use crate::auth::AuthError;
 use crate::catalog::{Deployment, LookupError, PoolError};
+use crate::compute::relay::RelayRefusal;
 use crate::compute::ComputeError;
 use crate::config::Endpoint;
 use crate::openai::ApiError;
@@ -37,6 +38,67 @@ pub fn framework_not_listed(cluster: &str, framework: &str) -> ApiError {
              /resource_server/list-endpoints lists what each cluster offers."
         ),
     )
+}
+
+/// A cold stream's task reported an error (or its lines never came).
+pub fn compute_stream(message: &str, d: &Deployment) -> ApiError {
+    log::error!("cold stream of {} on {}: {message}", d.model, d.cluster);
+    ApiError::new(
+        502,
+        "compute_stream_failed",
+        format!(
+            "Streaming '{}' on cluster '{}' through Globus Compute failed: {}",
+            d.model,
+            d.cluster,
+            backend_refusal(message).unwrap_or_else(|| last_line(message))
+        ),
+    )
+}
+
+/// The backend's own message when FIRST's function reports a refused request ("API request
+/// failed with status code: N\nResponse text: {OpenAI error}"): the client can act on it.
+fn backend_refusal(message: &str) -> Option<String> {
+    let (head, text) = message.split_once("Response text:")?;
+    let status = head.trim().rsplit(' ').next().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+    let said = v["error"]["message"].as_str().or(v["message"].as_str())?;
+    Some(format!("the model's server answered {status}: {said}"))
+}
+
+/// A post to the streaming routes of a gateway without `compute.streaming`.
+pub fn relay_off() -> ApiError {
+    ApiError::new(
+        404,
+        "not_found",
+        "This gateway does not take streamed Compute results (compute.streaming is not set).",
+    )
+}
+
+/// A refused post of FIRST's inference function (the function logs the status and goes on).
+pub fn relay(refusal: RelayRefusal) -> ApiError {
+    match refusal {
+        RelayRefusal::Secret => {
+            ApiError::new(401, "unauthorized", "Missing or wrong X-Internal-Secret.")
+        }
+        RelayRefusal::Token => ApiError::new(
+            403,
+            "permission_denied",
+            "Missing or wrong X-Stream-Task-Token for this task.",
+        ),
+        RelayRefusal::UnknownTask => ApiError::new(
+            404,
+            "task_not_found",
+            "No client is waiting for this stream task (it ended or never existed).",
+        ),
+        RelayRefusal::Behind => ApiError::new(
+            503,
+            "client_behind",
+            "The client of this stream is not reading fast enough; this batch was dropped.",
+        ),
+        RelayRefusal::Body(why) => ApiError::invalid_request(format!(
+            "The body must be {{\"task_id\", \"data\" or \"error\", \"type\"}}: {why}"
+        )),
+    }
 }
 
 /// A preflight from a page whose origin may not call the API.

@@ -22,6 +22,7 @@ mod errors;
 mod finish;
 mod inference;
 mod reads;
+mod relay;
 mod respond;
 mod routes;
 mod routing;

@@ -2,6 +2,7 @@
 //! OpenAI `/v1/...` layout (also under FIRST's `/resource_server/v1/...`), and the read-only
 //! listings. Trailing slashes are not accepted (FIRST does not redirect either).
 
+use crate::compute::relay::RelayKind;
 use crate::config::Endpoint;
 use http::Method;
 
@@ -18,6 +19,9 @@ pub enum Route {
     Read(Read),
     /// A browser's CORS preflight (`OPTIONS`) for a path served with `allow`.
     Preflight { allow: &'static str },
+    /// A cold stream's lines posted back by FIRST's inference function:
+    /// `POST /resource_server/api/streaming/{data,error,done}/` (FIRST's trailing slash).
+    Relay(RelayKind),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +81,13 @@ pub fn match_route(method: &Method, path: &str) -> Result<Route, RouteError> {
 
 /// The method a path is served with, and its route.
 fn match_path(path: &str) -> Option<(Method, Route)> {
+    if let Some(kind) = path
+        .strip_prefix("/resource_server/api/streaming/")
+        .and_then(|k| k.strip_suffix('/'))
+        .and_then(RelayKind::from_segment)
+    {
+        return Some((Method::POST, Route::Relay(kind)));
+    }
     let rest = path.strip_prefix('/')?;
     let parts: Vec<&str> = rest.split('/').collect();
     if parts.iter().any(|p| p.is_empty()) {

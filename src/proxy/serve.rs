@@ -61,6 +61,11 @@ impl Gateway {
         ctx: &mut RequestCtx,
         route: Route,
     ) -> Result<Outcome, ApiError> {
+        // Compute nodes posting a cold stream's lines: their own credentials, no user limits,
+        // and served under maintenance too (the streams are already running).
+        if let Route::Relay(kind) = route {
+            return self.relay_post(session, kind).await;
+        }
         if let Some(ip) = ctx.request.client.as_ref().map(|c| c.ip) {
             self.limited(self.accounting.limits.check_ip(ip))?;
         }
@@ -94,7 +99,9 @@ impl Gateway {
                 let asked = (cluster.as_deref(), framework.as_deref(), endpoint);
                 self.inference(session, ctx, asked, &identity).await
             }
-            Route::Preflight { .. } => unreachable!("answered before authentication"),
+            Route::Preflight { .. } | Route::Relay(_) => {
+                unreachable!("answered before authentication")
+            }
         }
     }
 

@@ -77,7 +77,8 @@ impl Gateway {
     }
 
     /// Like [`Gateway::start`] with an `auth:` section and extra environment variables
-    /// (secrets; `RUST_LOG`, default `info`).
+    /// (secrets; `RUST_LOG`, default `info`). `{LISTEN_PORT}` in `body` becomes the port the
+    /// gateway listens on.
     pub async fn start_with(auth: &str, body: &str, env: &[(&str, &str)]) -> Gateway {
         // A port found free may be taken (by an outgoing connection of another test) before
         // the gateway binds it: try again on other ports.
@@ -96,6 +97,7 @@ impl Gateway {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("gateway.yaml");
+        let body = body.replace("{LISTEN_PORT}", &addr.port().to_string());
         let yaml = format!(
             "listen: {addr}\nadmin_listen: {admin}\nthreads: 2\n\
              health_check:\n  interval: 100ms\n  timeout: 500ms\n\

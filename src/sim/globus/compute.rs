@@ -5,6 +5,8 @@
 //! `start` (queues a job that launches a simulated vLLM after a queue wait and a load time),
 //! `stop`, and `echo`.
 
+mod streaming;
+
 use super::{globus_error, unix_now, Grant, Shared, TokenRecord};
 use crate::compute::serialize::{python_json, unpack};
 use crate::sim::vllm::{VllmSim, VllmSimConfig};
@@ -44,6 +46,10 @@ pub struct ComputeSeed {
     /// Nodes of the simulated cluster (each job takes one).
     #[serde(default = "default_nodes")]
     pub nodes: u32,
+    /// The endpoints' `INTERNAL_STREAMING_SECRET`: sent as `X-Internal-Secret` when a cold
+    /// stream's lines are posted back to the gateway.
+    #[serde(default)]
+    pub streaming_secret: Option<String>,
 }
 
 impl Default for ComputeSeed {
@@ -56,6 +62,7 @@ impl Default for ComputeSeed {
             ttft: default_ttft(),
             itl: default_itl(),
             nodes: default_nodes(),
+            streaming_secret: None,
         }
     }
 }
@@ -104,6 +111,9 @@ pub struct ComputeStats {
     pub tasks_status: AtomicU64,
     pub tasks_start: AtomicU64,
     pub tasks_stop: AtomicU64,
+    /// Posts of streamed lines back to the gateway, answered 200 or not.
+    pub stream_posts: AtomicU64,
+    pub stream_posts_failed: AtomicU64,
     /// Payloads as submitted (the `tasks` strings), for byte-level checks.
     pub payloads: Mutex<Vec<String>>,
 }
@@ -680,21 +690,19 @@ async fn inference(s: &Shared, arg: Value) -> Result<Value, String> {
         .unwrap_or_else(|| "chat/completions".into());
     p.remove("api_port");
     // As FIRST's function: a stream is relayed to the gateway's streaming routes, which needs
-    // their address and the task's credentials. (The relay itself is not simulated yet, so a
-    // request with them is refused too.)
-    if p.get("stream").and_then(Value::as_bool) == Some(true) {
+    // their address and the task's credentials.
+    let streamed = p.get("stream").and_then(Value::as_bool) == Some(true);
+    if streamed {
         let missing: Vec<&str> = STREAMING_PARAMS
             .into_iter()
             .filter(|k| !p.contains_key(*k))
             .collect();
-        return Err(traceback(&if missing.is_empty() {
-            "NotImplementedError: the simulator does not relay streams yet".to_string()
-        } else {
-            format!(
+        if !missing.is_empty() {
+            return Err(traceback(&format!(
                 "ValueError: Streaming requires the following parameters: {}",
                 missing.join(", ")
-            )
-        }));
+            )));
+        }
     }
     let model = p
         .get("model")
@@ -708,11 +716,15 @@ async fn inference(s: &Shared, arg: Value) -> Result<Value, String> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let url = format!("http://{addr}/v1/{endpoint}");
+    if streamed {
+        return streaming::stream_back(s, url, p.clone()).await;
+    }
     let started = Instant::now();
     let resp = s
         .compute
         .http
-        .post(format!("http://{addr}/v1/{endpoint}"))
+        .post(url)
         .json(&params)
         .send()
         .await
