@@ -36,6 +36,7 @@ pub mod outbound;
 pub mod pem;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub auth_cache: IntCounterVec,
     /// Policy reloads by hook and result (`accepted`, `refused`).
     pub policy_reloads: IntCounterVec,
+    /// Configuration reloads (SIGHUP, `POST /reload`), by result (`applied`, `refused`).
+    pub config_reloads: IntCounterVec,
     /// Policy decisions that failed (script error or limit), by hook.
     pub policy_errors: IntCounterVec,
     /// Actions the scale policy asked for, by model and action.
@@ -159,6 +161,11 @@ impl Metrics {
                 "firstgate_background_runs_total",
                 "Completed runs of background loops, by task.",
                 &["task"],
+            ),
+            config_reloads: counter(
+                "firstgate_config_reloads_total",
+                "Configuration reloads (SIGHUP or POST /reload), by result: applied, or refused (the last good configuration stays).",
+                &["result"],
             ),
             policy_reloads: counter(
                 "firstgate_policy_reloads_total",

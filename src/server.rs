@@ -7,7 +7,7 @@
 use crate::admin::AdminApp;
 use crate::auth::persist::VerdictKeeper;
 use crate::auth::Authenticator;
-use crate::catalog::{BackendMonitor, Catalog};
+use crate::catalog::{BackendMonitor, Catalog, SharedCatalog};
 use crate::compute::relay::StreamRelay;
 use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller};
 use crate::config::Config;
@@ -18,15 +18,17 @@ use crate::edge::{
 use crate::metrics::Metrics;
 use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
 use crate::proxy::{ColdPath, Gateway};
+use crate::reload::ConfigReloader;
 use crate::usage::{self, AccessLog, Accounting, MemoryLimits, SqliteSink, UsageSink, UsageTotals};
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
-use pingora::services::background::background_service;
+use pingora::services::background::{background_service, GenBackgroundService};
 use pingora::services::listening::Service;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,7 +48,7 @@ pub struct ServeOptions {
 
 /// What the services share, each built once from the configuration.
 struct Parts {
-    catalog: Arc<Catalog>,
+    catalog: SharedCatalog,
     metrics: Arc<Metrics>,
     auth: Arc<Authenticator>,
     policies: Arc<PolicyStore>,
@@ -90,7 +92,14 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Assembled
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
     let proxy = proxy_service(config, &parts, &server.configuration)?;
-    let admin = admin_service(config, &parts)?;
+    let reloader = Arc::new(ConfigReloader::new(
+        options.config_path.clone(),
+        config.clone(),
+        parts.catalog.clone(),
+        parts.catalog.load().uses_group_acls(),
+        parts.metrics.clone(),
+    ));
+    let admin = admin_service(config, &parts, reloader.clone())?;
     // Everything that can fail has been done: only now take the sockets (over), so that a
     // new process that cannot start leaves the running one alone.
     if let Some(prepared) = options.prepared {
@@ -106,6 +115,10 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Assembled
     server.add_service(proxy);
     server.add_service(admin);
     let accounting = parts.accounting.clone();
+    server.add_service(GenBackgroundService::new(
+        "BG config reloader".into(),
+        reloader,
+    ));
     add_background_services(&mut server, config, parts, options.config_path);
     Ok(Assembled { server, accounting })
 }
@@ -137,6 +150,7 @@ impl Parts {
             .build()
             .context("cannot start a runtime to resolve backends")?
             .block_on(catalog.discover_all());
+
         // The TLS material is read before anything starts, so a bad file stops the start-up.
         let certificate = match &config.tls {
             Some(tls) => Some(Arc::new(
@@ -145,6 +159,7 @@ impl Parts {
             None => None,
         };
         let auth = Arc::new(Authenticator::new(&config.auth, catalog.uses_group_acls())?);
+        let catalog = Arc::new(ArcSwap::new(catalog));
         if !auth.is_enforcing() {
             log::warn!("auth.mode is none: every bearer token is accepted (development only)");
         }
@@ -337,7 +352,11 @@ fn proxy_service(
 }
 
 /// The admin listener: health, readiness, metrics, draining, maintenance.
-fn admin_service(config: &Config, parts: &Parts) -> anyhow::Result<Service<AdminApp>> {
+fn admin_service(
+    config: &Config,
+    parts: &Parts,
+    reloader: Arc<ConfigReloader>,
+) -> anyhow::Result<Service<AdminApp>> {
     let token = match &config.admin.token_env {
         Some(var) => Some(secret_from(var, "admin.token_env")?),
         None => None,
@@ -348,6 +367,7 @@ fn admin_service(config: &Config, parts: &Parts) -> anyhow::Result<Service<Admin
         parts.maintenance.clone(),
         config.clusters.keys().cloned().collect(),
         token,
+        reloader,
     );
     let mut service = Service::new("firstgate admin".to_string(), app);
     service.add_tcp(&config.admin_listen.to_string());
@@ -401,7 +421,7 @@ fn add_background_services(
             TaskPoller(client.clone()),
         ));
     }
-    if ClusterLifecycle::has_work(&parts.catalog) {
+    if ClusterLifecycle::has_work(&parts.catalog.load()) {
         server.add_service(background_service(
             "cluster lifecycle",
             ClusterLifecycle::new(

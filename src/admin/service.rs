@@ -19,6 +19,7 @@
 
 use crate::edge::{DrainState, Maintenance};
 use crate::metrics::Metrics;
+use crate::reload::ConfigReloader;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
@@ -38,6 +39,8 @@ pub struct AdminApp {
     clusters: Vec<String>,
     /// SHA-256 of the bearer token that routes changing state require, if any.
     token: Option<[u8; 32]>,
+    /// `POST /reload`.
+    reloader: Arc<ConfigReloader>,
 }
 
 impl AdminApp {
@@ -47,6 +50,7 @@ impl AdminApp {
         maintenance: Arc<Maintenance>,
         clusters: Vec<String>,
         token: Option<String>,
+        reloader: Arc<ConfigReloader>,
     ) -> Self {
         AdminApp {
             metrics,
@@ -54,6 +58,7 @@ impl AdminApp {
             maintenance,
             clusters,
             token: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+            reloader,
         }
     }
 
@@ -169,7 +174,7 @@ impl ServeHttp for AdminApp {
                 .map(str::to_owned)
         });
         let changes = matches!(method, Method::POST | Method::PUT | Method::DELETE);
-        if changes && matches!(path.as_str(), "/drain" | "/maintenance") {
+        if changes && matches!(path.as_str(), "/drain" | "/maintenance" | "/reload") {
             if let Some(refusal) = self.refuse_change(req) {
                 return refusal;
             }
@@ -199,6 +204,13 @@ impl ServeHttp for AdminApp {
                 self.metrics.render(),
             ),
             (Method::GET, "/maintenance") => self.maintenance_state(),
+            (Method::POST, "/reload") => match self.reloader.reload().await {
+                Ok(done) => status(
+                    StatusCode::OK,
+                    serde_json::json!({"status": "reloaded", "needs_upgrade": done.needs_upgrade}),
+                ),
+                Err(e) => error(StatusCode::CONFLICT, "reload_refused", &e),
+            },
             (Method::PUT, "/maintenance") => {
                 let mut body = Vec::new();
                 while let Ok(Some(chunk)) = session.read_request_body().await {
@@ -239,15 +251,15 @@ impl ServeHttp for AdminApp {
                 self.maintenance.clear(cluster.as_deref());
                 self.maintenance_state()
             }
-            (_, "/health" | "/ready" | "/drain" | "/metrics" | "/maintenance") => error(
+            (_, "/health" | "/ready" | "/drain" | "/metrics" | "/maintenance" | "/reload") => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "Use GET for /health, /ready, /metrics and /maintenance; POST or DELETE for /drain; PUT or DELETE for /maintenance.",
+                "Use GET for /health, /ready, /metrics and /maintenance; POST or DELETE for /drain; PUT or DELETE for /maintenance; POST for /reload.",
             ),
             _ => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "Not found. The admin listener serves /health, /ready, /drain, /metrics and /maintenance.",
+                "Not found. The admin listener serves /health, /ready, /drain, /metrics, /maintenance and /reload.",
             ),
         }
     }

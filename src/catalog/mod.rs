@@ -54,6 +54,9 @@ pub struct Deployment {
     pub live: ArcSwap<LiveState>,
     /// Its metric series, resolved on first use and kept.
     pub metrics: OnceLock<DeploymentMetrics>,
+    /// A digest of what its pool is built from (backends, TLS, key, timeouts, health checks):
+    /// a reload keeps the pool while it is the same.
+    pool_key: String,
 }
 
 /// What the cluster lifecycle last reported about a deployment.
@@ -171,6 +174,11 @@ pub struct FrameworkEntry {
     by_name: HashMap<String, usize>,
 }
 
+/// The catalog in force, replaced whole on a reload. Readers take the current one with
+/// `load_full()` and keep it for what they are doing (a request keeps the snapshot it started
+/// with).
+pub type SharedCatalog = Arc<ArcSwap<Catalog>>;
+
 /// All clusters and models.
 #[derive(Debug, Default)]
 pub struct Catalog {
@@ -191,9 +199,21 @@ impl Catalog {
     /// Builds the catalog. Reads backend API keys from the environment (an unset variable is
     /// an error: the gateway would otherwise fail every request to that backend).
     pub fn build(config: &Config) -> Result<Catalog, CatalogError> {
+        Catalog::rebuild(config, &Catalog::default())
+    }
+
+    /// Builds the catalog of a reloaded configuration. A model whose backends and connection
+    /// settings did not change keeps its pool from `previous` (instances, health, requests in
+    /// flight, idle connections) and its last reported state; a cluster keeps its last status
+    /// report. Everything else is new; what `previous` alone holds is left to the requests
+    /// still using it.
+    pub fn rebuild(config: &Config, previous: &Catalog) -> Result<Catalog, CatalogError> {
         let mut catalog = Catalog::default();
         for (cluster_name, cluster) in &config.clusters {
             let mut entry = ClusterEntry::default();
+            if let Some(before) = previous.cluster(cluster_name) {
+                entry.jobs.store(before.jobs.load_full());
+            }
             for (fw_name, fw) in &cluster.frameworks {
                 let mut fw_entry = FrameworkEntry {
                     endpoints: fw.endpoints.clone(),
@@ -224,13 +244,21 @@ impl Catalog {
                         field: format!("{field}.tls"),
                         message: format!("{e:#}"),
                     })?;
-                    let settings = UpstreamSettings::new(&config.upstream, m, api_key, tls);
-                    let pool = BackendPool::new(
-                        addrs,
-                        settings,
-                        m.health_path.as_deref(),
-                        &config.health_check,
-                    );
+                    let pool_key = pool_key(config, m, api_key.as_deref());
+                    let before = previous
+                        .resolve(cluster_name, fw_name, &m.name)
+                        .ok()
+                        .filter(|d| d.pool_key == pool_key && d.model == m.name);
+                    let pool = match before {
+                        Some(d) => d.pool.clone(),
+                        None => Arc::new(BackendPool::new(
+                            addrs,
+                            UpstreamSettings::new(&config.upstream, m, api_key, tls),
+                            m.health_path.as_deref(),
+                            &config.health_check,
+                        )),
+                    };
+                    let live = before.map_or_else(Default::default, |d| d.live.load_full());
                     let deployment = Arc::new(Deployment {
                         cluster: cluster_name.clone(),
                         framework: fw_name.clone(),
@@ -246,7 +274,8 @@ impl Catalog {
                             allowed_groups: m.allowed_groups.clone(),
                             allowed_domains: m.allowed_domains.clone(),
                         },
-                        pool: Arc::new(pool),
+                        pool,
+                        pool_key,
                         demand: Demand::default(),
                         scaling: m.scaling.clone(),
                         compute: m.compute.clone(),
@@ -254,7 +283,7 @@ impl Catalog {
                         status_url: cluster.status.clone(),
                         tokens_per_minute: m.tokens_per_minute,
                         tokens_per_minute_per_user: m.tokens_per_minute_per_user,
-                        live: ArcSwap::from_pointee(LiveState::default()),
+                        live: ArcSwap::new(live),
                         metrics: OnceLock::new(),
                     });
                     for name in std::iter::once(&m.name).chain(&m.aliases) {
@@ -345,6 +374,28 @@ impl Catalog {
             d.pool.discover().await;
         }
     }
+}
+
+/// What a model's backend pool depends on, as a SHA-256 digest (the API key is part of it and
+/// must not sit in memory in the clear twice).
+fn pool_key(config: &Config, m: &crate::config::Model, api_key: Option<&str>) -> String {
+    use sha2::{Digest, Sha256};
+    let text = format!(
+        "{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        m.backends,
+        m.tls,
+        m.tls_ca,
+        m.tls_client_cert,
+        m.tls_client_key,
+        api_key,
+        m.health_path,
+        m.connect_timeout,
+        m.read_timeout,
+        m.max_concurrent_per_backend,
+        config.upstream,
+        config.health_check,
+    );
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 #[cfg(test)]

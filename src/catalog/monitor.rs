@@ -1,7 +1,7 @@
 //! The background service that keeps every deployment's backend state fresh: health checks
 //! each interval and host-name re-resolution less often. Publishes backend health as a metric.
 
-use super::Catalog;
+use super::SharedCatalog;
 use crate::metrics::Metrics;
 use async_trait::async_trait;
 use futures_util::future::join_all;
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub struct BackendMonitor {
-    catalog: Arc<Catalog>,
+    catalog: SharedCatalog,
     metrics: Arc<Metrics>,
     health_interval: Duration,
     resolve_interval: Duration,
@@ -19,7 +19,7 @@ pub struct BackendMonitor {
 
 impl BackendMonitor {
     pub fn new(
-        catalog: Arc<Catalog>,
+        catalog: SharedCatalog,
         metrics: Arc<Metrics>,
         health_interval: Duration,
         resolve_interval: Duration,
@@ -33,8 +33,14 @@ impl BackendMonitor {
     }
 
     async fn check_all(&self) {
-        join_all(self.catalog.deployments().map(|d| d.pool.check_health())).await;
-        for d in self.catalog.deployments() {
+        join_all(
+            self.catalog
+                .load_full()
+                .deployments()
+                .map(|d| d.pool.check_health()),
+        )
+        .await;
+        for d in self.catalog.load_full().deployments() {
             let mut by_state = [("serving", 0), ("unhealthy", 0), ("draining", 0)];
             for (instance, serving) in d.pool.instances() {
                 let state = if instance.is_draining() {
@@ -79,7 +85,7 @@ impl BackgroundService for BackendMonitor {
                 _ = shutdown.changed() => return,
                 _ = health.tick() => self.check_all().await,
                 _ = resolve.tick() => {
-                    join_all(self.catalog.deployments().map(|d| d.pool.discover())).await;
+                    join_all(self.catalog.load_full().deployments().map(|d| d.pool.discover())).await;
                     self.metrics.background_runs.with_label_values(&["resolve"]).inc();
                 }
             }

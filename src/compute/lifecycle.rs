@@ -4,7 +4,7 @@
 //! scale policy's `start` / `stop` actions become start and stop tasks.
 
 use super::{ComputeClient, ComputeError};
-use crate::catalog::{Catalog, Deployment, JobInfo, JobState, LiveState};
+use crate::catalog::{Catalog, Deployment, JobInfo, JobState, LiveState, SharedCatalog};
 use crate::config::BackendAddr;
 use crate::metrics::Metrics;
 use crate::model_name::normalize;
@@ -23,7 +23,7 @@ const START_GRACE: Duration = Duration::from_secs(300);
 
 /// Polls every cluster's status function and keeps the deployments' instances in line.
 pub struct ClusterLifecycle {
-    catalog: Arc<Catalog>,
+    catalog: SharedCatalog,
     /// Globus Compute, for clusters with a `compute:` lifecycle.
     client: Option<Arc<ComputeClient>>,
     http: reqwest::Client,
@@ -32,7 +32,7 @@ pub struct ClusterLifecycle {
 
 impl ClusterLifecycle {
     pub fn new(
-        catalog: Arc<Catalog>,
+        catalog: SharedCatalog,
         client: Option<Arc<ComputeClient>>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -58,6 +58,7 @@ impl ClusterLifecycle {
     pub async fn refresh(&self, cluster: &str) -> Result<(), String> {
         let deployments: Vec<Arc<Deployment>> = self
             .catalog
+            .load_full()
             .deployments()
             .filter(|d| d.cluster == cluster)
             .cloned()
@@ -119,7 +120,7 @@ impl ClusterLifecycle {
                 stopped.push(job)
             }
         }
-        if let Some(entry) = self.catalog.cluster(cluster) {
+        if let Some(entry) = self.catalog.load_full().cluster(cluster) {
             entry
                 .jobs
                 .store(Arc::new(json!({"running": running, "stopped": stopped})));
@@ -138,7 +139,7 @@ impl ClusterLifecycle {
             .run(&lc.endpoint, &lc.status_function, &[], STATUS_WAIT)
             .await?;
         let report = super::serialize::unwrap_json_string(report);
-        if let Some(entry) = self.catalog.cluster(cluster) {
+        if let Some(entry) = self.catalog.load_full().cluster(cluster) {
             entry.jobs.store(Arc::new(report.clone()));
         }
         for d in deployments {
@@ -195,7 +196,7 @@ impl ClusterLifecycle {
 
     fn clusters(&self) -> Vec<(String, Duration)> {
         let mut out: Vec<(String, Duration)> = Vec::new();
-        for d in self.catalog.deployments() {
+        for d in self.catalog.load_full().deployments() {
             let interval = match (&d.status_url, &d.lifecycle) {
                 (Some(s), _) => s.interval,
                 (None, Some(lc)) if self.client.is_some() => lc.status_interval,

@@ -5,7 +5,7 @@
 use super::scale::{ScaleInput, ScaleInstance};
 use super::view::{Candidate, Candidates, DeploymentState, InstanceView};
 use super::{PolicyStore, Reload};
-use crate::catalog::{Catalog, Deployment, JobState};
+use crate::catalog::{Deployment, JobState, SharedCatalog};
 use crate::metrics::Metrics;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -159,7 +159,7 @@ pub trait ScaleActuator: Send + Sync {
 /// Asks the scale policy about every model each interval (and soon after a request found no
 /// hot instance), and hands its actions to the actuator; without one they are only logged.
 pub struct ScaleRunner {
-    catalog: Arc<Catalog>,
+    catalog: SharedCatalog,
     store: Arc<PolicyStore>,
     metrics: Arc<Metrics>,
     interval: Duration,
@@ -175,7 +175,7 @@ type DemandSnapshot = (Instant, HashMap<usize, (u64, u64)>);
 
 impl ScaleRunner {
     pub fn new(
-        catalog: Arc<Catalog>,
+        catalog: SharedCatalog,
         store: Arc<PolicyStore>,
         metrics: Arc<Metrics>,
         interval: Duration,
@@ -199,7 +199,8 @@ impl ScaleRunner {
         let minutes = previous.0.elapsed().as_secs_f64().max(1.0) / 60.0;
         let mut by_model: BTreeMap<&str, ScaleInput> = BTreeMap::new();
         let mut totals = HashMap::new();
-        for d in self.catalog.deployments() {
+        let catalog = self.catalog.load_full();
+        for d in catalog.deployments() {
             let requests = d.demand.requests.load(Ordering::Relaxed);
             let bytes = d.demand.prompt_bytes.load(Ordering::Relaxed);
             let key = Arc::as_ptr(d) as usize;
@@ -292,7 +293,8 @@ impl ScaleRunner {
             log::info!("scale policy for {model}: {action:?} (not carried out: no Globus Compute configured)");
             return;
         };
-        let of_model = || self.catalog.deployments().filter(move |d| d.model == model);
+        let catalog = self.catalog.load_full();
+        let of_model = || catalog.deployments().filter(move |d| d.model == model);
         match action {
             super::ScaleAction::Start { cluster, count } => {
                 match of_model().find(|d| &d.cluster == cluster) {

@@ -38,7 +38,7 @@ impl Gateway {
         // The request keeps the policy version it started with, whatever reloads meanwhile.
         let routing_span = phase_span!(ctx, "route");
         let routed = routing::route(
-            &self.catalog,
+            &self.catalog.load_full(),
             &self.policies.current(),
             &self.metrics,
             identity,

@@ -34,7 +34,7 @@ pub use cold::ColdPath;
 pub use ctx::RequestCtx;
 
 use crate::auth::Authenticator;
-use crate::catalog::Catalog;
+use crate::catalog::SharedCatalog;
 use crate::config::Edge;
 use crate::edge::{Admission, Cors, DrainState, Maintenance, TrustedProxies};
 use crate::metrics::Metrics;
@@ -51,7 +51,7 @@ use std::time::Instant;
 
 /// The gateway's proxy logic, and everything it asks.
 pub struct Gateway {
-    pub catalog: Arc<Catalog>,
+    pub catalog: SharedCatalog,
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
     pub policies: Arc<PolicyStore>,

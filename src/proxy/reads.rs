@@ -16,6 +16,7 @@ impl Gateway {
         query: Option<&str>,
         identity: &Identity,
     ) -> Result<Bytes, ApiError> {
+        let catalog = self.catalog.load_full();
         let visible = |d: &Deployment| {
             rules::may_see(identity, &d.cluster_access) && rules::may_see(identity, &d.model_access)
         };
@@ -28,28 +29,26 @@ impl Gateway {
             Read::Models { scope } => {
                 self.check_scope(scope.as_ref())?;
                 let in_scope = |d: &Deployment| in_scope(scope.as_ref(), d) && visible(d);
-                listings::models(&self.catalog, self.started_unix, in_scope)
+                listings::models(&catalog, self.started_unix, in_scope)
             }
             Read::Model { scope, id } => {
                 self.check_scope(scope.as_ref())?;
                 let in_scope = |d: &Deployment| in_scope(scope.as_ref(), d) && visible(d);
-                listings::model(&self.catalog, self.started_unix, id, in_scope).ok_or_else(
-                    || {
-                        errors::lookup(LookupError::ModelNotFound {
-                            cluster: scope.as_ref().map(|s| s.cluster.clone()),
-                            model: id.clone(),
-                        })
-                    },
-                )?
+                listings::model(&catalog, self.started_unix, id, in_scope).ok_or_else(|| {
+                    errors::lookup(LookupError::ModelNotFound {
+                        cluster: scope.as_ref().map(|s| s.cluster.clone()),
+                        model: id.clone(),
+                    })
+                })?
             }
-            Read::ListEndpoints => listings::list_endpoints(&self.catalog, visible),
+            Read::ListEndpoints => listings::list_endpoints(&catalog, visible),
             Read::Health => Bytes::from_static(br#"{"status":"ok"}"#),
             Read::Whoami => Bytes::from(identity.whoami().to_string()),
             Read::Usage => listings::usage(
                 &identity.username,
                 &self.accounting.totals.of(&identity.username),
             ),
-            Read::Jobs { cluster } => listings::jobs(&self.catalog, cluster, visible)
+            Read::Jobs { cluster } => listings::jobs(&catalog, cluster, visible)
                 .ok_or_else(|| cluster_not_found(cluster))?,
             Read::ClusterModels { cluster } => {
                 let model_id = query.and_then(|q| {
@@ -57,17 +56,17 @@ impl Gateway {
                         .find_map(|kv| kv.strip_prefix("model_id="))
                         .filter(|v| !v.is_empty())
                 });
-                listings::cluster_models(&self.catalog, cluster, model_id, visible).ok_or_else(
-                    || match model_id {
-                        Some(m) if self.catalog.cluster(cluster).is_some() => {
+                listings::cluster_models(&catalog, cluster, model_id, visible).ok_or_else(|| {
+                    match model_id {
+                        Some(m) if catalog.cluster(cluster).is_some() => {
                             errors::lookup(LookupError::ModelNotFound {
                                 cluster: Some(cluster.clone()),
                                 model: m.to_string(),
                             })
                         }
                         _ => cluster_not_found(cluster),
-                    },
-                )?
+                    }
+                })?
             }
         })
     }
@@ -75,7 +74,8 @@ impl Gateway {
     /// A FIRST-layout base must name a cluster and framework that exist.
     fn check_scope(&self, scope: Option<&Scope>) -> Result<(), ApiError> {
         let Some(scope) = scope else { return Ok(()) };
-        let cluster = self.catalog.cluster(&scope.cluster).ok_or_else(|| {
+        let catalog = self.catalog.load_full();
+        let cluster = catalog.cluster(&scope.cluster).ok_or_else(|| {
             errors::lookup(LookupError::ClusterNotFound {
                 cluster: scope.cluster.clone(),
             })

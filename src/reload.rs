@@ -1,0 +1,161 @@
+//! Reloading the configuration without a restart, on SIGHUP or the admin listener's
+//! `POST /reload`: the file is read and validated first (a broken edit is refused, logged with
+//! its file and line, and the last good configuration keeps serving); then the catalog
+//! (clusters, frameworks, models, aliases, backends, access rules) is rebuilt and swapped in
+//! whole. Requests in flight keep the catalog they started with; a model whose backends did
+//! not change keeps its pool (health, requests in flight, idle connections); removed backends
+//! get no new requests and finish what they have. Settings that only a new process can take
+//! are named in the log as needing `firstgate serve --upgrade`, never silently ignored.
+
+use crate::catalog::{Catalog, SharedCatalog};
+use crate::config::{self, Config};
+use crate::metrics::Metrics;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Changed settings that take effect only in a new process.
+    pub needs_upgrade: Vec<&'static str>,
+}
+
+/// Reloads the configuration file into the running gateway.
+pub struct ConfigReloader {
+    /// The configuration file (none for the demo's built-in one: nothing to reload).
+    path: Option<PathBuf>,
+    /// The configuration in force.
+    running: Mutex<Config>,
+    catalog: SharedCatalog,
+    /// The authenticator fetches group memberships (needed by group access rules).
+    fetches_groups: bool,
+    metrics: Arc<Metrics>,
+    /// One reload at a time.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl ConfigReloader {
+    pub fn new(
+        path: Option<PathBuf>,
+        running: Config,
+        catalog: SharedCatalog,
+        fetches_groups: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        ConfigReloader {
+            path,
+            running: Mutex::new(running),
+            catalog,
+            fetches_groups,
+            metrics,
+            busy: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Reads, checks and applies the file; on any error the running configuration stays.
+    pub async fn reload(&self) -> Result<Reloaded, String> {
+        let _one = self.busy.lock().await;
+        let result = self.try_reload().await;
+        let label = if result.is_ok() { "applied" } else { "refused" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        match &result {
+            Ok(r) if r.needs_upgrade.is_empty() => log::info!("configuration reloaded"),
+            Ok(r) => log::warn!(
+                "configuration reloaded; changed settings that need `firstgate serve --upgrade` \
+                 to take effect: {}",
+                r.needs_upgrade.join(", ")
+            ),
+            Err(e) => log::error!("configuration NOT reloaded, the last good one stays: {e}"),
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<Reloaded, String> {
+        let path = self
+            .path
+            .as_ref()
+            .ok_or("this gateway runs a built-in configuration; there is no file to reload")?;
+        let config = config::load(path).map_err(|e| e.to_string())?.config;
+        let previous = self.catalog.load_full();
+        let catalog = Catalog::rebuild(&config, &previous).map_err(|e| e.to_string())?;
+        if catalog.uses_group_acls() && !self.fetches_groups {
+            return Err(
+                "the new configuration has group access rules, and this process does \
+                        not fetch group memberships: it needs `firstgate serve --upgrade`"
+                    .into(),
+            );
+        }
+        catalog.discover_all().await;
+        self.catalog.store(Arc::new(catalog));
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let needs_upgrade = needs_upgrade(&running, &config);
+        *running = config;
+        Ok(Reloaded { needs_upgrade })
+    }
+}
+
+/// Settings that differ between `old` and `new` and that only a new process applies. The
+/// catalog (`clusters`, `upstream`, `health_check` checks) is applied by the reload; the
+/// maintenance notices, the certificate and the access-log file have their own SIGHUP.
+fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut edge_old = old.edge.clone();
+    let mut edge_new = new.edge.clone();
+    edge_old.maintenance.clear();
+    edge_new.maintenance.clear();
+    let sections: [(&'static str, bool); 16] = [
+        ("listen", old.listen != new.listen),
+        ("admin_listen", old.admin_listen != new.admin_listen),
+        ("admin", differs(&old.admin, &new.admin)),
+        ("tls", differs(&old.tls, &new.tls)),
+        ("edge", differs(&edge_old, &edge_new)),
+        ("server", differs(&old.server, &new.server)),
+        ("threads", old.threads != new.threads),
+        ("auth", differs(&old.auth, &new.auth)),
+        ("limits", differs(&old.limits, &new.limits)),
+        ("shutdown", differs(&old.shutdown, &new.shutdown)),
+        ("policies", differs(&old.policies, &new.policies)),
+        ("usage", differs(&old.usage, &new.usage)),
+        ("access_log", differs(&old.access_log, &new.access_log)),
+        ("log", differs(&old.log, &new.log)),
+        ("tracing", differs(&old.tracing, &new.tracing)),
+        ("compute", differs(&old.compute, &new.compute)),
+    ];
+    let mut out: Vec<&'static str> = sections
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect();
+    if old.health_check.interval != new.health_check.interval
+        || old.health_check.resolve_interval != new.health_check.resolve_interval
+    {
+        out.push("health_check intervals");
+    }
+    out
+}
+
+#[async_trait]
+impl BackgroundService for ConfigReloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            log::error!("cannot listen for SIGHUP: the configuration reloads only on POST /reload");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    // The outcome is logged and counted.
+                    let _ = self.reload().await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Reloading the configuration without a restart (SIGHUP and the admin listener's
+//! `POST /reload`): models added and removed while a stream runs, a backend's pool kept, a
+//! broken edit refused with the last good configuration still serving.
+
+#![cfg(feature = "sim")] // against the simulators
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::time::Duration;
+
+const OTHER: &str = "Qwen/Qwen2.5-7B-Instruct";
+const ADDED: &str = "mistralai/Mistral-7B-Instruct-v0.3";
+
+fn clusters(models: &[(&str, std::net::SocketAddr)]) -> String {
+    let mut out =
+        String::from("clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n");
+    for (name, backend) in models {
+        out.push_str(&format!(
+            "          - name: {name}\n            backends: [{backend}]\n"
+        ));
+    }
+    out
+}
+
+/// Replaces the `clusters:` section of the gateway's configuration file.
+fn rewrite(gw: &Gateway, clusters_yaml: &str) {
+    let path = gw.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let head = &text[..text.find("clusters:").expect("a clusters section")];
+    std::fs::write(&path, format!("{head}{clusters_yaml}")).unwrap();
+}
+
+async fn reload(gw: &Gateway) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(gw.admin_url("/reload"))
+        .header("x-firstgate-admin", "1")
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or_default())
+}
+
+async fn status_of(gw: &Gateway, model: &str) -> u16 {
+    post_chat(gw, "/v1/chat/completions", None, model, false)
+        .await
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_come_and_go_while_streams_run_and_a_broken_edit_is_refused() {
+    let slow = sim(&[LLAMA], |c| c.itl = Duration::from_millis(40)).await;
+    let other = sim(&[OTHER], |_| {}).await;
+    let added = sim(&[ADDED], |_| {}).await;
+    let gw = Gateway::start(&clusters(&[(LLAMA, slow.addr()), (OTHER, other.addr())])).await;
+    assert_eq!(status_of(&gw, OTHER).await, 200);
+
+    // A stream of 40 tokens (1.6 s) runs across the reload.
+    let mut body = chat_body(LLAMA, true);
+    body["max_tokens"] = 40.into();
+    let resp = gw
+        .post("/v1/chat/completions")
+        .bearer_auth("tok")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+
+    // Add one model, remove another (its backend), keep the streaming one unchanged.
+    rewrite(
+        &gw,
+        &clusters(&[(LLAMA, slow.addr()), (ADDED, added.addr())]),
+    );
+    let (status, v) = reload(&gw).await;
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("reloaded")),
+        "{v}"
+    );
+    assert_eq!(v["needs_upgrade"], serde_json::json!([]));
+    assert_eq!(status_of(&gw, ADDED).await, 200);
+    assert_eq!(status_of(&gw, OTHER).await, 404);
+    // The unchanged model kept its pool: served at once (no health check to wait for).
+    assert_eq!(status_of(&gw, LLAMA).await, 200);
+
+    // The stream that began before the reload ends normally.
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!(text.matches("\"content\":\"tok").count(), 40);
+
+    // A broken edit: refused with where it is broken; the last good configuration serves.
+    let path = gw.config_path();
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, good.replace("backends: [", "backends: {")).unwrap();
+    let (status, v) = reload(&gw).await;
+    assert_eq!(status, 409, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    let at = message.find("gateway.yaml:").expect("the file named") + "gateway.yaml:".len();
+    assert!(
+        message[at..].starts_with(|c: char| c.is_ascii_digit()),
+        "with its line: {message}"
+    );
+    assert_eq!(status_of(&gw, ADDED).await, 200);
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "firstgate_config_reloads_total{result=\"refused\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "firstgate_config_reloads_total{result=\"applied\"}"
+        ),
+        1.0
+    );
+
+    // SIGHUP does the same; a setting only a new process can take is named.
+    std::fs::write(&path, good.replace("threads: 2", "threads: 3")).unwrap();
+    rewrite(
+        &gw,
+        &clusters(&[(LLAMA, slow.addr()), (OTHER, other.addr())]),
+    );
+    gw.signal("HUP");
+    wait_for("the SIGHUP reload", || async {
+        (status_of(&gw, OTHER).await == 200).then_some(())
+    })
+    .await;
+    assert!(gw
+        .log()
+        .contains("need `firstgate serve --upgrade` to take effect: threads"));
+}
