@@ -45,6 +45,11 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     if let Some(l) = opts.admin_listen {
         config.admin_listen = l;
     }
+    // The simulated compute nodes post cold streams back to this gateway's API listener.
+    let port = config.listen.port();
+    if let Some(s) = config.compute.as_mut().and_then(|c| c.streaming.as_mut()) {
+        s.advertise_port = port;
+    }
     let demo_ca = demo_tls(&mut config, opts.tls_listen)?;
     let keys = provide_api_keys(&config);
     let sims = simulated_backends(&config, &keys, &opts)?;
@@ -99,9 +104,15 @@ fn globus_stand_in(config: &Config, users: &Path) -> anyhow::Result<Option<(Sock
                 globus.client_id
             )
         })?;
+    // Single-threaded here: no other thread reads the environment yet.
     if std::env::var_os(&globus.client_secret_env).is_none() {
-        // Single-threaded here: no other thread reads the environment yet.
         std::env::set_var(&globus.client_secret_env, &client.secret);
+    }
+    let streaming = config.compute.as_ref().and_then(|c| c.streaming.as_ref());
+    if let (Some(s), Some(secret)) = (streaming, &seed.compute.streaming_secret) {
+        if std::env::var_os(&s.secret_env).is_none() {
+            std::env::set_var(&s.secret_env, secret);
+        }
     }
     Ok(Some((SocketAddr::new(ip, addr.port), seed)))
 }
