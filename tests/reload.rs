@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use firstgate::sim::globus::{FakeClient, FakeUser, GlobusSim, Seed};
 use futures_util::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
@@ -141,4 +142,53 @@ async fn models_come_and_go_while_streams_run_and_a_broken_edit_is_refused() {
     assert!(gw
         .log()
         .contains("need `firstgate serve --upgrade` to take effect: threads"));
+}
+
+/// An access rule edited and reloaded applies from the next request, with a real token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_rule_changed_by_a_reload_applies_to_the_next_request() {
+    let seed = Seed {
+        clients: vec![FakeClient {
+            id: "gw".into(),
+            secret: "gw-secret".into(),
+        }],
+        users: vec![FakeUser::new("tok-mallory", "mallory@example.com")],
+        ..Seed::default()
+    };
+    let globus = GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
+        .await
+        .unwrap();
+    let backend = sim(&[LLAMA], |_| {}).await;
+    let model = |rule: &str| {
+        format!(
+            "clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n          \
+             - name: {LLAMA}\n            backends: [{}]\n{rule}",
+            backend.addr()
+        )
+    };
+    let gw = Gateway::start_with(
+        &globus_auth(&globus.url(), "gw", "", ""),
+        &model("            allowed_domains: [anl.gov]\n"),
+        &[(GLOBUS_SECRET_ENV, "gw-secret")],
+    )
+    .await;
+    let ask = || async {
+        post_chat(
+            &gw,
+            "/v1/chat/completions",
+            Some("tok-mallory"),
+            LLAMA,
+            false,
+        )
+        .await
+        .status()
+        .as_u16()
+    };
+    assert_eq!(ask().await, 403);
+    rewrite(&gw, &model(""));
+    assert_eq!(reload(&gw).await.0, 200);
+    assert_eq!(ask().await, 200);
+    rewrite(&gw, &model("            allowed_domains: [anl.gov]\n"));
+    assert_eq!(reload(&gw).await.0, 200);
+    assert_eq!(ask().await, 403);
 }
