@@ -48,6 +48,7 @@ fn accounting(sink: Option<Arc<SqliteSink>>, access_log: Option<AccessLog>) -> A
         sink: sink.map(|s| s as Arc<dyn firstgate::usage::UsageSink>),
         totals: UsageTotals::default(),
         limits: Box::new(MemoryLimits::new(0, 0, 0, Duration::from_secs(60), 0)),
+        caps: firstgate::usage::RequestCaps::new(1 << 20, 512),
         access_log,
         log_prompts: false,
     }

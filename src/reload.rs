@@ -4,12 +4,15 @@
 //! (clusters, frameworks, models, aliases, backends, access rules) is rebuilt and swapped in
 //! whole. Requests in flight keep the catalog they started with; a model whose backends did
 //! not change keeps its pool (health, requests in flight, idle connections); removed backends
-//! get no new requests and finish what they have. Settings that only a new process can take
-//! are named in the log as needing `firstgate serve --upgrade`, never silently ignored.
+//! get no new requests and finish what they have. The `limits:` apply to the next request
+//! (requests in flight and tokens counted in the current window stay counted). Settings that
+//! only a new process can take are named in the log as needing `firstgate serve --upgrade`,
+//! never silently ignored.
 
 use crate::catalog::{Catalog, SharedCatalog};
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
+use crate::usage::{Accounting, LimitSettings};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -31,6 +34,8 @@ pub struct ConfigReloader {
     /// The configuration in force.
     running: Mutex<Config>,
     catalog: SharedCatalog,
+    /// The rate limits and request caps.
+    accounting: Arc<Accounting>,
     /// The authenticator fetches group memberships (needed by group access rules).
     fetches_groups: bool,
     metrics: Arc<Metrics>,
@@ -43,6 +48,7 @@ impl ConfigReloader {
         path: Option<PathBuf>,
         running: Config,
         catalog: SharedCatalog,
+        accounting: Arc<Accounting>,
         fetches_groups: bool,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -50,6 +56,7 @@ impl ConfigReloader {
             path,
             running: Mutex::new(running),
             catalog,
+            accounting,
             fetches_groups,
             metrics,
             busy: tokio::sync::Mutex::new(()),
@@ -94,6 +101,11 @@ impl ConfigReloader {
         }
         catalog.discover_all().await;
         self.catalog.store(Arc::new(catalog));
+        let l = &config.limits;
+        self.accounting.limits.reconfigure(LimitSettings::from(l));
+        self.accounting
+            .caps
+            .set(l.max_body_bytes, l.default_max_tokens);
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let needs_upgrade = needs_upgrade(&running, &config);
         *running = config;
@@ -102,7 +114,8 @@ impl ConfigReloader {
 }
 
 /// Settings that differ between `old` and `new` and that only a new process applies. The
-/// catalog (`clusters`, `upstream`, `health_check` checks) is applied by the reload; the
+/// catalog (`clusters`, `upstream`, `health_check` checks) and `limits` are applied by the
+/// reload; the
 /// maintenance notices, the certificate and the access-log file have their own SIGHUP.
 fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
     let differs =
@@ -111,7 +124,7 @@ fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut edge_new = new.edge.clone();
     edge_old.maintenance.clear();
     edge_new.maintenance.clear();
-    let sections: [(&'static str, bool); 16] = [
+    let sections: [(&'static str, bool); 15] = [
         ("listen", old.listen != new.listen),
         ("admin_listen", old.admin_listen != new.admin_listen),
         ("admin", differs(&old.admin, &new.admin)),
@@ -120,7 +133,6 @@ fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
         ("server", differs(&old.server, &new.server)),
         ("threads", old.threads != new.threads),
         ("auth", differs(&old.auth, &new.auth)),
-        ("limits", differs(&old.limits, &new.limits)),
         ("shutdown", differs(&old.shutdown, &new.shutdown)),
         ("policies", differs(&old.policies, &new.policies)),
         ("usage", differs(&old.usage, &new.usage)),

@@ -19,7 +19,10 @@ use crate::metrics::Metrics;
 use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
 use crate::proxy::{ColdPath, Gateway};
 use crate::reload::ConfigReloader;
-use crate::usage::{self, AccessLog, Accounting, MemoryLimits, SqliteSink, UsageSink, UsageTotals};
+use crate::usage::{
+    self, AccessLog, Accounting, LimitSettings, MemoryLimits, RequestCaps, SqliteSink, UsageSink,
+    UsageTotals,
+};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
@@ -96,6 +99,7 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Assembled
         options.config_path.clone(),
         config.clone(),
         parts.catalog.clone(),
+        parts.accounting.clone(),
         parts.catalog.load().uses_group_acls(),
         parts.metrics.clone(),
     ));
@@ -233,13 +237,8 @@ fn accounting(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Account
     Ok(Accounting {
         sink,
         totals,
-        limits: Box::new(MemoryLimits::new(
-            l.requests_per_second,
-            l.ip_requests_per_second,
-            l.ip_burst,
-            l.token_window,
-            l.max_concurrent_per_user,
-        )),
+        limits: Box::new(MemoryLimits::with(LimitSettings::from(l))),
+        caps: RequestCaps::new(l.max_body_bytes, l.default_max_tokens),
         access_log,
         log_prompts: config.access_log.log_prompts,
     })
@@ -289,8 +288,6 @@ fn proxy_service(
             }),
         scale_wake: parts.scale_wake.clone(),
         accounting: parts.accounting.clone(),
-        max_body_bytes: config.limits.max_body_bytes,
-        default_max_tokens: config.limits.default_max_tokens,
         edge: config.edge.clone(),
         trusted_proxies: TrustedProxies::new(config.edge.trusted_proxies.clone()),
         maintenance: parts.maintenance.clone(),

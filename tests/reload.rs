@@ -1,6 +1,7 @@
 //! Reloading the configuration without a restart (SIGHUP and the admin listener's
-//! `POST /reload`): models added and removed while a stream runs, a backend's pool kept, a
-//! broken edit refused with the last good configuration still serving.
+//! `POST /reload`): models added and removed while a stream runs, a backend's pool kept, an
+//! access rule and the limits changed, a broken edit refused with the last good configuration
+//! still serving.
 
 #![cfg(feature = "sim")] // against the simulators
 
@@ -191,4 +192,17 @@ async fn an_access_rule_changed_by_a_reload_applies_to_the_next_request() {
     rewrite(&gw, &model("            allowed_domains: [anl.gov]\n"));
     assert_eq!(reload(&gw).await.0, 200);
     assert_eq!(ask().await, 403);
+
+    // `limits:` apply to the next request too (here the body cap: the chat body is larger).
+    rewrite(
+        &gw,
+        &format!("limits:\n  max_body_bytes: 64\n{}", model("")),
+    );
+    let (status, v) = reload(&gw).await;
+    assert_eq!(
+        (status, &v["needs_upgrade"]),
+        (200, &serde_json::json!([])),
+        "{v}"
+    );
+    assert_eq!(ask().await, 413);
 }

@@ -31,8 +31,8 @@ impl Gateway {
         identity: &Identity,
     ) -> Result<Outcome, ApiError> {
         let (cluster, framework, endpoint) = asked;
-        let body =
-            body::read_body(session, self.max_body_bytes, self.edge.client_read_timeout).await?;
+        let max_body = self.accounting.caps.max_body_bytes();
+        let body = body::read_body(session, max_body, self.edge.client_read_timeout).await?;
         let t = Instant::now();
         let control = parse_control_fields(&body, endpoint)?;
         // The request keeps the policy version it started with, whatever reloads meanwhile.
@@ -90,8 +90,11 @@ impl Gateway {
             ctx.target.user_slot = self.limited(limits.begin_request(&identity.username))?;
         }
         // About four bytes of prompt per token, plus what the answer may use.
-        let estimate = (body_len as u64 / 4)
-            .saturating_add(control.max_tokens.unwrap_or(self.default_max_tokens));
+        let estimate = (body_len as u64 / 4).saturating_add(
+            control
+                .max_tokens
+                .unwrap_or(self.accounting.caps.default_max_tokens()),
+        );
         ctx.target.tokens = self.limited(limits.reserve_tokens(
             &identity.username,
             &d.model,

@@ -60,9 +60,6 @@ pub struct Gateway {
     /// Wakes the scale policy (a request found no hot instance).
     pub scale_wake: Arc<tokio::sync::Notify>,
     pub accounting: Arc<Accounting>,
-    pub max_body_bytes: usize,
-    /// Completion tokens assumed for a request without `max_tokens` (token reservations).
-    pub default_max_tokens: u64,
     pub edge: Edge,
     pub trusted_proxies: TrustedProxies,
     pub maintenance: Arc<Maintenance>,

@@ -5,12 +5,13 @@
 //! its estimate in the same step as the check, and its real tokens replace the estimate when it
 //! ends.
 
+use arc_swap::ArcSwap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,6 +43,65 @@ pub trait Limits: Send + Sync {
     fn settle_tokens(&self, reservation: TokenReservation, tokens: u64);
     /// Holds one of the user's requests in flight until the permit is dropped.
     fn begin_request(&self, user: &str) -> Result<Option<InFlightPermit>, Limited>;
+    /// Applies new limits (a configuration reload); requests in flight and tokens counted in
+    /// the current window stay counted.
+    fn reconfigure(&self, settings: LimitSettings);
+}
+
+impl From<&crate::config::Limits> for LimitSettings {
+    fn from(l: &crate::config::Limits) -> Self {
+        LimitSettings {
+            user_rps: l.requests_per_second,
+            ip_rps: l.ip_requests_per_second,
+            ip_burst: l.ip_burst,
+            window: l.token_window,
+            max_in_flight: l.max_concurrent_per_user,
+        }
+    }
+}
+
+/// The per-request caps of `limits:` that the proxy reads: largest body, and the completion
+/// tokens assumed for a request without `max_tokens` (replaceable on a reload).
+#[derive(Debug)]
+pub struct RequestCaps {
+    max_body_bytes: AtomicUsize,
+    default_max_tokens: AtomicU64,
+}
+
+impl RequestCaps {
+    pub fn new(max_body_bytes: usize, default_max_tokens: u64) -> Self {
+        RequestCaps {
+            max_body_bytes: AtomicUsize::new(max_body_bytes),
+            default_max_tokens: AtomicU64::new(default_max_tokens),
+        }
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn default_max_tokens(&self) -> u64 {
+        self.default_max_tokens.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, max_body_bytes: usize, default_max_tokens: u64) {
+        self.max_body_bytes.store(max_body_bytes, Ordering::Relaxed);
+        self.default_max_tokens
+            .store(default_max_tokens, Ordering::Relaxed);
+    }
+}
+
+/// The configured limits (`limits:`); `0` turns a request limit off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitSettings {
+    pub user_rps: u32,
+    pub ip_rps: u32,
+    /// Requests an address may send at once (at least its rate).
+    pub ip_burst: u32,
+    /// Length of the token windows.
+    pub window: Duration,
+    /// Requests one user may have in flight.
+    pub max_in_flight: u32,
 }
 
 /// Tokens a request reserved, in the window it reserved them.
@@ -126,17 +186,33 @@ impl Drop for InFlightPermit {
 }
 
 pub struct MemoryLimits {
-    per_user: Option<DefaultKeyedRateLimiter<String>>,
-    /// Requests one user may have in flight (0: no limit).
-    max_in_flight: u32,
+    rates: ArcSwap<Rates>,
     in_flight: InFlight,
-    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
-    user_rps: u32,
-    ip_rps: u32,
     tokens: TokenWindows,
-    /// Length of the token windows.
-    window: Duration,
     checks: AtomicU64,
+}
+
+/// The settings and the rate limiters built from them (replaced whole on a reload).
+struct Rates {
+    settings: LimitSettings,
+    per_user: Option<DefaultKeyedRateLimiter<String>>,
+    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+impl Rates {
+    fn new(mut settings: LimitSettings) -> Rates {
+        settings.window = settings.window.max(Duration::from_secs(1));
+        let ip_quota = |n| {
+            let burst = NonZeroU32::new(settings.ip_burst).map_or(n, |b| b.max(n));
+            Quota::per_second(n).allow_burst(burst)
+        };
+        Rates {
+            settings,
+            per_user: NonZeroU32::new(settings.user_rps)
+                .map(|n| RateLimiter::keyed(Quota::per_second(n))),
+            per_ip: NonZeroU32::new(settings.ip_rps).map(|n| RateLimiter::keyed(ip_quota(n))),
+        }
+    }
 }
 
 impl MemoryLimits {
@@ -149,30 +225,31 @@ impl MemoryLimits {
         window: Duration,
         max_in_flight: u32,
     ) -> Self {
-        let ip_quota = |n| {
-            let burst = NonZeroU32::new(ip_burst).map_or(n, |b| b.max(n));
-            Quota::per_second(n).allow_burst(burst)
-        };
-        MemoryLimits {
-            per_user: NonZeroU32::new(user_rps).map(|n| RateLimiter::keyed(Quota::per_second(n))),
-            max_in_flight,
-            in_flight: InFlight::default(),
-            per_ip: NonZeroU32::new(ip_rps).map(|n| RateLimiter::keyed(ip_quota(n))),
+        MemoryLimits::with(LimitSettings {
             user_rps,
             ip_rps,
+            ip_burst,
+            window,
+            max_in_flight,
+        })
+    }
+
+    pub fn with(settings: LimitSettings) -> Self {
+        MemoryLimits {
+            rates: ArcSwap::from_pointee(Rates::new(settings)),
+            in_flight: InFlight::default(),
             tokens: TokenWindows::default(),
-            window: window.max(Duration::from_secs(1)),
             checks: AtomicU64::new(0),
         }
     }
 
     /// Forgets idle keys now and then so memory stays bounded.
-    fn tidy(&self) {
+    fn tidy(&self, rates: &Rates) {
         if self.checks.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
-            if let Some(l) = &self.per_user {
+            if let Some(l) = &rates.per_user {
                 l.retain_recent();
             }
-            if let Some(l) = &self.per_ip {
+            if let Some(l) = &rates.per_ip {
                 l.retain_recent();
             }
         }
@@ -199,8 +276,9 @@ where
 
 impl Limits for MemoryLimits {
     fn check_user(&self, user: &str) -> Result<(), Limited> {
-        self.tidy();
-        let Some(l) = &self.per_user else {
+        let rates = self.rates.load();
+        self.tidy(&rates);
+        let Some(l) = &rates.per_user else {
             return Ok(());
         };
         l.check_key(&user.to_string()).map_err(|nu| Limited {
@@ -208,20 +286,23 @@ impl Limits for MemoryLimits {
             retry_after: wait_of(nu),
             message: format!(
                 "Rate limit exceeded: at most {} requests per second per user. Slow down and retry.",
-                self.user_rps
+                rates.settings.user_rps
             ),
         })
     }
 
     fn check_ip(&self, ip: IpAddr) -> Result<(), Limited> {
-        self.tidy();
-        let Some(l) = &self.per_ip else { return Ok(()) };
+        let rates = self.rates.load();
+        self.tidy(&rates);
+        let Some(l) = &rates.per_ip else {
+            return Ok(());
+        };
         l.check_key(&ip).map_err(|nu| Limited {
             limit: "ip_requests_per_second",
             retry_after: wait_of(nu),
             message: format!(
                 "Rate limit exceeded: at most {} requests per second from one address.",
-                self.ip_rps
+                rates.settings.ip_rps
             ),
         })
     }
@@ -237,7 +318,7 @@ impl Limits for MemoryLimits {
         if model_tpm.is_none() && user_tpm.is_none() {
             return Ok(None);
         }
-        let (window, left) = window_now(self.window);
+        let (window, left) = window_now(self.rates.load().settings.window);
         let mut keys = Vec::with_capacity(2);
         if let Some(limit) = model_tpm {
             keys.push((format!("m\u{0}{model}"), limit));
@@ -273,24 +354,25 @@ impl Limits for MemoryLimits {
     }
 
     fn settle_tokens(&self, reservation: TokenReservation, tokens: u64) {
-        let (now, _) = window_now(self.window);
+        let (now, _) = window_now(self.rates.load().settings.window);
         self.tokens.settle(&reservation, now, tokens);
     }
 
     fn begin_request(&self, user: &str) -> Result<Option<InFlightPermit>, Limited> {
-        if self.max_in_flight == 0 {
+        let max_in_flight = self.rates.load().settings.max_in_flight;
+        if max_in_flight == 0 {
             return Ok(None);
         }
         let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(user.to_string()).or_insert(0);
-        if *n >= self.max_in_flight {
+        if *n >= max_in_flight {
             return Err(Limited {
                 limit: "max_concurrent_per_user",
                 retry_after: Duration::from_secs(1),
                 message: format!(
                     "Concurrency limit reached: at most {} requests in flight per user. Wait for \
                      one to finish, then retry.",
-                    self.max_in_flight
+                    max_in_flight
                 ),
             });
         }
@@ -299,6 +381,14 @@ impl Limits for MemoryLimits {
             counts: self.in_flight.clone(),
             user: user.to_string(),
         }))
+    }
+
+    fn reconfigure(&self, settings: LimitSettings) {
+        // Unchanged rates keep their limiters (and what they have counted).
+        let rates = Rates::new(settings);
+        if self.rates.load().settings != rates.settings {
+            self.rates.store(Arc::new(rates));
+        }
     }
 }
 
@@ -355,5 +445,25 @@ mod tests {
         drop(a);
         assert!(l.begin_request("alice").unwrap().is_some());
         assert!(limits(0).begin_request("alice").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_reconfiguration_keeps_requests_in_flight_counted() {
+        let l = limits(1);
+        let _first = l.begin_request("u").unwrap();
+        let settings = |max_in_flight| LimitSettings {
+            user_rps: 5,
+            ip_rps: 0,
+            ip_burst: 0,
+            window: Duration::from_secs(60),
+            max_in_flight,
+        };
+        l.reconfigure(settings(1));
+        assert!(l.begin_request("u").is_err(), "still one in flight");
+        l.reconfigure(settings(2));
+        assert!(l.begin_request("u").is_ok());
+        // The new per-user rate applies.
+        let refused = (0..20).filter(|_| l.check_user("v").is_err()).count();
+        assert!(refused > 0);
     }
 }

@@ -8,7 +8,9 @@ mod scan;
 pub mod sink;
 
 pub use access_log::AccessLog;
-pub use limits::{InFlightPermit, Limited, Limits, MemoryLimits, TokenReservation};
+pub use limits::{
+    InFlightPermit, LimitSettings, Limited, Limits, MemoryLimits, RequestCaps, TokenReservation,
+};
 pub use record::{Ending, Meter, UsageRecord};
 pub use scan::{Tokens, UsageScanner};
 pub use sink::{MemorySink, SqliteSink, Totals, UsageSink};
@@ -73,6 +75,8 @@ pub struct Accounting {
     pub sink: Option<std::sync::Arc<dyn UsageSink>>,
     pub totals: UsageTotals,
     pub limits: Box<dyn Limits>,
+    /// The largest body and the token estimate of a request without `max_tokens`.
+    pub caps: RequestCaps,
     /// The access log, when enabled.
     pub access_log: Option<AccessLog>,
     /// Request bodies go into the access log too.
