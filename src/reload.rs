@@ -115,8 +115,8 @@ impl ConfigReloader {
 
 /// Settings that differ between `old` and `new` and that only a new process applies. The
 /// catalog (`clusters`, `upstream`, `health_check` checks) and `limits` are applied by the
-/// reload; the
-/// maintenance notices, the certificate and the access-log file have their own SIGHUP.
+/// reload; the maintenance notices, the certificate and the access-log file have their own
+/// SIGHUP.
 fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
     let differs =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
