@@ -11,7 +11,9 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use firstgate::config::LogTarget;
 use firstgate::metrics::Metrics;
-use firstgate::usage::{AccessLog, Accounting, MemoryLimits, SqliteSink, UsageRecord, UsageTotals};
+use firstgate::usage::{
+    AccessLog, Accounting, MemoryLimits, Outputs, SqliteSink, UsageRecord, UsageTotals,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,14 +46,17 @@ fn record(n: u64) -> UsageRecord {
 }
 
 fn accounting(sink: Option<Arc<SqliteSink>>, access_log: Option<AccessLog>) -> Accounting {
-    Accounting {
+    let outputs = Outputs {
         sink: sink.map(|s| s as Arc<dyn firstgate::usage::UsageSink>),
-        totals: UsageTotals::default(),
-        limits: Box::new(MemoryLimits::new(0, 0, 0, Duration::from_secs(60), 0)),
-        caps: firstgate::usage::RequestCaps::new(1 << 20, 512),
-        access_log,
+        access_log: access_log.map(Arc::new),
         log_prompts: false,
-    }
+    };
+    Accounting::new(
+        outputs,
+        UsageTotals::default(),
+        Box::new(MemoryLimits::new(0, 0, 0, Duration::from_secs(60), 0)),
+        firstgate::usage::RequestCaps::new(1 << 20, 512),
+    )
 }
 
 /// Times `finish` for `iters` records, flushing (untimed) every [`RUN`].

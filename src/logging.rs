@@ -12,6 +12,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::prelude::*;
@@ -21,6 +22,9 @@ use tracing_subscriber::EnvFilter;
 pub const SPAN_TARGET: &str = "firstgate::span";
 
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// The log is written as JSON (else as text); a reload may switch it.
+static JSON: AtomicBool = AtomicBool::new(false);
 
 /// Sets up the log (and the export, if configured). Call once, after any fork: the exporter
 /// runs a thread.
@@ -32,21 +36,22 @@ pub fn init(format: LogFormat, tracing: &Tracing) -> anyhow::Result<()> {
         !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
             && meta.target() != SPAN_TARGET
     });
-    let text = (format == LogFormat::Text).then(|| {
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(colour)
-            .with_filter(for_the_log.clone())
-    });
-    let json = (format == LogFormat::Json).then(|| {
-        tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .with_writer(std::io::stderr)
-            .with_filter(for_the_log)
-    });
+    JSON.store(format == LogFormat::Json, Ordering::Relaxed);
+    // Both layers are installed; the switch picks one. Filters cache their verdict per
+    // call site, so `set_format` has the caches rebuilt.
+    let text = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .with_filter(for_the_log.clone())
+        .with_filter(filter_fn(|_| !JSON.load(Ordering::Relaxed)));
+    let json = tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_writer(std::io::stderr)
+        .with_filter(for_the_log)
+        .with_filter(filter_fn(|_| JSON.load(Ordering::Relaxed)));
     let export = match &tracing.otlp_endpoint {
         Some(endpoint) => {
             let provider = provider(endpoint, &tracing.service_name)?;
@@ -67,6 +72,14 @@ pub fn init(format: LogFormat, tracing: &Tracing) -> anyhow::Result<()> {
         .with(export)
         .try_init()?;
     Ok(())
+}
+
+/// Switches the log between text and JSON lines (a reload).
+pub fn set_format(format: LogFormat) {
+    let json = format == LogFormat::Json;
+    if JSON.swap(json, Ordering::Relaxed) != json {
+        tracing::callsite::rebuild_interest_cache();
+    }
 }
 
 /// The plain text log, for the commands that do not serve.

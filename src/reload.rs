@@ -5,7 +5,10 @@
 //! whole. Requests in flight keep the catalog they started with; a model whose backends did
 //! not change keeps its pool (health, requests in flight, idle connections); removed backends
 //! get no new requests and finish what they have. The `limits:` apply to the next request
-//! (requests in flight and tokens counted in the current window stay counted). Settings that
+//! (requests in flight and tokens counted in the current window stay counted). A changed
+//! `usage:` store or `access_log:` target is opened before anything is applied (a store or
+//! file that cannot be opened refuses the reload); the replaced one writes what it was given,
+//! then closes. `log.format` switches at once. Settings that
 //! only a new process can take are named in the log as needing `firstgate serve --upgrade`,
 //! never silently ignored.
 
@@ -99,13 +102,30 @@ impl ConfigReloader {
                     .into(),
             );
         }
+        let old = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Opening a store or a log file is file I/O: off the async workers.
+        let (accounting, metrics, new) = (self.accounting.clone(), self.metrics.clone(), config);
+        let (outputs, totals, config) = tokio::task::spawn_blocking(move || {
+            let (outputs, totals) = accounting.outputs().reopen(&old, &new, &metrics)?;
+            anyhow::Ok((outputs, totals, new))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))?;
+        // Everything is checked and opened: apply it all.
         catalog.discover_all().await;
         self.catalog.store(Arc::new(catalog));
+        self.accounting.set_outputs(outputs, totals);
         let l = &config.limits;
         self.accounting.limits.reconfigure(LimitSettings::from(l));
         self.accounting
             .caps
             .set(l.max_body_bytes, l.default_max_tokens);
+        crate::logging::set_format(config.log.format);
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let needs_upgrade = needs_upgrade(&running, &config);
         *running = config;
@@ -114,9 +134,9 @@ impl ConfigReloader {
 }
 
 /// Settings that differ between `old` and `new` and that only a new process applies. The
-/// catalog (`clusters`, `upstream`, `health_check` checks) and `limits` are applied by the
-/// reload; the maintenance notices, the certificate and the access-log file have their own
-/// SIGHUP.
+/// catalog (`clusters`, `upstream`, `health_check` checks), `limits`, `usage`, `access_log`
+/// and `log` are applied by the reload; the maintenance notices and the certificate have their
+/// own SIGHUP.
 fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
     let differs =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
@@ -124,7 +144,7 @@ fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut edge_new = new.edge.clone();
     edge_old.maintenance.clear();
     edge_new.maintenance.clear();
-    let sections: [(&'static str, bool); 15] = [
+    let sections: [(&'static str, bool); 12] = [
         ("listen", old.listen != new.listen),
         ("admin_listen", old.admin_listen != new.admin_listen),
         ("admin", differs(&old.admin, &new.admin)),
@@ -135,9 +155,6 @@ fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
         ("auth", differs(&old.auth, &new.auth)),
         ("shutdown", differs(&old.shutdown, &new.shutdown)),
         ("policies", differs(&old.policies, &new.policies)),
-        ("usage", differs(&old.usage, &new.usage)),
-        ("access_log", differs(&old.access_log, &new.access_log)),
-        ("log", differs(&old.log, &new.log)),
         ("tracing", differs(&old.tracing, &new.tracing)),
         ("compute", differs(&old.compute, &new.compute)),
     ];

@@ -19,10 +19,7 @@ use crate::metrics::Metrics;
 use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
 use crate::proxy::{ColdPath, Gateway};
 use crate::reload::ConfigReloader;
-use crate::usage::{
-    self, AccessLog, Accounting, LimitSettings, MemoryLimits, RequestCaps, SqliteSink, UsageSink,
-    UsageTotals,
-};
+use crate::usage::{Accounting, LimitSettings, MemoryLimits, Outputs, RequestCaps, UsageTotals};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
@@ -211,37 +208,14 @@ fn secret_from(var: &str, key: &str) -> anyhow::Result<String> {
 
 /// Usage records, per-user totals, rate limits and the access log.
 fn accounting(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Accounting> {
-    let u = &config.usage;
-    let (sink, totals) = match &u.store {
-        Some(path) => {
-            let sink =
-                SqliteSink::start(path, u.queue, u.batch, u.flush_interval, metrics.clone())?;
-            let totals = usage::sink::open(path)
-                .and_then(|c| usage::sink::totals(&c, 0, None, None))
-                .with_context(|| format!("usage.store {}", path.display()))?;
-            (Some(sink as Arc<dyn UsageSink>), UsageTotals::load(totals))
-        }
-        None => (None, UsageTotals::default()),
-    };
+    let (outputs, totals) = Outputs::open(config, metrics)?;
     let l = &config.limits;
-    let access_log = match config.access_log.enabled {
-        true => Some(
-            AccessLog::start(
-                config.access_log.path.clone(),
-                metrics.access_log_dropped.clone(),
-            )
-            .context("access_log.path")?,
-        ),
-        false => None,
-    };
-    Ok(Accounting {
-        sink,
-        totals,
-        limits: Box::new(MemoryLimits::with(LimitSettings::from(l))),
-        caps: RequestCaps::new(l.max_body_bytes, l.default_max_tokens),
-        access_log,
-        log_prompts: config.access_log.log_prompts,
-    })
+    Ok(Accounting::new(
+        outputs,
+        UsageTotals::load(totals),
+        Box::new(MemoryLimits::with(LimitSettings::from(l))),
+        RequestCaps::new(l.max_body_bytes, l.default_max_tokens),
+    ))
 }
 
 /// The connection budget, from the descriptor limit (raised to the hard limit first).
@@ -418,16 +392,15 @@ fn add_background_services(
             TaskPoller(client.clone()),
         ));
     }
-    if ClusterLifecycle::has_work(&parts.catalog.load()) {
-        server.add_service(background_service(
-            "cluster lifecycle",
-            ClusterLifecycle::new(
-                parts.catalog.clone(),
-                parts.compute.clone(),
-                metrics.clone(),
-            ),
-        ));
-    }
+    // Always there: a reload may add clusters to poll.
+    server.add_service(background_service(
+        "cluster lifecycle",
+        ClusterLifecycle::new(
+            parts.catalog.clone(),
+            parts.compute.clone(),
+            metrics.clone(),
+        ),
+    ));
     let caches = config.auth.mode != crate::config::AuthMode::None;
     if let Some(path) = config.auth.cache.file.as_ref().filter(|_| caches) {
         server.add_service(background_service(

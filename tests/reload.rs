@@ -206,3 +206,134 @@ async fn an_access_rule_changed_by_a_reload_applies_to_the_next_request() {
     );
     assert_eq!(ask().await, 413);
 }
+
+/// Requests recorded in the usage store at `path` (0 while it does not exist).
+fn requests_in(path: &std::path::Path) -> i64 {
+    rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| c.query_row("SELECT count(*) FROM usage", [], |r| r.get(0)))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_store_access_log_and_log_format_follow_a_reload() {
+    let backend = sim(&[LLAMA], |_| {}).await;
+    let models = clusters(&[(LLAMA, backend.addr())]);
+    let gw = Gateway::start(&models).await;
+    let dir = gw.config_path().parent().unwrap().to_path_buf();
+    let (first, second, access) = (
+        dir.join("firstgate-usage.db"),
+        dir.join("second.db"),
+        dir.join("access.jsonl"),
+    );
+    assert_eq!(status_of(&gw, LLAMA).await, 200);
+    wait_for("the first store's record", || async {
+        (requests_in(&first) == 1).then_some(())
+    })
+    .await;
+
+    // Another store, the access log into a file, the log as JSON lines.
+    rewrite(
+        &gw,
+        &format!(
+            "usage:\n  store: second.db\naccess_log:\n  path: access.jsonl\n\
+             log:\n  format: json\n{models}"
+        ),
+    );
+    let (status, v) = reload(&gw).await;
+    assert_eq!(
+        (status, &v["needs_upgrade"]),
+        (200, &serde_json::json!([])),
+        "{v}"
+    );
+    assert_eq!(status_of(&gw, LLAMA).await, 200);
+    wait_for("the record in the new store", || async {
+        (requests_in(&second) == 1).then_some(())
+    })
+    .await;
+    let line = wait_for("the access-log line in the file", || async {
+        std::fs::read_to_string(&access)
+            .ok()
+            .filter(|t| !t.is_empty())
+    })
+    .await;
+    let line: Value = serde_json::from_str(line.trim_end()).expect("one JSON line");
+    assert_eq!(line["model"], LLAMA);
+    assert_eq!(requests_in(&first), 1, "the old store got nothing more");
+    // The totals a user sees are the new store's.
+    let usage: Value = gw
+        .get("/resource_server/usage")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["total"]["requests"], 1, "{usage}");
+    assert!(
+        gw.log().lines().any(|l| l.starts_with('{')
+            && l.contains("configuration reloaded")
+            && serde_json::from_str::<Value>(l).is_ok()),
+        "the log switched to JSON lines:\n{}",
+        gw.log()
+    );
+
+    // A store that cannot be opened refuses the whole reload: the working one stays.
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    let text = text.replace("store: second.db", "store: no-such-dir/x.db");
+    std::fs::write(gw.config_path(), text).unwrap();
+    let (status, v) = reload(&gw).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v.to_string().contains("no-such-dir"), "{v}");
+    assert_eq!(status_of(&gw, LLAMA).await, 200);
+    wait_for("the record still in the working store", || async {
+        (requests_in(&second) == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_added_by_a_reload_is_polled_for_its_status() {
+    use axum::{extract::State, routing::get, Json, Router};
+    use std::sync::{Arc, RwLock};
+    let status = Arc::new(RwLock::new(
+        serde_json::json!({"a1": {"model": "gpt-oss-120b", "status": "Stopped", "description": ""}}),
+    ));
+    let router =
+        Router::new()
+            .route(
+                "/status",
+                get(|State(s): State<Arc<RwLock<Value>>>| async move {
+                    Json(s.read().unwrap().clone())
+                }),
+            )
+            .with_state(status.clone());
+    let server = firstgate::sim::Listening::bind("127.0.0.1:0".parse().unwrap(), router)
+        .await
+        .unwrap();
+    let api = sim(&["gpt-oss-120b"], |_| {}).await;
+    let backend = sim(&[LLAMA], |_| {}).await;
+    let sophia = clusters(&[(LLAMA, backend.addr())]);
+    let gw = Gateway::start(&sophia).await;
+    assert_eq!(status_of(&gw, "gpt-oss-120b").await, 404);
+
+    rewrite(
+        &gw,
+        &format!(
+            "{sophia}  metis:\n    status: {{url: \"http://{}/status\", interval: 100ms}}\n    \
+             frameworks:\n      api:\n        models:\n          - name: gpt-oss-120b\n            \
+             backends: [{}]\n",
+            server.addr(),
+            api.addr()
+        ),
+    );
+    assert_eq!(reload(&gw).await.0, 200);
+    wait_for("the stopped model to be refused", || async {
+        (status_of(&gw, "gpt-oss-120b").await == 503).then_some(())
+    })
+    .await;
+    status.write().unwrap()["a1"]["status"] = "Live".into();
+    wait_for("the live model to be served", || async {
+        (status_of(&gw, "gpt-oss-120b").await == 200).then_some(())
+    })
+    .await;
+}

@@ -4,7 +4,7 @@
 //! scale policy's `start` / `stop` actions become start and stop tasks.
 
 use super::{ComputeClient, ComputeError};
-use crate::catalog::{Catalog, Deployment, JobInfo, JobState, LiveState, SharedCatalog};
+use crate::catalog::{Deployment, JobInfo, JobState, LiveState, SharedCatalog};
 use crate::config::BackendAddr;
 use crate::metrics::Metrics;
 use crate::model_name::normalize;
@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 const STATUS_WAIT: Duration = Duration::from_secs(60);
 /// How long a start request counts as "starting" before its job shows up in a report.
 const START_GRACE: Duration = Duration::from_secs(300);
+
+/// How soon a cluster that a reload added is polled at the latest.
+const IDLE_CHECK: Duration = Duration::from_secs(2);
 
 /// Polls every cluster's status function and keeps the deployments' instances in line.
 pub struct ClusterLifecycle {
@@ -45,13 +48,6 @@ impl ClusterLifecycle {
                 .unwrap_or_default(),
             metrics,
         }
-    }
-
-    /// Whether any cluster has something to poll.
-    pub fn has_work(catalog: &Catalog) -> bool {
-        catalog
-            .deployments()
-            .any(|d| d.lifecycle.is_some() || d.status_url.is_some())
     }
 
     /// One status round for `cluster`.
@@ -250,12 +246,11 @@ fn jobs_of(report: &Value, d: &Deployment) -> Vec<JobInfo> {
 #[async_trait]
 impl BackgroundService for ClusterLifecycle {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let clusters = self.clusters();
-        if clusters.is_empty() {
-            return;
-        }
         let mut next: HashMap<String, Instant> = HashMap::new();
         loop {
+            // Read each round: a reload may add or remove clusters.
+            let clusters = self.clusters();
+            next.retain(|c, _| clusters.iter().any(|(name, _)| name == c));
             for (cluster, interval) in &clusters {
                 if next.get(cluster).is_some_and(|t| Instant::now() < *t) {
                     continue;
@@ -269,7 +264,12 @@ impl BackgroundService for ClusterLifecycle {
                     .inc();
                 next.insert(cluster.clone(), Instant::now() + *interval);
             }
-            let wake = next.values().min().copied().unwrap_or_else(Instant::now);
+            let wake = next
+                .values()
+                .min()
+                .copied()
+                .unwrap_or_else(|| Instant::now() + IDLE_CHECK)
+                .min(Instant::now() + IDLE_CHECK);
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep_until(wake.into()) => {}

@@ -89,7 +89,7 @@ impl BackgroundService for EdgeReloader {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(()) = async { hangup.as_mut()?.recv().await } => {
-                    if let Some(log) = &self.accounting.access_log {
+                    if let Some(log) = &self.accounting.outputs().access_log {
                         log.reopen();
                     }
                     // File reads and certificate parsing stay off the async workers.

@@ -15,9 +15,13 @@ pub use record::{Ending, Meter, UsageRecord};
 pub use scan::{Tokens, UsageScanner};
 pub use sink::{MemorySink, SqliteSink, Totals, UsageSink};
 
+use crate::config::{self, Config};
+use crate::metrics::Metrics;
+use anyhow::Context;
+use arc_swap::{ArcSwap, Guard};
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Requests and tokens per user and model since the store began (loaded at start, then kept
 /// up to date in memory, so answering a user never touches the database).
@@ -26,13 +30,20 @@ pub struct UsageTotals(Mutex<HashMap<String, HashMap<String, Totals>>>);
 
 impl UsageTotals {
     pub fn load(rows: Vec<Totals>) -> Self {
+        let totals = UsageTotals::default();
+        totals.replace(rows);
+        totals
+    }
+
+    /// Forgets the totals kept so far for `rows` (another store's).
+    pub fn replace(&self, rows: Vec<Totals>) {
         let mut map: HashMap<String, HashMap<String, Totals>> = HashMap::new();
         for t in rows {
             map.entry(t.username.clone())
                 .or_default()
                 .insert(t.model.clone(), t);
         }
-        UsageTotals(Mutex::new(map))
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = map;
     }
 
     pub fn add(&self, r: &UsageRecord) {
@@ -69,18 +80,101 @@ impl UsageTotals {
     }
 }
 
-/// Everything the request path needs for usage: the sink, the totals, the limits and the
-/// access log.
+/// Where finished requests are written. A reload swaps the whole set (keeping the parts whose
+/// settings did not change); a replaced sink or log writes what it was given, then closes.
+#[derive(Clone, Default)]
+pub struct Outputs {
+    /// The usage store, when there is one.
+    pub sink: Option<Arc<dyn UsageSink>>,
+    /// The access log, when enabled.
+    pub access_log: Option<Arc<AccessLog>>,
+    /// Request bodies go into the access log too.
+    pub log_prompts: bool,
+}
+
+impl Outputs {
+    /// Opens the usage store and the access log `config` names; also returns the totals the
+    /// store holds.
+    pub fn open(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<(Outputs, Vec<Totals>)> {
+        let (sink, totals) = open_sink(&config.usage, metrics)?.unzip();
+        let outputs = Outputs {
+            sink,
+            access_log: open_access_log(&config.access_log, metrics)?,
+            log_prompts: config.access_log.log_prompts,
+        };
+        Ok((outputs, totals.unwrap_or_default()))
+    }
+
+    /// The outputs of `new`, reusing this set's sink and log where their settings are the same
+    /// as in `old`; with another store, also the totals it holds.
+    pub fn reopen(
+        &self,
+        old: &Config,
+        new: &Config,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<(Outputs, Option<Vec<Totals>>)> {
+        let same =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+        let (sink, totals) = if same(&old.usage, &new.usage) {
+            (self.sink.clone(), None)
+        } else {
+            let (sink, rows) = open_sink(&new.usage, metrics)?.unzip();
+            // The same file keeps its totals (counted in memory meanwhile); no store keeps them.
+            let totals = rows.filter(|_| old.usage.store != new.usage.store);
+            (sink, totals)
+        };
+        let log = (&old.access_log.enabled, &old.access_log.path);
+        let access_log = if log == (&new.access_log.enabled, &new.access_log.path) {
+            self.access_log.clone()
+        } else {
+            open_access_log(&new.access_log, metrics)?
+        };
+        let outputs = Outputs {
+            sink,
+            access_log,
+            log_prompts: new.access_log.log_prompts,
+        };
+        Ok((outputs, totals))
+    }
+}
+
+/// An opened usage store: its sink and the totals it holds.
+type OpenedStore = (Arc<dyn UsageSink>, Vec<Totals>);
+
+fn open_sink(
+    u: &config::UsageConfig,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<OpenedStore>> {
+    let Some(path) = &u.store else {
+        return Ok(None);
+    };
+    let sink = SqliteSink::start(path, u.queue, u.batch, u.flush_interval, metrics.clone())?;
+    let totals = sink::open(path)
+        .and_then(|c| sink::totals(&c, 0, None, None))
+        .with_context(|| format!("usage.store {}", path.display()))?;
+    Ok(Some((sink as Arc<dyn UsageSink>, totals)))
+}
+
+fn open_access_log(
+    a: &config::AccessLog,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<AccessLog>>> {
+    if !a.enabled {
+        return Ok(None);
+    }
+    let log = AccessLog::start(a.path.clone(), metrics.access_log_dropped.clone())
+        .context("access_log.path")?;
+    Ok(Some(Arc::new(log)))
+}
+
+/// Everything the request path needs for usage: the outputs, the totals, the limits and the
+/// request caps.
 pub struct Accounting {
-    pub sink: Option<std::sync::Arc<dyn UsageSink>>,
+    outputs: ArcSwap<Outputs>,
     pub totals: UsageTotals,
     pub limits: Box<dyn Limits>,
     /// The largest body and the token estimate of a request without `max_tokens`.
     pub caps: RequestCaps,
-    /// The access log, when enabled.
-    pub access_log: Option<AccessLog>,
-    /// Request bodies go into the access log too.
-    pub log_prompts: bool,
 }
 
 /// One access-log line: the record's fields, the client's address, and the body if asked.
@@ -95,21 +189,50 @@ struct AccessLine<'a> {
 }
 
 impl Accounting {
+    pub fn new(
+        outputs: Outputs,
+        totals: UsageTotals,
+        limits: Box<dyn Limits>,
+        caps: RequestCaps,
+    ) -> Self {
+        Accounting {
+            outputs: ArcSwap::from_pointee(outputs),
+            totals,
+            limits,
+            caps,
+        }
+    }
+
+    /// The outputs in force.
+    pub fn outputs(&self) -> Guard<Arc<Outputs>> {
+        self.outputs.load()
+    }
+
+    /// Puts `outputs` in force for the next request; with `totals`, those replace the ones
+    /// kept (another store).
+    pub fn set_outputs(&self, outputs: Outputs, totals: Option<Vec<Totals>>) {
+        self.outputs.store(Arc::new(outputs));
+        if let Some(rows) = totals {
+            self.totals.replace(rows);
+        }
+    }
+
     /// Records a finished request: totals, the sink, the access log (which also names the
     /// client's address, as resolved behind trusted proxies).
     pub fn finish(&self, r: UsageRecord, prompt: Option<&[u8]>, client: Option<IpAddr>) {
         self.totals.add(&r);
-        if let Some(log) = &self.access_log {
+        let out = self.outputs.load();
+        if let Some(log) = &out.access_log {
             let line = AccessLine {
                 record: &r,
                 client,
                 request_body: prompt
-                    .filter(|_| self.log_prompts)
+                    .filter(|_| out.log_prompts)
                     .map(String::from_utf8_lossy),
             };
             log.write_json(&line);
         }
-        if let Some(sink) = &self.sink {
+        if let Some(sink) = &out.sink {
             sink.record(r);
         }
     }
@@ -117,10 +240,11 @@ impl Accounting {
     /// Writes the records and access-log lines handed over so far; waits at most `limit` for
     /// each.
     pub fn flush(&self, limit: std::time::Duration) {
-        if let Some(sink) = &self.sink {
+        let out = self.outputs.load();
+        if let Some(sink) = &out.sink {
             sink.flush(limit);
         }
-        if let Some(log) = &self.access_log {
+        if let Some(log) = &out.access_log {
             log.flush(limit);
         }
     }
