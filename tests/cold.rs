@@ -167,21 +167,7 @@ async fn a_cold_model_is_answered_through_compute_then_started_and_served_direct
         text.starts_with(": waiting for"),
         "keep-alive comments first: {text}"
     );
-    let events: Vec<&str> = text
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .collect();
-    assert_eq!(events.last(), Some(&"[DONE]"));
-    let content: String = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
-    assert_eq!(content, "tok0 tok1 tok2 tok3 tok4 ");
+    assert_eq!(streamed_content(&text), "tok0 tok1 tok2 tok3 tok4 ");
 
     // Once the instance passes its health check, requests go to it directly, streamed.
     let resp = wait_for("a direct answer", || async {
@@ -596,22 +582,8 @@ async fn a_cold_stream_arrives_as_it_is_generated_through_the_relay() {
         }
         text.push_str(&chunk);
     }
-    let events: Vec<&str> = text
-        .split("\n\n")
-        .filter_map(|e| e.trim().strip_prefix("data: "))
-        .collect();
-    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
-    let content: String = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
     let expected: String = (0..16).map(|i| format!("tok{i} ")).collect();
-    assert_eq!(content, expected);
+    assert_eq!(streamed_content(&text), expected);
     assert!(!text.contains("\"usage\""), "usage chunk hidden: {text}");
     let spread = *content_at.last().unwrap() - content_at[0];
     assert!(
@@ -646,4 +618,22 @@ async fn a_cold_stream_arrives_as_it_is_generated_through_the_relay() {
             .ok()
     })
     .await;
+}
+
+/// The text of a streamed chat completion (its `data:` events, which end with `[DONE]`).
+fn streamed_content(text: &str) -> String {
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
 }

@@ -244,8 +244,7 @@ async fn answer_stream(
             r = &mut result => break r,
             _ = tick.tick() => {
                 // An error here means the client left: stop waiting.
-                let comment = format!(": waiting for {} (task {task})\n\n", d.model);
-                session.write_response_body(Some(Bytes::from(comment)), false).await?;
+                session.write_response_body(Some(waiting_comment(d, task)), false).await?;
             }
         }
     };
@@ -260,6 +259,11 @@ async fn answer_stream(
         .write_response_body(Some(Bytes::from(events)), true)
         .await?;
     Ok(tokens)
+}
+
+/// The keep-alive comment of a stream waiting for its task.
+pub(super) fn waiting_comment(d: &Deployment, task: &str) -> Bytes {
+    Bytes::from(format!(": waiting for {} (task {task})\n\n", d.model))
 }
 
 /// The head of a streamed cold answer.

@@ -2,7 +2,9 @@
 //! posts a stream's lines to, and the client's answer built from what they deliver, as it
 //! arrives.
 
-use super::cold::{completion, error_event, write_stream_head, ColdPath, StreamAnswer};
+use super::cold::{
+    completion, error_event, waiting_comment, write_stream_head, ColdPath, StreamAnswer,
+};
 use super::serve::Outcome;
 use super::{body, errors, Gateway};
 use crate::catalog::Deployment;
@@ -106,8 +108,7 @@ pub(super) async fn answer_relayed(
             }
             _ = tick.tick(), if !got_data => {
                 // An error here means the client left: stop waiting.
-                let comment = format!(": waiting for {} (task {})\n\n", d.model, a.task);
-                session.write_response_body(Some(Bytes::from(comment)), false).await?;
+                session.write_response_body(Some(waiting_comment(d, a.task)), false).await?;
             }
         }
     };

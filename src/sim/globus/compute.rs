@@ -721,14 +721,7 @@ async fn inference(s: &Shared, arg: Value) -> Result<Value, String> {
         return streaming::stream_back(s, url, p.clone()).await;
     }
     let started = Instant::now();
-    let resp = s
-        .compute
-        .http
-        .post(url)
-        .json(&params)
-        .send()
-        .await
-        .map_err(|e| traceback(&format!("requests.exceptions.ConnectionError: {e}")))?;
+    let resp = post_to_instance(s, url, &params).await?;
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
     if status != 200 {
@@ -744,6 +737,21 @@ async fn inference(s: &Shared, arg: Value) -> Result<Value, String> {
     completion["throughput_tokens_per_second"] = json!(if dt > 0.0 { total / dt } else { 0.0 });
     // FIRST returns json.dumps(...): a string holding the JSON.
     Ok(Value::String(python_json(&completion)))
+}
+
+/// Sends the request to the model's instance, as FIRST's function does with `requests.post`.
+async fn post_to_instance(
+    s: &Shared,
+    url: String,
+    params: &impl serde::Serialize,
+) -> Result<reqwest::Response, String> {
+    s.compute
+        .http
+        .post(url)
+        .json(params)
+        .send()
+        .await
+        .map_err(|e| traceback(&format!("requests.exceptions.ConnectionError: {e}")))
 }
 
 /// Queues `count` jobs of a model; each leaves the queue after `queue_wait`, launches a

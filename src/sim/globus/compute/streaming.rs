@@ -6,7 +6,7 @@
 //! or every 0.5 s), 2 s per post, a failed post counted and passed over, `done/` after vLLM's
 //! `[DONE]`, `error/` when vLLM refuses. The task's result is FIRST's summary, not the answer.
 
-use super::{python_json, traceback, Shared};
+use super::{python_json, Shared};
 use futures_util::StreamExt as _;
 use serde_json::{json, Map, Value};
 use std::sync::atomic::Ordering;
@@ -88,14 +88,7 @@ pub(super) async fn stream_back(
         token: text(&mut params, "stream_task_token"),
     };
     let started = Instant::now();
-    let resp = s
-        .compute
-        .http
-        .post(url)
-        .json(&params)
-        .send()
-        .await
-        .map_err(|e| traceback(&format!("requests.exceptions.ConnectionError: {e}")))?;
+    let resp = super::post_to_instance(s, url, &params).await?;
     let status = resp.status().as_u16();
     if status != 200 {
         let body = resp.text().await.unwrap_or_default();
