@@ -3,6 +3,8 @@
 #   cmake       – pingora-core builds zlib-ng through flate2
 #   pkg-config, libssl-dev – found by -sys crates
 #   build-essential – cc and make: SQLite (bundled) and jemalloc are built from source
+# With --clients, also what scripts/clients.sh needs to run the OpenAI clients:
+#   python3, python3-venv, nodejs, npm (each only when the command is missing), curl
 
 # Idempotent and quiet when everything is already there; safe under CI (no stdin).
 set -euo pipefail
@@ -11,6 +13,14 @@ need=()
 for pkg in cmake pkg-config libssl-dev build-essential; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
+if [ "${1:-}" = "--clients" ]; then
+  # A Python or Node.js installed otherwise (pyenv, nvm, NodeSource) is used as it is.
+  command -v python3 >/dev/null || need+=(python3)
+  python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv)
+  command -v node >/dev/null || need+=(nodejs)
+  command -v npm >/dev/null || need+=(npm)
+  command -v curl >/dev/null || need+=(curl)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 
 sudo=""

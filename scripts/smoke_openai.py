@@ -2,8 +2,9 @@
 """Checks a running demo with the official OpenAI Python SDK (pip install openai 'httpx[http2]').
 
 Usage: scripts/smoke_openai.py [http://127.0.0.1:8080] [https://127.0.0.1:8443 CA_FILE]
-Exercises both URL layouts, streamed and non-streamed chat, completions, embeddings, the
-models list, the NotFoundError an unknown model must raise, and the demo users: demo-alice
+Exercises both URL layouts (models list and retrieve, streamed and non-streamed chat,
+completions, embeddings, responses, the NotFoundError an unknown model must raise, and the one
+an API the gateway does not offer raises), and the demo users: demo-alice
 succeeds, demo-bob and demo-mallory get PermissionDeniedError, demo-expired, a made-up token
 and no token get AuthenticationError. Exits non-zero on failure.
 """
@@ -29,8 +30,21 @@ def check(name, cond):
         sys.exit(1)
 
 
+EMBEDDING = "Salesforce/SFR-Embedding-Mistral"
 for url in (f"{base}/resource_server/sophia/vllm/v1", f"{base}/v1"):
     client = OpenAI(base_url=url, api_key="demo-alice", max_retries=0)
+    ids = [m.id for m in client.models.list()]
+    check(f"{url}: models list", LLAMA in ids and EMBEDDING in ids)
+    check(f"{url}: models retrieve", client.models.retrieve(LLAMA).id == LLAMA)
+    emb = client.embeddings.create(model=EMBEDDING, input=["a", "b"])
+    check(f"{url}: embeddings", len(emb.data) == 2 and len(emb.data[0].embedding) > 0)
+    answer = client.responses.create(model=LLAMA, input="Hello", max_output_tokens=8)
+    check(f"{url}: responses", bool(answer.output_text) and answer.usage.output_tokens == 8)
+    try:
+        client.files.list()
+        check(f"{url}: files.list raises NotFoundError", False)
+    except openai.NotFoundError as e:
+        check(f"{url}: files.list raises NotFoundError that says what to do", "one by one" in str(e))
     resp = client.chat.completions.create(model=LLAMA, messages=MESSAGES, max_tokens=8)
     check(f"{url}: chat", bool(resp.choices[0].message.content) and resp.usage.completion_tokens == 8)
 
@@ -51,10 +65,8 @@ for url in (f"{base}/resource_server/sophia/vllm/v1", f"{base}/v1"):
         check(f"{url}: unknown model raises NotFoundError ({e.code})", "no-such-model" in str(e))
 
 client = OpenAI(base_url=f"{base}/v1", api_key="demo-alice", max_retries=0)
-emb = client.embeddings.create(model="Salesforce/SFR-Embedding-Mistral", input=["a", "b"])
-check("embeddings", len(emb.data) == 2 and len(emb.data[0].embedding) > 0)
 ids = [m.id for m in client.models.list()]
-check(f"models list {ids}", LLAMA in ids and "gpt-oss-120b" in ids)
+check(f"models list on /v1 has every cluster's {ids}", LLAMA in ids and "gpt-oss-120b" in ids)
 metis = OpenAI(base_url=f"{base}/resource_server/metis/api/v1", api_key="demo-alice", max_retries=0)
 out = metis.chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, max_tokens=3)
 check("metis direct API behind its own key", out.choices[0].message.content.count("tok") == 3)

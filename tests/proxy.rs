@@ -373,6 +373,17 @@ async fn bad_requests_get_clear_openai_errors() {
     .await;
     assert_eq!((s, e["code"].as_str()), (404, Some("cluster_not_found")));
 
+    // Parts of the OpenAI API the gateway lacks say so, and what to do, under either base URL.
+    for path in ["/v1/files", "/resource_server/sophia/vllm/v1/batches"] {
+        let (s, e) = error_of(gw.get(path).bearer_auth("tok").send().await.unwrap()).await;
+        let message = e["message"].as_str().unwrap();
+        assert_eq!(s, 404, "{path}");
+        assert!(
+            message.contains("not offered") && message.contains("one by one"),
+            "{path}: {message}"
+        );
+    }
+
     let mut big = chat_body(LLAMA, false);
     big["padding"] = json!("x".repeat(2 * 1024 * 1024));
     let (s, e) = error_of(post(&gw, chat_path, big.to_string()).await).await;

@@ -468,6 +468,14 @@ async fn responses_endpoint_json_and_stream_with_usage() {
         (400, Some("unsupported_endpoint")),
         "{e}"
     );
+    // ...naming what the model does offer.
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/responses"),
+        "{e}"
+    );
 
     wait_for("two records with the responses' tokens", || async {
         (count(&gw, "endpoint = 'responses' AND status = 200") == 2).then_some(())

@@ -9,17 +9,53 @@ use crate::config::Endpoint;
 use crate::openai::ApiError;
 use pingora::{Error, ErrorSource, ErrorType};
 
+/// Where the gateway's inference is, for errors that send clients there.
+const SERVED: &str = "Inference is POST /v1/chat/completions (or completions, embeddings, \
+                      responses), or the same under /resource_server/{cluster}/{framework}/v1; \
+                      GET /v1/models lists models.";
+
+const BATCH: &str = "The OpenAI Files and Batch APIs are not offered by this gateway yet: send \
+                     the requests one by one.";
+
+/// Parts of the OpenAI API that an inference gateway does not offer, by the path segment after
+/// `v1/` (what an SDK's `client.<part>` calls), with what to do instead.
+const NOT_OFFERED: [(&str, &str); 12] = [
+    ("files", BATCH),
+    ("batches", BATCH),
+    ("uploads", "The OpenAI Uploads API is not offered by this gateway."),
+    ("assistants", "The OpenAI Assistants API is not offered by this gateway: use chat/completions or responses, keeping the conversation on the client."),
+    ("threads", "The OpenAI Assistants API (threads) is not offered by this gateway: use chat/completions or responses, keeping the conversation on the client."),
+    ("vector_stores", "Vector stores are not offered by this gateway: compute embeddings with POST /v1/embeddings and keep them on the client."),
+    ("audio", "Audio models are not offered by this gateway."),
+    ("images", "Image generation is not offered by this gateway."),
+    ("moderations", "The moderation endpoint is not offered by this gateway."),
+    ("fine_tuning", "Fine-tuning is not offered by this gateway."),
+    ("realtime", "The Realtime API is not offered by this gateway: stream with chat/completions and \"stream\": true."),
+    ("conversations", "Stored conversations are not offered by this gateway: send the conversation with each request to chat/completions or responses."),
+];
+
 pub fn route(e: RouteError, method: &http::Method, path: &str) -> ApiError {
     match e {
-        RouteError::NotFound => ApiError::new(
-            404,
-            "not_found",
-            format!(
-                "No route {method} {path}. Inference is POST /v1/chat/completions (or \
-                 completions, embeddings), or /resource_server/{{cluster}}/{{framework}}/v1/...; \
-                 GET /v1/models lists models."
-            ),
-        ),
+        RouteError::NotFound => {
+            // The part of the OpenAI API asked for, under either base URL.
+            let rest = path.split_once("/v1/").map_or("", |(_, rest)| rest);
+            let part = rest.split('/').next().unwrap_or_default();
+            let said = match NOT_OFFERED.iter().find(|(p, _)| *p == part) {
+                Some((_, instead)) => format!("No route {method} {path}. {instead} {SERVED}"),
+                // Stored completions and responses (`GET /v1/chat/completions`, `GET
+                // /v1/responses/{id}`): nothing is stored here.
+                None if method == http::Method::GET
+                    && matches!(part, "chat" | "responses" | "completions") =>
+                {
+                    format!(
+                        "No route {method} {path}. This gateway stores no completions or \
+                         responses: each answer comes back in the response to its POST. {SERVED}"
+                    )
+                }
+                None => format!("No route {method} {path}. {SERVED}"),
+            };
+            ApiError::new(404, "not_found", said)
+        }
         RouteError::MethodNotAllowed { allow } => ApiError::method_not_allowed(
             allow,
             format!("{path} does not accept {method}; use {allow}."),
@@ -225,14 +261,20 @@ pub fn compute_unavailable(d: &Deployment) -> ApiError {
 }
 
 pub fn endpoint_not_offered(d: &Deployment, endpoint: Endpoint) -> ApiError {
+    let offered: Vec<String> = d
+        .endpoints
+        .iter()
+        .map(|e| format!("/v1/{}", e.path()))
+        .collect();
     ApiError::new(
         400,
         "unsupported_endpoint",
         format!(
-            "'/v1/{}' is not available for model '{}' on cluster '{}'.",
+            "'/v1/{}' is not available for model '{}' on cluster '{}'; it offers {}.",
             endpoint.path(),
             d.model,
-            d.cluster
+            d.cluster,
+            offered.join(", ")
         ),
     )
 }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Checks the OpenAI clients people use against a gateway, with both base URLs (`/v1` and
+# FIRST's `/resource_server/sophia/vllm/v1`): the official Python SDK (scripts/smoke_openai.py),
+# the official JS SDK (scripts/clients/openai-js.mjs) and LangChain's ChatOpenAI
+# (scripts/clients/langchain_check.py). The clients are installed from PyPI and npm into
+# target/clients/.
+#
+# Usage: scripts/clients.sh [BASE_URL]
+# BASE_URL defaults to http://127.0.0.1:8080. When no gateway answers there, the script starts
+# `firstgate demo` (whose users and models the checks expect) and stops it at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh --clients
+base="${1:-http://127.0.0.1:8080}"
+dir="$PWD/target/clients"
+mkdir -p "$dir"
+
+echo "clients: installing the OpenAI Python SDK, langchain-openai and the OpenAI JS SDK" >&2
+[ -x "$dir/venv/bin/python" ] || python3 -m venv "$dir/venv"
+"$dir/venv/bin/pip" install -q --disable-pip-version-check \
+  "openai>=1.66,<4" "httpx[http2]" "langchain-openai>=0.3,<2"
+[ -f "$dir/package.json" ] || echo '{"private": true}' > "$dir/package.json"
+(cd "$dir" && npm install --silent --no-audit --no-fund "openai@6")
+
+up() { curl -sf -o /dev/null "$base/resource_server/health"; }
+if ! up; then
+  echo "clients: no gateway at $base; starting firstgate demo (log: $dir/demo.log)" >&2
+  cargo build --quiet --bin firstgate
+  target/debug/firstgate demo > "$dir/demo.log" 2>&1 &
+  demo=$!
+  trap 'kill $demo 2>/dev/null; wait $demo 2>/dev/null || true' EXIT
+  deadline=$((SECONDS + 120))
+  until up; do
+    if ! kill -0 "$demo" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
+      echo "clients: the demo did not come up:" >&2
+      tail -20 "$dir/demo.log" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
+fi
+
+"$dir/venv/bin/python" scripts/smoke_openai.py "$base"
+# Run from beside its node_modules: ES modules resolve packages from the script's directory.
+cp scripts/clients/openai-js.mjs "$dir/"
+node "$dir/openai-js.mjs" "$base"
+"$dir/venv/bin/python" scripts/clients/langchain_check.py "$base"
+echo "clients: every client passed with both base URLs"
