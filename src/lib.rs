@@ -28,6 +28,7 @@ pub mod config;
 #[cfg(feature = "sim")]
 pub mod demo;
 pub mod edge;
+pub mod loadtest;
 pub mod logging;
 pub mod metrics;
 pub mod model_name;

@@ -3,12 +3,14 @@
 use clap::{Parser, Subcommand};
 #[cfg(feature = "sim")]
 use firstgate::demo;
+use firstgate::loadtest::{self, Level};
 use firstgate::{config, server};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// jemalloc in place of glibc's malloc: per-thread caches, so the worker threads no longer
@@ -83,6 +85,66 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Requests sent by load tests (`x-firstgate-loadtest`): left out (`exclude`, the
+        /// default), counted with the others (`include`), or alone (`only`).
+        #[arg(long, value_enum, default_value = "exclude")]
+        loadtest: LoadTests,
+    },
+    /// Load-test a deployment through its OpenAI API (this gateway or any other): per model and
+    /// level, requests/s, tokens/s, latency, time to first token, time between tokens and
+    /// errors by kind, as a table, JSON and an SVG chart. Ctrl-C stops and reports what was
+    /// measured.
+    Loadtest {
+        /// The OpenAI base URL: http://HOST:8080/v1 or a FIRST-layout
+        /// http://HOST:8080/resource_server/CLUSTER/FRAMEWORK/v1.
+        #[arg(long)]
+        url: String,
+        /// Environment variable holding the bearer token (a Globus access token).
+        #[arg(long, default_value = "FIRSTGATE_TOKEN")]
+        token_env: String,
+        /// A model to test (repeat for several; each runs every level in turn).
+        #[arg(long = "model", required = true)]
+        models: Vec<String>,
+        /// Closed-loop levels: workers that each send a request as soon as the last answered.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        concurrency: Vec<u32>,
+        /// Open-loop levels instead, in requests per second: sent on schedule whatever the
+        /// answers, latency counted from when each was due.
+        #[arg(long, value_delimiter = ',')]
+        rate: Vec<f64>,
+        /// Measured time per level.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Unmeasured time before each level (connections opened, caches warm).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Stream the answers (time to first token and between tokens are measured).
+        #[arg(long)]
+        stream: bool,
+        /// chat/completions, completions or embeddings.
+        #[arg(long, default_value = "chat/completions")]
+        endpoint: String,
+        /// Prompts of about this many tokens (default: varied lengths, like chat traffic).
+        #[arg(long, conflicts_with = "prompts")]
+        prompt_tokens: Option<usize>,
+        /// Prompts from a JSONL file: {"prompt": "..."} or {"messages": [...]} per line.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// `max_tokens` of each request.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: u32,
+        /// Seed of the generated prompts (the same seed, the same prompts).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Longest a request may take before it counts as a timeout.
+        #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Also draw tokens/s and p99 latency against the level, as SVG, here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Try the routing and scaling policies without serving.
     Policy {
@@ -114,6 +176,14 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         itl_ms: u64,
     },
+}
+
+/// Which requests of load tests `firstgate usage` counts.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LoadTests {
+    Exclude,
+    Include,
+    Only,
 }
 
 #[derive(Subcommand)]
@@ -169,13 +239,69 @@ fn main() -> ExitCode {
             user,
             model,
             json,
+            loadtest,
         } => usage_report(
             &config,
             since.as_deref(),
             user.as_deref(),
             model.as_deref(),
             json,
+            loadtest,
         ),
+        Command::Loadtest {
+            url,
+            token_env,
+            models,
+            concurrency,
+            rate,
+            duration,
+            warmup,
+            stream,
+            endpoint,
+            prompt_tokens,
+            prompts,
+            max_tokens,
+            seed,
+            timeout,
+            json,
+            plot,
+        } => (|| {
+            let endpoint = firstgate::config::Endpoint::from_path(&endpoint)
+                .filter(|e| *e != firstgate::config::Endpoint::Responses)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--endpoint {endpoint}: use chat/completions, completions or embeddings"
+                    )
+                })?;
+            let token = std::env::var(&token_env).map_err(|_| {
+                anyhow::anyhow!(
+                    "--token-env {token_env}: the variable is not set; export the token in it"
+                )
+            })?;
+            let levels = if rate.is_empty() {
+                concurrency.into_iter().map(Level::Concurrency).collect()
+            } else {
+                rate.into_iter().map(Level::Rate).collect()
+            };
+            let settings = loadtest::Settings {
+                base_url: url.trim_end_matches('/').to_string(),
+                token,
+                models,
+                levels,
+                duration,
+                warmup,
+                shape: loadtest::Shape {
+                    endpoint,
+                    stream,
+                    max_tokens,
+                },
+                prompt_tokens,
+                prompts,
+                seed,
+                timeout,
+            };
+            load_test(settings, json.as_deref(), plot.as_deref())
+        })(),
         Command::Policy {
             command:
                 PolicyCommand::Test {
@@ -376,6 +502,7 @@ fn usage_report(
     user: Option<&str>,
     model: Option<&str>,
     json: bool,
+    loadtest: LoadTests,
 ) -> anyhow::Result<()> {
     let loaded = config::load(config_path)?;
     let store = loaded.config.usage.store.ok_or_else(|| {
@@ -405,7 +532,12 @@ fn usage_report(
     };
     let conn =
         rusqlite::Connection::open_with_flags(&store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let rows = firstgate::usage::sink::totals(&conn, since_ms, user, model)?;
+    let only = match loadtest {
+        LoadTests::Exclude => Some(false),
+        LoadTests::Include => None,
+        LoadTests::Only => Some(true),
+    };
+    let rows = firstgate::usage::sink::totals(&conn, since_ms, user, model, only)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
@@ -422,6 +554,52 @@ fn usage_report(
     }
     if rows.is_empty() {
         println!("(no requests)");
+    }
+    if let LoadTests::Exclude = loadtest {
+        let left_out: u64 =
+            firstgate::usage::sink::totals(&conn, since_ms, user, model, Some(true))?
+                .iter()
+                .map(|t| t.requests)
+                .sum();
+        if left_out > 0 {
+            println!(
+                "({left_out} requests of load tests left out; --loadtest include counts them)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs a load test, prints its table, writes its JSON and chart; fails when nothing succeeded.
+fn load_test(
+    settings: loadtest::Settings,
+    json: Option<&Path>,
+    plot: Option<&Path>,
+) -> anyhow::Result<()> {
+    loadtest::validate(&settings)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let report = runtime.block_on(async {
+        let control = Arc::new(loadtest::Control::default());
+        let on_ctrl_c = control.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\nstopping: the report has what was measured so far");
+                on_ctrl_c.stop();
+            }
+        });
+        loadtest::run(settings, control).await
+    })?;
+    print!("{}", report.table());
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .map_err(|e| anyhow::anyhow!("--json {}: {e}", path.display()))?;
+    }
+    if let Some(path) = plot {
+        std::fs::write(path, report.svg())
+            .map_err(|e| anyhow::anyhow!("--plot {}: {e}", path.display()))?;
+    }
+    if report.levels.iter().all(|l| l.requests == 0) {
+        anyhow::bail!("no request succeeded; the errors column says why");
     }
     Ok(())
 }

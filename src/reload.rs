@@ -15,7 +15,7 @@
 use crate::catalog::{Catalog, SharedCatalog};
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
-use crate::usage::{Accounting, LimitSettings};
+use crate::usage::{Accounting, Exemptions, LimitSettings};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -95,10 +95,10 @@ impl ConfigReloader {
         let config = config::load(path).map_err(|e| e.to_string())?.config;
         let previous = self.catalog.load_full();
         let catalog = Catalog::rebuild(&config, &previous).map_err(|e| e.to_string())?;
-        if catalog.uses_group_acls() && !self.fetches_groups {
+        if crate::server::needs_groups(&catalog, &config) && !self.fetches_groups {
             return Err(
-                "the new configuration has group access rules, and this process does \
-                        not fetch group memberships: it needs `firstgate serve --upgrade`"
+                "the new configuration has group access rules or exempt groups, and this \
+                 process does not fetch group memberships: it needs `firstgate serve --upgrade`"
                     .into(),
             );
         }
@@ -122,6 +122,7 @@ impl ConfigReloader {
         self.accounting.set_outputs(outputs, totals);
         let l = &config.limits;
         self.accounting.limits.reconfigure(LimitSettings::from(l));
+        self.accounting.set_exemptions(Exemptions::new(l));
         self.accounting
             .caps
             .set(l.max_body_bytes, l.default_max_tokens);

@@ -19,7 +19,9 @@ use crate::metrics::Metrics;
 use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
 use crate::proxy::{ColdPath, Gateway};
 use crate::reload::ConfigReloader;
-use crate::usage::{Accounting, LimitSettings, MemoryLimits, Outputs, RequestCaps, UsageTotals};
+use crate::usage::{
+    Accounting, Exemptions, LimitSettings, MemoryLimits, Outputs, RequestCaps, UsageTotals,
+};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
@@ -97,7 +99,7 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Assembled
         config.clone(),
         parts.catalog.clone(),
         parts.accounting.clone(),
-        parts.catalog.load().uses_group_acls(),
+        needs_groups(&parts.catalog.load(), config),
         parts.metrics.clone(),
     ));
     let admin = admin_service(config, &parts, reloader.clone())?;
@@ -159,7 +161,10 @@ impl Parts {
             )),
             None => None,
         };
-        let auth = Arc::new(Authenticator::new(&config.auth, catalog.uses_group_acls())?);
+        let auth = Arc::new(Authenticator::new(
+            &config.auth,
+            needs_groups(&catalog, config),
+        )?);
         let catalog = Arc::new(ArcSwap::new(catalog));
         if !auth.is_enforcing() {
             log::warn!("auth.mode is none: every bearer token is accepted (development only)");
@@ -210,12 +215,20 @@ fn secret_from(var: &str, key: &str) -> anyhow::Result<String> {
 fn accounting(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Accounting> {
     let (outputs, totals) = Outputs::open(config, metrics)?;
     let l = &config.limits;
-    Ok(Accounting::new(
+    let accounting = Accounting::new(
         outputs,
         UsageTotals::load(totals),
         Box::new(MemoryLimits::with(LimitSettings::from(l))),
         RequestCaps::new(l.max_body_bytes, l.default_max_tokens),
-    ))
+    );
+    accounting.set_exemptions(Exemptions::new(l));
+    Ok(accounting)
+}
+
+/// Whether the authenticator must fetch group memberships: group access rules or exempt
+/// groups need them.
+pub fn needs_groups(catalog: &Catalog, config: &Config) -> bool {
+    catalog.uses_group_acls() || !config.limits.exempt_groups.is_empty()
 }
 
 /// The connection budget, from the descriptor limit (raised to the hard limit first).

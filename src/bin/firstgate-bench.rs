@@ -101,12 +101,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn own_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    firstgate::loadtest::cpu_seconds_of(&pid.to_string())
 }
 
 /// Resident memory now and at peak, in KiB, with child processes.

@@ -102,6 +102,11 @@ pub struct Limits {
     /// Inference requests one user may have in flight at once, so that one user's long streams
     /// cannot hold every backend slot (0: no limit). Default 128.
     pub max_concurrent_per_user: u32,
+    /// Usernames the per-user limits (requests per second, requests in flight, a model's
+    /// tokens per minute per user) do not apply to: operators' load tests.
+    pub exempt_users: Vec<String>,
+    /// Globus group ids whose members the per-user limits do not apply to.
+    pub exempt_groups: Vec<String>,
 }
 
 impl Default for Limits {
@@ -114,6 +119,8 @@ impl Default for Limits {
             token_window: Duration::from_secs(60),
             default_max_tokens: 512,
             max_concurrent_per_user: 128,
+            exempt_users: Vec::new(),
+            exempt_groups: Vec::new(),
         }
     }
 }

@@ -19,6 +19,8 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// Methods for an `Allow` header (405).
     pub allow: Option<&'static str>,
+    /// The limit a 429 hit, for an `x-firstgate-limit` header (load tests report it).
+    pub limit: Option<&'static str>,
 }
 
 impl ApiError {
@@ -30,6 +32,7 @@ impl ApiError {
             param: None,
             retry_after: None,
             allow: None,
+            limit: None,
         }
     }
 

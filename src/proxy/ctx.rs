@@ -40,6 +40,8 @@ pub struct Request {
     pub trace: Option<TraceContext>,
     /// Its exported spans, when spans are exported.
     pub spans: Option<Spans>,
+    /// Sent by a load test (the `x-firstgate-loadtest` header).
+    pub loadtest: bool,
     /// The CORS headers its answer carries (a page of an allowed origin asked).
     pub cors: Option<AllowedOrigin>,
     /// Counts the request as in flight (for draining) while it lives.
@@ -93,6 +95,7 @@ impl RequestCtx {
                 body: None,
                 trace: None,
                 spans: None,
+                loadtest: false,
                 cors: None,
                 _active: active,
             },

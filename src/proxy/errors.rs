@@ -198,8 +198,11 @@ pub fn lookup(e: LookupError) -> ApiError {
 
 /// A rate limit refused the request.
 pub fn rate_limited(l: &crate::usage::Limited) -> ApiError {
-    ApiError::new(429, "rate_limit_exceeded", l.message.clone())
-        .with_retry_after(l.retry_after.as_secs().max(1))
+    ApiError {
+        limit: Some(l.limit),
+        ..ApiError::new(429, "rate_limit_exceeded", l.message.clone())
+    }
+    .with_retry_after(l.retry_after.as_secs().max(1))
 }
 
 /// The process has no file descriptor left for another backend connection.

@@ -131,5 +131,6 @@ fn usage_record(ctx: &RequestCtx, status: u16, ending: Ending) -> Option<UsageRe
         cancelled: status == 200 && ending == Ending::ClientLeft,
         failed: ending == Ending::Failed,
         tokens_unknown: status == 200 && !meter.tokens_known(),
+        loadtest: ctx.request.loadtest,
     })
 }

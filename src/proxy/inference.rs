@@ -86,7 +86,8 @@ impl Gateway {
             return Err(errors::maintenance(message));
         }
         let limits = &self.accounting.limits;
-        if self.auth.is_enforcing() {
+        let exempt = self.exempt(identity);
+        if self.auth.is_enforcing() && !exempt {
             ctx.target.user_slot = self.limited(limits.begin_request(&identity.username))?;
         }
         // About four bytes of prompt per token, plus what the answer may use.
@@ -99,7 +100,7 @@ impl Gateway {
             &identity.username,
             &d.model,
             d.tokens_per_minute,
-            d.tokens_per_minute_per_user,
+            d.tokens_per_minute_per_user.filter(|_| !exempt),
             estimate,
         ))?;
         ctx.target.accounting = Some(self.accounting.clone());

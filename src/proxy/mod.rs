@@ -95,6 +95,10 @@ impl ProxyHttp for Gateway {
             .cors
             .as_ref()
             .and_then(|c| c.allow_origin(&session.req_header().headers));
+        ctx.request.loadtest = session
+            .req_header()
+            .headers
+            .contains_key(crate::usage::LOADTEST_HEADER);
         let route = self.match_route(session.req_header());
         ctx.charge(t);
         let outcome = match route {

@@ -62,6 +62,7 @@ pub async fn send_error(
 ) -> pingora::Result<()> {
     let retry = err.retry_after.map(|s| ("retry-after", s.to_string()));
     let allow = err.allow.map(|a| ("allow", a.to_string()));
-    let headers: Vec<_> = retry.into_iter().chain(allow).collect();
+    let limit = err.limit.map(|l| ("x-firstgate-limit", l.to_string()));
+    let headers: Vec<_> = retry.into_iter().chain(allow).chain(limit).collect();
     send_json(session, ctx, err.status, err.body(), &headers).await
 }

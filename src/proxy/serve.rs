@@ -79,7 +79,8 @@ impl Gateway {
             return Err(errors::maintenance(message));
         }
         let identity = self.authenticate(session, ctx).await?;
-        if self.auth.is_enforcing() {
+        // Without authentication every client is the same user: no per-user request limits.
+        if self.auth.is_enforcing() && !self.exempt(&identity) {
             self.limited(self.accounting.limits.check_user(&identity.username))?;
         }
         ctx.request.identity = Some(identity.clone());
@@ -156,6 +157,12 @@ impl Gateway {
                 .inc();
         }
         result.map_err(errors::auth)
+    }
+
+    /// Whether `limits.exempt_users` or `exempt_groups` spare this user the per-user limits.
+    pub(super) fn exempt(&self, identity: &Identity) -> bool {
+        self.accounting
+            .is_exempt(&identity.username, &identity.groups)
     }
 
     /// A rate limit's refusal as a 429 (and counted).

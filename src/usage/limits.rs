@@ -60,6 +60,27 @@ impl From<&crate::config::Limits> for LimitSettings {
     }
 }
 
+/// Who the per-user limits do not apply to (`limits.exempt_users`, `limits.exempt_groups`).
+#[derive(Debug, Default)]
+pub struct Exemptions {
+    users: std::collections::HashSet<String>,
+    groups: std::collections::HashSet<String>,
+}
+
+impl Exemptions {
+    pub fn new(l: &crate::config::Limits) -> Self {
+        Exemptions {
+            users: l.exempt_users.iter().cloned().collect(),
+            groups: l.exempt_groups.iter().cloned().collect(),
+        }
+    }
+
+    /// Whether the user, or one of their groups, is exempt.
+    pub fn covers(&self, username: &str, groups: &[String]) -> bool {
+        self.users.contains(username) || groups.iter().any(|g| self.groups.contains(g))
+    }
+}
+
 /// The per-request caps of `limits:` that the proxy reads: largest body, and the completion
 /// tokens assumed for a request without `max_tokens` (replaceable on a reload).
 #[derive(Debug)]

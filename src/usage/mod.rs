@@ -9,9 +9,10 @@ pub mod sink;
 
 pub use access_log::AccessLog;
 pub use limits::{
-    InFlightPermit, LimitSettings, Limited, Limits, MemoryLimits, RequestCaps, TokenReservation,
+    Exemptions, InFlightPermit, LimitSettings, Limited, Limits, MemoryLimits, RequestCaps,
+    TokenReservation,
 };
-pub use record::{Ending, Meter, UsageRecord};
+pub use record::{Ending, Meter, UsageRecord, LOADTEST_HEADER};
 pub use scan::{Tokens, UsageScanner};
 pub use sink::{MemorySink, SqliteSink, Totals, UsageSink};
 
@@ -150,7 +151,7 @@ fn open_sink(
     };
     let sink = SqliteSink::start(path, u.queue, u.batch, u.flush_interval, metrics.clone())?;
     let totals = sink::open(path)
-        .and_then(|c| sink::totals(&c, 0, None, None))
+        .and_then(|c| sink::totals(&c, 0, None, None, None))
         .with_context(|| format!("usage.store {}", path.display()))?;
     Ok(Some((sink as Arc<dyn UsageSink>, totals)))
 }
@@ -175,6 +176,8 @@ pub struct Accounting {
     pub limits: Box<dyn Limits>,
     /// The largest body and the token estimate of a request without `max_tokens`.
     pub caps: RequestCaps,
+    /// Who the per-user limits do not apply to.
+    exempt: ArcSwap<Exemptions>,
 }
 
 /// One access-log line: the record's fields, the client's address, and the body if asked.
@@ -200,7 +203,18 @@ impl Accounting {
             totals,
             limits,
             caps,
+            exempt: ArcSwap::default(),
         }
+    }
+
+    /// Whether the per-user limits spare this user.
+    pub fn is_exempt(&self, username: &str, groups: &[String]) -> bool {
+        self.exempt.load().covers(username, groups)
+    }
+
+    /// Puts new exemptions in force (start-up and reloads).
+    pub fn set_exemptions(&self, exempt: Exemptions) {
+        self.exempt.store(Arc::new(exempt));
     }
 
     /// The outputs in force.

@@ -42,7 +42,14 @@ pub struct UsageRecord {
     /// large to read (then they are an estimate, or 0).
     #[serde(default)]
     pub tokens_unknown: bool,
+    /// Sent by a load test (`x-firstgate-loadtest`); `firstgate usage` leaves it out by default.
+    #[serde(default)]
+    pub loadtest: bool,
 }
+
+/// Marks a request as part of a load test (`firstgate loadtest` sends it): its usage record is
+/// tagged, and `firstgate usage` leaves it out unless asked.
+pub const LOADTEST_HEADER: &str = "x-firstgate-loadtest";
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -100,6 +100,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN tokens_unknown INTEGER NOT NULL DEFAULT 0;",
     // 3: the W3C trace each request was part of, to find its spans and log lines.
     "ALTER TABLE usage ADD COLUMN trace_id TEXT NOT NULL DEFAULT '';",
+    // 4: requests of load tests, which reports leave out unless asked.
+    "ALTER TABLE usage ADD COLUMN loadtest INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Opens (creating if needed) the usage database, at the current schema version.
@@ -350,8 +352,8 @@ fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()
             "INSERT OR REPLACE INTO usage (request_id, time_ms, user_id, username, cluster, \
              framework, model, endpoint, route, status, prompt_tokens, completion_tokens, \
              total_tokens, ttft_ms, duration_ms, bytes_in, bytes_out, instance, cancelled, failed, \
-             tokens_unknown, trace_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
-             ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
+             tokens_unknown, trace_id, loadtest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
+             ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
         )?;
         for r in records {
             stmt.execute(params![
@@ -377,6 +379,7 @@ fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()
                 r.failed,
                 r.tokens_unknown,
                 r.trace_id,
+                r.loadtest,
             ])?;
         }
     }
@@ -400,19 +403,22 @@ pub struct Totals {
     pub total_tokens: u64,
 }
 
-/// Sums the store's records since `since_ms`, optionally for one user or model.
+/// Sums the store's records since `since_ms`, optionally for one user or model; `loadtest`
+/// keeps only load-test requests (`Some(true)`), only the others (`Some(false)`), or all.
 pub fn totals(
     conn: &Connection,
     since_ms: i64,
     user: Option<&str>,
     model: Option<&str>,
+    loadtest: Option<bool>,
 ) -> rusqlite::Result<Vec<Totals>> {
     let mut stmt = conn.prepare(
         "SELECT username, model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens)
          FROM usage WHERE time_ms >= ?1 AND (?2 IS NULL OR username = ?2) AND (?3 IS NULL OR model = ?3)
+         AND (?4 IS NULL OR loadtest = ?4)
          GROUP BY username, model ORDER BY username, model",
     )?;
-    let rows = stmt.query_map(params![since_ms, user, model], |r| {
+    let rows = stmt.query_map(params![since_ms, user, model, loadtest], |r| {
         Ok(Totals {
             username: r.get(0)?,
             model: r.get(1)?,

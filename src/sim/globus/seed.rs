@@ -154,13 +154,19 @@ mod tests {
         let tokens: Vec<&str> = seed.users.iter().map(|u| u.token.as_str()).collect();
         assert_eq!(
             tokens,
-            ["demo-alice", "demo-bob", "demo-mallory", "demo-expired"]
+            [
+                "demo-alice",
+                "demo-bob",
+                "demo-ops",
+                "demo-mallory",
+                "demo-expired"
+            ]
         );
         let alice = &seed.users[0];
         assert_eq!(seed.group_id(&alice.groups[0]), seed.groups[0].id);
         // The demo configuration restricts a model to that group.
         assert!(include_str!("../../../conf/demo.yaml").contains(&seed.groups[0].id));
-        assert!(seed.users[3].expires_in < 0);
+        assert!(seed.users[4].expires_in < 0);
     }
 
     #[test]
