@@ -3,8 +3,8 @@
 
 Usage: scripts/smoke_openai.py [http://127.0.0.1:8080] [https://127.0.0.1:8443 CA_FILE]
 Exercises both URL layouts (models list and retrieve, streamed and non-streamed chat,
-completions, embeddings, responses, the NotFoundError an unknown model must raise, and the one
-an API the gateway does not offer raises), and the demo users: demo-alice
+completions, embeddings, responses, the NotFoundError an unknown model must raise), the Batch
+API (upload, create, poll, download; under the FIRST layout a NotFoundError naming /v1), and the demo users: demo-alice
 succeeds, demo-bob and demo-mallory get PermissionDeniedError, demo-expired, a made-up token
 and no token get AuthenticationError. Exits non-zero on failure.
 """
@@ -40,11 +40,6 @@ for url in (f"{base}/resource_server/sophia/vllm/v1", f"{base}/v1"):
     check(f"{url}: embeddings", len(emb.data) == 2 and len(emb.data[0].embedding) > 0)
     answer = client.responses.create(model=LLAMA, input="Hello", max_output_tokens=8)
     check(f"{url}: responses", bool(answer.output_text) and answer.usage.output_tokens == 8)
-    try:
-        client.files.list()
-        check(f"{url}: files.list raises NotFoundError", False)
-    except openai.NotFoundError as e:
-        check(f"{url}: files.list raises NotFoundError that says what to do", "one by one" in str(e))
     resp = client.chat.completions.create(model=LLAMA, messages=MESSAGES, max_tokens=8)
     check(f"{url}: chat", bool(resp.choices[0].message.content) and resp.usage.completion_tokens == 8)
 
@@ -112,6 +107,34 @@ while time.time() < deadline:
         break
     time.sleep(0.5)
 check(f"cold model served via {' -> '.join(routes)}", routes and routes[-1] == "direct")
+
+# The OpenAI Batch API: upload, create, poll until completed, download the output.
+import io  # noqa: E402
+
+lines = [json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+                     "body": {"model": LLAMA, "max_tokens": 4,
+                              "messages": [{"role": "user", "content": f"batch line {i}"}]}})
+         for i in range(8)]
+upload = alice.files.create(file=("input.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+batch = alice.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                             completion_window="24h")
+deadline = time.time() + 60
+while batch.status not in ("completed", "failed", "expired", "cancelled") and time.time() < deadline:
+    time.sleep(0.5)
+    batch = alice.batches.retrieve(batch.id)
+check(f"batch {batch.id} completed ({batch.request_counts})",
+      batch.status == "completed" and batch.request_counts.completed == 8)
+output = [json.loads(line) for line in alice.files.content(batch.output_file_id).text.splitlines()]
+check("one output line per input line, by custom_id",
+      sorted(o["custom_id"] for o in output) == sorted(f"line-{i}" for i in range(8))
+      and all(o["response"]["status_code"] == 200 for o in output))
+check("the batch is listed", any(b.id == batch.id for b in alice.batches.list()))
+try:
+    OpenAI(base_url=f"{base}/resource_server/sophia/vllm/v1", api_key="demo-alice",
+           max_retries=0).files.list()
+    check("files under a FIRST-layout base raise NotFoundError", False)
+except openai.NotFoundError as e:
+    check("files under a FIRST-layout base raise NotFoundError naming /v1", "/v1 base URL" in str(e))
 
 # HTTPS with HTTP/2 (ALPN), and HTTP/1.1 for clients without it; the demo CA must be trusted.
 import httpx  # noqa: E402  (the OpenAI SDK's own HTTP client)

@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod batch;
 pub mod catalog;
 pub mod compute;
 pub mod config;

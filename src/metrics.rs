@@ -66,6 +66,12 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     /// Globus Compute tasks by outcome (`submitted`, `success`, `failed`, `timeout`).
     pub compute_tasks: IntCounterVec,
+    /// Unfinished batches by status (`validating`, `in_progress`, `finalizing`, `cancelling`).
+    pub batches: IntGaugeVec,
+    /// Batch lines done, by result (`completed`, `failed`).
+    pub batch_lines: IntCounterVec,
+    /// Batch lines not done yet, over every running batch.
+    pub batch_lines_waiting: IntGauge,
     /// Backend instances by state (`serving`, `unhealthy`, `draining`).
     pub instances: IntGaugeVec,
     /// Client connections open on the API listeners.
@@ -240,6 +246,23 @@ impl Metrics {
                 "firstgate_compute_tasks_total",
                 "Globus Compute tasks of the cold path by outcome.",
                 &["state"],
+            ),
+            batches: gauge(
+                "firstgate_batches",
+                "Unfinished batches of the OpenAI Batch API, by status.",
+                &["status"],
+            ),
+            batch_lines: counter(
+                "firstgate_batch_lines_total",
+                "Batch lines done, by result (completed: a 2xx answer; failed: another).",
+                &["result"],
+            ),
+            batch_lines_waiting: registered(
+                &registry,
+                IntGauge::new(
+                    "firstgate_batch_lines_waiting",
+                    "Lines of running batches not done yet (the batch queue's depth).",
+                ),
             ),
             instances: gauge(
                 "firstgate_instances",

@@ -7,6 +7,7 @@
 use crate::admin::AdminApp;
 use crate::auth::persist::VerdictKeeper;
 use crate::auth::Authenticator;
+use crate::batch::{BatchRunner, Batches};
 use crate::catalog::{BackendMonitor, Catalog, SharedCatalog};
 use crate::compute::relay::StreamRelay;
 use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller};
@@ -65,6 +66,8 @@ struct Parts {
     certificate: Option<Arc<CertificateStore>>,
     /// Wakes the scale policy when a request finds no hot instance.
     scale_wake: Arc<tokio::sync::Notify>,
+    /// The OpenAI Files and Batch APIs (with `batch:`).
+    batches: Option<Arc<Batches>>,
 }
 
 /// A server ready to run.
@@ -195,6 +198,10 @@ impl Parts {
             drain: Arc::new(DrainState::default()),
             admission: Arc::new(admission(config, &metrics)),
             scale_wake: Arc::new(tokio::sync::Notify::new()),
+            batches: match &config.batch {
+                Some(b) => Some(Arc::new(Batches::open(b.clone())?)),
+                None => None,
+            },
             catalog,
             metrics,
             auth,
@@ -284,6 +291,7 @@ fn proxy_service(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         cors: crate::edge::Cors::new(&config.edge.cors),
+        batches: parts.batches.clone(),
     };
     let mut http = pingora::proxy::http_proxy(conf, gateway);
     let mut http_options = HttpServerOptions::default();
@@ -424,6 +432,12 @@ fn add_background_services(
                 interval: config.auth.cache.save_interval,
                 metrics: metrics.clone(),
             },
+        ));
+    }
+    if let Some(batches) = &parts.batches {
+        server.add_service(background_service(
+            "batch runner",
+            BatchRunner::new(batches.clone(), config.listen, metrics.clone()),
         ));
     }
     server.add_service(background_service(

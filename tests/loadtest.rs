@@ -130,31 +130,43 @@ async fn a_sweep_reports_what_the_gateway_recorded_and_exempt_groups_are_not_lim
         "{svg}"
     );
 
-    // What it counts as answered is what the gateway recorded, tagged as a load test.
+    // What it counts as answered is what the gateway recorded; a user who is not exempt
+    // cannot keep their requests out of the usage reports.
     let ok = succeeded(&report);
     assert!(ok > 0, "{report}");
-    wait_for("the gateway's records of the load test", || async {
-        let recorded: i64 = usage_store(&gw)
-            .query_row(
-                "SELECT count(*) FROM usage WHERE loadtest = 1 AND status = 200 \
-                 AND username = 'alice@anl.gov'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        (recorded == ok).then_some(())
-    })
-    .await;
-    let (_, out, _) = firstgate(&["usage", "--config", &gw.config_path().display().to_string()]);
-    assert!(
-        out.contains(&format!("{ok} requests of load tests left out")),
-        "{out}"
-    );
+    assert_recorded(&gw, "alice@anl.gov", 0, ok).await;
 
-    // An exempt group's member is not limited.
+    // An exempt group's member is not limited, and their load test is tagged as one.
     let (_, report) = sweep(&gw, "tok-ops", dir.path(), "ops").await;
     for level in report["levels"].as_array().unwrap() {
         assert_eq!(level["errors"], serde_json::json!({}), "{report}");
         assert!(level["requests"].as_u64() > Some(5), "{report}");
     }
+    let ok = succeeded(&report);
+    assert_recorded(&gw, "ops@anl.gov", 1, ok).await;
+    let (_, out, _) = firstgate(&["usage", "--config", &gw.config_path().display().to_string()]);
+    assert!(
+        out.contains(&format!("{ok} requests of load tests left out"))
+            && out.contains("alice@anl.gov"),
+        "{out}"
+    );
+}
+
+/// Waits until the gateway's usage store holds `expected` answered requests of `user`, all
+/// with this `loadtest` tag (the writer commits within a flush interval).
+async fn assert_recorded(gw: &Gateway, user: &str, loadtest: i64, expected: i64) {
+    let count = |tag: i64| {
+        usage_store(gw)
+            .query_row(
+                "SELECT count(*) FROM usage WHERE status = 200 AND username = ?1 AND loadtest = ?2",
+                rusqlite::params![user, tag],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+    };
+    wait_for(
+        &format!("{expected} records of {user} tagged {loadtest}"),
+        || async { (count(loadtest) == expected && count(1 - loadtest) == 0).then_some(()) },
+    )
+    .await;
 }

@@ -1,6 +1,7 @@
 // The official OpenAI JS SDK (npm `openai` 6) against a running demo, with both base URLs:
 // models list and retrieve, chat, a stream with usage, embeddings, responses, and the errors
-// an application maps (404 model, 403 access, 401 token, 404 for an API the gateway lacks).
+// an application maps (404 model, 403 access, 401 token), and files.list (404 naming /v1
+// under the FIRST layout).
 // Usage: node scripts/clients/openai-js.mjs [http://127.0.0.1:8080]  (run by scripts/clients.sh)
 import OpenAI from "openai";
 
@@ -59,8 +60,14 @@ for (const url of [`${base}/v1`, `${base}/resource_server/sophia/vllm/v1`]) {
     mallory.chat.completions.create({ model: LLAMA, messages }));
   const stranger = new OpenAI({ baseURL: url, apiKey: "made-up-token", maxRetries: 0 });
   await raises(`${url}: a made-up token`, OpenAI.AuthenticationError, () => stranger.models.list());
-  const e = await raises(`${url}: files.list (not offered)`, OpenAI.NotFoundError, () =>
-    client.files.list());
-  check(`${url}: ...and the error says what to do`, e.message.includes("one by one"), e.message);
+  if (url.endsWith("/resource_server/sophia/vllm/v1")) {
+    const e = await raises(`${url}: files.list (served under /v1)`, OpenAI.NotFoundError, () =>
+      client.files.list());
+    check(`${url}: ...and the error names the /v1 base`, e.message.includes("/v1 base URL"), e.message);
+  } else {
+    const files = [];
+    for await (const f of client.files.list()) files.push(f);
+    check(`${url}: files.list`, Array.isArray(files));
+  }
 }
 console.log("all OpenAI JS SDK checks passed");

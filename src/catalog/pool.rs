@@ -378,7 +378,21 @@ impl BackendPool {
     /// Reserves the healthy instance with the fewest requests in flight, skipping `exclude`
     /// (instances already tried for this request). Does not wait.
     pub fn try_acquire(&self, exclude: &[SocketAddr]) -> Result<InstanceGuard, PoolError> {
+        self.try_acquire_below(exclude, self.settings.max_concurrent)
+    }
+
+    /// A slot for background work (batch lines): only where a quarter of the instance's
+    /// slots (at least one) stays free for interactive requests.
+    pub fn try_acquire_spare(&self) -> Result<InstanceGuard, PoolError> {
         let cap = self.settings.max_concurrent;
+        self.try_acquire_below(&[], cap.saturating_sub((cap / 4).max(1)))
+    }
+
+    fn try_acquire_below(
+        &self,
+        exclude: &[SocketAddr],
+        cap: usize,
+    ) -> Result<InstanceGuard, PoolError> {
         let saw_healthy = std::cell::Cell::new(false);
         let picked = self.lb.select_with(b"", usize::MAX, |b, healthy| {
             let Some(inst) = b.ext.get::<Arc<Instance>>() else {

@@ -327,7 +327,7 @@ impl Machine<'_> {
         match v {
             Value::Array(a) => a.extend(items.into_iter().map(|(v, _)| v)),
             Value::Object(o) => {
-                if items.len() % 2 != 0 {
+                if !items.len().is_multiple_of(2) {
                     return Err(invalid("a dict item without its value"));
                 }
                 let mut items = items.into_iter();

@@ -76,8 +76,35 @@ pub struct Config {
     /// Globus Compute, for cold models and the clusters' instance lifecycle.
     #[serde(default)]
     pub compute: Option<ComputeConfig>,
+    /// The OpenAI Files and Batch APIs (`/v1/files`, `/v1/batches`); off without it.
+    #[serde(default)]
+    pub batch: Option<BatchConfig>,
     #[serde(default)]
     pub clusters: BTreeMap<String, Cluster>,
+}
+
+/// The OpenAI Batch API: uploaded files and batches kept under `dir`, lines run through this
+/// gateway on hot instances, behind interactive traffic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Where files and the batch database live (relative to this file's directory).
+    pub dir: PathBuf,
+    /// Largest file a user may upload. Default 100 MiB.
+    #[serde(default = "defaults::batch_max_file_bytes")]
+    pub max_file_bytes: usize,
+    /// Most lines in one input file. Default 50,000.
+    #[serde(default = "defaults::batch_max_lines")]
+    pub max_lines: usize,
+    /// Batches one user may have unfinished at once (FIRST's `MAX_BATCHES_PER_USER`). Default 2.
+    #[serde(default = "defaults::batch_max_active_per_user")]
+    pub max_active_per_user: usize,
+    /// Lines of one user's batches running at once. Default 4.
+    #[serde(default = "defaults::batch_lines_in_flight_per_user")]
+    pub lines_in_flight_per_user: usize,
+    /// How long files (uploads and results) are kept. Default 30 days.
+    #[serde(default = "defaults::batch_retention", with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 /// Request limits.
@@ -752,6 +779,22 @@ pub struct Model {
 }
 
 mod defaults {
+    pub fn batch_max_file_bytes() -> usize {
+        100 * 1024 * 1024
+    }
+    pub fn batch_max_lines() -> usize {
+        50_000
+    }
+    pub fn batch_max_active_per_user() -> usize {
+        2
+    }
+    pub fn batch_lines_in_flight_per_user() -> usize {
+        4
+    }
+    pub fn batch_retention() -> std::time::Duration {
+        std::time::Duration::from_secs(30 * 86_400)
+    }
+
     use super::Endpoint;
     use std::net::SocketAddr;
     use std::time::Duration;
@@ -845,6 +888,9 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
     .into_iter()
     .flatten()
     .for_each(relative);
+    if let Some(batch) = &mut config.batch {
+        relative(&mut batch.dir);
+    }
     if let Some(tls) = &mut config.tls {
         relative(&mut tls.cert);
         relative(&mut tls.key);

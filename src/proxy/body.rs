@@ -15,6 +15,40 @@ use std::time::Duration;
 /// Mirrors pingora-core's `BODY_BUF_LIMIT` (not configurable in 0.9).
 const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 
+/// Reads a whole body the gateway answers itself (never forwarded, so no retry buffer): at
+/// most `max` bytes, each read within `read_timeout`.
+pub async fn read_whole(
+    session: &mut Session,
+    max: usize,
+    read_timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let length: Option<usize> = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse().ok());
+    if length.is_some_and(|n| n > max) {
+        return Err(errors::body_too_large(max));
+    }
+    let mut buf = BytesMut::with_capacity(length.unwrap_or(16 * 1024).min(max));
+    loop {
+        let read = tokio::time::timeout(read_timeout, session.read_request_body())
+            .await
+            .unwrap_or_else(|_| Error::e_explain(ErrorType::ReadTimedout, "body read"));
+        match read.map_err(|e| match e.etype() {
+            ErrorType::ReadTimedout => errors::body_stalled(read_timeout),
+            _ => errors::body_incomplete(),
+        })? {
+            Some(chunk) if buf.len() + chunk.len() > max => {
+                return Err(errors::body_too_large(max))
+            }
+            Some(chunk) => buf.extend_from_slice(&chunk),
+            None => return Ok(buf.freeze()),
+        }
+    }
+}
+
 /// Reads the whole body, at most `max` bytes, each read within `read_timeout` (Pingora bounds
 /// HTTP/1 reads itself, with the same value; HTTP/2 reads are bounded here).
 pub async fn read_body(

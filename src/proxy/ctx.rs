@@ -40,8 +40,10 @@ pub struct Request {
     pub trace: Option<TraceContext>,
     /// Its exported spans, when spans are exported.
     pub spans: Option<Spans>,
-    /// Sent by a load test (the `x-firstgate-loadtest` header).
+    /// Sent by a load test (the `x-firstgate-loadtest` header) of an exempt user or group.
     pub loadtest: bool,
+    /// A line of this batch (sent by this process's batch runner): background priority.
+    pub batch_id: Option<String>,
     /// The CORS headers its answer carries (a page of an allowed origin asked).
     pub cors: Option<AllowedOrigin>,
     /// Counts the request as in flight (for draining) while it lives.
@@ -96,6 +98,7 @@ impl RequestCtx {
                 trace: None,
                 spans: None,
                 loadtest: false,
+                batch_id: None,
                 cors: None,
                 _active: active,
             },

@@ -14,8 +14,8 @@ const SERVED: &str = "Inference is POST /v1/chat/completions (or completions, em
                       responses), or the same under /resource_server/{cluster}/{framework}/v1; \
                       GET /v1/models lists models.";
 
-const BATCH: &str = "The OpenAI Files and Batch APIs are not offered by this gateway yet: send \
-                     the requests one by one.";
+const BATCH: &str = "The OpenAI Files and Batch APIs are not offered by this gateway (its \
+                     configuration has no `batch:` section): send the requests one by one.";
 
 /// Parts of the OpenAI API that an inference gateway does not offer, by the path segment after
 /// `v1/` (what an SDK's `client.<part>` calls), with what to do instead.
@@ -61,6 +61,62 @@ pub fn route(e: RouteError, method: &http::Method, path: &str) -> ApiError {
             format!("{path} does not accept {method}; use {allow}."),
         ),
     }
+}
+
+/// The Files and Batch APIs asked under another base URL than `/v1`.
+pub fn batch_elsewhere(path: &str) -> ApiError {
+    let rest = path
+        .find("/v1/")
+        .map_or(path, |at| &path[at + "/v1".len()..]);
+    ApiError::new(
+        404,
+        "not_found",
+        format!(
+            "The OpenAI Files and Batch APIs are served under the /v1 base URL only: use \
+             base_url http://HOST/v1 (this call is {rest} there). A batch's lines may name any \
+             model you may use."
+        ),
+    )
+}
+
+/// A refusal of the Files and Batch APIs.
+pub fn batch(e: crate::batch::BatchError) -> ApiError {
+    use crate::batch::BatchError;
+    match e {
+        BatchError::NotFound(message) => ApiError::new(404, "not_found", message),
+        BatchError::Invalid { message, param } => ApiError {
+            param,
+            ..ApiError::invalid_request(message)
+        },
+        BatchError::Quota(n) => ApiError::new(
+            400,
+            "quota_exceeded",
+            format!(
+                "You have {n} unfinished batches, the most allowed (batch.max_active_per_user); \
+                 wait for one to finish, or cancel one."
+            ),
+        ),
+        BatchError::Conflict(message) => ApiError::new(409, "conflict", message),
+        BatchError::Internal => ApiError::new(
+            500,
+            "internal_error",
+            "The batch store failed; the gateway's log says why. Try again later.",
+        ),
+    }
+}
+
+/// A batch line that finds no capacity it may take: the runner tries again later.
+pub fn background_busy(d: &Deployment) -> ApiError {
+    ApiError::new(
+        503,
+        "background_busy",
+        format!(
+            "No hot instance of '{}' has a slot that interactive requests do not need; the \
+             batch line waits.",
+            d.model
+        ),
+    )
+    .with_retry_after(1)
 }
 
 /// A FIRST-layout base URL whose framework the cluster does not have, asked for its models

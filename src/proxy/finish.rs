@@ -132,5 +132,6 @@ fn usage_record(ctx: &RequestCtx, status: u16, ending: Ending) -> Option<UsageRe
         failed: ending == Ending::Failed,
         tokens_unknown: status == 200 && !meter.tokens_known(),
         loadtest: ctx.request.loadtest,
+        batch_id: ctx.request.batch_id.clone(),
     })
 }

@@ -58,7 +58,21 @@ impl Gateway {
         ctx.request.endpoint = Some(endpoint);
         ctx.request.stream = control.stream;
         ctx.meter.bytes_in = body.len() as u64;
-        let Some(first_try) = self.first_instance(&routed) else {
+        let first_try = match &ctx.request.batch_id {
+            // Batch lines run on hot instances only, never while an interactive request waits
+            // for a slot, and leave some of each instance's slots free.
+            Some(_)
+                if routed.via_compute || deployment.demand.waiting.load(Ordering::Relaxed) > 0 =>
+            {
+                return Err(errors::background_busy(&deployment))
+            }
+            Some(_) => match deployment.pool.try_acquire_spare() {
+                Ok(slot) => Some(Ok(slot)),
+                Err(_) => return Err(errors::background_busy(&deployment)),
+            },
+            None => self.first_instance(&routed),
+        };
+        let Some(first_try) = first_try else {
             ctx.target.route = "compute";
             ctx.target.deployment = Some(deployment.clone());
             ctx.charge(t);
@@ -87,7 +101,7 @@ impl Gateway {
         }
         let limits = &self.accounting.limits;
         let exempt = self.exempt(identity);
-        if self.auth.is_enforcing() && !exempt {
+        if self.auth.is_enforcing() && !exempt && ctx.request.batch_id.is_none() {
             ctx.target.user_slot = self.limited(limits.begin_request(&identity.username))?;
         }
         // About four bytes of prompt per token, plus what the answer may use.

@@ -15,6 +15,7 @@
 //! What the client is told when anything fails is decided in `errors` and written by
 //! `respond`.
 
+mod batch;
 mod body;
 mod cold;
 mod ctx;
@@ -71,6 +72,8 @@ pub struct Gateway {
     pub started_unix: u64,
     /// Which browser pages may call the API (none: CORS off).
     pub cors: Option<Cors>,
+    /// The OpenAI Files and Batch APIs (none: `batch:` is not configured).
+    pub batches: Option<Arc<crate::batch::Batches>>,
 }
 
 #[async_trait]

@@ -14,8 +14,20 @@ pub async fn send_json(
     body: Bytes,
     headers: &[(&'static str, String)],
 ) -> pingora::Result<()> {
+    send_body(session, ctx, status, "application/json", body, headers).await
+}
+
+/// Sends a complete response of `content_type`, with the request's id and trace.
+pub async fn send_body(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    status: u16,
+    content_type: &str,
+    body: Bytes,
+    headers: &[(&'static str, String)],
+) -> pingora::Result<()> {
     let mut resp = ResponseHeader::build(status, Some(8 + headers.len()))?;
-    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-type", content_type)?;
     resp.insert_header("content-length", body.len().to_string())?;
     tag(&mut resp, ctx)?;
     for (name, value) in headers {

@@ -22,6 +22,33 @@ pub enum Route {
     /// A cold stream's lines posted back by FIRST's inference function:
     /// `POST /resource_server/api/streaming/{data,error,done}/` (FIRST's trailing slash).
     Relay(RelayKind),
+    /// The OpenAI Files and Batch APIs.
+    Batch(BatchCall),
+}
+
+/// A call of the OpenAI Files and Batch APIs (served under `/v1` only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchCall {
+    /// `GET /v1/files`
+    ListFiles,
+    /// `POST /v1/files` (multipart)
+    Upload,
+    /// `GET /v1/files/{id}`
+    File(String),
+    /// `DELETE /v1/files/{id}`
+    DeleteFile(String),
+    /// `GET /v1/files/{id}/content`
+    Content(String),
+    /// `GET /v1/batches`
+    ListBatches,
+    /// `POST /v1/batches`
+    Create,
+    /// `GET /v1/batches/{id}`
+    Batch(String),
+    /// `POST /v1/batches/{id}/cancel`
+    Cancel(String),
+    /// `files` or `batches` under a FIRST-layout base: answered with the `/v1` base to use.
+    Elsewhere,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +91,13 @@ pub enum RouteError {
 
 /// Matches a request line.
 pub fn match_route(method: &Method, path: &str) -> Result<Route, RouteError> {
+    if let Some(call) = batch_call(method, path) {
+        return match call {
+            Ok(call) => Ok(Route::Batch(call)),
+            Err(allow) if *method == Method::OPTIONS => Ok(Route::Preflight { allow }),
+            Err(allow) => Err(RouteError::MethodNotAllowed { allow }),
+        };
+    }
     let (expected, route) = match_path(path).ok_or(RouteError::NotFound)?;
     let allow = if expected == Method::GET {
         "GET"
@@ -150,6 +184,43 @@ fn match_path(path: &str) -> Option<(Method, Route)> {
         }
         _ => None,
     }
+}
+
+/// The Files and Batch APIs' paths, several methods each: the call, or the `Allow` header of
+/// a path served with other methods.
+fn batch_call(method: &Method, path: &str) -> Option<Result<BatchCall, &'static str>> {
+    use BatchCall::*;
+    let parts: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+    let tail = match parts.as_slice() {
+        ["v1", tail @ ..] => tail,
+        ["resource_server", "v1", "files" | "batches", ..]
+        | ["resource_server", _, _, "v1", "files" | "batches", ..] => return Some(Ok(Elsewhere)),
+        _ => return None,
+    };
+    let (get, post, delete) = (
+        *method == Method::GET,
+        *method == Method::POST,
+        *method == Method::DELETE,
+    );
+    let id = |s: &str| s.to_string();
+    Some(match tail {
+        ["files"] if get => Ok(ListFiles),
+        ["files"] if post => Ok(Upload),
+        ["files"] => Err("GET, POST"),
+        ["files", f] if get => Ok(File(id(f))),
+        ["files", f] if delete => Ok(DeleteFile(id(f))),
+        ["files", _] => Err("GET, DELETE"),
+        ["files", f, "content"] if get => Ok(Content(id(f))),
+        ["files", _, "content"] => Err("GET"),
+        ["batches"] if get => Ok(ListBatches),
+        ["batches"] if post => Ok(Create),
+        ["batches"] => Err("GET, POST"),
+        ["batches", b] if get => Ok(Batch(id(b))),
+        ["batches", _] => Err("GET"),
+        ["batches", b, "cancel"] if post => Ok(Cancel(id(b))),
+        ["batches", _, "cancel"] => Err("POST"),
+        _ => return None,
+    })
 }
 
 /// `%2F` and friends in a model id (SDKs may encode the `/` of `org/model`).

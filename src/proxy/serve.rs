@@ -78,11 +78,22 @@ impl Gateway {
         if let Some(message) = self.maintenance.refusal(None) {
             return Err(errors::maintenance(message));
         }
-        let identity = self.authenticate(session, ctx).await?;
+        // A line of a batch this process runs: as its owner; the runner paces the lines.
+        let line = self.batch_line_owner(session);
+        let identity = match line {
+            Some((owner, batch)) => {
+                ctx.request.batch_id = Some(batch);
+                Arc::new(owner)
+            }
+            None => self.authenticate(session, ctx).await?,
+        };
+        let exempt = self.exempt(&identity);
         // Without authentication every client is the same user: no per-user request limits.
-        if self.auth.is_enforcing() && !self.exempt(&identity) {
+        if self.auth.is_enforcing() && !exempt && ctx.request.batch_id.is_none() {
             self.limited(self.accounting.limits.check_user(&identity.username))?;
         }
+        // Only those spared the limits may keep their requests out of usage reports.
+        ctx.request.loadtest &= exempt;
         ctx.request.identity = Some(identity.clone());
         match route {
             Route::Read(read) => {
@@ -100,6 +111,7 @@ impl Gateway {
                 let asked = (cluster.as_deref(), framework.as_deref(), endpoint);
                 self.inference(session, ctx, asked, &identity).await
             }
+            Route::Batch(call) => self.batch_api(session, ctx, call, &identity).await,
             Route::Preflight { .. } | Route::Relay(_) => {
                 unreachable!("answered before authentication")
             }

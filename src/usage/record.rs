@@ -45,6 +45,9 @@ pub struct UsageRecord {
     /// Sent by a load test (`x-firstgate-loadtest`); `firstgate usage` leaves it out by default.
     #[serde(default)]
     pub loadtest: bool,
+    /// The batch this request was a line of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
 }
 
 /// Marks a request as part of a load test (`firstgate loadtest` sends it): its usage record is

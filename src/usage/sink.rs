@@ -102,6 +102,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE usage ADD COLUMN trace_id TEXT NOT NULL DEFAULT '';",
     // 4: requests of load tests, which reports leave out unless asked.
     "ALTER TABLE usage ADD COLUMN loadtest INTEGER NOT NULL DEFAULT 0;",
+    // 5: the batch a request was a line of.
+    "ALTER TABLE usage ADD COLUMN batch_id TEXT;",
 ];
 
 /// Opens (creating if needed) the usage database, at the current schema version.
@@ -352,8 +354,8 @@ fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()
             "INSERT OR REPLACE INTO usage (request_id, time_ms, user_id, username, cluster, \
              framework, model, endpoint, route, status, prompt_tokens, completion_tokens, \
              total_tokens, ttft_ms, duration_ms, bytes_in, bytes_out, instance, cancelled, failed, \
-             tokens_unknown, trace_id, loadtest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
-             ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+             tokens_unknown, trace_id, loadtest, batch_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, \
+             ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
         )?;
         for r in records {
             stmt.execute(params![
@@ -380,6 +382,7 @@ fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()
                 r.tokens_unknown,
                 r.trace_id,
                 r.loadtest,
+                r.batch_id,
             ])?;
         }
     }

@@ -1,0 +1,477 @@
+//! Runs batches: each line is sent to this gateway's own listener with the process's secret
+//! (so it takes the same trip as the owner's requests, at background priority), and its
+//! answer appended to the batch's output or error work file at once. A restart reads those
+//! files back and sends only the lines not answered yet. When no line is left (or the batch
+//! is cancelled or expires) the work files become the batch's output and error files.
+
+use super::input::{self, Line};
+use super::store::{self, BatchRow, FileRow};
+use super::{new_id, now, Batches, LINE_BATCH_HEADER, LINE_HEADER};
+use crate::metrics::Metrics;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// How often unfinished batches are looked for without a wake-up (expiry, restarts).
+const TICK: Duration = Duration::from_secs(2);
+/// Longest wait before a line refused for capacity is tried again.
+const MOST_RETRY: Duration = Duration::from_secs(30);
+
+/// The background service that runs batches.
+pub struct BatchRunner(Arc<Runner>);
+
+struct Runner {
+    batches: Arc<Batches>,
+    client: reqwest::Client,
+    /// This gateway's own API listener (`http://127.0.0.1:8080`).
+    base: String,
+    metrics: Arc<Metrics>,
+    /// Each user's lines in flight, over all their batches.
+    per_user: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl BatchRunner {
+    pub fn new(batches: Arc<Batches>, listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> Self {
+        let mut own = listen;
+        if own.ip().is_unspecified() {
+            own.set_ip(match own {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        BatchRunner(Arc::new(Runner {
+            batches,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(3600))
+                .build()
+                .unwrap_or_default(),
+            base: format!("http://{own}"),
+            metrics,
+            per_user: Mutex::new(HashMap::new()),
+        }))
+    }
+}
+
+#[async_trait]
+impl BackgroundService for BatchRunner {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let runner = &self.0;
+        // Handing over to a new process (SIGQUIT) stops the runner at once, like a shutdown.
+        let mut quit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit()).ok();
+        // One runner per batch directory: a new process waits until the old one let go.
+        let path = runner.batches.settings.dir.join("runner.lock");
+        let _lock = loop {
+            match lock(&path) {
+                Ok(Some(file)) => break file,
+                Ok(None) => {}
+                Err(e) => return log::error!("batch runner: {}: {e}", path.display()),
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = async { quit.as_mut()?.recv().await } => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        };
+        // Dropping the set aborts every batch's task, and with it their lines' tasks: an
+        // unanswered line is sent again by the next runner.
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut running: HashSet<String> = HashSet::new();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut swept = std::time::Instant::now() - Duration::from_secs(3600);
+        loop {
+            while let Ok(id) = done_rx.try_recv() {
+                running.remove(&id);
+            }
+            let batches = runner.batches.clone();
+            let rows = tokio::task::spawn_blocking(move || store::unfinished(&batches.db()))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            runner.count(&rows);
+            for row in rows {
+                if running.insert(row.id.clone()) {
+                    let (runner, done) = (runner.clone(), done_tx.clone());
+                    tasks.spawn(async move {
+                        let id = row.id.clone();
+                        runner.run(row).await;
+                        let _ = done.send(id);
+                    });
+                }
+            }
+            if swept.elapsed() > Duration::from_secs(3600) {
+                swept = std::time::Instant::now();
+                let batches = runner.batches.clone();
+                let _ = tokio::task::spawn_blocking(move || batches.sweep()).await;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = async { quit.as_mut()?.recv().await } => return,
+                _ = runner.batches.wake.notified() => {}
+                Some(id) = done_rx.recv() => { running.remove(&id); }
+                Some(_) = tasks.join_next() => {}
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        }
+    }
+}
+
+/// Takes the batch directory's runner lock, or `None` while another process holds it.
+fn lock(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// A line's outcome.
+enum Answer {
+    /// A 2xx answer: into the output file.
+    Completed(Value),
+    /// Another answer: into the error file.
+    Failed(Value),
+}
+
+/// A running batch's work files and counts.
+struct Work {
+    output: Mutex<std::fs::File>,
+    errors: Mutex<std::fs::File>,
+    completed: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Runner {
+    fn count(&self, rows: &[BatchRow]) {
+        for status in store::UNFINISHED {
+            let n = rows.iter().filter(|r| r.status == status).count();
+            self.metrics
+                .batches
+                .with_label_values(&[status])
+                .set(n as i64);
+        }
+    }
+
+    fn work_path(&self, id: &str, kind: &str) -> PathBuf {
+        self.batches.work_dir.join(format!("{id}.{kind}.jsonl"))
+    }
+
+    async fn run(self: Arc<Self>, row: BatchRow) {
+        let id = row.id.clone();
+        let outcome = match row.status.as_str() {
+            "validating" | "in_progress" => self.clone().run_lines(row).await,
+            "cancelling" => Ok("cancelled"),
+            "finalizing" => Ok("completed"),
+            _ => return,
+        };
+        let result = match outcome {
+            Ok(end) => self.finalize(&id, end).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            log::error!("batch {id}: {e}");
+            let batches = self.batches.clone();
+            let id2 = id.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let db = batches.db();
+                let _ = store::set_errors(
+                    &db,
+                    &id2,
+                    &json!({"object": "list", "data": [{"code": "batch_failed", "message": e, "param": null, "line": null}]}),
+                );
+                store::set_status(&db, &id2, "failed", now())
+            })
+            .await;
+        }
+        self.batches
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.batches
+            .cancelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// Sends the lines not answered yet; returns how the batch ends.
+    async fn run_lines(self: Arc<Self>, row: BatchRow) -> Result<&'static str, String> {
+        let id = row.id.clone();
+        let input_path = self.batches.file_path(&row.input_file_id);
+        let (out_path, err_path) = (self.work_path(&id, "output"), self.work_path(&id, "errors"));
+        let prepared = tokio::task::spawn_blocking({
+            let batches = self.batches.clone();
+            let id = id.clone();
+            move || -> Result<(Vec<Line>, HashSet<String>, u64, u64), String> {
+                let content = std::fs::read(&input_path)
+                    .map_err(|e| format!("the input file is gone ({e})"))?;
+                let lines = input::parse(&content, usize::MAX, &|_| true)?;
+                let (done_ok, completed) = answered(&out_path)?;
+                let (done_err, failed) = answered(&err_path)?;
+                let db = batches.db();
+                store::set_status(&db, &id, "in_progress", now()).map_err(|e| e.to_string())?;
+                store::set_counts(&db, &id, completed, failed).map_err(|e| e.to_string())?;
+                Ok((lines, &done_ok | &done_err, completed, failed))
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let (lines, done, completed, failed) = prepared;
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| format!("{}: {e}", p.display()))
+        };
+        let work = Arc::new(Work {
+            output: Mutex::new(open(&self.work_path(&id, "output"))?),
+            errors: Mutex::new(open(&self.work_path(&id, "errors"))?),
+            completed: AtomicU64::new(completed),
+            failed: AtomicU64::new(failed),
+        });
+        self.batches
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), row.owner.clone());
+        let user_slots = self.user_slots(&row.owner.username);
+        let todo: Vec<Line> = lines
+            .into_iter()
+            .filter(|l| !done.contains(&l.custom_id))
+            .collect();
+        self.metrics.batch_lines_waiting.add(todo.len() as i64);
+        let mut left = todo.len() as i64;
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut end = "completed";
+        for line in todo {
+            if self.batches.is_cancelled(&id) {
+                end = "cancelled";
+                break;
+            }
+            if now() >= row.expires_at {
+                end = "expired";
+                break;
+            }
+            let Ok(permit) = user_slots.clone().acquire_owned().await else {
+                break;
+            };
+            let (runner, work, id, expires) =
+                (self.clone(), work.clone(), id.clone(), row.expires_at);
+            tasks.spawn(async move {
+                let _permit = permit;
+                let answer = runner.send(&id, &line, expires).await;
+                runner.metrics.batch_lines_waiting.dec();
+                if let Some(answer) = answer {
+                    runner.record(&id, &work, answer).await;
+                }
+            });
+            left -= 1;
+        }
+        self.metrics.batch_lines_waiting.sub(left);
+        while tasks.join_next().await.is_some() {}
+        if self.batches.is_cancelled(&id) {
+            end = "cancelled";
+        } else if end == "completed" && now() >= row.expires_at {
+            end = "expired";
+        }
+        let to = if end == "cancelled" {
+            "cancelling"
+        } else {
+            "finalizing"
+        };
+        let batches = self.batches.clone();
+        let (c, f) = (
+            work.completed.load(Ordering::Relaxed),
+            work.failed.load(Ordering::Relaxed),
+        );
+        tokio::task::spawn_blocking(move || {
+            let db = batches.db();
+            store::set_counts(&db, &id, c, f)?;
+            store::set_status(&db, &id, to, now())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok(end)
+    }
+
+    fn user_slots(&self, user: &str) -> Arc<Semaphore> {
+        let n = self.batches.settings.lines_in_flight_per_user.max(1);
+        self.per_user
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(user.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(n)))
+            .clone()
+    }
+
+    /// Sends one line until it gets an answer; `None` when the batch was cancelled or expired
+    /// while the line waited for capacity.
+    async fn send(&self, batch_id: &str, line: &Line, expires_at: i64) -> Option<Answer> {
+        let mut wait = Duration::from_millis(250);
+        loop {
+            if self.batches.is_cancelled(batch_id) || now() >= expires_at {
+                return None;
+            }
+            let sent = self
+                .client
+                .post(format!("{}{}", self.base, line.url))
+                .header(LINE_HEADER, &self.batches.secret)
+                .header(LINE_BATCH_HEADER, batch_id)
+                .json(&line.body)
+                .send()
+                .await;
+            let retry_in = match sent {
+                Ok(resp) if matches!(resp.status().as_u16(), 429 | 503) => resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_secs)
+                    .unwrap_or(wait),
+                Ok(resp) => return Some(answer_of(line, resp).await),
+                // The gateway is restarting or draining: try again.
+                Err(_) => wait,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(retry_in.min(MOST_RETRY)) => {}
+                _ = self.batches.wake.notified() => {}
+            }
+            wait = (wait * 2).min(MOST_RETRY);
+        }
+    }
+
+    async fn record(&self, id: &str, work: &Arc<Work>, answer: Answer) {
+        let (file, line, counter, label) = match &answer {
+            Answer::Completed(v) => (&work.output, v, &work.completed, "completed"),
+            Answer::Failed(v) => (&work.errors, v, &work.failed, "failed"),
+        };
+        let mut text = line.to_string();
+        text.push('\n');
+        let written = file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(text.as_bytes());
+        if let Err(e) = written {
+            log::error!("batch {id}: cannot write a result: {e}");
+            return;
+        }
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics.batch_lines.with_label_values(&[label]).inc();
+        let (batches, id) = (self.batches.clone(), id.to_string());
+        let (c, f) = (
+            work.completed.load(Ordering::Relaxed),
+            work.failed.load(Ordering::Relaxed),
+        );
+        let _ =
+            tokio::task::spawn_blocking(move || store::set_counts(&batches.db(), &id, c, f)).await;
+    }
+
+    /// Turns the work files into the batch's output and error files and ends it as `end`.
+    async fn finalize(&self, id: &str, end: &'static str) -> Result<(), String> {
+        let batches = self.batches.clone();
+        let (id, out, err) = (
+            id.to_string(),
+            self.work_path(id, "output"),
+            self.work_path(id, "errors"),
+        );
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let row = store::batch(&batches.db(), &id)
+                .map_err(|e| e.to_string())?
+                .ok_or("the batch is gone")?;
+            let keep = |path: &Path, kind: &str| -> Result<Option<String>, String> {
+                let (_, lines) = answered(path)?;
+                if lines == 0 {
+                    let _ = std::fs::remove_file(path);
+                    return Ok(None);
+                }
+                let bytes = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+                let file = FileRow {
+                    id: new_id("file-"),
+                    owner: row.owner.username.clone(),
+                    filename: format!("{id}_{kind}.jsonl"),
+                    purpose: "batch_output".into(),
+                    bytes,
+                    lines,
+                    created_at: now(),
+                };
+                std::fs::rename(path, batches.file_path(&file.id)).map_err(|e| e.to_string())?;
+                store::insert_file(&batches.db(), &file).map_err(|e| e.to_string())?;
+                Ok(Some(file.id))
+            };
+            let output = keep(&out, "output")?;
+            let errors = keep(&err, "error")?;
+            let db = batches.db();
+            store::set_results(&db, &id, output.as_deref(), errors.as_deref())
+                .map_err(|e| e.to_string())?;
+            store::set_status(&db, &id, end, now()).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// The custom ids a work file holds and how many; a line cut by a crash is dropped (its
+/// request runs again).
+fn answered(path: &Path) -> Result<(HashSet<String>, u64), String> {
+    let mut text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((HashSet::new(), 0)),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    if !text.is_empty() && !text.ends_with(b"\n") {
+        let keep = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        text.truncate(keep);
+        std::fs::write(path, &text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let ids: HashSet<String> = text
+        .split(|b| *b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
+        .filter_map(|v| v["custom_id"].as_str().map(str::to_owned))
+        .collect();
+    let n = ids.len() as u64;
+    Ok((ids, n))
+}
+
+/// A line's answer as OpenAI's batch output (or error) line.
+async fn answer_of(line: &Line, resp: reqwest::Response) -> Answer {
+    let status = resp.status().as_u16();
+    let request_id = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let text = resp.text().await.unwrap_or_default();
+    let body = serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text));
+    let response = json!({"status_code": status, "request_id": request_id, "body": body});
+    if (200..300).contains(&status) {
+        Answer::Completed(json!({
+            "id": new_id("batch_req_"), "custom_id": line.custom_id,
+            "response": response, "error": null,
+        }))
+    } else {
+        let error = json!({
+            "code": body["error"]["code"].as_str().unwrap_or("request_failed"),
+            "message": body["error"]["message"].as_str().unwrap_or("the request failed"),
+        });
+        Answer::Failed(json!({
+            "id": new_id("batch_req_"), "custom_id": line.custom_id,
+            "response": response, "error": error,
+        }))
+    }
+}

@@ -1,0 +1,218 @@
+//! The OpenAI Files and Batch APIs on the proxy: reads the request, calls
+//! [`crate::batch::Batches`] off the async workers, answers in OpenAI's shapes. Batch lines
+//! themselves come back as ordinary inference requests (see `batch_line_owner`).
+
+use super::routes::BatchCall;
+use super::serve::Outcome;
+use super::{body, errors, respond, Gateway, RequestCtx};
+use crate::auth::{rules, Identity};
+use crate::batch::{BatchError, Batches, Owner, LINE_BATCH_HEADER, LINE_HEADER};
+use crate::openai::ApiError;
+use bytes::Bytes;
+use pingora::proxy::Session;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Largest body of `POST /v1/batches`.
+const CREATE_BODY_MAX: usize = 64 * 1024;
+
+impl Gateway {
+    pub(super) async fn batch_api(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        call: BatchCall,
+        identity: &Arc<Identity>,
+    ) -> Result<Outcome, ApiError> {
+        let req = session.req_header();
+        let (method, path) = (req.method.clone(), req.uri.path().to_string());
+        let Some(batches) = self.batches.clone() else {
+            return Err(errors::route(
+                super::routes::RouteError::NotFound,
+                &method,
+                &path,
+            ));
+        };
+        if call == BatchCall::Elsewhere {
+            return Err(errors::batch_elsewhere(&path));
+        }
+        let query: HashMap<String, String> = req.uri.query().map(url_pairs).unwrap_or_default();
+        let user = identity.username.clone();
+        let timeout = self.edge.client_read_timeout;
+        let answer = match call {
+            BatchCall::Upload => {
+                let max = batches.settings.max_file_bytes;
+                let content_type = header(session, "content-type");
+                let body = body::read_whole(session, max, timeout).await?;
+                let form = multipart(content_type.as_deref(), body).await?;
+                let catalog = self.catalog.load_full();
+                let ident = identity.clone();
+                let may_use = move |model: &str| {
+                    catalog.resolve_federated(model).is_ok_and(|ds| {
+                        ds.iter().any(|d| {
+                            rules::may_see(&ident, &d.cluster_access)
+                                && rules::may_see(&ident, &d.model_access)
+                        })
+                    })
+                };
+                blocking(batches, move |b| {
+                    b.upload(&user, &form.filename, &form.purpose, &form.file, &may_use)
+                })
+                .await?
+            }
+            BatchCall::ListFiles => blocking(batches, move |b| b.files(&user, &query)).await?,
+            BatchCall::File(id) => blocking(batches, move |b| b.file(&user, &id)).await?,
+            BatchCall::DeleteFile(id) => blocking(batches, move |b| b.delete(&user, &id)).await?,
+            BatchCall::Content(id) => {
+                let (_, bytes) = blocking_raw(batches, move |b| b.content(&user, &id)).await?;
+                respond::send_body(
+                    session,
+                    ctx,
+                    200,
+                    "application/octet-stream",
+                    bytes.into(),
+                    &[],
+                )
+                .await
+                .map_err(|_| errors::body_incomplete())?;
+                return Ok(Outcome::Answered);
+            }
+            BatchCall::Create => {
+                let body = body::read_whole(session, CREATE_BODY_MAX, timeout).await?;
+                let v: Value = serde_json::from_slice(&body).map_err(|e| {
+                    ApiError::invalid_request(format!("The body is not valid JSON: {e}"))
+                })?;
+                let owner = owner_of(identity);
+                blocking(batches, move |b| b.create(owner, &v)).await?
+            }
+            BatchCall::ListBatches => blocking(batches, move |b| b.batches(&user, &query)).await?,
+            BatchCall::Batch(id) => blocking(batches, move |b| b.batch(&user, &id)).await?,
+            BatchCall::Cancel(id) => blocking(batches, move |b| b.cancel(&user, &id)).await?,
+            BatchCall::Elsewhere => unreachable!("answered above"),
+        };
+        Ok(Outcome::Answer(Bytes::from(answer.to_string())))
+    }
+
+    /// For a batch line this process sent itself (its secret and batch id in the headers):
+    /// the batch's owner, as whom the line runs. `None` for every other request.
+    pub(super) fn batch_line_owner(&self, session: &Session) -> Option<(Identity, String)> {
+        let batches = self.batches.as_ref()?;
+        let headers = &session.req_header().headers;
+        let secret = headers.get(LINE_HEADER)?;
+        let id = headers.get(LINE_BATCH_HEADER)?.to_str().ok()?;
+        let owner = batches.line_owner(secret.as_bytes(), id)?;
+        Some((identity_of(owner), id.to_string()))
+    }
+}
+
+/// What a batch needs of its owner to run their lines (never a token).
+fn owner_of(i: &Identity) -> Owner {
+    Owner {
+        id: i.id.clone(),
+        username: i.username.clone(),
+        name: i.name.clone(),
+        idp_id: i.idp_id.clone(),
+        idp_name: i.idp_name.clone(),
+        groups: i.groups.clone(),
+        service_account: i.service_account,
+    }
+}
+
+fn identity_of(o: Owner) -> Identity {
+    Identity {
+        domain: Identity::domain_of(&o.username),
+        id: o.id,
+        username: o.username,
+        name: o.name,
+        idp_id: o.idp_id,
+        idp_name: o.idp_name,
+        groups: o.groups,
+        service_account: o.service_account,
+        expires_at: u64::MAX,
+        auth_service: "batch",
+    }
+}
+
+fn header(session: &Session, name: &str) -> Option<String> {
+    session
+        .req_header()
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn url_pairs(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| {
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// Runs a store call on the blocking pool.
+async fn blocking(
+    batches: Arc<Batches>,
+    f: impl FnOnce(&Batches) -> Result<Value, BatchError> + Send + 'static,
+) -> Result<Value, ApiError> {
+    blocking_raw(batches, f).await
+}
+
+async fn blocking_raw<T: Send + 'static>(
+    batches: Arc<Batches>,
+    f: impl FnOnce(&Batches) -> Result<T, BatchError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(move || f(&batches))
+        .await
+        .map_err(|_| errors::batch(BatchError::Internal))?
+        .map_err(errors::batch)
+}
+
+/// The parts of a `POST /v1/files` form.
+struct Upload {
+    filename: String,
+    purpose: String,
+    file: Bytes,
+}
+
+async fn multipart(content_type: Option<&str>, body: Bytes) -> Result<Upload, ApiError> {
+    let boundary = content_type
+        .and_then(|ct| multer::parse_boundary(ct).ok())
+        .ok_or_else(|| {
+            ApiError::invalid_request(
+                "Upload the file as multipart/form-data with the fields `file` and `purpose`.",
+            )
+        })?;
+    let stream = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+    let mut form = multer::Multipart::new(stream, boundary);
+    let (mut filename, mut purpose, mut file) = (None, None, None);
+    let bad = |e: multer::Error| {
+        ApiError::invalid_request(format!("The multipart form is malformed: {e}"))
+    };
+    while let Some(field) = form.next_field().await.map_err(bad)? {
+        match field.name() {
+            Some("file") => {
+                filename = Some(field.file_name().unwrap_or("upload.jsonl").to_string());
+                file = Some(field.bytes().await.map_err(bad)?);
+            }
+            Some("purpose") => purpose = Some(field.text().await.map_err(bad)?),
+            _ => {}
+        }
+    }
+    let missing = |f: &'static str| {
+        ApiError::invalid_request(format!("The form has no `{f}` field.")).with_param(f)
+    };
+    Ok(Upload {
+        filename: filename.ok_or_else(|| missing("file"))?,
+        purpose: purpose.ok_or_else(|| missing("purpose"))?,
+        file: file.ok_or_else(|| missing("file"))?,
+    })
+}

@@ -1,0 +1,252 @@
+//! The OpenAI Files and Batch APIs: upload (checked line by line), a batch run to the end with
+//! one output line per input line and a usage record per line, interactive requests never
+//! refused for slots batch lines hold, cancel, and an upgrade in the middle of a batch that
+//! resumes it without repeating finished lines.
+
+#![cfg(feature = "sim")] // against the simulators
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// `n` chat requests as a batch input file.
+fn input(n: usize, max_tokens: u32) -> String {
+    (0..n)
+        .map(|i| {
+            json!({"custom_id": format!("req-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": LLAMA, "max_tokens": max_tokens,
+                            "messages": [{"role": "user", "content": format!("line {i}")}]}})
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Uploads `content` as `POST /v1/files` does it (multipart/form-data).
+async fn upload(gw: &Gateway, content: &str) -> (u16, Value) {
+    let boundary = "firstgate-test-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    let resp = gw
+        .post("/v1/files")
+        .bearer_auth("tok")
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    status_json(resp).await
+}
+
+async fn create(gw: &Gateway, file_id: &str) -> Value {
+    let resp = gw
+        .post("/v1/batches")
+        .bearer_auth("tok")
+        .json(
+            &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                      "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = status_json(resp).await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+async fn batch(gw: &Gateway, id: &str) -> Value {
+    let resp = gw
+        .get(&format!("/v1/batches/{id}"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap();
+    status_json(resp).await.1
+}
+
+/// Waits for the batch to reach `status`.
+async fn until(gw: &Gateway, id: &str, status: &str) -> Value {
+    wait_for(&format!("batch {id} {status}"), || async {
+        let b = batch(gw, id).await;
+        (b["status"] == status).then_some(b)
+    })
+    .await
+}
+
+/// The custom ids of a result file, each once.
+async fn custom_ids(gw: &Gateway, file_id: &str) -> Vec<String> {
+    let text = gw
+        .get(&format!("/v1/files/{file_id}/content"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("a JSON line");
+            assert_eq!(v["response"]["status_code"], 200, "{v}");
+            v["custom_id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+fn config(backend: std::net::SocketAddr, lines_in_flight: usize) -> String {
+    format!(
+        "batch:\n  dir: batches\n  lines_in_flight_per_user: {lines_in_flight}\n\
+         upstream:\n  max_concurrent_per_backend: 2\n  admission_wait: 0s\n{}",
+        one_model("sophia", "vllm", LLAMA, &[backend])
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_runs_to_the_end_behind_interactive_requests() {
+    let backend = sim(&[LLAMA], |c| c.itl = Duration::from_millis(30)).await;
+    let gw = Gateway::start(&config(backend.addr(), 4)).await;
+
+    // Each line is checked at upload.
+    let bad = input(2, 4).replace("\"POST\"", "\"GET\"");
+    let (status, v) = upload(&gw, &bad).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("line 1"),
+        "{v}"
+    );
+    let unknown = input(1, 4).replace(LLAMA, "no-such-model");
+    let (status, v) = upload(&gw, &unknown).await;
+    assert_eq!(status, 400, "{v}");
+
+    let (status, file) = upload(&gw, &input(12, 10)).await;
+    assert_eq!((status, &file["purpose"]), (200, &json!("batch")), "{file}");
+    let b = create(&gw, file["id"].as_str().unwrap()).await;
+    let id = b["id"].as_str().unwrap().to_string();
+    assert_eq!(b["request_counts"]["total"], 12);
+
+    // While it runs, interactive requests always find a slot (admission_wait 0: a full
+    // instance would refuse them at once).
+    wait_for("the batch to start", || async {
+        (batch(&gw, &id).await["status"] == "in_progress").then_some(())
+    })
+    .await;
+    for _ in 0..10 {
+        let r = post_chat(&gw, "/v1/chat/completions", Some("tok"), LLAMA, false).await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+
+    let done = until(&gw, &id, "completed").await;
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 12, "completed": 12, "failed": 0})
+    );
+    let ids = custom_ids(&gw, done["output_file_id"].as_str().unwrap()).await;
+    let expected: HashSet<String> = (0..12).map(|i| format!("req-{i}")).collect();
+    assert_eq!(ids.len(), 12);
+    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), expected);
+    // One usage record per line, tagged with the batch.
+    wait_for("a usage record per line", || async {
+        let n: i64 = usage_store(&gw)
+            .query_row(
+                "SELECT count(*) FROM usage WHERE batch_id = ?1",
+                [&id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (n == 12).then_some(())
+    })
+    .await;
+
+    // Listed, and not under a FIRST-layout base.
+    let list: Value = gw
+        .get("/v1/batches?limit=1")
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"][0]["id"], id.as_str(), "{list}");
+    let (status, v) = status_json(
+        gw.get("/resource_server/sophia/vllm/v1/files")
+            .bearer_auth("tok")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1 base URL"),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_survives_an_upgrade_and_another_is_cancelled() {
+    let backend = sim(&[LLAMA], |c| c.itl = Duration::from_millis(25)).await;
+    let mut old = Gateway::start(&config(backend.addr(), 1)).await;
+    let (_, file) = upload(&old, &input(16, 8)).await;
+    let id = create(&old, file["id"].as_str().unwrap()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for("a few lines done", || async {
+        (batch(&old, &id).await["request_counts"]["completed"].as_u64() >= Some(3)).then_some(())
+    })
+    .await;
+
+    // Hand over to a new process in the middle of the batch.
+    let _new = old.start_successor();
+    old.signal("QUIT");
+    wait_for("the old process to exit", || {
+        let exited = old.exited();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    let done = until(&old, &id, "completed").await;
+    let ids = custom_ids(&old, done["output_file_id"].as_str().unwrap()).await;
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (16, 16), "{ids:?}");
+
+    // A cancel stops new lines and keeps what is done.
+    let (_, file) = upload(&old, &input(16, 8)).await;
+    let id = create(&old, file["id"].as_str().unwrap()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for("a line done", || async {
+        (batch(&old, &id).await["request_counts"]["completed"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    let resp = old
+        .post(&format!("/v1/batches/{id}/cancel"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = status_json(resp).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        ["cancelling", "cancelled"].contains(&v["status"].as_str().unwrap()),
+        "{v}"
+    );
+    let cancelled = until(&old, &id, "cancelled").await;
+    let completed = cancelled["request_counts"]["completed"].as_u64().unwrap();
+    assert!(completed < 16, "{cancelled}");
+    let ids = custom_ids(&old, cancelled["output_file_id"].as_str().unwrap()).await;
+    assert_eq!(ids.len() as u64, completed);
+}
