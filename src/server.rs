@@ -7,7 +7,7 @@
 use crate::admin::AdminApp;
 use crate::auth::persist::VerdictKeeper;
 use crate::auth::Authenticator;
-use crate::batch::{BatchRunner, Batches};
+use crate::batch::{BatchRunner, Batches, FirstBatchWatcher};
 use crate::catalog::{BackendMonitor, Catalog, SharedCatalog};
 use crate::compute::relay::StreamRelay;
 use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller};
@@ -439,6 +439,15 @@ fn add_background_services(
             "batch runner",
             BatchRunner::new(batches.clone(), config.listen, metrics.clone()),
         ));
+        if let Some(client) = &parts.compute {
+            server.add_service(background_service(
+                "FIRST batch watcher",
+                FirstBatchWatcher {
+                    batches: batches.clone(),
+                    client: client.clone(),
+                },
+            ));
+        }
     }
     server.add_service(background_service(
         "drainer",

@@ -250,3 +250,191 @@ async fn a_batch_survives_an_upgrade_and_another_is_cancelled() {
     let ids = custom_ids(&old, cancelled["output_file_id"].as_str().unwrap()).await;
     assert_eq!(ids.len() as u64, completed);
 }
+
+mod first {
+    //! FIRST's batch API against the Compute stand-in's batch function.
+
+    use super::*;
+    use firstgate::sim::globus::{
+        ComputeSeed, FakeClient, FakeEndpoint, FakeFunction, FakeUser, GlobusSim, Seed,
+    };
+
+    const EP: &str = "5a0b7c1d-2e3f-4a5b-8c6d-7e8f9a0b1c2d";
+    const F_INFER: &str = "6b1c8d2e-3f4a-4b5c-9d7e-8f9a0b1c2d3e";
+    const F_BATCH: &str = "7c2d9e3f-4a5b-4c6d-8e8f-9a0b1c2d3e4f";
+
+    async fn gateway(results: &std::path::Path) -> (GlobusSim, Gateway) {
+        let globus = GlobusSim::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Seed {
+                clients: vec![FakeClient {
+                    id: "gw".into(),
+                    secret: "gw-secret".into(),
+                }],
+                users: vec![
+                    FakeUser::new("tok-alice", "alice@anl.gov"),
+                    FakeUser::new("tok-bob", "bob@anl.gov"),
+                ],
+                compute: ComputeSeed {
+                    endpoints: vec![FakeEndpoint {
+                        id: EP.into(),
+                        name: "sophia".into(),
+                    }],
+                    functions: vec![
+                        FakeFunction {
+                            id: F_INFER.into(),
+                            kind: "inference".into(),
+                        },
+                        FakeFunction {
+                            id: F_BATCH.into(),
+                            kind: "batch".into(),
+                        },
+                    ],
+                    batch_results_dir: Some(results.to_path_buf()),
+                    ..ComputeSeed::default()
+                },
+                ..Seed::default()
+            },
+        )
+        .await
+        .unwrap();
+        let url = globus.url();
+        let gw = Gateway::start_with(
+            &globus_auth(&url, "gw", "", ""),
+            &format!(
+                "batch:\n  dir: batches\n  max_active_per_user: 1\n\
+                 limits:\n  requests_per_second: 0\n\
+                 compute:\n  url: {url}\n  auth_url: {url}\n  client_id: gw\n  \
+                 client_secret_env: {GLOBUS_SECRET_ENV}\n\
+                 clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n\
+                 \x20         - name: {LLAMA}\n            backends: []\n            compute:\n\
+                 \x20             endpoint: {EP}\n              function: {F_INFER}\n\
+                 \x20             batch_endpoint: {EP}\n              batch_function: {F_BATCH}\n\
+                 \x20         - name: {OTHER}\n            backends: []\n            compute:\n\
+                 \x20             endpoint: {EP}\n              function: {F_INFER}\n"
+            ),
+            &[(GLOBUS_SECRET_ENV, "gw-secret")],
+        )
+        .await;
+        (globus, gw)
+    }
+
+    const OTHER: &str = "Qwen/Qwen2.5-7B-Instruct";
+
+    async fn call(
+        gw: &Gateway,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let client = reqwest::Client::new();
+        let mut req = client
+            .request(method.parse().unwrap(), gw.url(path))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        status_json(req.send().await.unwrap()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn firsts_batch_routes_run_the_batch_function() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("prompts.jsonl");
+        std::fs::write(&input, input_lines()).unwrap();
+        let (_globus, gw) = gateway(dir.path()).await;
+        let create = "/resource_server/sophia/vllm/v1/batches";
+        let body = |model: &str| json!({"model": model, "input_file": input.display().to_string()});
+
+        // FIRST's refusals.
+        let (s, v) = call(&gw, "tok-alice", "POST", create, Some(body(OTHER))).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("batch_unavailable")),
+            "{v}"
+        );
+        let (s, v) = call(
+            &gw,
+            "tok-alice",
+            "POST",
+            create,
+            Some(json!({"model": LLAMA, "input_file": "x", "extra": 1})),
+        )
+        .await;
+        assert_eq!(s, 400, "{v}");
+        let (s, v) = call(
+            &gw,
+            "tok-alice",
+            "POST",
+            create,
+            Some(json!({"input_file_id": "file-1"})),
+        )
+        .await;
+        assert!(
+            s == 400 && v["error"]["message"].as_str().unwrap().contains("/v1"),
+            "{v}"
+        );
+
+        let (s, v) = call(&gw, "tok-alice", "POST", create, Some(body(LLAMA))).await;
+        assert_eq!((s, &v["status"]), (200, &json!("pending")), "{v}");
+        let id = v["batch_id"].as_str().unwrap().to_string();
+        assert_eq!(v["task_ids"].as_array().unwrap().len(), 1, "{v}");
+        // The same file again, or a second batch (quota 1), is refused.
+        let (s, v) = call(&gw, "tok-alice", "POST", create, Some(body(LLAMA))).await;
+        assert!(
+            s == 400
+                && ["batch_ongoing", "quota_exceeded"]
+                    .contains(&v["error"]["code"].as_str().unwrap()),
+            "{v}"
+        );
+
+        // Another user's batch: 403; an unknown one: 404.
+        let status = format!("/resource_server/v1/batches/{id}");
+        let (s, v) = call(&gw, "tok-bob", "GET", &status, None).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (403, Some("access_denied")),
+            "{v}"
+        );
+        let (s, v) = call(
+            &gw,
+            "tok-alice",
+            "GET",
+            "/resource_server/v1/batches/nope",
+            None,
+        )
+        .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (404, Some("batch_not_found")),
+            "{v}"
+        );
+
+        wait_for("the batch to complete", || async {
+            (call(&gw, "tok-alice", "GET", &status, None).await.1 == json!("completed"))
+                .then_some(())
+        })
+        .await;
+        let (s, result) = call(&gw, "tok-alice", "GET", &format!("{status}/result"), None).await;
+        assert_eq!(s, 200, "{result}");
+        let summary: Value = serde_json::from_str(result.as_str().unwrap()).unwrap();
+        let results = std::fs::read_to_string(summary["results_file"].as_str().unwrap()).unwrap();
+        assert_eq!(results.lines().count(), 3, "{results}");
+        let (_, list) = call(
+            &gw,
+            "tok-alice",
+            "GET",
+            "/resource_server/v1/batches?status=completed",
+            None,
+        )
+        .await;
+        assert_eq!(list[0]["batch_id"], id.as_str(), "{list}");
+        let (_, list) = call(&gw, "tok-bob", "GET", "/resource_server/v1/batches", None).await;
+        assert_eq!(list, json!([]));
+    }
+
+    fn input_lines() -> String {
+        super::input(3, 4)
+    }
+}

@@ -9,10 +9,12 @@
 //! restart resumes a batch without repeating its finished lines. The proxy calls the methods
 //! here off its async workers (they touch the disk and the database).
 
+pub mod first;
 pub mod input;
 pub mod runner;
 pub mod store;
 
+pub use first::{FirstBatchWatcher, FirstRequest};
 pub use runner::BatchRunner;
 pub use store::Owner;
 
@@ -45,6 +47,13 @@ pub enum BatchError {
     Conflict(String),
     /// The store or the disk failed (logged).
     Internal,
+    /// A refusal with FIRST's own status and code (`batch_not_found`, `access_denied`,
+    /// `batch_ongoing`, `batch_failed`, `quota_exceeded`, ...).
+    Coded {
+        status: u16,
+        code: &'static str,
+        message: String,
+    },
 }
 
 fn invalid(message: impl Into<String>, param: Option<&'static str>) -> BatchError {
@@ -73,6 +82,8 @@ pub struct Batches {
     cancelled: Mutex<HashSet<String>>,
     /// Wakes the runner: a batch was created or cancelled.
     pub wake: tokio::sync::Notify,
+    /// Wakes the watcher of FIRST batches: one was submitted.
+    first_wake: tokio::sync::Notify,
 }
 
 /// Seconds since the epoch.
@@ -116,6 +127,7 @@ impl Batches {
             running: Mutex::new(HashMap::new()),
             cancelled: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
+            first_wake: tokio::sync::Notify::new(),
         })
     }
 

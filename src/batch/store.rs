@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// The schema, one step per version (`PRAGMA user_version`); steps only add.
-const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS files (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS files (
         id TEXT PRIMARY KEY,
         owner TEXT NOT NULL,
         filename TEXT NOT NULL,
@@ -41,7 +42,26 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS files (
         metadata TEXT,
         errors TEXT
     );
-    CREATE INDEX IF NOT EXISTS batches_owner ON batches (owner, created_at);"];
+    CREATE INDEX IF NOT EXISTS batches_owner ON batches (owner, created_at);",
+    // 2: batches of FIRST's batch API.
+    "CREATE TABLE IF NOT EXISTS first_batches (
+        id TEXT PRIMARY KEY,
+        username TEXT NOT NULL,
+        cluster TEXT NOT NULL,
+        framework TEXT NOT NULL,
+        model TEXT NOT NULL,
+        input_file TEXT NOT NULL,
+        output_folder_path TEXT,
+        task_ids TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        completed_at INTEGER,
+        failed_at INTEGER,
+        result TEXT,
+        error TEXT
+    );
+    CREATE INDEX IF NOT EXISTS first_batches_user ON first_batches (username, created_at);",
+];
 
 /// An uploaded (or produced) file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,5 +364,129 @@ pub fn set_errors(conn: &Connection, id: &str, errors: &serde_json::Value) -> ru
         "UPDATE batches SET errors = ?2 WHERE id = ?1",
         params![id, errors.to_string()],
     )?;
+    Ok(())
+}
+
+/// A batch of FIRST's batch API (run by the cluster's batch function on Globus Compute).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstBatchRow {
+    pub id: String,
+    pub username: String,
+    pub cluster: String,
+    pub framework: String,
+    pub model: String,
+    pub input_file: String,
+    pub output_folder_path: Option<String>,
+    pub task_ids: Vec<String>,
+    /// `pending`, `running`, `completed` or `failed`.
+    pub status: String,
+    pub created_at: i64,
+    pub completed_at: Option<i64>,
+    pub failed_at: Option<i64>,
+    /// The batch function's result (a JSON string), once completed.
+    pub result: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+const FIRST_COLUMNS: &str = "id, username, cluster, framework, model, input_file, \
+    output_folder_path, task_ids, status, created_at, completed_at, failed_at, result, error";
+
+fn first_of(r: &Row) -> rusqlite::Result<FirstBatchRow> {
+    let tasks: String = r.get(7)?;
+    Ok(FirstBatchRow {
+        id: r.get(0)?,
+        username: r.get(1)?,
+        cluster: r.get(2)?,
+        framework: r.get(3)?,
+        model: r.get(4)?,
+        input_file: r.get(5)?,
+        output_folder_path: r.get(6)?,
+        task_ids: tasks
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        status: r.get(8)?,
+        created_at: r.get(9)?,
+        completed_at: r.get(10)?,
+        failed_at: r.get(11)?,
+        result: r.get(12)?,
+        error: r.get(13)?,
+    })
+}
+
+pub fn insert_first(conn: &Connection, b: &FirstBatchRow) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!("INSERT INTO first_batches ({FIRST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+        params![
+            b.id,
+            b.username,
+            b.cluster,
+            b.framework,
+            b.model,
+            b.input_file,
+            b.output_folder_path,
+            b.task_ids.join(","),
+            b.status,
+            b.created_at,
+            b.completed_at,
+            b.failed_at,
+            b.result,
+            b.error
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn first(conn: &Connection, id: &str) -> rusqlite::Result<Option<FirstBatchRow>> {
+    conn.query_row(
+        &format!("SELECT {FIRST_COLUMNS} FROM first_batches WHERE id = ?1"),
+        [id],
+        first_of,
+    )
+    .optional()
+}
+
+/// A user's FIRST batches (newest first), or every unfinished one (`None`, oldest first).
+pub fn firsts(
+    conn: &Connection,
+    username: Option<&str>,
+    status: Option<&str>,
+) -> rusqlite::Result<Vec<FirstBatchRow>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {FIRST_COLUMNS} FROM first_batches WHERE (?1 IS NULL OR username = ?1) \
+         AND (?2 IS NULL OR status = ?2) AND (?1 IS NOT NULL OR status IN ('pending', 'running')) \
+         ORDER BY created_at DESC, id DESC"
+    ))?;
+    let rows = stmt.query_map(params![username, status], first_of)?;
+    rows.collect()
+}
+
+pub fn set_first_tasks(conn: &Connection, id: &str, tasks: &[String]) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE first_batches SET task_ids = ?2 WHERE id = ?1",
+        params![id, tasks.join(",")],
+    )?;
+    Ok(())
+}
+
+/// Ends a FIRST batch: `Ok(result)` completed, `Err(why)` failed.
+pub fn end_first(
+    conn: &Connection,
+    id: &str,
+    outcome: Result<String, String>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    match outcome {
+        Ok(result) => conn.execute(
+            "UPDATE first_batches SET status = 'completed', completed_at = ?2, result = ?3 WHERE id = ?1",
+            params![id, now, result],
+        ),
+        Err(why) => conn.execute(
+            "UPDATE first_batches SET status = 'failed', failed_at = ?2, error = ?3 WHERE id = ?1",
+            params![id, now, why],
+        ),
+    }?;
     Ok(())
 }

@@ -627,6 +627,12 @@ pub struct ModelCompute {
     /// The port vLLM listens on, on the compute node.
     #[serde(default = "defaults::api_port")]
     pub api_port: u16,
+    /// FIRST's batch function (`chunked_vllm_inference_function`) and the endpoint it runs
+    /// on: with both, `POST /resource_server/{cluster}/{framework}/v1/batches` serves the model.
+    #[serde(default)]
+    pub batch_function: Option<String>,
+    #[serde(default)]
+    pub batch_endpoint: Option<String>,
 }
 
 /// A cluster's model status published at a URL (SambaNova Metis style).

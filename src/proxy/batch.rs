@@ -6,7 +6,7 @@ use super::routes::BatchCall;
 use super::serve::Outcome;
 use super::{body, errors, respond, Gateway, RequestCtx};
 use crate::auth::{rules, Identity};
-use crate::batch::{BatchError, Batches, Owner, LINE_BATCH_HEADER, LINE_HEADER};
+use crate::batch::{BatchError, Batches, FirstRequest, Owner, LINE_BATCH_HEADER, LINE_HEADER};
 use crate::openai::ApiError;
 use bytes::Bytes;
 use pingora::proxy::Session;
@@ -36,6 +36,11 @@ impl Gateway {
         };
         if call == BatchCall::Elsewhere {
             return Err(errors::batch_elsewhere(&path));
+        }
+        if let BatchCall::FirstCreate { cluster, framework } = call {
+            return self
+                .first_create(session, &batches, &cluster, &framework, identity)
+                .await;
         }
         let query: HashMap<String, String> = req.uri.query().map(url_pairs).unwrap_or_default();
         let user = identity.username.clone();
@@ -89,8 +94,76 @@ impl Gateway {
             BatchCall::ListBatches => blocking(batches, move |b| b.batches(&user, &query)).await?,
             BatchCall::Batch(id) => blocking(batches, move |b| b.batch(&user, &id)).await?,
             BatchCall::Cancel(id) => blocking(batches, move |b| b.cancel(&user, &id)).await?,
-            BatchCall::Elsewhere => unreachable!("answered above"),
+            BatchCall::FirstList => {
+                let status = query.get("status").cloned();
+                blocking(batches, move |b| b.first_list(&user, status.as_deref())).await?
+            }
+            BatchCall::FirstStatus(id) => {
+                blocking(batches, move |b| b.first_status(&user, &id)).await?
+            }
+            BatchCall::FirstResult(id) => {
+                blocking(batches, move |b| b.first_result(&user, &id)).await?
+            }
+            BatchCall::Elsewhere | BatchCall::FirstCreate { .. } => {
+                unreachable!("answered above")
+            }
         };
+        Ok(Outcome::Answer(Bytes::from(answer.to_string())))
+    }
+
+    /// FIRST's `POST /resource_server/{cluster}/{framework}/v1/batches`: the model's batch
+    /// function on the cluster's Globus Compute endpoint.
+    async fn first_create(
+        &self,
+        session: &mut Session,
+        batches: &Arc<Batches>,
+        cluster: &str,
+        framework: &str,
+        identity: &Arc<Identity>,
+    ) -> Result<Outcome, ApiError> {
+        let body =
+            body::read_whole(session, CREATE_BODY_MAX, self.edge.client_read_timeout).await?;
+        let req = FirstRequest::parse(&body).map_err(errors::batch)?;
+        let catalog = self.catalog.load_full();
+        let d = catalog
+            .resolve(cluster, framework, &req.model)
+            .map_err(errors::lookup)?
+            .clone();
+        super::routing::check_access(identity, &d)?;
+        let target = d
+            .compute
+            .as_ref()
+            .and_then(|c| Some((c.batch_endpoint.clone()?, c.batch_function.clone()?)));
+        let (Some((endpoint, function)), Some(cold)) = (target, self.cold.as_ref()) else {
+            return Err(ApiError::new(
+                400,
+                "batch_unavailable",
+                format!(
+                    "Batch is not available for '{}' on cluster '{cluster}': the model has no batch \
+                     function. GET /resource_server/list-endpoints shows what each cluster offers.",
+                    d.model
+                ),
+            ));
+        };
+        let owner = owner_of(identity);
+        let (cl, fw, model) = (cluster.to_string(), framework.to_string(), d.model.clone());
+        let row = blocking_raw(batches.clone(), move |b| {
+            b.first_admit(&owner, &cl, &fw, &model, &req)
+        })
+        .await?;
+        let mut params =
+            serde_json::json!({"input_file": row.input_file, "model": d.backend_model});
+        if let Some(out) = &row.output_folder_path {
+            params["output_folder_path"] = out.as_str().into();
+        }
+        let arg = serde_json::json!({"model_params": params, "batch_id": row.id,
+                                     "username": identity.username});
+        let task = cold
+            .client
+            .submit(&endpoint, &function, &[arg])
+            .await
+            .map_err(|e| e.to_string());
+        let answer = blocking(batches.clone(), move |b| b.first_submitted(&row, task)).await?;
         Ok(Outcome::Answer(Bytes::from(answer.to_string())))
     }
 

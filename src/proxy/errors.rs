@@ -97,6 +97,11 @@ pub fn batch(e: crate::batch::BatchError) -> ApiError {
             ),
         ),
         BatchError::Conflict(message) => ApiError::new(409, "conflict", message),
+        BatchError::Coded {
+            status,
+            code,
+            message,
+        } => ApiError::new(status, code, message),
         BatchError::Internal => ApiError::new(
             500,
             "internal_error",

@@ -49,6 +49,14 @@ pub enum BatchCall {
     Cancel(String),
     /// `files` or `batches` under a FIRST-layout base: answered with the `/v1` base to use.
     Elsewhere,
+    /// FIRST's `POST /resource_server/{cluster}/{framework}/v1/batches`.
+    FirstCreate { cluster: String, framework: String },
+    /// FIRST's `GET /resource_server/v1/batches`.
+    FirstList,
+    /// FIRST's `GET /resource_server/v1/batches/{id}`.
+    FirstStatus(String),
+    /// FIRST's `GET /resource_server/v1/batches/{id}/result`.
+    FirstResult(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,18 +199,35 @@ fn match_path(path: &str) -> Option<(Method, Route)> {
 fn batch_call(method: &Method, path: &str) -> Option<Result<BatchCall, &'static str>> {
     use BatchCall::*;
     let parts: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
-    let tail = match parts.as_slice() {
-        ["v1", tail @ ..] => tail,
-        ["resource_server", "v1", "files" | "batches", ..]
-        | ["resource_server", _, _, "v1", "files" | "batches", ..] => return Some(Ok(Elsewhere)),
-        _ => return None,
-    };
     let (get, post, delete) = (
         *method == Method::GET,
         *method == Method::POST,
         *method == Method::DELETE,
     );
     let id = |s: &str| s.to_string();
+    // Under /resource_server, FIRST's batch API; the OpenAI one is under /v1 only.
+    let tail = match parts.as_slice() {
+        ["v1", tail @ ..] => tail,
+        ["resource_server", c, f, "v1", "batches"] if post => {
+            return Some(Ok(FirstCreate {
+                cluster: id(c),
+                framework: id(f),
+            }))
+        }
+        ["resource_server", _, _, "v1", "batches"] if get => return Some(Ok(Elsewhere)),
+        ["resource_server", _, _, "v1", "batches"] => return Some(Err("POST")),
+        ["resource_server", "v1", "batches"] if get => return Some(Ok(FirstList)),
+        ["resource_server", "v1", "batches", b] if get => return Some(Ok(FirstStatus(id(b)))),
+        ["resource_server", "v1", "batches", b, "result"] if get => {
+            return Some(Ok(FirstResult(id(b))))
+        }
+        ["resource_server", "v1", "batches"]
+        | ["resource_server", "v1", "batches", _]
+        | ["resource_server", "v1", "batches", _, "result"] => return Some(Err("GET")),
+        ["resource_server", "v1", "files" | "batches", ..]
+        | ["resource_server", _, _, "v1", "files" | "batches", ..] => return Some(Ok(Elsewhere)),
+        _ => return None,
+    };
     Some(match tail {
         ["files"] if get => Ok(ListFiles),
         ["files"] if post => Ok(Upload),

@@ -5,6 +5,7 @@
 //! `start` (queues a job that launches a simulated vLLM after a queue wait and a load time),
 //! `stop`, and `echo`.
 
+mod batch;
 mod streaming;
 
 use super::{globus_error, unix_now, Grant, Shared, TokenRecord};
@@ -50,6 +51,10 @@ pub struct ComputeSeed {
     /// stream's lines are posted back to the gateway.
     #[serde(default)]
     pub streaming_secret: Option<String>,
+    /// Where the batch function writes results when a batch names no `output_folder_path`
+    /// (FIRST's is a project directory on the facility file system). Default: the temp dir.
+    #[serde(default)]
+    pub batch_results_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ComputeSeed {
@@ -63,6 +68,7 @@ impl Default for ComputeSeed {
             itl: default_itl(),
             nodes: default_nodes(),
             streaming_secret: None,
+            batch_results_dir: None,
         }
     }
 }
@@ -95,7 +101,7 @@ pub struct FakeEndpoint {
 #[serde(deny_unknown_fields)]
 pub struct FakeFunction {
     pub id: String,
-    /// `inference`, `status`, `start`, `stop` or `echo`.
+    /// `inference`, `status`, `start`, `stop`, `batch` or `echo`.
     pub kind: String,
 }
 
@@ -639,6 +645,7 @@ async fn run_task(
                 Err(traceback(&format!("ValueError: no job {job}")))
             }
         }
+        "batch" => batch::run(&s, &arg).await,
         "echo" => Ok(arg),
         other => Err(traceback(&format!(
             "RuntimeError: unknown built-in function kind {other}"
