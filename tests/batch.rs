@@ -380,12 +380,17 @@ mod first {
         assert_eq!((s, &v["status"]), (200, &json!("pending")), "{v}");
         let id = v["batch_id"].as_str().unwrap().to_string();
         assert_eq!(v["task_ids"].as_array().unwrap().len(), 1, "{v}");
-        // The same file again, or a second batch (quota 1), is refused.
+        // A second batch of hers is over the quota (1); anyone's with the same file is ongoing.
         let (s, v) = call(&gw, "tok-alice", "POST", create, Some(body(LLAMA))).await;
-        assert!(
-            s == 400
-                && ["batch_ongoing", "quota_exceeded"]
-                    .contains(&v["error"]["code"].as_str().unwrap()),
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("quota_exceeded")),
+            "{v}"
+        );
+        let (s, v) = call(&gw, "tok-bob", "POST", create, Some(body(LLAMA))).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("batch_ongoing")),
             "{v}"
         );
 

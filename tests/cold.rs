@@ -436,23 +436,10 @@ async fn an_instance_whose_job_ends_soon_is_drained_and_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_not_live_at_its_status_url_gets_no_requests() {
-    use axum::{extract::State, routing::get, Json, Router};
-    use std::sync::{Arc, RwLock};
-    let status = Arc::new(RwLock::new(
+    let (status, server) = status_page(
         serde_json::json!({"a1": {"model": "gpt-oss-120b", "status": "Stopped", "description": ""}}),
-    ));
-    let router =
-        Router::new()
-            .route(
-                "/status",
-                get(|State(s): State<Arc<RwLock<Value>>>| async move {
-                    Json(s.read().unwrap().clone())
-                }),
-            )
-            .with_state(status.clone());
-    let server = firstgate::sim::Listening::bind("127.0.0.1:0".parse().unwrap(), router)
-        .await
-        .unwrap();
+    )
+    .await;
     let api = sim(&["gpt-oss-120b"], |_| {}).await;
     let gw = Gateway::start(&format!(
         "clusters:\n  metis:\n    status: {{url: \"http://{}/status\", interval: 100ms}}\n    frameworks:\n      api:\n\

@@ -293,23 +293,10 @@ async fn usage_store_access_log_and_log_format_follow_a_reload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_added_by_a_reload_is_polled_for_its_status() {
-    use axum::{extract::State, routing::get, Json, Router};
-    use std::sync::{Arc, RwLock};
-    let status = Arc::new(RwLock::new(
+    let (status, server) = status_page(
         serde_json::json!({"a1": {"model": "gpt-oss-120b", "status": "Stopped", "description": ""}}),
-    ));
-    let router =
-        Router::new()
-            .route(
-                "/status",
-                get(|State(s): State<Arc<RwLock<Value>>>| async move {
-                    Json(s.read().unwrap().clone())
-                }),
-            )
-            .with_state(status.clone());
-    let server = firstgate::sim::Listening::bind("127.0.0.1:0".parse().unwrap(), router)
-        .await
-        .unwrap();
+    )
+    .await;
     let api = sim(&["gpt-oss-120b"], |_| {}).await;
     let backend = sim(&[LLAMA], |_| {}).await;
     let sophia = clusters(&[(LLAMA, backend.addr())]);

@@ -84,11 +84,12 @@ impl BackgroundService for BatchRunner {
         // unanswered line is sent again by the next runner.
         let mut tasks = tokio::task::JoinSet::new();
         let mut running: HashSet<String> = HashSet::new();
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let mut swept = std::time::Instant::now() - Duration::from_secs(3600);
         loop {
-            while let Ok(id) = done_rx.try_recv() {
-                running.remove(&id);
+            while let Some(done) = tasks.try_join_next() {
+                if let Ok(id) = done {
+                    running.remove(&id);
+                }
             }
             let batches = runner.batches.clone();
             let rows = tokio::task::spawn_blocking(move || store::unfinished(&batches.db()))
@@ -99,11 +100,11 @@ impl BackgroundService for BatchRunner {
             runner.count(&rows);
             for row in rows {
                 if running.insert(row.id.clone()) {
-                    let (runner, done) = (runner.clone(), done_tx.clone());
+                    let runner = runner.clone();
                     tasks.spawn(async move {
                         let id = row.id.clone();
                         runner.run(row).await;
-                        let _ = done.send(id);
+                        id
                     });
                 }
             }
@@ -116,8 +117,7 @@ impl BackgroundService for BatchRunner {
                 _ = shutdown.changed() => return,
                 Some(()) = async { quit.as_mut()?.recv().await } => return,
                 _ = runner.batches.wake.notified() => {}
-                Some(id) = done_rx.recv() => { running.remove(&id); }
-                Some(_) = tasks.join_next() => {}
+                Some(Ok(id)) = tasks.join_next() => { running.remove(&id); }
                 _ = tokio::time::sleep(TICK) => {}
             }
         }

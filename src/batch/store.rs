@@ -124,13 +124,7 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(std::time::Duration::from_secs(2))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    for (done, step) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(step)?;
-        tx.pragma_update(None, "user_version", done + 1)?;
-        tx.commit()?;
-    }
+    crate::usage::sink::migrate(&mut conn, MIGRATIONS)?;
     Ok(conn)
 }
 

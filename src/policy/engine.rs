@@ -88,6 +88,7 @@ fn register_request(e: &mut Engine) {
         .register_get("model", |r: &mut Req| r.0.model.clone())
         .register_get("endpoint", |r: &mut Req| r.0.endpoint.clone())
         .register_get("stream", |r: &mut Req| r.0.stream)
+        .register_get("batch", |r: &mut Req| r.0.batch)
         .register_get("cluster", |r: &mut Req| r.0.cluster.clone())
         .register_get("framework", |r: &mut Req| r.0.framework.clone())
         .register_get("username", |r: &mut Req| r.0.user.username.clone())

@@ -20,6 +20,9 @@ pub struct RouteRequest {
     pub user: UserView,
     /// Size of the request body: a rough measure of the prompt.
     pub prompt_bytes: i64,
+    /// A line of a batch (`/v1/batches`), run at background priority: a policy may send
+    /// batch lines elsewhere than interactive requests, or refuse them.
+    pub batch: bool,
     /// Request headers named `x-*` (lower-case), other than credentials.
     pub headers: BTreeMap<String, String>,
 }

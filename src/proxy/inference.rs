@@ -50,6 +50,7 @@ impl Gateway {
                 model: &control.model,
                 stream: control.stream,
                 body_len: body.len(),
+                batch: ctx.request.batch_id.is_some(),
             },
         )?;
         drop(routing_span);

@@ -29,6 +29,8 @@ pub struct Asked<'a> {
     pub model: &'a str,
     pub stream: bool,
     pub body_len: usize,
+    /// A line of a batch (background priority).
+    pub batch: bool,
 }
 
 /// Whether `identity` may use `d`; the error names the rule that failed.
@@ -93,11 +95,15 @@ pub fn route(
             UserView::default()
         },
         prompt_bytes: asked.body_len as i64,
+        batch: asked.batch,
         headers: if scripted {
             header
                 .headers
                 .iter()
-                .filter(|(name, _)| name.as_str().starts_with("x-"))
+                // The batch runner's secret is a credential: never shown to a script.
+                .filter(|(name, _)| {
+                    name.as_str().starts_with("x-") && name.as_str() != crate::batch::LINE_HEADER
+                })
                 .filter_map(|(name, v)| {
                     Some((name.as_str().to_string(), v.to_str().ok()?.to_string()))
                 })

@@ -115,14 +115,15 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     // Index pages stay cached between batches instead of being read back (16 MiB).
     conn.pragma_update(None, "cache_size", -16 * 1024)?;
-    migrate(&mut conn)?;
+    migrate(&mut conn, MIGRATIONS)?;
     Ok(conn)
 }
 
-/// Applies the schema steps the database has not had yet, each in its own transaction.
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+/// Applies the schema steps (one per version, `PRAGMA user_version` says how many were) the
+/// database has not had yet, each in its own transaction.
+pub fn migrate(conn: &mut Connection, steps: &[&str]) -> rusqlite::Result<()> {
     let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    for (done, step) in MIGRATIONS.iter().enumerate().skip(version) {
+    for (done, step) in steps.iter().enumerate().skip(version) {
         let tx = conn.transaction()?;
         tx.execute_batch(step)?;
         tx.pragma_update(None, "user_version", done + 1)?;

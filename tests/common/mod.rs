@@ -362,3 +362,30 @@ pub fn metric(metrics: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
         .unwrap_or(0.0)
 }
+
+/// A model status page (SambaNova Metis style) answering `GET /status` with `initial`; write
+/// the returned value to change what it reports.
+pub async fn status_page(
+    initial: serde_json::Value,
+) -> (
+    std::sync::Arc<std::sync::RwLock<serde_json::Value>>,
+    firstgate::sim::Listening,
+) {
+    use axum::{extract::State, routing::get, Json, Router};
+    use std::sync::{Arc, RwLock};
+    let status = Arc::new(RwLock::new(initial));
+    let router = Router::new()
+        .route(
+            "/status",
+            get(
+                |State(s): State<Arc<RwLock<serde_json::Value>>>| async move {
+                    Json(s.read().unwrap().clone())
+                },
+            ),
+        )
+        .with_state(status.clone());
+    let server = firstgate::sim::Listening::bind("127.0.0.1:0".parse().unwrap(), router)
+        .await
+        .expect("a port for the status page");
+    (status, server)
+}
