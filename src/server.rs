@@ -7,7 +7,7 @@
 use crate::admin::AdminApp;
 use crate::auth::persist::VerdictKeeper;
 use crate::auth::Authenticator;
-use crate::batch::{BatchRunner, Batches, FirstBatchWatcher};
+use crate::batch::{BatchRunner, Batches, FirstBatchWatcher, Places};
 use crate::catalog::{BackendMonitor, Catalog, SharedCatalog};
 use crate::compute::relay::StreamRelay;
 use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller};
@@ -437,7 +437,16 @@ fn add_background_services(
     if let Some(batches) = &parts.batches {
         server.add_service(background_service(
             "batch runner",
-            BatchRunner::new(batches.clone(), config.listen, metrics.clone()),
+            BatchRunner::new(
+                batches.clone(),
+                Places {
+                    policies: parts.policies.clone(),
+                    catalog: parts.catalog.clone(),
+                    compute: parts.compute.clone(),
+                },
+                config.listen,
+                metrics.clone(),
+            ),
         ));
         if let Some(client) = &parts.compute {
             server.add_service(background_service(

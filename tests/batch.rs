@@ -264,6 +264,11 @@ mod first {
     const F_BATCH: &str = "7c2d9e3f-4a5b-4c6d-8e8f-9a0b1c2d3e4f";
 
     async fn gateway(results: &std::path::Path) -> (GlobusSim, Gateway) {
+        gateway_with(results, "").await
+    }
+
+    /// With `extra` configuration lines (at the top level).
+    async fn gateway_with(results: &std::path::Path, extra: &str) -> (GlobusSim, Gateway) {
         let globus = GlobusSim::start(
             "127.0.0.1:0".parse().unwrap(),
             Seed {
@@ -299,10 +304,11 @@ mod first {
         .await
         .unwrap();
         let url = globus.url();
+        let staging = results.join("staging").display().to_string();
         let gw = Gateway::start_with(
             &globus_auth(&url, "gw", "", ""),
             &format!(
-                "batch:\n  dir: batches\n  max_active_per_user: 1\n\
+                "{extra}batch:\n  dir: batches\n  max_active_per_user: 1\n  staging_dir: {staging}\n\
                  limits:\n  requests_per_second: 0\n\
                  compute:\n  url: {url}\n  auth_url: {url}\n  client_id: gw\n  \
                  client_secret_env: {GLOBUS_SECRET_ENV}\n\
@@ -317,6 +323,90 @@ mod first {
         )
         .await;
         (globus, gw)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_policy_sends_an_openai_batch_to_the_batch_function() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("route.rhai");
+        std::fs::write(
+            &policy,
+            "fn route(req, candidates) { direct(candidates.requested(req)) }\n\
+             fn batch(job) { if job.batch_function { \"compute\" } else { \"gateway\" } }\n",
+        )
+        .unwrap();
+        let (globus, gw) = gateway_with(
+            dir.path(),
+            &format!("policies:\n  route: {}\n", policy.display()),
+        )
+        .await;
+        let resp = gw
+            .post("/v1/files")
+            .bearer_auth("tok-alice")
+            .header("content-type", "multipart/form-data; boundary=b")
+            .body(format!(
+                "--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b\r\n\
+                 Content-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n{}\r\n--b--\r\n",
+                super::input(5, 4)
+            ))
+            .send()
+            .await
+            .unwrap();
+        let (status, file) = status_json(resp).await;
+        assert_eq!(status, 200, "{file}");
+        let (status, b) = call(
+            &gw,
+            "tok-alice",
+            "POST",
+            "/v1/batches",
+            Some(
+                json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions",
+                        "completion_window": "24h"}),
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}");
+        let path = format!("/v1/batches/{}", b["id"].as_str().unwrap());
+        let done = wait_for("the batch to complete on Compute", || async {
+            let (_, b) = call(&gw, "tok-alice", "GET", &path, None).await;
+            (b["status"] == "completed").then_some(b)
+        })
+        .await;
+        assert_eq!(done["request_counts"]["completed"], 5, "{done}");
+        let out = gw
+            .get(&format!(
+                "/v1/files/{}/content",
+                done["output_file_id"].as_str().unwrap()
+            ))
+            .bearer_auth("tok-alice")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let ids: HashSet<String> = out
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["custom_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            (0..5).map(|i| format!("req-{i}")).collect::<HashSet<_>>()
+        );
+        // It ran as one task of the batch function, not as five requests of the gateway.
+        let payloads = globus.compute().stats.payloads.lock().unwrap().clone();
+        assert_eq!(
+            payloads
+                .iter()
+                .filter(|p| p.contains("output_folder_path"))
+                .count(),
+            1
+        );
     }
 
     const OTHER: &str = "Qwen/Qwen2.5-7B-Instruct";

@@ -15,7 +15,7 @@ pub mod runner;
 pub mod store;
 
 pub use first::{FirstBatchWatcher, FirstRequest};
-pub use runner::BatchRunner;
+pub use runner::{BatchRunner, Places};
 pub use store::Owner;
 
 use crate::config::BatchConfig;
@@ -329,6 +329,7 @@ impl Batches {
             failed: 0,
             metadata,
             errors: None,
+            compute_task: None,
         };
         store::insert_batch(&db, &row).map_err(internal)?;
         drop(db);
@@ -385,6 +386,8 @@ impl Batches {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_string());
+        // Everyone waiting on this batch looks again (the runner's loop also when it is busy).
+        self.wake.notify_waiters();
         self.wake.notify_one();
         self.batch(owner, id)
     }

@@ -7,7 +7,11 @@
 use super::input::{self, Line};
 use super::store::{self, BatchRow, FileRow};
 use super::{new_id, now, Batches, LINE_BATCH_HEADER, LINE_HEADER};
+use crate::auth::rules;
+use crate::catalog::SharedCatalog;
+use crate::compute::ComputeClient;
 use crate::metrics::Metrics;
+use crate::policy::PolicyStore;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -30,6 +34,8 @@ pub struct BatchRunner(Arc<Runner>);
 
 struct Runner {
     batches: Arc<Batches>,
+    /// Where a policy may send a batch instead (`batch(job)` of the route script).
+    places: Places,
     client: reqwest::Client,
     /// This gateway's own API listener (`http://127.0.0.1:8080`).
     base: String,
@@ -38,8 +44,28 @@ struct Runner {
     per_user: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
+/// What deciding where a batch runs needs: the route policy, the catalog, Globus Compute.
+pub struct Places {
+    pub policies: Arc<PolicyStore>,
+    pub catalog: SharedCatalog,
+    pub compute: Option<Arc<ComputeClient>>,
+}
+
+/// Where a batch runs.
+enum Place {
+    /// Its lines through this gateway.
+    Gateway,
+    /// The model's batch function: `(endpoint, function, the backend's model name)`.
+    Compute(String, String, String),
+}
+
 impl BatchRunner {
-    pub fn new(batches: Arc<Batches>, listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        batches: Arc<Batches>,
+        places: Places,
+        listen: std::net::SocketAddr,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let mut own = listen;
         if own.ip().is_unspecified() {
             own.set_ip(match own {
@@ -49,6 +75,7 @@ impl BatchRunner {
         }
         BatchRunner(Arc::new(Runner {
             batches,
+            places,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(3600))
                 .build()
@@ -138,6 +165,9 @@ fn lock(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     }
 }
 
+/// A batch ready to run: its lines, its work files, the ids already answered.
+type Prepared = (Vec<Line>, Arc<Work>, HashSet<String>);
+
 /// A line's outcome.
 enum Answer {
     /// A 2xx answer: into the output file.
@@ -152,6 +182,15 @@ struct Work {
     errors: Mutex<std::fs::File>,
     completed: AtomicU64,
     failed: AtomicU64,
+}
+
+impl Work {
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.completed.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl Runner {
@@ -171,10 +210,22 @@ impl Runner {
 
     async fn run(self: Arc<Self>, row: BatchRow) {
         let id = row.id.clone();
-        let outcome = match row.status.as_str() {
-            "validating" | "in_progress" => self.clone().run_lines(row).await,
-            "cancelling" => Ok("cancelled"),
-            "finalizing" => Ok("completed"),
+        let outcome = match (row.status.as_str(), &row.compute_task) {
+            ("validating" | "in_progress", Some(task)) => {
+                let task = task.clone();
+                self.wait_compute(&row, &task).await
+            }
+            ("validating", None) => match self.place(&row).await {
+                Place::Compute(endpoint, function, model) => {
+                    self.clone()
+                        .run_on_compute(row, endpoint, function, model)
+                        .await
+                }
+                Place::Gateway => self.clone().run_lines(row).await,
+            },
+            ("in_progress", None) => self.clone().run_lines(row).await,
+            ("cancelling", _) => Ok("cancelled"),
+            ("finalizing", _) => Ok("completed"),
             _ => return,
         };
         let result = match outcome {
@@ -216,34 +267,21 @@ impl Runner {
         let prepared = tokio::task::spawn_blocking({
             let batches = self.batches.clone();
             let id = id.clone();
-            move || -> Result<(Vec<Line>, HashSet<String>, u64, u64), String> {
+            move || -> Result<Prepared, String> {
                 let content = std::fs::read(&input_path)
                     .map_err(|e| format!("the input file is gone ({e})"))?;
                 let lines = input::parse(&content, usize::MAX, &|_| true)?;
-                let (done_ok, completed) = answered(&out_path)?;
-                let (done_err, failed) = answered(&err_path)?;
+                let (work, done) = open_work(&out_path, &err_path)?;
                 let db = batches.db();
                 store::set_status(&db, &id, "in_progress", now()).map_err(|e| e.to_string())?;
-                store::set_counts(&db, &id, completed, failed).map_err(|e| e.to_string())?;
-                Ok((lines, &done_ok | &done_err, completed, failed))
+                let (c, f) = work.counts();
+                store::set_counts(&db, &id, c, f).map_err(|e| e.to_string())?;
+                Ok((lines, work, done))
             }
         })
         .await
         .map_err(|e| e.to_string())??;
-        let (lines, done, completed, failed) = prepared;
-        let open = |p: &Path| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| format!("{}: {e}", p.display()))
-        };
-        let work = Arc::new(Work {
-            output: Mutex::new(open(&self.work_path(&id, "output"))?),
-            errors: Mutex::new(open(&self.work_path(&id, "errors"))?),
-            completed: AtomicU64::new(completed),
-            failed: AtomicU64::new(failed),
-        });
+        let (lines, work, done) = prepared;
         self.batches
             .running
             .lock()
@@ -295,10 +333,7 @@ impl Runner {
             "finalizing"
         };
         let batches = self.batches.clone();
-        let (c, f) = (
-            work.completed.load(Ordering::Relaxed),
-            work.failed.load(Ordering::Relaxed),
-        );
+        let (c, f) = work.counts();
         tokio::task::spawn_blocking(move || {
             let db = batches.db();
             store::set_counts(&db, &id, c, f)?;
@@ -308,6 +343,196 @@ impl Runner {
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
         Ok(end)
+    }
+
+    /// Asks the route policy's `batch(job)` where a new batch runs (the gateway without one).
+    async fn place(&self, row: &BatchRow) -> Place {
+        let Some(script) = self.places.policies.current().route.clone() else {
+            return Place::Gateway;
+        };
+        let input = self.batches.file_path(&row.input_file_id);
+        let lines = tokio::task::spawn_blocking(move || {
+            input::parse(&std::fs::read(input).ok()?, usize::MAX, &|_| true).ok()
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        let mut models: Vec<String> = lines
+            .iter()
+            .filter_map(|l| l.body["model"].as_str().map(str::to_owned))
+            .collect();
+        models.sort();
+        models.dedup();
+        let catalog = self.places.catalog.load_full();
+        let identity = row.owner.identity();
+        // The one model's batch function the owner may use, if every line asks for one model.
+        let target = match models.as_slice() {
+            [model] => catalog.resolve_federated(model).ok().and_then(|ds| {
+                ds.iter().find_map(|d| {
+                    let c = d.compute.as_ref()?;
+                    let visible = rules::may_see(&identity, &d.cluster_access)
+                        && rules::may_see(&identity, &d.model_access);
+                    visible.then(|| {
+                        Some((
+                            c.batch_endpoint.clone()?,
+                            c.batch_function.clone()?,
+                            d.backend_model.clone(),
+                        ))
+                    })?
+                })
+            }),
+            _ => None,
+        };
+        let mut job = rhai::Map::new();
+        job.insert("id".into(), row.id.clone().into());
+        job.insert("endpoint".into(), row.endpoint.clone().into());
+        job.insert("lines".into(), (row.total as i64).into());
+        job.insert("username".into(), row.owner.username.clone().into());
+        let groups: rhai::Array = row.owner.groups.iter().map(|g| g.clone().into()).collect();
+        job.insert("groups".into(), groups.into());
+        job.insert(
+            "model".into(),
+            models
+                .first()
+                .filter(|_| models.len() == 1)
+                .cloned()
+                .unwrap_or_default()
+                .into(),
+        );
+        job.insert("batch_function".into(), target.is_some().into());
+        match script.batch(job) {
+            Some(Ok(place)) if place == "compute" => {
+                let ready =
+                    self.places.compute.is_some() && self.batches.settings.staging_dir.is_some();
+                match target {
+                    Some((endpoint, function, model)) if ready => {
+                        Place::Compute(endpoint, function, model)
+                    }
+                    _ => {
+                        log::warn!(
+                            "batch {}: the policy chose compute, but {}; it runs in the gateway",
+                            row.id,
+                            if ready {
+                                "its lines need one model with a batch function"
+                            } else {
+                                "batch.staging_dir or compute: is not configured"
+                            }
+                        );
+                        Place::Gateway
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                log::error!("batch {}: {e}; it runs in the gateway", row.id);
+                Place::Gateway
+            }
+            _ => Place::Gateway,
+        }
+    }
+
+    /// Stages the input where compute nodes read it and submits the model's batch function.
+    async fn run_on_compute(
+        self: Arc<Self>,
+        row: BatchRow,
+        endpoint: String,
+        function: String,
+        model: String,
+    ) -> Result<&'static str, String> {
+        let (Some(client), Some(staging)) =
+            (&self.places.compute, &self.batches.settings.staging_dir)
+        else {
+            return Err("no Globus Compute or staging directory".into());
+        };
+        let dir = staging.join(&row.id);
+        let input = dir.join("input.jsonl");
+        let results = dir.join("results");
+        let from = self.batches.file_path(&row.input_file_id);
+        let staged = (input.clone(), results.clone());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::create_dir_all(&staged.1)?;
+            std::fs::copy(from, &staged.0).map(|_| ())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot stage the input in {}: {e}", dir.display()))?;
+        let arg = json!({
+            "model_params": {"input_file": input.display().to_string(), "model": model,
+                             "output_folder_path": results.display().to_string()},
+            "batch_id": row.id, "username": row.owner.username,
+        });
+        let task = client
+            .submit(&endpoint, &function, &[arg])
+            .await
+            .map_err(|e| format!("the batch function could not be submitted: {e}"))?;
+        let (batches, id, t) = (self.batches.clone(), row.id.clone(), task.clone());
+        tokio::task::spawn_blocking(move || {
+            let db = batches.db();
+            store::set_compute_task(&db, &id, &t)?;
+            store::set_status(&db, &id, "in_progress", now())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        self.wait_compute(&row, &task).await
+    }
+
+    /// Waits for a batch function's task and turns its results file into the batch's output
+    /// and error lines. A cancel stops waiting (the task itself runs on: FIRST cannot cancel).
+    async fn wait_compute(&self, row: &BatchRow, task: &str) -> Result<&'static str, String> {
+        let client = self
+            .places
+            .compute
+            .as_ref()
+            .ok_or("no Globus Compute configured")?;
+        let left = Duration::from_secs((row.expires_at - now()).max(1) as u64);
+        let id = row.id.clone();
+        let waited = client.wait(task, left);
+        tokio::pin!(waited);
+        let outcome = loop {
+            tokio::select! {
+                r = &mut waited => break r,
+                _ = self.batches.wake.notified() => {
+                    if self.batches.is_cancelled(&id) {
+                        return Ok("cancelled");
+                    }
+                }
+            }
+        };
+        let summary = match outcome {
+            Ok(Value::String(s)) => serde_json::from_str::<Value>(&s).unwrap_or(Value::String(s)),
+            Ok(v) => v,
+            Err(crate::compute::ComputeError::TimedOut(_)) => return Ok("expired"),
+            Err(e) => return Err(format!("the batch function failed: {e}")),
+        };
+        let file = summary["results_file"]
+            .as_str()
+            .ok_or_else(|| format!("the batch function's result names no results_file: {summary}"))?
+            .to_string();
+        let text = tokio::fs::read_to_string(&file)
+            .await
+            .map_err(|e| format!("cannot read the results {file}: {e}"))?;
+        let (out, err) = (self.work_path(&id, "output"), self.work_path(&id, "errors"));
+        let (work, _) = tokio::task::spawn_blocking(move || open_work(&out, &err))
+            .await
+            .map_err(|e| e.to_string())??;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line).map_err(|e| format!("{file}: {e}"))?;
+            let answer = if v["response"]["status_code"] == 200 {
+                Answer::Completed(v)
+            } else {
+                Answer::Failed(v)
+            };
+            self.record(&id, &work, answer).await;
+        }
+        let batches = self.batches.clone();
+        tokio::task::spawn_blocking(move || {
+            store::set_status(&batches.db(), &id, "finalizing", now())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok("completed")
     }
 
     fn user_slots(&self, user: &str) -> Arc<Semaphore> {
@@ -374,10 +599,7 @@ impl Runner {
         counter.fetch_add(1, Ordering::Relaxed);
         self.metrics.batch_lines.with_label_values(&[label]).inc();
         let (batches, id) = (self.batches.clone(), id.to_string());
-        let (c, f) = (
-            work.completed.load(Ordering::Relaxed),
-            work.failed.load(Ordering::Relaxed),
-        );
+        let (c, f) = work.counts();
         let _ =
             tokio::task::spawn_blocking(move || store::set_counts(&batches.db(), &id, c, f)).await;
     }
@@ -424,6 +646,26 @@ impl Runner {
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// A batch's work files, opened for appending, and the custom ids they hold (reads the disk).
+fn open_work(out: &Path, err: &Path) -> Result<(Arc<Work>, HashSet<String>), String> {
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let (done_ok, completed) = answered(out)?;
+    let (done_err, failed) = answered(err)?;
+    let work = Work {
+        output: Mutex::new(open(out)?),
+        errors: Mutex::new(open(err)?),
+        completed: AtomicU64::new(completed),
+        failed: AtomicU64::new(failed),
+    };
+    Ok((Arc::new(work), &done_ok | &done_err))
 }
 
 /// The custom ids a work file holds and how many; a line cut by a crash is dropped (its

@@ -61,6 +61,8 @@ const MIGRATIONS: &[&str] = &[
         error TEXT
     );
     CREATE INDEX IF NOT EXISTS first_batches_user ON first_batches (username, created_at);",
+    // 3: an OpenAI-API batch run by a cluster's batch function: its Compute task.
+    "ALTER TABLE batches ADD COLUMN compute_task TEXT;",
 ];
 
 /// An uploaded (or produced) file.
@@ -89,6 +91,24 @@ pub struct Owner {
     pub service_account: bool,
 }
 
+impl Owner {
+    /// The identity a batch's lines run as (it never expires: the batch was admitted).
+    pub fn identity(&self) -> crate::auth::Identity {
+        crate::auth::Identity {
+            domain: crate::auth::Identity::domain_of(&self.username),
+            id: self.id.clone(),
+            username: self.username.clone(),
+            name: self.name.clone(),
+            idp_id: self.idp_id.clone(),
+            idp_name: self.idp_name.clone(),
+            groups: self.groups.clone(),
+            service_account: self.service_account,
+            expires_at: u64::MAX,
+            auth_service: "batch",
+        }
+    }
+}
+
 /// A batch and its progress.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchRow {
@@ -114,6 +134,8 @@ pub struct BatchRow {
     pub failed: u64,
     pub metadata: Option<serde_json::Value>,
     pub errors: Option<serde_json::Value>,
+    /// The Compute task running it, when the policy sent it to a batch function.
+    pub compute_task: Option<String>,
 }
 
 /// Statuses of a batch that is not over.
@@ -198,7 +220,7 @@ pub fn files_before(conn: &Connection, before: i64) -> rusqlite::Result<Vec<Stri
 
 const BATCH_COLUMNS: &str = "id, identity, endpoint, input_file_id, completion_window, status, \
     created_at, in_progress_at, finalizing_at, completed_at, failed_at, expired_at, cancelling_at, \
-    cancelled_at, expires_at, output_file_id, error_file_id, total, completed, failed, metadata, errors";
+    cancelled_at, expires_at, output_file_id, error_file_id, total, completed, failed, metadata, errors, compute_task";
 
 fn batch_of(r: &Row) -> rusqlite::Result<BatchRow> {
     let json = |i: usize| -> rusqlite::Result<Option<serde_json::Value>> {
@@ -232,6 +254,7 @@ fn batch_of(r: &Row) -> rusqlite::Result<BatchRow> {
         failed: r.get::<_, i64>(19)? as u64,
         metadata: json(20)?,
         errors: json(21)?,
+        compute_task: r.get(22)?,
     })
 }
 
@@ -349,6 +372,14 @@ pub fn set_results(
     conn.execute(
         "UPDATE batches SET output_file_id = ?2, error_file_id = ?3 WHERE id = ?1",
         params![id, output_file_id, error_file_id],
+    )?;
+    Ok(())
+}
+
+pub fn set_compute_task(conn: &Connection, id: &str, task: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE batches SET compute_task = ?2 WHERE id = ?1",
+        params![id, task],
     )?;
     Ok(())
 }

@@ -105,6 +105,11 @@ pub struct BatchConfig {
     /// How long files (uploads and results) are kept. Default 30 days.
     #[serde(default = "defaults::batch_retention", with = "humantime_serde")]
     pub retention: Duration,
+    /// A directory the gateway and the compute nodes share (the same path on both): where a
+    /// batch the route policy's `batch(job)` sends to Globus Compute gets its input file and
+    /// results. Without it every batch runs in the gateway.
+    #[serde(default)]
+    pub staging_dir: Option<PathBuf>,
 }
 
 /// Request limits.
@@ -896,6 +901,9 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
     .for_each(relative);
     if let Some(batch) = &mut config.batch {
         relative(&mut batch.dir);
+        if let Some(dir) = &mut batch.staging_dir {
+            relative(dir);
+        }
     }
     if let Some(tls) = &mut config.tls {
         relative(&mut tls.cert);

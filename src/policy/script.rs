@@ -90,16 +90,44 @@ impl Script {
     }
 
     fn call(&self, args: impl rhai::FuncArgs) -> Result<Dynamic, PolicyError> {
+        self.call_named(self.hook, args)
+    }
+
+    fn call_named(&self, name: &str, args: impl rhai::FuncArgs) -> Result<Dynamic, PolicyError> {
         engine::with_engine(|e| {
             e.call_fn_with_options::<Dynamic>(
                 CallFnOptions::new().eval_ast(false),
                 &mut Scope::new(),
                 &self.ast,
-                self.hook,
+                name,
                 args,
             )
         })
         .map_err(|e| PolicyError::from_eval(&self.path, &e))
+    }
+
+    /// Runs the optional `batch(job)` of a route script: where an OpenAI-API batch runs,
+    /// `"gateway"` or `"compute"` (the model's batch function on Globus Compute, FIRST's way);
+    /// `None` when the script has no such function.
+    pub fn batch(&self, job: rhai::Map) -> Option<Result<String, PolicyError>> {
+        if !self
+            .ast
+            .iter_functions()
+            .any(|f| f.name == "batch" && f.params.len() == 1)
+        {
+            return None;
+        }
+        Some(self.call_named("batch", (job,)).and_then(|out| {
+            let place = out.into_string().unwrap_or_default();
+            match place.as_str() {
+                "gateway" | "compute" => Ok(place),
+                other => Err(PolicyError::new(
+                    &self.path,
+                    Position::NONE,
+                    format!("batch() must return \"gateway\" or \"compute\", not {other:?}"),
+                )),
+            }
+        }))
     }
 
     /// Runs `route(req, candidates)`.

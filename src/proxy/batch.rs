@@ -175,7 +175,7 @@ impl Gateway {
         let secret = headers.get(LINE_HEADER)?;
         let id = headers.get(LINE_BATCH_HEADER)?.to_str().ok()?;
         let owner = batches.line_owner(secret.as_bytes(), id)?;
-        Some((identity_of(owner), id.to_string()))
+        Some((owner.identity(), id.to_string()))
     }
 }
 
@@ -189,21 +189,6 @@ fn owner_of(i: &Identity) -> Owner {
         idp_name: i.idp_name.clone(),
         groups: i.groups.clone(),
         service_account: i.service_account,
-    }
-}
-
-fn identity_of(o: Owner) -> Identity {
-    Identity {
-        domain: Identity::domain_of(&o.username),
-        id: o.id,
-        username: o.username,
-        name: o.name,
-        idp_id: o.idp_id,
-        idp_name: o.idp_name,
-        groups: o.groups,
-        service_account: o.service_account,
-        expires_at: u64::MAX,
-        auth_service: "batch",
     }
 }
 
