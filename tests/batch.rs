@@ -433,7 +433,7 @@ mod first {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("prompts.jsonl");
         std::fs::write(&input, input_lines()).unwrap();
-        let (_globus, gw) = gateway(dir.path()).await;
+        let (globus, gw) = gateway(dir.path()).await;
         let create = "/resource_server/sophia/vllm/v1/batches";
         let body = |model: &str| json!({"model": model, "input_file": input.display().to_string()});
 
@@ -466,6 +466,9 @@ mod first {
             "{v}"
         );
 
+        // The endpoint holds the task until it is back online: the batch stays pending.
+        let offline = &globus.compute().faults.offline;
+        offline.lock().unwrap().push(EP.into());
         let (s, v) = call(&gw, "tok-alice", "POST", create, Some(body(LLAMA))).await;
         assert_eq!((s, &v["status"]), (200, &json!("pending")), "{v}");
         let id = v["batch_id"].as_str().unwrap().to_string();
@@ -506,6 +509,13 @@ mod first {
             "{v}"
         );
 
+        let (s, v) = call(&gw, "tok-alice", "GET", &format!("{status}/result"), None).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("batch_ongoing")),
+            "{v}"
+        );
+        offline.lock().unwrap().clear();
         wait_for("the batch to complete", || async {
             (call(&gw, "tok-alice", "GET", &status, None).await.1 == json!("completed"))
                 .then_some(())
@@ -527,6 +537,32 @@ mod first {
         assert_eq!(list[0]["batch_id"], id.as_str(), "{list}");
         let (_, list) = call(&gw, "tok-bob", "GET", "/resource_server/v1/batches", None).await;
         assert_eq!(list, json!([]));
+
+        // A batch whose function fails (no such input file): its result is 400 batch_failed.
+        let missing = json!({"model": LLAMA, "input_file": "/nonexistent/prompts.jsonl"});
+        let (s, v) = call(&gw, "tok-alice", "POST", create, Some(missing)).await;
+        assert_eq!(s, 200, "{v}");
+        let failed = format!(
+            "/resource_server/v1/batches/{}",
+            v["batch_id"].as_str().unwrap()
+        );
+        wait_for("the batch to fail", || async {
+            (call(&gw, "tok-alice", "GET", &failed, None).await.1 == json!("failed")).then_some(())
+        })
+        .await;
+        let (s, v) = call(&gw, "tok-alice", "GET", &format!("{failed}/result"), None).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("batch_failed")),
+            "{v}"
+        );
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("FileNotFoundError"),
+            "{v}"
+        );
     }
 
     fn input_lines() -> String {
