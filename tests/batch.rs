@@ -102,6 +102,20 @@ async fn custom_ids(gw: &Gateway, file_id: &str) -> Vec<String> {
         .collect()
 }
 
+/// A batch of `lines` requests, once `done` of them are answered; its id.
+async fn running_batch(gw: &Gateway, lines: usize, done: u64) -> String {
+    let (_, file) = upload(gw, &input(lines, 8)).await;
+    let id = create(gw, file["id"].as_str().unwrap()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for(&format!("{done} lines done"), || async {
+        (batch(gw, &id).await["request_counts"]["completed"].as_u64() >= Some(done)).then_some(())
+    })
+    .await;
+    id
+}
+
 fn config(backend: std::net::SocketAddr, lines_in_flight: usize) -> String {
     format!(
         "batch:\n  dir: batches\n  lines_in_flight_per_user: {lines_in_flight}\n\
@@ -199,15 +213,7 @@ async fn a_batch_runs_to_the_end_behind_interactive_requests() {
 async fn a_batch_survives_an_upgrade_and_another_is_cancelled() {
     let backend = sim(&[LLAMA], |c| c.itl = Duration::from_millis(25)).await;
     let mut old = Gateway::start(&config(backend.addr(), 1)).await;
-    let (_, file) = upload(&old, &input(16, 8)).await;
-    let id = create(&old, file["id"].as_str().unwrap()).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    wait_for("a few lines done", || async {
-        (batch(&old, &id).await["request_counts"]["completed"].as_u64() >= Some(3)).then_some(())
-    })
-    .await;
+    let id = running_batch(&old, 16, 3).await;
 
     // Hand over to a new process in the middle of the batch.
     let _new = old.start_successor();
@@ -223,15 +229,7 @@ async fn a_batch_survives_an_upgrade_and_another_is_cancelled() {
     assert_eq!((ids.len(), unique.len()), (16, 16), "{ids:?}");
 
     // A cancel stops new lines and keeps what is done.
-    let (_, file) = upload(&old, &input(16, 8)).await;
-    let id = create(&old, file["id"].as_str().unwrap()).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    wait_for("a line done", || async {
-        (batch(&old, &id).await["request_counts"]["completed"].as_u64() >= Some(1)).then_some(())
-    })
-    .await;
+    let id = running_batch(&old, 16, 1).await;
     let resp = old
         .post(&format!("/v1/batches/{id}/cancel"))
         .bearer_auth("tok")

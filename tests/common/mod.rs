@@ -24,10 +24,20 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A port that was free a moment ago (the gateway binds it itself).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("an ephemeral port")
-        .port()
+    // Never the same port twice in one test binary: two gateways of concurrent tests given the
+    // same port would each find the other's listener answering its readiness check.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("an ephemeral port")
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
