@@ -227,6 +227,14 @@ async fn a_batch_survives_an_upgrade_and_another_is_cancelled() {
     let ids = custom_ids(&old, done["output_file_id"].as_str().unwrap()).await;
     let unique: HashSet<&String> = ids.iter().collect();
     assert_eq!((ids.len(), unique.len()), (16, 16), "{ids:?}");
+    // The runner's credential stays in the gateway (the last request was a batch line).
+    let headers = backend
+        .last_request_headers()
+        .expect("a request reached the backend");
+    assert!(
+        !headers.contains_key("x-firstgate-batch") && !headers.contains_key("x-firstgate-batch-id"),
+        "{headers:?}"
+    );
 
     // A cancel stops new lines and keeps what is done.
     let id = running_batch(&old, 16, 1).await;
