@@ -384,6 +384,22 @@ async fn bad_requests_get_clear_openai_errors() {
         );
     }
 
+    // FIRST's batch route on a gateway without `batch:`: FIRST's own refusal.
+    let (s, e) = error_of(
+        post(
+            &gw,
+            "/resource_server/sophia/vllm/v1/batches",
+            json!({"model": LLAMA, "input_file": "/x.jsonl"}).to_string(),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (400, Some("batch_unavailable")),
+        "{e}"
+    );
+
     let mut big = chat_body(LLAMA, false);
     big["padding"] = json!("x".repeat(2 * 1024 * 1024));
     let (s, e) = error_of(post(&gw, chat_path, big.to_string()).await).await;

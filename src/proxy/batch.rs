@@ -28,6 +28,21 @@ impl Gateway {
         let req = session.req_header();
         let (method, path) = (req.method.clone(), req.uri.path().to_string());
         let Some(batches) = self.batches.clone() else {
+            let first = matches!(
+                call,
+                BatchCall::FirstCreate { .. }
+                    | BatchCall::FirstList
+                    | BatchCall::FirstStatus(_)
+                    | BatchCall::FirstResult(_)
+            );
+            if first {
+                return Err(ApiError::new(
+                    400,
+                    "batch_unavailable",
+                    "Batch is not available on this gateway (its configuration has no `batch:` \
+                     section).",
+                ));
+            }
             return Err(errors::route(
                 super::routes::RouteError::NotFound,
                 &method,
