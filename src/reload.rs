@@ -139,8 +139,7 @@ impl ConfigReloader {
 /// and `log` are applied by the reload; the maintenance notices and the certificate have their
 /// own SIGHUP.
 fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
-    let differs =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| !config::same(a, b);
     let mut edge_old = old.edge.clone();
     let mut edge_new = new.edge.clone();
     edge_old.maintenance.clear();

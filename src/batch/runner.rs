@@ -7,7 +7,6 @@
 use super::input::{self, Line};
 use super::store::{self, BatchRow, FileRow};
 use super::{new_id, now, Batches, LINE_BATCH_HEADER, LINE_HEADER};
-use crate::auth::rules;
 use crate::catalog::SharedCatalog;
 use crate::compute::ComputeClient;
 use crate::metrics::Metrics;
@@ -371,8 +370,7 @@ impl Runner {
             [model] => catalog.resolve_federated(model).ok().and_then(|ds| {
                 ds.iter().find_map(|d| {
                     let c = d.compute.as_ref()?;
-                    let visible = rules::may_see(&identity, &d.cluster_access)
-                        && rules::may_see(&identity, &d.model_access);
+                    let visible = d.visible_to(&identity);
                     visible.then(|| {
                         Some((
                             c.batch_endpoint.clone()?,

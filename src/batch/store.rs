@@ -92,6 +92,19 @@ pub struct Owner {
 }
 
 impl Owner {
+    /// What a batch keeps of the identity that created it (never a token).
+    pub fn of(i: &crate::auth::Identity) -> Owner {
+        Owner {
+            id: i.id.clone(),
+            username: i.username.clone(),
+            name: i.name.clone(),
+            idp_id: i.idp_id.clone(),
+            idp_name: i.idp_name.clone(),
+            groups: i.groups.clone(),
+            service_account: i.service_account,
+        }
+    }
+
     /// The identity a batch's lines run as (it never expires: the batch was admitted).
     pub fn identity(&self) -> crate::auth::Identity {
         crate::auth::Identity {

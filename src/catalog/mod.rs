@@ -137,6 +137,12 @@ impl Drop for WaitingGuard<'_> {
 }
 
 impl Deployment {
+    /// Whether the cluster's and the model's access lists let `identity` see (and use) it.
+    pub fn visible_to(&self, identity: &crate::auth::Identity) -> bool {
+        crate::auth::rules::may_see(identity, &self.cluster_access)
+            && crate::auth::rules::may_see(identity, &self.model_access)
+    }
+
     pub fn offers(&self, endpoint: Endpoint) -> bool {
         self.endpoints.contains(&endpoint)
     }

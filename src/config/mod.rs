@@ -877,6 +877,12 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
     })
 }
 
+/// Whether two values of a section are the same settings (sections derive `Debug`, which
+/// shows every field, rather than `PartialEq`): how a reload tells what changed.
+pub fn same(a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
 /// Parses and validates configuration text; `path` is only used in error messages.
 /// Relative policy paths become relative to the file's directory.
 pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {

@@ -5,7 +5,7 @@
 use super::routes::BatchCall;
 use super::serve::Outcome;
 use super::{body, errors, respond, Gateway, RequestCtx};
-use crate::auth::{rules, Identity};
+use crate::auth::Identity;
 use crate::batch::{BatchError, Batches, FirstRequest, Owner, LINE_BATCH_HEADER, LINE_HEADER};
 use crate::openai::ApiError;
 use bytes::Bytes;
@@ -57,7 +57,11 @@ impl Gateway {
                 .first_create(session, &batches, &cluster, &framework, identity)
                 .await;
         }
-        let query: HashMap<String, String> = req.uri.query().map(url_pairs).unwrap_or_default();
+        let query: HashMap<String, String> = req
+            .uri
+            .query()
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default();
         let user = identity.username.clone();
         let timeout = self.edge.client_read_timeout;
         let answer = match call {
@@ -69,12 +73,9 @@ impl Gateway {
                 let catalog = self.catalog.load_full();
                 let ident = identity.clone();
                 let may_use = move |model: &str| {
-                    catalog.resolve_federated(model).is_ok_and(|ds| {
-                        ds.iter().any(|d| {
-                            rules::may_see(&ident, &d.cluster_access)
-                                && rules::may_see(&ident, &d.model_access)
-                        })
-                    })
+                    catalog
+                        .resolve_federated(model)
+                        .is_ok_and(|ds| ds.iter().any(|d| d.visible_to(&ident)))
                 };
                 blocking(batches, move |b| {
                     b.upload(&user, &form.filename, &form.purpose, &form.file, &may_use)
@@ -85,7 +86,7 @@ impl Gateway {
             BatchCall::File(id) => blocking(batches, move |b| b.file(&user, &id)).await?,
             BatchCall::DeleteFile(id) => blocking(batches, move |b| b.delete(&user, &id)).await?,
             BatchCall::Content(id) => {
-                let (_, bytes) = blocking_raw(batches, move |b| b.content(&user, &id)).await?;
+                let (_, bytes) = blocking(batches, move |b| b.content(&user, &id)).await?;
                 respond::send_body(
                     session,
                     ctx,
@@ -103,7 +104,7 @@ impl Gateway {
                 let v: Value = serde_json::from_slice(&body).map_err(|e| {
                     ApiError::invalid_request(format!("The body is not valid JSON: {e}"))
                 })?;
-                let owner = owner_of(identity);
+                let owner = Owner::of(identity);
                 blocking(batches, move |b| b.create(owner, &v)).await?
             }
             BatchCall::ListBatches => blocking(batches, move |b| b.batches(&user, &query)).await?,
@@ -160,9 +161,9 @@ impl Gateway {
                 ),
             ));
         };
-        let owner = owner_of(identity);
+        let owner = Owner::of(identity);
         let (cl, fw, model) = (cluster.to_string(), framework.to_string(), d.model.clone());
-        let row = blocking_raw(batches.clone(), move |b| {
+        let row = blocking(batches.clone(), move |b| {
             b.first_admit(&owner, &cl, &fw, &model, &req)
         })
         .await?;
@@ -194,19 +195,6 @@ impl Gateway {
     }
 }
 
-/// What a batch needs of its owner to run their lines (never a token).
-fn owner_of(i: &Identity) -> Owner {
-    Owner {
-        id: i.id.clone(),
-        username: i.username.clone(),
-        name: i.name.clone(),
-        idp_id: i.idp_id.clone(),
-        idp_name: i.idp_name.clone(),
-        groups: i.groups.clone(),
-        service_account: i.service_account,
-    }
-}
-
 fn header(session: &Session, name: &str) -> Option<String> {
     session
         .req_header()
@@ -216,30 +204,8 @@ fn header(session: &Session, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn url_pairs(query: &str) -> HashMap<String, String> {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| {
-            let decode = |s: &str| {
-                percent_encoding::percent_decode_str(&s.replace('+', " "))
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
-            (decode(k), decode(v))
-        })
-        .collect()
-}
-
 /// Runs a store call on the blocking pool.
-async fn blocking(
-    batches: Arc<Batches>,
-    f: impl FnOnce(&Batches) -> Result<Value, BatchError> + Send + 'static,
-) -> Result<Value, ApiError> {
-    blocking_raw(batches, f).await
-}
-
-async fn blocking_raw<T: Send + 'static>(
+async fn blocking<T: Send + 'static>(
     batches: Arc<Batches>,
     f: impl FnOnce(&Batches) -> Result<T, BatchError> + Send + 'static,
 ) -> Result<T, ApiError> {

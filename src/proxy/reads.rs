@@ -3,7 +3,7 @@
 use super::routes::{Read, Scope};
 use super::{errors, Gateway};
 use crate::admin::listings;
-use crate::auth::{rules, Identity};
+use crate::auth::Identity;
 use crate::catalog::{Deployment, LookupError};
 use crate::openai::ApiError;
 use bytes::Bytes;
@@ -17,9 +17,7 @@ impl Gateway {
         identity: &Identity,
     ) -> Result<Bytes, ApiError> {
         let catalog = self.catalog.load_full();
-        let visible = |d: &Deployment| {
-            rules::may_see(identity, &d.cluster_access) && rules::may_see(identity, &d.model_access)
-        };
+        let visible = |d: &Deployment| d.visible_to(identity);
         let cluster_not_found = |cluster: &String| {
             errors::lookup(LookupError::ClusterNotFound {
                 cluster: cluster.clone(),

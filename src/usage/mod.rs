@@ -114,9 +114,7 @@ impl Outputs {
         new: &Config,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<(Outputs, Option<Vec<Totals>>)> {
-        let same =
-            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
-        let (sink, totals) = if same(&old.usage, &new.usage) {
+        let (sink, totals) = if config::same(&old.usage, &new.usage) {
             (self.sink.clone(), None)
         } else {
             let (sink, rows) = open_sink(&new.usage, metrics)?.unzip();
