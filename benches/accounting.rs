@@ -12,7 +12,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use firstgate::config::LogTarget;
 use firstgate::metrics::Metrics;
 use firstgate::usage::{
-    AccessLog, Accounting, MemoryLimits, Outputs, SqliteSink, UsageRecord, UsageTotals,
+    AccessLog, Accounting, Batching, LimitSettings, Limiter, Outputs, UsageRecord, UsageTotals,
+    WriterSink,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,7 +46,7 @@ fn record(n: u64) -> UsageRecord {
     }
 }
 
-fn accounting(sink: Option<Arc<SqliteSink>>, access_log: Option<AccessLog>) -> Accounting {
+fn accounting(sink: Option<Arc<WriterSink>>, access_log: Option<AccessLog>) -> Accounting {
     let outputs = Outputs {
         sink: sink.map(|s| s as Arc<dyn firstgate::usage::UsageSink>),
         access_log: access_log.map(Arc::new),
@@ -54,7 +55,13 @@ fn accounting(sink: Option<Arc<SqliteSink>>, access_log: Option<AccessLog>) -> A
     Accounting::new(
         outputs,
         UsageTotals::default(),
-        Box::new(MemoryLimits::new(0, 0, 0, Duration::from_secs(60), 0)),
+        Limiter::local(LimitSettings {
+            user_rps: 0,
+            ip_rps: 0,
+            ip_burst: 0,
+            window: Duration::from_secs(60),
+            max_in_flight: 0,
+        }),
         firstgate::usage::RequestCaps::new(1 << 20, 512),
     )
 }
@@ -84,11 +91,13 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("accounting");
 
     let metrics = Arc::new(Metrics::new());
-    let sink = SqliteSink::start(
+    let sink = WriterSink::sqlite(
         &dir.path().join("usage.db"),
-        10_000,
-        512,
-        Duration::from_millis(200),
+        Batching {
+            queue: 10_000,
+            batch: 512,
+            flush_interval: Duration::from_millis(200),
+        },
         metrics.clone(),
     )
     .unwrap();

@@ -5,6 +5,8 @@
 #   build-essential – cc and make: SQLite (bundled) and jemalloc are built from source
 # With --clients, also what scripts/clients.sh needs to run the OpenAI clients:
 #   python3, python3-venv, nodejs, npm (each only when the command is missing), curl
+# With --servers, also the servers the scale-out tests run on loopback (scripts/state-servers.sh):
+#   redis-server, postgresql
 
 # Idempotent and quiet when everything is already there; safe under CI (no stdin).
 set -euo pipefail
@@ -13,6 +15,11 @@ need=()
 for pkg in cmake pkg-config libssl-dev build-essential; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
+if [ "${1:-}" = "--servers" ]; then
+  for pkg in redis-server postgresql; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+  done
+fi
 if [ "${1:-}" = "--clients" ]; then
   # A Python or Node.js installed otherwise (pyenv, nvm, NodeSource) is used as it is.
   command -v python3 >/dev/null || need+=(python3)

@@ -5,7 +5,7 @@
 //! when `auth.globus.auth_url` is a loopback address; then the gateway starts.
 
 use crate::config::AuthMode;
-use crate::config::{self, Config};
+use crate::config::{self, Config, UsageStore};
 use crate::sim::certs::TestCa;
 use crate::sim::globus::{GlobusSim, Seed};
 use crate::sim::vllm::{VllmSim, VllmSimConfig};
@@ -128,7 +128,9 @@ fn load(path: &Path) -> anyhow::Result<Config> {
             // The policy files live next to conf/demo.yaml; without them, the built-in rule.
             config.policies.route = None;
             config.policies.scale = None;
-            config.usage.store = Some(std::env::temp_dir().join("firstgate-demo-usage.db"));
+            config.usage.store = Some(UsageStore::File(
+                std::env::temp_dir().join("firstgate-demo-usage.db"),
+            ));
             Ok(config)
         }
         Err(e) => bail!(

@@ -42,5 +42,6 @@ pub mod reload;
 pub mod server;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod state;
 pub mod trace_context;
 pub mod usage;

@@ -1,5 +1,6 @@
 //! The `firstgate` command: serve, check a configuration, or run the demo.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 #[cfg(feature = "sim")]
 use firstgate::demo;
@@ -505,18 +506,7 @@ fn usage_report(
     loadtest: LoadTests,
 ) -> anyhow::Result<()> {
     let loaded = config::load(config_path)?;
-    let store = loaded.config.usage.store.ok_or_else(|| {
-        anyhow::anyhow!(
-            "{}: usage.store is null: no records are kept",
-            config_path.display()
-        )
-    })?;
-    if !store.exists() {
-        anyhow::bail!(
-            "{}: no usage store yet (the gateway creates it when it starts)",
-            store.display()
-        );
-    }
+    let usage = &loaded.config.usage;
     let since_ms = match since {
         None => 0,
         Some(s) => match s.parse::<i64>() {
@@ -530,14 +520,13 @@ fn usage_report(
             }
         },
     };
-    let conn =
-        rusqlite::Connection::open_with_flags(&store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let only = match loadtest {
         LoadTests::Exclude => Some(false),
         LoadTests::Include => None,
         LoadTests::Only => Some(true),
     };
-    let rows = firstgate::usage::sink::totals(&conn, since_ms, user, model, only)?;
+    let rows = firstgate::usage::read_totals(usage, since_ms, user, model, only)
+        .with_context(|| config_path.display().to_string())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
@@ -557,7 +546,7 @@ fn usage_report(
     }
     if let LoadTests::Exclude = loadtest {
         let left_out: u64 =
-            firstgate::usage::sink::totals(&conn, since_ms, user, model, Some(true))?
+            firstgate::usage::read_totals(usage, since_ms, user, model, Some(true))?
                 .iter()
                 .map(|t| t.requests)
                 .sum();

@@ -38,7 +38,7 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Runs of background loops by task.
     pub background_runs: IntCounterVec,
-    /// Token-cache lookups by outcome (`hit`, `miss`).
+    /// Token-cache lookups by outcome (`hit`, `shared`, `miss`).
     pub auth_cache: IntCounterVec,
     /// Policy reloads by hook and result (`accepted`, `refused`).
     pub policy_reloads: IntCounterVec,
@@ -66,6 +66,10 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     /// Globus Compute tasks by outcome (`submitted`, `success`, `failed`, `timeout`).
     pub compute_tasks: IntCounterVec,
+    /// Time of each call to the shared state (Redis), by operation.
+    pub redis_seconds: HistogramVec,
+    /// Calls to the shared state that failed or timed out, by operation.
+    pub redis_errors: IntCounterVec,
     /// Unfinished batches by status (`validating`, `in_progress`, `finalizing`, `cancelling`).
     pub batches: IntGaugeVec,
     /// Batch lines done, by result (`completed`, `failed`).
@@ -123,7 +127,7 @@ impl Metrics {
         );
         let auth_cache = counter(
             "firstgate_auth_cache_lookups_total",
-            "Token-cache lookups by outcome; a miss verifies the token with the identity provider.",
+            "Token-cache lookups by outcome; `shared` came from the replicas' Redis, a miss verifies the token with the identity provider.",
             &["outcome"],
         );
         Metrics {
@@ -241,6 +245,18 @@ impl Metrics {
                     "firstgate_access_log_dropped_total",
                     "Access-log lines lost because the writer fell behind or could not write.",
                 ),
+            ),
+            redis_seconds: hist(
+                "firstgate_redis_seconds",
+                "Time of each call to the shared state in Redis (state.redis), by operation.",
+                OVERHEAD_BUCKETS,
+                &["op"],
+            ),
+            redis_errors: counter(
+                "firstgate_redis_errors_total",
+                "Calls to Redis that failed or timed out, by operation; limits then follow \
+                 state.redis.on_error.",
+                &["op"],
             ),
             compute_tasks: counter(
                 "firstgate_compute_tasks_total",

@@ -144,7 +144,7 @@ fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut edge_new = new.edge.clone();
     edge_old.maintenance.clear();
     edge_new.maintenance.clear();
-    let sections: [(&'static str, bool); 12] = [
+    let sections: [(&'static str, bool); 14] = [
         ("listen", old.listen != new.listen),
         ("admin_listen", old.admin_listen != new.admin_listen),
         ("admin", differs(&old.admin, &new.admin)),
@@ -157,6 +157,8 @@ fn needs_upgrade(old: &Config, new: &Config) -> Vec<&'static str> {
         ("policies", differs(&old.policies, &new.policies)),
         ("tracing", differs(&old.tracing, &new.tracing)),
         ("compute", differs(&old.compute, &new.compute)),
+        ("state", differs(&old.state, &new.state)),
+        ("batch", differs(&old.batch, &new.batch)),
     ];
     let mut out: Vec<&'static str> = sections
         .into_iter()

@@ -20,8 +20,9 @@ use crate::metrics::Metrics;
 use crate::policy::{PolicyStore, PolicyWatcher, ScaleActuator, ScaleRunner};
 use crate::proxy::{ColdPath, Gateway};
 use crate::reload::ConfigReloader;
+use crate::state::SharedState;
 use crate::usage::{
-    Accounting, Exemptions, LimitSettings, MemoryLimits, Outputs, RequestCaps, UsageTotals,
+    Accounting, Exemptions, LimitSettings, Limiter, Outputs, RequestCaps, SharedUpkeep, UsageTotals,
 };
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -164,15 +165,20 @@ impl Parts {
             )),
             None => None,
         };
-        let auth = Arc::new(Authenticator::new(
-            &config.auth,
-            needs_groups(&catalog, config),
-        )?);
+        let metrics = Arc::new(Metrics::new());
+        let state = match &config.state.redis {
+            Some(r) => Some(Arc::new(SharedState::new(r, metrics.clone())?)),
+            None => None,
+        };
+        let mut auth = Authenticator::new(&config.auth, needs_groups(&catalog, config))?;
+        if let Some(state) = state.as_ref().filter(|s| s.auth_verdicts) {
+            auth.share_verdicts(state.clone());
+        }
+        let auth = Arc::new(auth);
         let catalog = Arc::new(ArcSwap::new(catalog));
         if !auth.is_enforcing() {
             log::warn!("auth.mode is none: every bearer token is accepted (development only)");
         }
-        let metrics = Arc::new(Metrics::new());
         let compute = match &config.compute {
             Some(c) => {
                 let secret = secret_from(&c.client_secret_env, "compute.client_secret_env")?;
@@ -190,7 +196,7 @@ impl Parts {
         Ok(Parts {
             relay,
             policies: Arc::new(PolicyStore::load(&config.policies)?),
-            accounting: Arc::new(accounting(config, &metrics)?),
+            accounting: Arc::new(accounting(config, &metrics, state)?),
             maintenance: Arc::new(Maintenance::new(
                 config.edge.maintenance_file.clone(),
                 config.edge.maintenance.clone(),
@@ -218,14 +224,22 @@ fn secret_from(var: &str, key: &str) -> anyhow::Result<String> {
     })
 }
 
-/// Usage records, per-user totals, rate limits and the access log.
-fn accounting(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Accounting> {
+/// Usage records, per-user totals, rate limits (in Redis with `state`) and the access log.
+fn accounting(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    state: Option<Arc<SharedState>>,
+) -> anyhow::Result<Accounting> {
     let (outputs, totals) = Outputs::open(config, metrics)?;
     let l = &config.limits;
+    let settings = LimitSettings::from(l);
     let accounting = Accounting::new(
         outputs,
         UsageTotals::load(totals),
-        Box::new(MemoryLimits::with(LimitSettings::from(l))),
+        match state {
+            Some(state) => Limiter::shared(settings, state),
+            None => Limiter::local(settings),
+        },
         RequestCaps::new(l.max_body_bytes, l.default_max_tokens),
     );
     accounting.set_exemptions(Exemptions::new(l));
@@ -458,6 +472,14 @@ fn add_background_services(
             ));
         }
     }
+    server.add_service(background_service(
+        "shared state upkeep",
+        SharedUpkeep {
+            accounting: parts.accounting.clone(),
+            refresh: config.usage.refresh_interval,
+            metrics: metrics.clone(),
+        },
+    ));
     server.add_service(background_service(
         "drainer",
         Drainer {

@@ -4,13 +4,21 @@
 //! An admitted token lives min(TTL, its expiry); a refused one the negative TTL. Failures to
 //! reach the identity provider are not cached, so the next request asks again. The verdicts
 //! can be taken out and put back (with their expiry), to outlive a restart (`persist`).
+//!
+//! With `state.redis` the replicas share their verdicts too: a local miss asks Redis (same
+//! format as the file, under the token's SHA-256) before the identity provider, and a new
+//! verdict is written there. Redis failing only means asking the identity provider: a token is
+//! never admitted without a verdict.
 
+use super::persist::StoredVerdict;
 use super::{AuthError, Identity};
 use crate::config::TokenCacheConfig;
+use crate::state::SharedState;
 use moka::future::Cache;
 use moka::Expiry;
 use sha2::{Digest, Sha256};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +47,8 @@ pub struct Cached {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheOutcome {
     Hit,
+    /// Found in the replicas' shared cache (Redis).
+    Shared,
     Miss,
 }
 
@@ -60,6 +70,8 @@ pub struct TokenCache {
     cache: Cache<TokenKey, Cached>,
     ttl: Duration,
     negative_ttl: Duration,
+    /// The replicas' verdicts, when they share them.
+    shared: Option<Arc<SharedState>>,
 }
 
 impl TokenCache {
@@ -71,7 +83,55 @@ impl TokenCache {
                 .build(),
             ttl: cfg.ttl,
             negative_ttl: cfg.negative_ttl,
+            shared: None,
         }
+    }
+
+    /// Shares verdicts with the other replicas through Redis.
+    pub fn share(&mut self, state: Arc<SharedState>) {
+        self.shared = Some(state);
+    }
+
+    /// The verdict another replica reached, if Redis holds one still holding.
+    async fn shared_verdict(&self, state: &SharedState, key: &TokenKey) -> Option<Cached> {
+        let redis_key = state.key(&format!("auth:{}", hex::encode(key)));
+        let text = state
+            .call("auth_get", |mut conn| async move {
+                redis::cmd("GET")
+                    .arg(redis_key)
+                    .query_async::<Option<String>>(&mut conn)
+                    .await
+            })
+            .await
+            .ok()??;
+        let stored: StoredVerdict = serde_json::from_str(&text).ok()?;
+        let (stored_key, cached) = stored.into_cached()?;
+        (stored_key == *key && cached.until > unix_now()).then_some(cached)
+    }
+
+    /// Hands a new verdict to the other replicas (by a task of its own: nobody waits on it).
+    fn publish(&self, state: &Arc<SharedState>, key: &TokenKey, cached: &Cached) {
+        let left = cached.until.saturating_sub(unix_now());
+        let Some(stored) = StoredVerdict::of(key, cached).filter(|_| left > 0) else {
+            return;
+        };
+        let Ok(text) = serde_json::to_string(&stored) else {
+            return;
+        };
+        let (state, redis_key) = (state.clone(), state.key(&format!("auth:{}", stored.key)));
+        tokio::spawn(async move {
+            let _ = state
+                .call("auth_set", |mut conn| async move {
+                    redis::cmd("SET")
+                        .arg(redis_key)
+                        .arg(text)
+                        .arg("EX")
+                        .arg(left)
+                        .query_async::<()>(&mut conn)
+                        .await
+                })
+                .await;
+        });
     }
 
     /// How long a new verdict holds: an admission min(TTL, the token's expiry), a refusal the
@@ -97,17 +157,33 @@ impl TokenCache {
         if let Some(c) = self.cache.get(&key).await {
             return (Ok(c.verdict), CacheOutcome::Hit);
         }
+        let from_shared = AtomicBool::new(false);
         let result = self
             .cache
             .try_get_with(key, async {
+                if let Some(state) = &self.shared {
+                    if let Some(cached) = self.shared_verdict(state, &key).await {
+                        from_shared.store(true, Ordering::Relaxed);
+                        return Ok(cached);
+                    }
+                }
                 let verdict = verify.await?;
                 let until = self.until(&verdict);
-                Ok(Cached { verdict, until })
+                let cached = Cached { verdict, until };
+                if let Some(state) = &self.shared {
+                    self.publish(state, &key, &cached);
+                }
+                Ok(cached)
             })
             .await
             .map(|c| c.verdict)
             .map_err(|e: Arc<AuthError>| (*e).clone());
-        (result, CacheOutcome::Miss)
+        let outcome = if from_shared.load(Ordering::Relaxed) {
+            CacheOutcome::Shared
+        } else {
+            CacheOutcome::Miss
+        };
+        (result, outcome)
     }
 
     /// Every verdict still holding.

@@ -108,6 +108,11 @@ impl Authenticator {
         })
     }
 
+    /// Shares token verdicts with the other replicas through Redis (`state.redis`).
+    pub fn share_verdicts(&mut self, state: std::sync::Arc<crate::state::SharedState>) {
+        self.cache.share(state);
+    }
+
     /// Whether tokens are checked at all (`mode: none` accepts anything).
     pub fn is_enforcing(&self) -> bool {
         !matches!(self.verifier, Verifier::None)

@@ -65,6 +65,10 @@ pub struct Config {
     pub policies: PolicyFiles,
     #[serde(default)]
     pub usage: UsageConfig,
+    /// State shared by several replicas of the gateway (Redis); without it each process keeps
+    /// its own limits and token cache.
+    #[serde(default)]
+    pub state: SharedStateConfig,
     #[serde(default)]
     pub access_log: AccessLog,
     /// The application log's format.
@@ -300,8 +304,16 @@ impl Default for ServerProcess {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UsageConfig {
-    /// SQLite file (relative to this file's directory); `null` keeps no records.
-    pub store: Option<PathBuf>,
+    /// A SQLite file (relative to this file's directory), or a PostgreSQL database
+    /// (`postgres://user@host:5432/db`, shared by replicas); `null` keeps no records.
+    pub store: Option<UsageStore>,
+    /// Environment variable holding the PostgreSQL password (a password is never written in
+    /// `store`), e.g. `PGPASSWORD`.
+    pub password_env: Option<String>,
+    /// With PostgreSQL, how often the per-user totals (`/resource_server/usage`) are read back
+    /// from the store, so that they include other replicas' requests.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
     /// Records waiting to be written; beyond it they are dropped (and counted).
     pub queue: usize,
     /// Records per transaction.
@@ -314,12 +326,96 @@ pub struct UsageConfig {
 impl Default for UsageConfig {
     fn default() -> Self {
         UsageConfig {
-            store: Some(PathBuf::from("firstgate-usage.db")),
+            store: Some(UsageStore::File(PathBuf::from("firstgate-usage.db"))),
+            password_env: None,
+            refresh_interval: Duration::from_secs(10),
             queue: 100_000,
             batch: 512,
             flush_interval: Duration::from_millis(200),
         }
     }
+}
+
+/// Where usage records are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsageStore {
+    /// A SQLite file, for one process.
+    File(PathBuf),
+    /// A PostgreSQL URL without a password, for replicas.
+    Postgres(String),
+}
+
+impl UsageStore {
+    /// The SQLite file, if the store is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            UsageStore::File(p) => Some(p),
+            UsageStore::Postgres(_) => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UsageStore {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(
+            if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+                UsageStore::Postgres(s)
+            } else {
+                UsageStore::File(PathBuf::from(s))
+            },
+        )
+    }
+}
+
+/// State shared by replicas.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedStateConfig {
+    /// Redis for the rate limits (requests per second, requests in flight, tokens per minute)
+    /// and the token verdicts of every replica.
+    pub redis: Option<RedisConfig>,
+}
+
+/// The Redis the replicas share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:6379/0` (no password in it: see `password_env`).
+    pub url: String,
+    /// Environment variable holding Redis's password (`requirepass` or an ACL user's).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// What the limits do when Redis cannot answer: `open` (the default) serves and counts in
+    /// this process meanwhile; `closed` refuses with 503. Authentication never fails open: a
+    /// token is then verified with the identity provider.
+    #[serde(default)]
+    pub on_error: OnRedisError,
+    /// Longest wait for one Redis call before it counts as failed. Default 50 ms.
+    #[serde(default = "defaults::redis_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Prefix of every key, so that several gateways can share one Redis. Default `firstgate:`.
+    #[serde(default = "defaults::redis_prefix")]
+    pub prefix: String,
+    /// Share token verdicts too (keyed by the token's SHA-256), so that a new replica does not
+    /// verify every active token again. Default true.
+    #[serde(default = "defaults::yes")]
+    pub auth_verdicts: bool,
+    /// How long a request-in-flight slot outlives its replica (a replica renews its slots while
+    /// it holds them; a replica killed without a goodbye leaks them this long). Default 30 s.
+    #[serde(default = "defaults::redis_slot_ttl", with = "humantime_serde")]
+    pub slot_ttl: Duration,
+}
+
+/// What the limits do while Redis cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// Serve, counting in this process (each replica then allows the full limit).
+    #[default]
+    Open,
+    /// Refuse the requests that a limit applies to, with 503.
+    Closed,
 }
 
 /// The access log: one JSON object per line per inference request, nothing else on the line.
@@ -822,6 +918,18 @@ mod defaults {
     pub fn endpoints() -> Vec<Endpoint> {
         Endpoint::DEFAULT.to_vec()
     }
+    pub fn redis_timeout() -> std::time::Duration {
+        std::time::Duration::from_millis(50)
+    }
+
+    pub fn redis_prefix() -> String {
+        "firstgate:".into()
+    }
+
+    pub fn redis_slot_ttl() -> std::time::Duration {
+        std::time::Duration::from_secs(30)
+    }
+
     pub fn yes() -> bool {
         true
     }
@@ -883,6 +991,46 @@ pub fn same(a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug) -> bool {
     format!("{a:?}") == format!("{b:?}")
 }
 
+/// The Redis and PostgreSQL URLs parse and carry no password (secrets come from the
+/// environment, so they never sit in the file or in what the gateway logs about it).
+fn check_shared_state(config: &Config) -> Result<(), error::Invalid> {
+    use error::Invalid;
+    let check = |key: &str, near: &str, url: &str, schemes: &[&str]| {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Invalid::new(key, format!("is not a URL: {e}")).near(near))?;
+        if !schemes.contains(&parsed.scheme()) {
+            return Err(Invalid::new(
+                key,
+                format!("must start with {}://", schemes.join(":// or ")),
+            )
+            .near(near));
+        }
+        if parsed.password().is_some() {
+            return Err(Invalid::new(
+                key,
+                "must not contain a password: put it in an environment variable and name it \
+                 in `password_env`",
+            )
+            .near(near));
+        }
+        Ok(())
+    };
+    if let Some(r) = &config.state.redis {
+        check("state.redis.url", "url", &r.url, &["redis"])?;
+        if r.timeout < Duration::from_millis(1) || r.slot_ttl < Duration::from_secs(2) {
+            return Err(Invalid::new(
+                "state.redis",
+                "`timeout` must be at least 1ms and `slot_ttl` at least 2s",
+            )
+            .near("redis"));
+        }
+    }
+    if let Some(UsageStore::Postgres(url)) = &config.usage.store {
+        check("usage.store", "store", url, &["postgres", "postgresql"])?;
+    }
+    Ok(())
+}
+
 /// Parses and validates configuration text; `path` is only used in error messages.
 /// Relative policy paths become relative to the file's directory.
 pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
@@ -898,13 +1046,15 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
     [
         &mut config.policies.route,
         &mut config.policies.scale,
-        &mut config.usage.store,
         &mut config.auth.cache.file,
         &mut config.edge.maintenance_file,
     ]
     .into_iter()
     .flatten()
     .for_each(relative);
+    if let Some(UsageStore::File(file)) = &mut config.usage.store {
+        relative(file);
+    }
     if let Some(batch) = &mut config.batch {
         relative(&mut batch.dir);
         if let Some(dir) = &mut batch.staging_dir {
@@ -973,6 +1123,7 @@ fn validate(config: &Config) -> Result<(), error::Invalid> {
             return Err(Invalid::new(format!("edge.{key}"), "must be at least 10ms").near(key));
         }
     }
+    check_shared_state(config)?;
     if edge.http2_max_concurrent_streams == 0 {
         return Err(
             Invalid::new("edge.http2_max_concurrent_streams", "must be at least 1")

@@ -257,8 +257,12 @@ pub fn lookup(e: LookupError) -> ApiError {
     }
 }
 
-/// A rate limit refused the request.
+/// A rate limit refused the request; with `state.redis.on_error: closed`, Redis could not
+/// say (503).
 pub fn rate_limited(l: &crate::usage::Limited) -> ApiError {
+    if l.limit == crate::usage::UNAVAILABLE {
+        return ApiError::new(503, "limits_unavailable", l.message.clone()).with_retry_after(1);
+    }
     ApiError {
         limit: Some(l.limit),
         ..ApiError::new(429, "rate_limit_exceeded", l.message.clone())

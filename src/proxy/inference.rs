@@ -55,7 +55,8 @@ impl Gateway {
         )?;
         drop(routing_span);
         let deployment = routed.deployment.clone();
-        self.admit(ctx, identity, &deployment, &control, body.len())?;
+        self.admit(ctx, identity, &deployment, &control, body.len())
+            .await?;
         ctx.request.endpoint = Some(endpoint);
         ctx.request.stream = control.stream;
         ctx.meter.bytes_in = body.len() as u64;
@@ -89,7 +90,7 @@ impl Gateway {
 
     /// What may still refuse a request its deployment could serve (maintenance, the user's
     /// requests in flight, the token limits); then it counts as the model's demand.
-    fn admit(
+    async fn admit(
         &self,
         ctx: &mut RequestCtx,
         identity: &Identity,
@@ -103,7 +104,7 @@ impl Gateway {
         let limits = &self.accounting.limits;
         let exempt = self.exempt(identity);
         if self.auth.is_enforcing() && !exempt && ctx.request.batch_id.is_none() {
-            ctx.target.user_slot = self.limited(limits.begin_request(&identity.username))?;
+            ctx.target.user_slot = self.limited(limits.begin_request(&identity.username).await)?;
         }
         // About four bytes of prompt per token, plus what the answer may use.
         let estimate = (body_len as u64 / 4).saturating_add(
@@ -111,13 +112,17 @@ impl Gateway {
                 .max_tokens
                 .unwrap_or(self.accounting.caps.default_max_tokens()),
         );
-        ctx.target.tokens = self.limited(limits.reserve_tokens(
-            &identity.username,
-            &d.model,
-            d.tokens_per_minute,
-            d.tokens_per_minute_per_user.filter(|_| !exempt),
-            estimate,
-        ))?;
+        ctx.target.tokens = self.limited(
+            limits
+                .reserve_tokens(
+                    &identity.username,
+                    &d.model,
+                    d.tokens_per_minute,
+                    d.tokens_per_minute_per_user.filter(|_| !exempt),
+                    estimate,
+                )
+                .await,
+        )?;
         ctx.target.accounting = Some(self.accounting.clone());
         d.demand.requests.fetch_add(1, Ordering::Relaxed);
         d.demand

@@ -67,7 +67,7 @@ impl Gateway {
             return self.relay_post(session, kind).await;
         }
         if let Some(ip) = ctx.request.client.as_ref().map(|c| c.ip) {
-            self.limited(self.accounting.limits.check_ip(ip))?;
+            self.limited(self.accounting.limits.check_ip(ip).await)?;
         }
         if let Route::Preflight { allow } = route {
             return self.preflight(session.req_header(), allow);
@@ -90,7 +90,7 @@ impl Gateway {
         let exempt = self.exempt(&identity);
         // Without authentication every client is the same user: no per-user request limits.
         if self.auth.is_enforcing() && !exempt && ctx.request.batch_id.is_none() {
-            self.limited(self.accounting.limits.check_user(&identity.username))?;
+            self.limited(self.accounting.limits.check_user(&identity.username).await)?;
         }
         // Only those spared the limits may keep their requests out of usage reports.
         ctx.request.loadtest &= exempt;
@@ -152,6 +152,10 @@ impl Gateway {
                     ctx.charge(t);
                     self.metrics.auth_cache_hits.inc();
                     "hit"
+                }
+                CacheOutcome::Shared => {
+                    self.metrics.auth_cache.with_label_values(&["shared"]).inc();
+                    "shared"
                 }
                 CacheOutcome::Miss => {
                     self.metrics.auth_cache.with_label_values(&["miss"]).inc();

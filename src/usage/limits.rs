@@ -1,5 +1,5 @@
-//! Rate limits, in memory behind a trait (state shared across replicas can come later):
-//! requests per second per user (FIRST's default 10), per client address on every route,
+//! Rate limits counted in this process (`limits.rs`; `shared_limits.rs` counts them in Redis
+//! for several replicas): requests per second per user (FIRST's default 10), per client address on every route,
 //! requests in flight per user, and tokens per minute per model and per user of a model
 //! (FIRST's `tpm_model` / `tpm_user`). Token limits hold under concurrency: a request reserves
 //! its estimate in the same step as the check, and its real tokens replace the estimate when it
@@ -23,29 +23,6 @@ pub struct Limited {
     pub limit: &'static str,
     pub retry_after: Duration,
     pub message: String,
-}
-
-/// The limits a request passes.
-pub trait Limits: Send + Sync {
-    fn check_user(&self, user: &str) -> Result<(), Limited>;
-    fn check_ip(&self, ip: IpAddr) -> Result<(), Limited>;
-    /// Before a request: reserves `estimate` tokens against `model_tpm` (everyone's) and
-    /// `user_tpm` (this user's of the model) at once, or refuses. `None` when neither applies.
-    fn reserve_tokens(
-        &self,
-        user: &str,
-        model: &str,
-        model_tpm: Option<u64>,
-        user_tpm: Option<u64>,
-        estimate: u64,
-    ) -> Result<Option<TokenReservation>, Limited>;
-    /// After a request: its real tokens replace what it reserved.
-    fn settle_tokens(&self, reservation: TokenReservation, tokens: u64);
-    /// Holds one of the user's requests in flight until the permit is dropped.
-    fn begin_request(&self, user: &str) -> Result<Option<InFlightPermit>, Limited>;
-    /// Applies new limits (a configuration reload); requests in flight and tokens counted in
-    /// the current window stay counted.
-    fn reconfigure(&self, settings: LimitSettings);
 }
 
 impl From<&crate::config::Limits> for LimitSettings {
@@ -127,7 +104,7 @@ pub struct LimitSettings {
 
 /// Tokens a request reserved, in the window it reserved them.
 #[derive(Debug)]
-pub struct TokenReservation {
+pub struct LocalReservation {
     window: u64,
     keys: Vec<String>,
     tokens: u64,
@@ -169,7 +146,7 @@ impl TokenWindows {
 
     /// Replaces a reservation by the real count: in its window if that is still the current
     /// one, else the real count goes to the current window.
-    fn settle(&self, r: &TokenReservation, now: u64, tokens: u64) {
+    fn settle(&self, r: &LocalReservation, now: u64, tokens: u64) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         for key in &r.keys {
             let e = map.entry(key.clone()).or_insert((now, 0));
@@ -189,12 +166,12 @@ type InFlight = Arc<Mutex<HashMap<String, u32>>>;
 
 /// One of a user's requests in flight; dropped when the request ends.
 #[derive(Debug)]
-pub struct InFlightPermit {
+pub struct LocalPermit {
     counts: InFlight,
     user: String,
 }
 
-impl Drop for InFlightPermit {
+impl Drop for LocalPermit {
     fn drop(&mut self) {
         let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.user) {
@@ -277,8 +254,85 @@ impl MemoryLimits {
     }
 }
 
+/// The refusal of a user over `max_in_flight`.
+pub(super) fn too_many_in_flight(max_in_flight: u32) -> Limited {
+    Limited {
+        limit: "max_concurrent_per_user",
+        retry_after: Duration::from_secs(1),
+        message: format!(
+            "Concurrency limit reached: at most {max_in_flight} requests in flight per user. \
+             Wait for one to finish, then retry."
+        ),
+    }
+}
+
+/// The refusal of a user over the per-user rate.
+pub(super) fn too_fast(user_rps: u32, retry_after: Duration) -> Limited {
+    Limited {
+        limit: "requests_per_second",
+        retry_after,
+        message: format!(
+            "Rate limit exceeded: at most {user_rps} requests per second per user. Slow down \
+             and retry."
+        ),
+    }
+}
+
+/// The refusal of an address over its rate.
+pub(super) fn too_fast_from(ip_rps: u32, retry_after: Duration) -> Limited {
+    Limited {
+        limit: "ip_requests_per_second",
+        retry_after,
+        message: format!(
+            "Rate limit exceeded: at most {ip_rps} requests per second from one address."
+        ),
+    }
+}
+
+/// The token budgets one request counts against: everyone's of the model (`tokens_per_minute`)
+/// and the user's of it (`tokens_per_minute_per_user`), as (key, limit) pairs.
+#[derive(Debug, Clone)]
+pub struct TokenBudgets(pub(super) Vec<(String, u64)>);
+
+impl TokenBudgets {
+    pub fn new(user: &str, model: &str, model_tpm: Option<u64>, user_tpm: Option<u64>) -> Self {
+        let mut keys = Vec::with_capacity(2);
+        if let Some(limit) = model_tpm {
+            keys.push((format!("m\u{0}{model}"), limit));
+        }
+        if let Some(limit) = user_tpm {
+            keys.push((format!("u\u{0}{model}\u{0}{user}"), limit));
+        }
+        TokenBudgets(keys)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The refusal by budget `i`, which frees up in `left`.
+    pub(super) fn refusal(&self, i: usize, left: Duration) -> Limited {
+        let (key, limit) = &self.0[i];
+        let model = key.split('\u{0}').nth(1).unwrap_or_default();
+        let wait = left.as_secs().max(1);
+        if key.starts_with('u') {
+            Limited {
+                limit: "tokens_per_minute_per_user",
+                retry_after: left,
+                message: format!("Token limit reached: at most {limit} tokens per minute per user of {model}. Retry in {wait} s."),
+            }
+        } else {
+            Limited {
+                limit: "tokens_per_minute",
+                retry_after: left,
+                message: format!("Token limit reached: {model} serves at most {limit} tokens per minute. Retry in {wait} s."),
+            }
+        }
+    }
+}
+
 /// The current token window's number and the time left in it.
-fn window_now(window: Duration) -> (u64, Duration) {
+pub(super) fn window_now(window: Duration) -> (u64, Duration) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -295,116 +349,82 @@ where
     not_until.wait_time_from(DefaultClock::default().now())
 }
 
-impl Limits for MemoryLimits {
-    fn check_user(&self, user: &str) -> Result<(), Limited> {
+impl MemoryLimits {
+    /// Counts a request of `user` against the per-user rate, or refuses it.
+    pub fn check_user(&self, user: &str) -> Result<(), Limited> {
         let rates = self.rates.load();
         self.tidy(&rates);
         let Some(l) = &rates.per_user else {
             return Ok(());
         };
-        l.check_key(&user.to_string()).map_err(|nu| Limited {
-            limit: "requests_per_second",
-            retry_after: wait_of(nu),
-            message: format!(
-                "Rate limit exceeded: at most {} requests per second per user. Slow down and retry.",
-                rates.settings.user_rps
-            ),
-        })
+        l.check_key(&user.to_string())
+            .map_err(|nu| too_fast(rates.settings.user_rps, wait_of(nu)))
     }
 
-    fn check_ip(&self, ip: IpAddr) -> Result<(), Limited> {
+    /// Counts a request from `ip` against the per-address rate, or refuses it.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), Limited> {
         let rates = self.rates.load();
         self.tidy(&rates);
         let Some(l) = &rates.per_ip else {
             return Ok(());
         };
-        l.check_key(&ip).map_err(|nu| Limited {
-            limit: "ip_requests_per_second",
-            retry_after: wait_of(nu),
-            message: format!(
-                "Rate limit exceeded: at most {} requests per second from one address.",
-                rates.settings.ip_rps
-            ),
-        })
+        l.check_key(&ip)
+            .map_err(|nu| too_fast_from(rates.settings.ip_rps, wait_of(nu)))
     }
 
-    fn reserve_tokens(
+    /// Before a request: reserves `estimate` tokens against every budget of `keys` at once,
+    /// or refuses naming the first budget that is spent. `None` when there is no budget.
+    pub fn reserve_tokens(
         &self,
-        user: &str,
-        model: &str,
-        model_tpm: Option<u64>,
-        user_tpm: Option<u64>,
+        keys: TokenBudgets,
         estimate: u64,
-    ) -> Result<Option<TokenReservation>, Limited> {
-        if model_tpm.is_none() && user_tpm.is_none() {
+    ) -> Result<Option<LocalReservation>, Limited> {
+        if keys.is_empty() {
             return Ok(None);
         }
-        let (window, left) = window_now(self.rates.load().settings.window);
-        let mut keys = Vec::with_capacity(2);
-        if let Some(limit) = model_tpm {
-            keys.push((format!("m\u{0}{model}"), limit));
-        }
-        if let Some(limit) = user_tpm {
-            keys.push((format!("u\u{0}{model}\u{0}{user}"), limit));
-        }
-        match self.tokens.reserve(window, &keys, estimate) {
-            Ok(()) => Ok(Some(TokenReservation {
+        let (window, left) = window_now(self.settings().window);
+        match self.tokens.reserve(window, &keys.0, estimate) {
+            Ok(()) => Ok(Some(LocalReservation {
                 window,
-                keys: keys.into_iter().map(|(k, _)| k).collect(),
+                keys: keys.0.into_iter().map(|(k, _)| k).collect(),
                 tokens: estimate,
             })),
-            Err(i) => {
-                let limit = keys[i].1;
-                let wait = left.as_secs().max(1);
-                let per_user = keys[i].0.starts_with('u');
-                Err(Limited {
-                    limit: if per_user {
-                        "tokens_per_minute_per_user"
-                    } else {
-                        "tokens_per_minute"
-                    },
-                    retry_after: left,
-                    message: if per_user {
-                        format!("Token limit reached: at most {limit} tokens per minute per user of {model}. Retry in {wait} s.")
-                    } else {
-                        format!("Token limit reached: {model} serves at most {limit} tokens per minute. Retry in {wait} s.")
-                    },
-                })
-            }
+            Err(i) => Err(keys.refusal(i, left)),
         }
     }
 
-    fn settle_tokens(&self, reservation: TokenReservation, tokens: u64) {
-        let (now, _) = window_now(self.rates.load().settings.window);
+    /// After a request: its real tokens replace what it reserved.
+    pub fn settle_tokens(&self, reservation: LocalReservation, tokens: u64) {
+        let (now, _) = window_now(self.settings().window);
         self.tokens.settle(&reservation, now, tokens);
     }
 
-    fn begin_request(&self, user: &str) -> Result<Option<InFlightPermit>, Limited> {
-        let max_in_flight = self.rates.load().settings.max_in_flight;
+    /// Holds one of the user's requests in flight until the permit is dropped.
+    pub fn begin_request(&self, user: &str) -> Result<Option<LocalPermit>, Limited> {
+        let max_in_flight = self.settings().max_in_flight;
         if max_in_flight == 0 {
             return Ok(None);
         }
         let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(user.to_string()).or_insert(0);
         if *n >= max_in_flight {
-            return Err(Limited {
-                limit: "max_concurrent_per_user",
-                retry_after: Duration::from_secs(1),
-                message: format!(
-                    "Concurrency limit reached: at most {} requests in flight per user. Wait for \
-                     one to finish, then retry.",
-                    max_in_flight
-                ),
-            });
+            return Err(too_many_in_flight(max_in_flight));
         }
         *n += 1;
-        Ok(Some(InFlightPermit {
+        Ok(Some(LocalPermit {
             counts: self.in_flight.clone(),
             user: user.to_string(),
         }))
     }
 
-    fn reconfigure(&self, settings: LimitSettings) {
+    /// The settings in force.
+    pub fn settings(&self) -> LimitSettings {
+        self.rates.load().settings
+    }
+
+    /// Applies new limits (a configuration reload); requests in flight and tokens counted in
+    /// the current window stay counted.
+    pub fn reconfigure(&self, settings: LimitSettings) {
         // Unchanged rates keep their limiters (and what they have counted).
         let rates = Rates::new(settings);
         if self.rates.load().settings != rates.settings {
@@ -417,6 +437,20 @@ impl Limits for MemoryLimits {
 mod tests {
     use super::*;
 
+    fn reserve(
+        l: &MemoryLimits,
+        user: &str,
+        model: &str,
+        model_tpm: Option<u64>,
+        user_tpm: Option<u64>,
+        estimate: u64,
+    ) -> Result<Option<LocalReservation>, Limited> {
+        l.reserve_tokens(
+            TokenBudgets::new(user, model, model_tpm, user_tpm),
+            estimate,
+        )
+    }
+
     fn limits(max_in_flight: u32) -> MemoryLimits {
         MemoryLimits::new(0, 0, 0, Duration::from_secs(3600), max_in_flight)
     }
@@ -425,7 +459,7 @@ mod tests {
     fn concurrent_reservations_admit_no_more_than_the_budget() {
         let l = limits(0);
         let admitted: Vec<_> = (0..50)
-            .filter_map(|_| l.reserve_tokens("u", "m", None, Some(1000), 100).ok())
+            .filter_map(|_| reserve(&l, "u", "m", None, Some(1000), 100).ok())
             .collect();
         assert_eq!(admitted.len(), 10);
         // Real usage replaces the estimates: five requests used nothing, so there is room.
@@ -433,26 +467,24 @@ mod tests {
             l.settle_tokens(r, 0);
         }
         let more = (0..50)
-            .filter(|_| l.reserve_tokens("u", "m", None, Some(1000), 100).is_ok())
+            .filter(|_| reserve(&l, "u", "m", None, Some(1000), 100).is_ok())
             .count();
         assert_eq!(more, 5);
         // Another user of the model has a budget of their own; a model-wide limit counts all.
-        assert!(l.reserve_tokens("v", "m", None, Some(1000), 100).is_ok());
-        assert!(l.reserve_tokens("v", "m", Some(500), None, 400).is_ok());
-        let e = l
-            .reserve_tokens("w", "m", Some(500), None, 200)
-            .unwrap_err();
+        assert!(reserve(&l, "v", "m", None, Some(1000), 100).is_ok());
+        assert!(reserve(&l, "v", "m", Some(500), None, 400).is_ok());
+        let e = reserve(&l, "w", "m", Some(500), None, 200).unwrap_err();
         assert_eq!(e.limit, "tokens_per_minute");
     }
 
     #[test]
     fn a_request_larger_than_the_budget_runs_in_an_empty_window_and_counts_saturate() {
         let l = limits(0);
-        let r = l.reserve_tokens("u", "m", None, Some(10), 1000).unwrap();
-        assert!(l.reserve_tokens("u", "m", None, Some(10), 1).is_err());
+        let r = reserve(&l, "u", "m", None, Some(10), 1000).unwrap();
+        assert!(reserve(&l, "u", "m", None, Some(10), 1).is_err());
         l.settle_tokens(r.unwrap(), u64::MAX);
-        assert!(l.reserve_tokens("u", "m", None, Some(10), 1).is_err());
-        assert!(l.reserve_tokens("u", "m", None, None, 1).unwrap().is_none());
+        assert!(reserve(&l, "u", "m", None, Some(10), 1).is_err());
+        assert!(reserve(&l, "u", "m", None, None, 1).unwrap().is_none());
     }
 
     #[test]

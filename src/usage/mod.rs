@@ -3,20 +3,20 @@
 
 mod access_log;
 mod limits;
+mod postgres;
 mod record;
 mod scan;
+mod shared_limits;
 pub mod sink;
 
 pub use access_log::AccessLog;
-pub use limits::{
-    Exemptions, InFlightPermit, LimitSettings, Limited, Limits, MemoryLimits, RequestCaps,
-    TokenReservation,
-};
+pub use limits::{Exemptions, LimitSettings, Limited, MemoryLimits, RequestCaps};
 pub use record::{Ending, Meter, UsageRecord, LOADTEST_HEADER};
 pub use scan::{Tokens, UsageScanner};
-pub use sink::{MemorySink, SqliteSink, Totals, UsageSink};
+pub use shared_limits::{InFlightPermit, Limiter, TokenReservation, UNAVAILABLE};
+pub use sink::{Batching, MemorySink, Totals, UsageSink, WriterSink};
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, UsageStore};
 use crate::metrics::Metrics;
 use anyhow::Context;
 use arc_swap::{ArcSwap, Guard};
@@ -144,14 +144,73 @@ fn open_sink(
     u: &config::UsageConfig,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Option<OpenedStore>> {
-    let Some(path) = &u.store else {
+    let batching = Batching {
+        queue: u.queue,
+        batch: u.batch,
+        flush_interval: u.flush_interval,
+    };
+    match &u.store {
+        None => Ok(None),
+        Some(UsageStore::File(path)) => {
+            let sink = WriterSink::sqlite(path, batching, metrics.clone())?;
+            let totals = sink::open(path)
+                .and_then(|c| sink::totals(&c, 0, None, None, None))
+                .with_context(|| format!("usage.store {}", path.display()))?;
+            Ok(Some((sink as Arc<dyn UsageSink>, totals)))
+        }
+        Some(UsageStore::Postgres(url)) => {
+            let sink = WriterSink::postgres(url, store_password(u)?, batching, metrics.clone())?;
+            // Unreachable at start: the totals fill in at the first refresh that reaches it.
+            let totals = sink
+                .shared_totals()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            Ok(Some((sink as Arc<dyn UsageSink>, totals)))
+        }
+    }
+}
+
+/// The PostgreSQL password from the variable `usage.password_env` names.
+fn store_password(u: &config::UsageConfig) -> anyhow::Result<Option<String>> {
+    let Some(var) = &u.password_env else {
         return Ok(None);
     };
-    let sink = SqliteSink::start(path, u.queue, u.batch, u.flush_interval, metrics.clone())?;
-    let totals = sink::open(path)
-        .and_then(|c| sink::totals(&c, 0, None, None, None))
-        .with_context(|| format!("usage.store {}", path.display()))?;
-    Ok(Some((sink as Arc<dyn UsageSink>, totals)))
+    std::env::var(var).map(Some).map_err(|_| {
+        anyhow::anyhow!(
+            "usage.password_env: the environment variable {var} is not set; export the \
+             PostgreSQL password in it"
+        )
+    })
+}
+
+/// Totals per user and model from the store `u` names (for `firstgate usage`): records since
+/// `since_ms`, optionally of one user or model; `loadtest` as in `sink::totals`.
+pub fn read_totals(
+    u: &config::UsageConfig,
+    since_ms: i64,
+    user: Option<&str>,
+    model: Option<&str>,
+    loadtest: Option<bool>,
+) -> anyhow::Result<Vec<Totals>> {
+    match &u.store {
+        None => anyhow::bail!("usage.store is null: no records are kept"),
+        Some(UsageStore::File(path)) => {
+            if !path.exists() {
+                anyhow::bail!(
+                    "{}: no usage store yet (the gateway creates it when it starts)",
+                    path.display()
+                );
+            }
+            let conn = rusqlite::Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )?;
+            Ok(sink::totals(&conn, since_ms, user, model, loadtest)?)
+        }
+        Some(UsageStore::Postgres(url)) => postgres::Postgres::new(url, store_password(u)?)?
+            .totals(since_ms, user, model, loadtest)
+            .map_err(|e| anyhow::anyhow!("usage.store {url}: {e}")),
+    }
 }
 
 fn open_access_log(
@@ -171,7 +230,7 @@ fn open_access_log(
 pub struct Accounting {
     outputs: ArcSwap<Outputs>,
     pub totals: UsageTotals,
-    pub limits: Box<dyn Limits>,
+    pub limits: Limiter,
     /// The largest body and the token estimate of a request without `max_tokens`.
     pub caps: RequestCaps,
     /// Who the per-user limits do not apply to.
@@ -190,12 +249,7 @@ struct AccessLine<'a> {
 }
 
 impl Accounting {
-    pub fn new(
-        outputs: Outputs,
-        totals: UsageTotals,
-        limits: Box<dyn Limits>,
-        caps: RequestCaps,
-    ) -> Self {
+    pub fn new(outputs: Outputs, totals: UsageTotals, limits: Limiter, caps: RequestCaps) -> Self {
         Accounting {
             outputs: ArcSwap::from_pointee(outputs),
             totals,
@@ -259,5 +313,48 @@ impl Accounting {
         if let Some(log) = &out.access_log {
             log.flush(limit);
         }
+    }
+}
+
+/// Keeps what replicas share current: renews this replica's request-in-flight slots in Redis,
+/// and every `refresh` reads the per-user totals back from a store several replicas write to,
+/// so that `/resource_server/usage` counts every replica's requests (within `refresh` plus the
+/// store's `flush_interval`).
+pub struct SharedUpkeep {
+    pub accounting: Arc<Accounting>,
+    pub refresh: std::time::Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for SharedUpkeep {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let renew = self.accounting.limits.renew_slots(shutdown.clone());
+        let refresh = async {
+            let mut tick = tokio::time::interval(self.refresh);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let Some(sink) = self.accounting.outputs().sink.clone() else {
+                    continue;
+                };
+                let read = tokio::task::spawn_blocking(move || sink.shared_totals()).await;
+                match read {
+                    Ok(Some(Ok(rows))) => {
+                        self.accounting.totals.replace(rows);
+                        self.metrics
+                            .background_runs
+                            .with_label_values(&["usage_totals"])
+                            .inc();
+                    }
+                    Ok(Some(Err(e))) => log::warn!("usage totals not refreshed: {e:#}"),
+                    Ok(None) | Err(_) => {}
+                }
+            }
+        };
+        tokio::join!(renew, refresh);
     }
 }

@@ -1,5 +1,6 @@
 //! Where usage records go: a bounded queue in front of a writer thread that inserts them in
-//! batches (one transaction per batch) into SQLite in WAL mode. Nothing on the request path
+//! batches (one transaction per batch) into SQLite in WAL mode, or into PostgreSQL (one
+//! multi-row statement per batch) when replicas share the store. Nothing on the request path
 //! waits on the database: handing a record over is a short lock and a push; the writer is woken
 //! once per batch (when `batch` records wait, for a flush, or every `flush_interval`), not per
 //! record. A full queue drops the record, counts it and logs it.
@@ -7,35 +8,67 @@
 //! Crash window: a record is durable once its batch commits, at most `flush_interval` (plus the
 //! write itself) after the request ended. On `kill -9` the records still queued or in the open
 //! batch are lost; nothing committed is (WAL with `synchronous=NORMAL` survives a process crash;
-//! a power loss may also lose the last commits). A graceful shutdown flushes everything.
+//! a power loss may also lose the last commits; PostgreSQL keeps what it acknowledged). A
+//! graceful shutdown flushes everything.
 //!
-//! Storage faults (the database locked by another process, a full disk, a read-only file) do
-//! not lose records: the writer retries its batch with back-off (up to 5 s apart) while new
+//! Storage faults (the database locked by another process, a full disk, a read-only file, the
+//! connection to PostgreSQL lost) do not lose records: the writer retries its batch with back-off (up to 5 s apart) while new
 //! records wait in the bounded queue; only what overflows the queue, or is still unwritten
 //! when a flush's time runs out at shutdown, is dropped, logged and counted.
 
+use super::postgres::Postgres;
 use super::UsageRecord;
 use crate::metrics::Metrics;
 use rusqlite::{params, Connection};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// A destination for usage records (SQLite now; Postgres can follow).
+/// A destination for usage records.
 pub trait UsageSink: Send + Sync {
     /// Hands a record over; never blocks.
     fn record(&self, record: UsageRecord);
     /// Writes everything handed over so far; waits at most `limit`.
     fn flush(&self, limit: Duration);
+    /// For a store several replicas write to: everyone's totals per user and model, read
+    /// from it (blocking: call it off the async workers). `None` for a store of one process,
+    /// whose totals are counted in memory.
+    fn shared_totals(&self) -> Option<anyhow::Result<Vec<Totals>>> {
+        None
+    }
 }
 
-/// SQLite behind a writer thread.
-pub struct SqliteSink {
+/// A database the writer thread inserts batches of records into.
+pub trait RecordStore: Send + 'static {
+    /// Inserts the records in one transaction (or statement).
+    fn insert(&mut self, records: &[UsageRecord]) -> Result<(), String>;
+}
+
+/// The SQLite store: a file, for one process.
+struct SqliteStore(Connection);
+
+impl RecordStore for SqliteStore {
+    fn insert(&mut self, records: &[UsageRecord]) -> Result<(), String> {
+        insert(&mut self.0, records).map_err(|e| e.to_string())
+    }
+}
+
+impl RecordStore for Postgres {
+    fn insert(&mut self, records: &[UsageRecord]) -> Result<(), String> {
+        Postgres::insert(self, records).map_err(|e| e.to_string())
+    }
+}
+
+/// A store behind a writer thread.
+pub struct WriterSink {
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
     warned: AtomicBool,
-    path: PathBuf,
+    /// The store, as named in messages.
+    name: String,
+    /// With PostgreSQL: a connection of its own to read everyone's totals back.
+    reader: Option<Mutex<Postgres>>,
 }
 
 /// Records on their way to the writer, and what is asked of it.
@@ -132,21 +165,67 @@ pub fn migrate(conn: &mut Connection, steps: &[&str]) -> rusqlite::Result<()> {
     Ok(())
 }
 
-impl SqliteSink {
-    /// Opens the database and starts the writer thread.
-    pub fn start(
+/// How the writer batches: queue capacity, records per batch, longest wait.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub queue: usize,
+    pub batch: usize,
+    pub flush_interval: Duration,
+}
+
+impl WriterSink {
+    /// Opens the SQLite file and starts the writer thread.
+    pub fn sqlite(
         path: &Path,
-        queue: usize,
-        batch: usize,
-        flush_interval: Duration,
+        batching: Batching,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Arc<SqliteSink>> {
+    ) -> anyhow::Result<Arc<WriterSink>> {
         let conn = open(path).map_err(|e| {
             anyhow::anyhow!(
                 "usage.store {}: cannot open the database: {e}",
                 path.display()
             )
         })?;
+        let name = path.display().to_string();
+        Self::start(Box::new(SqliteStore(conn)), name, None, batching, metrics)
+    }
+
+    /// Starts the writer thread for PostgreSQL (`url` without its password). A database that
+    /// cannot be reached yet is logged, and written to once it can (records wait meanwhile).
+    pub fn postgres(
+        url: &str,
+        password: Option<String>,
+        batching: Batching,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<WriterSink>> {
+        let mut writer = Postgres::new(url, password.clone())?;
+        if let Err(e) = writer.check() {
+            log::error!(
+                "usage.store {url}: cannot reach PostgreSQL yet ({e}); records wait in the queue \
+                 and are written once it answers"
+            );
+        }
+        let reader = Postgres::new(url, password)?;
+        Self::start(
+            Box::new(writer),
+            url.to_string(),
+            Some(Mutex::new(reader)),
+            batching,
+            metrics,
+        )
+    }
+
+    fn start(
+        store: Box<dyn RecordStore>,
+        name: String,
+        reader: Option<Mutex<Postgres>>,
+        Batching {
+            queue,
+            batch,
+            flush_interval,
+        }: Batching,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<WriterSink>> {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),
@@ -155,25 +234,26 @@ impl SqliteSink {
             batch: batch.max(1),
         });
         let writer = Writer {
-            conn,
+            store,
             queue: queue.clone(),
             flush_interval,
             metrics: metrics.clone(),
-            path: path.display().to_string(),
+            name: name.clone(),
         };
         std::thread::Builder::new()
             .name("usage-writer".into())
             .spawn(move || writer.run())?;
-        Ok(Arc::new(SqliteSink {
+        Ok(Arc::new(WriterSink {
             queue,
             metrics,
             warned: AtomicBool::new(false),
-            path: path.to_path_buf(),
+            name,
+            reader,
         }))
     }
 }
 
-impl UsageSink for SqliteSink {
+impl UsageSink for WriterSink {
     fn record(&self, record: UsageRecord) {
         let mut state = self.queue.lock();
         if state.records.len() >= self.queue.capacity || state.closed {
@@ -182,8 +262,8 @@ impl UsageSink for SqliteSink {
             if !self.warned.swap(true, Ordering::Relaxed) {
                 log::error!(
                     "usage queue full: records are being DROPPED (the writer to {} cannot keep \
-                     up); see firstgate_usage_dropped_total and raise usage.queue or check the disk",
-                    self.path.display()
+                     up); see firstgate_usage_dropped_total and raise usage.queue or check the store",
+                    self.name
                 );
             }
             return;
@@ -218,9 +298,19 @@ impl UsageSink for SqliteSink {
                 .0;
         }
     }
+
+    fn shared_totals(&self) -> Option<anyhow::Result<Vec<Totals>>> {
+        let reader = self.reader.as_ref()?;
+        let mut reader = reader.lock().unwrap_or_else(|e| e.into_inner());
+        Some(
+            reader
+                .totals(0, None, None, None)
+                .map_err(|e| anyhow::anyhow!("usage.store {}: {e}", self.name)),
+        )
+    }
 }
 
-impl Drop for SqliteSink {
+impl Drop for WriterSink {
     fn drop(&mut self) {
         // The writer writes what is left, then ends.
         self.queue.lock().closed = true;
@@ -230,11 +320,12 @@ impl Drop for SqliteSink {
 
 /// The writer thread's side.
 struct Writer {
-    conn: Connection,
+    store: Box<dyn RecordStore>,
     queue: Arc<Queue>,
     flush_interval: Duration,
     metrics: Arc<Metrics>,
-    path: String,
+    /// The store, as named in messages.
+    name: String,
 }
 
 /// What the writer takes from the queue in one go.
@@ -251,7 +342,13 @@ impl Writer {
             let taken = self.take();
             let give_up_at = taken.flush.and_then(|(_, by)| by);
             for batch in taken.records.chunks(self.queue.batch) {
-                write_batch(&mut self.conn, batch, give_up_at, &self.metrics, &self.path);
+                write_batch(
+                    &mut *self.store,
+                    batch,
+                    give_up_at,
+                    &self.metrics,
+                    &self.name,
+                );
             }
             if let Some((ticket, _)) = taken.flush {
                 self.queue.lock().flushes_done = ticket;
@@ -299,7 +396,7 @@ impl Writer {
 /// Writes `pending`, retrying with back-off while the store refuses (new records wait in the
 /// queue meanwhile); gives up, counting the batch as dropped, only when `give_up_at` passes.
 fn write_batch(
-    conn: &mut Connection,
+    store: &mut dyn RecordStore,
     pending: &[UsageRecord],
     give_up_at: Option<Instant>,
     metrics: &Metrics,
@@ -308,7 +405,7 @@ fn write_batch(
     let mut backoff = Duration::from_millis(50);
     let mut failures = 0u32;
     loop {
-        match insert(conn, pending) {
+        match store.insert(pending) {
             Ok(()) => {
                 metrics.usage_written.inc_by(pending.len() as u64);
                 if failures > 0 {

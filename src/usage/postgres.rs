@@ -1,0 +1,249 @@
+//! Usage records in PostgreSQL (`usage.store: postgres://...`), shared by replicas. Used from
+//! the writer thread and the blocking pool only (the `postgres` crate is the blocking face of
+//! `tokio-postgres`): nothing here runs on the request path. A lost connection is dropped and
+//! made again on the next call, so the writer's retries with back-off also reconnect.
+
+use super::{Totals, UsageRecord};
+use postgres::{Client, NoTls};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The schema, one step per version (the `firstgate_schema` row says where a database is);
+/// steps only add, so replicas of the previous version keep working during an upgrade.
+const MIGRATIONS: &[&str] = &[
+    // 1: the records, with every column SQLite's store has gathered over its versions.
+    "CREATE TABLE IF NOT EXISTS firstgate_usage (
+        request_id TEXT PRIMARY KEY,
+        time_ms BIGINT NOT NULL,
+        user_id TEXT NOT NULL,
+        username TEXT NOT NULL,
+        cluster TEXT NOT NULL,
+        framework TEXT NOT NULL,
+        model TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        route TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        prompt_tokens BIGINT NOT NULL,
+        completion_tokens BIGINT NOT NULL,
+        total_tokens BIGINT NOT NULL,
+        ttft_ms BIGINT,
+        duration_ms BIGINT NOT NULL,
+        bytes_in BIGINT NOT NULL,
+        bytes_out BIGINT NOT NULL,
+        instance TEXT NOT NULL,
+        cancelled BOOLEAN NOT NULL,
+        failed BOOLEAN NOT NULL DEFAULT false,
+        tokens_unknown BOOLEAN NOT NULL DEFAULT false,
+        trace_id TEXT NOT NULL DEFAULT '',
+        loadtest BOOLEAN NOT NULL DEFAULT false,
+        batch_id TEXT
+    );
+    CREATE INDEX IF NOT EXISTS firstgate_usage_user_time ON firstgate_usage (username, time_ms);
+    CREATE INDEX IF NOT EXISTS firstgate_usage_model_time ON firstgate_usage (model, time_ms);",
+];
+
+/// One connection to the usage database, made when first needed and again after a failure.
+pub struct Postgres {
+    config: postgres::Config,
+    client: Option<Client>,
+}
+
+impl Postgres {
+    /// Reads the URL (and the password, kept out of it); connects on first use.
+    pub fn new(url: &str, password: Option<String>) -> anyhow::Result<Postgres> {
+        let mut config = postgres::Config::from_str(url)
+            .map_err(|e| anyhow::anyhow!("usage.store: not a PostgreSQL URL: {e}"))?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.application_name("firstgate");
+        Ok(Postgres {
+            config,
+            client: None,
+        })
+    }
+
+    /// The connection, made (and the schema brought up to date) if there is none.
+    fn client(&mut self) -> Result<&mut Client, postgres::Error> {
+        if self.client.as_ref().is_some_and(Client::is_closed) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let mut client = self.config.connect(NoTls)?;
+            migrate(&mut client, "usage", MIGRATIONS)?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_mut().expect("just made"))
+    }
+
+    /// Runs `f` on the connection; a failure drops it, so the next call connects again.
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+    ) -> Result<T, postgres::Error> {
+        let result = self.client().and_then(f);
+        if result.is_err() {
+            self.client = None;
+        }
+        result
+    }
+
+    /// Connects and brings the schema up to date now (start-up), rather than on first use.
+    pub fn check(&mut self) -> Result<(), postgres::Error> {
+        self.with(|_| Ok(()))
+    }
+
+    /// Inserts `records` in one statement (columns as arrays); a record already there (a
+    /// retried batch whose commit was not acknowledged) is skipped.
+    pub fn insert(&mut self, records: &[UsageRecord]) -> Result<(), postgres::Error> {
+        let col = |f: fn(&UsageRecord) -> &str| records.iter().map(f).collect::<Vec<_>>();
+        let num = |f: fn(&UsageRecord) -> u64| {
+            records
+                .iter()
+                .map(|r| i64::try_from(f(r)).unwrap_or(i64::MAX))
+                .collect::<Vec<_>>()
+        };
+        let flag = |f: fn(&UsageRecord) -> bool| records.iter().map(f).collect::<Vec<_>>();
+        let (request_id, user_id, username) = (
+            col(|r| r.request_id.as_str()),
+            col(|r| r.user_id.as_str()),
+            col(|r| r.username.as_str()),
+        );
+        let (cluster, framework, model) = (
+            col(|r| r.cluster.as_str()),
+            col(|r| r.framework.as_str()),
+            col(|r| r.model.as_str()),
+        );
+        let (endpoint, route, instance, trace_id) = (
+            col(|r| r.endpoint.as_str()),
+            col(|r| r.route.as_str()),
+            col(|r| r.instance.as_str()),
+            col(|r| r.trace_id.as_str()),
+        );
+        let time_ms: Vec<i64> = records.iter().map(|r| r.time_ms).collect();
+        let status: Vec<i32> = records.iter().map(|r| i32::from(r.status)).collect();
+        let (prompt, completion, total) = (
+            num(|r| r.prompt_tokens),
+            num(|r| r.completion_tokens),
+            num(|r| r.total_tokens),
+        );
+        let ttft_ms: Vec<Option<i64>> = records
+            .iter()
+            .map(|r| r.ttft_ms.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
+            .collect();
+        let (duration_ms, bytes_in, bytes_out) = (
+            num(|r| r.duration_ms),
+            num(|r| r.bytes_in),
+            num(|r| r.bytes_out),
+        );
+        let (cancelled, failed, tokens_unknown, loadtest) = (
+            flag(|r| r.cancelled),
+            flag(|r| r.failed),
+            flag(|r| r.tokens_unknown),
+            flag(|r| r.loadtest),
+        );
+        let batch_id: Vec<Option<&str>> = records.iter().map(|r| r.batch_id.as_deref()).collect();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO firstgate_usage (request_id, time_ms, user_id, username, cluster, \
+                 framework, model, endpoint, route, status, prompt_tokens, completion_tokens, \
+                 total_tokens, ttft_ms, duration_ms, bytes_in, bytes_out, instance, cancelled, \
+                 failed, tokens_unknown, trace_id, loadtest, batch_id) \
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], \
+                 $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::int4[], \
+                 $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[], \
+                 $17::int8[], $18::text[], $19::bool[], $20::bool[], $21::bool[], $22::text[], \
+                 $23::bool[], $24::text[]) ON CONFLICT (request_id) DO NOTHING",
+                &[
+                    &request_id,
+                    &time_ms,
+                    &user_id,
+                    &username,
+                    &cluster,
+                    &framework,
+                    &model,
+                    &endpoint,
+                    &route,
+                    &status,
+                    &prompt,
+                    &completion,
+                    &total,
+                    &ttft_ms,
+                    &duration_ms,
+                    &bytes_in,
+                    &bytes_out,
+                    &instance,
+                    &cancelled,
+                    &failed,
+                    &tokens_unknown,
+                    &trace_id,
+                    &loadtest,
+                    &batch_id,
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Sums the records since `since_ms`, as `sink::totals` does for SQLite.
+    pub fn totals(
+        &mut self,
+        since_ms: i64,
+        user: Option<&str>,
+        model: Option<&str>,
+        loadtest: Option<bool>,
+    ) -> Result<Vec<Totals>, postgres::Error> {
+        let rows = self.with(|c| {
+            c.query(
+                "SELECT username, model, COUNT(*)::int8, COALESCE(SUM(prompt_tokens), 0)::int8, \
+                 COALESCE(SUM(completion_tokens), 0)::int8, COALESCE(SUM(total_tokens), 0)::int8 \
+                 FROM firstgate_usage WHERE time_ms >= $1 AND ($2::text IS NULL OR username = $2) \
+                 AND ($3::text IS NULL OR model = $3) AND ($4::bool IS NULL OR loadtest = $4) \
+                 GROUP BY username, model ORDER BY username, model",
+                &[&since_ms, &user, &model, &loadtest],
+            )
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| Totals {
+                username: r.get(0),
+                model: r.get(1),
+                requests: r.get::<_, i64>(2) as u64,
+                prompt_tokens: r.get::<_, i64>(3) as u64,
+                completion_tokens: r.get::<_, i64>(4) as u64,
+                total_tokens: r.get::<_, i64>(5) as u64,
+            })
+            .collect())
+    }
+}
+
+/// Applies the steps of `schema` the database has not had, in one transaction under an
+/// advisory lock, so replicas starting together migrate once.
+pub fn migrate(client: &mut Client, schema: &str, steps: &[&str]) -> Result<(), postgres::Error> {
+    let mut tx = client.transaction()?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('firstgate_schema'))",
+        &[],
+    )?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS firstgate_schema (name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
+    )?;
+    let version: i32 = tx
+        .query_opt(
+            "SELECT version FROM firstgate_schema WHERE name = $1",
+            &[&schema],
+        )?
+        .map_or(0, |r| r.get(0));
+    for step in steps.iter().skip(version as usize) {
+        tx.batch_execute(step)?;
+    }
+    tx.execute(
+        "INSERT INTO firstgate_schema (name, version) VALUES ($1, $2) \
+         ON CONFLICT (name) DO UPDATE SET version = GREATEST(firstgate_schema.version, $2)",
+        &[&schema, &(steps.len() as i32)],
+    )?;
+    tx.commit()
+}

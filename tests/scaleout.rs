@@ -1,0 +1,447 @@
+//! Several replicas: two gateway processes share their limits and token verdicts through one
+//! real Redis and write their usage to one real PostgreSQL (Debian's servers, started on
+//! loopback by `scripts/state-servers.sh`; `scripts/install-deps.sh --servers` installs them).
+
+mod common;
+
+use common::*;
+use firstgate::sim::globus::{FakeClient, FakeUser, GlobusSim, Seed};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const CLIENT: &str = "6f1d2c4b-scaleout-gateway";
+const SECRET: &str = "scaleout-client-secret";
+/// A model with a tiny budget of tokens per minute, for everyone.
+const SMALL: &str = "tiny-budget-model";
+
+/// A private Redis and PostgreSQL, stopped when dropped.
+struct StateServers {
+    dir: tempfile::TempDir,
+    redis: String,
+    postgres: String,
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/state-servers.sh")
+}
+
+impl StateServers {
+    fn start() -> StateServers {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = Command::new(script())
+            .arg("start")
+            .arg(dir.path())
+            .arg(free_port().to_string())
+            .arg(free_port().to_string())
+            .output()
+            .expect("run scripts/state-servers.sh");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "Redis and PostgreSQL did not start (scripts/install-deps.sh --servers installs \
+             them):\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut urls = stdout.lines();
+        StateServers {
+            redis: urls.next().expect("the Redis URL").to_string(),
+            postgres: urls.next().expect("the PostgreSQL URL").to_string(),
+            dir,
+        }
+    }
+
+    fn redis(&self, action: &str) {
+        let status = Command::new(script())
+            .arg(action)
+            .arg(self.dir.path())
+            .status()
+            .expect("run scripts/state-servers.sh");
+        assert!(status.success(), "{action} failed");
+    }
+
+    /// Runs `redis-cli` with `args` against the Redis; its output lines.
+    fn redis_cli(&self, args: &[&str]) -> Vec<String> {
+        let port = self
+            .redis
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches("/0");
+        let out = Command::new("redis-cli")
+            .args(["-p", port])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Keys in Redis matching `pattern`.
+    fn redis_keys(&self, pattern: &str) -> Vec<String> {
+        self.redis_cli(&["--scan", "--pattern", pattern])
+    }
+}
+
+impl Drop for StateServers {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+async fn globus() -> GlobusSim {
+    let seed = Seed {
+        clients: vec![FakeClient {
+            id: CLIENT.into(),
+            secret: SECRET.into(),
+        }],
+        users: ["alice", "bob", "carol", "dave", "erin"]
+            .iter()
+            .map(|u| FakeUser::new(&format!("tok-{u}"), &format!("{u}@anl.gov")))
+            .collect(),
+        ..Seed::default()
+    };
+    GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
+        .await
+        .expect("Globus stand-in starts")
+}
+
+/// A replica: Globus auth, `state` and `limits` as given, Llama and the small-budget model.
+async fn replica(globus: &GlobusSim, backend: std::net::SocketAddr, extra: &str) -> Gateway {
+    Gateway::start_with(
+        &globus_auth(&globus.url(), CLIENT, "", ""),
+        &format!(
+            "{extra}clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n\
+             \x20         - name: {LLAMA}\n            backends: [{backend}]\n\
+             \x20         - name: {SMALL}\n            backends: [{backend}]\n\
+             \x20           tokens_per_minute: 10\n"
+        ),
+        &[(GLOBUS_SECRET_ENV, SECRET)],
+    )
+    .await
+}
+
+/// `state:` for Redis at `url` with `on_error`.
+fn redis_state(url: &str, on_error: &str) -> String {
+    format!("state:\n  redis:\n    url: {url}\n    on_error: {on_error}\n    timeout: 250ms\n")
+}
+
+async fn chat(gw: &Gateway, token: &str, model: &str) -> reqwest::Response {
+    gw.post("/v1/chat/completions")
+        .bearer_auth(token)
+        .json(&chat_body(model, false))
+        .send()
+        .await
+        .expect("request")
+}
+
+/// The status and the limit that refused (`x-firstgate-limit`), if one did.
+async fn status_limit(gw: &Gateway, token: &str, model: &str) -> (u16, Option<String>) {
+    let resp = chat(gw, token, model).await;
+    let limit = resp
+        .headers()
+        .get("x-firstgate-limit")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    (resp.status().as_u16(), limit)
+}
+
+/// The first answer of replica `gw` to `token` that the per-user rate does not refuse (a
+/// refused request does not count against the rate, so polling spends nothing).
+async fn past_the_rate(gw: &Gateway, token: &str, model: &str) -> (u16, Option<String>) {
+    wait_for("an answer past the rate limit", || async {
+        let answer = status_limit(gw, token, model).await;
+        (answer.1.as_deref() != Some("requests_per_second")).then_some(answer)
+    })
+    .await
+}
+
+/// Polls replica `gw` as `token` until it answers `status` with `limit`.
+async fn until_answer(gw: &Gateway, token: &str, model: &str, status: u16, limit: Option<&str>) {
+    wait_for(&format!("{status} {limit:?} from {}", gw.addr), || async {
+        let (s, l) = status_limit(gw, token, model).await;
+        (s == status && l.as_deref() == limit).then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_rate_and_concurrency_limits_token_budgets_and_verdicts() {
+    let servers = StateServers::start();
+    let globus = globus().await;
+    let chat_sim = sim(&[LLAMA, SMALL], |c| c.itl = Duration::from_millis(50)).await;
+    let settings = format!(
+        "{}    slot_ttl: 2s\nlimits:\n  requests_per_second: 1\n  ip_requests_per_second: 0\n  \
+         max_concurrent_per_user: 1\n  token_window: 24h\n",
+        redis_state(&servers.redis, "open")
+    );
+    let a = replica(&globus, chat_sim.addr(), &settings).await;
+    let mut b = replica(&globus, chat_sim.addr(), &settings).await;
+
+    // A token verified by A is not sent to Globus again by B: the verdict is in Redis.
+    assert_eq!(chat(&a, "tok-alice", LLAMA).await.status(), 200);
+    let introspections = globus.stats().introspect.load(Ordering::SeqCst);
+    wait_for("alice's verdict in Redis", || async {
+        (servers.redis_keys("firstgate:auth:*").len() == 1).then_some(())
+    })
+    .await;
+    chat(&b, "tok-alice", LLAMA).await;
+    assert_eq!(
+        globus.stats().introspect.load(Ordering::SeqCst),
+        introspections,
+        "replica B introspected a token replica A had verified"
+    );
+    assert!(
+        metric(
+            &b.metrics().await,
+            "firstgate_auth_cache_lookups_total{outcome=\"shared\"}"
+        ) >= 1.0
+    );
+    let keys = servers.redis_keys("firstgate:auth:*");
+    assert!(
+        !keys[0].contains("tok-alice") && keys[0].len() == "firstgate:auth:".len() + 64,
+        "verdicts are keyed by the token's SHA-256: {keys:?}"
+    );
+
+    // Requests per second: one of bob's on A, and B refuses the next within the second. (Each
+    // round that took a second or more proves nothing and is tried again.)
+    let mut proved = false;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let first = status_limit(&a, "tok-bob", LLAMA).await;
+        let second = status_limit(&b, "tok-bob", LLAMA).await;
+        if start.elapsed() < Duration::from_millis(900) && first.0 == 200 {
+            assert_eq!(second, (429, Some("requests_per_second".into())));
+            proved = true;
+            break;
+        }
+        until_answer(&a, "tok-bob", LLAMA, 200, None).await;
+    }
+    assert!(proved, "no round of two requests within a second");
+
+    // Requests in flight: carol's stream on A holds her only slot, so B refuses her, also
+    // after the slot's time to live (A renews it) ...
+    let mut stream = long_stream(&a, "tok-carol").await;
+    assert_eq!(
+        past_the_rate(&b, "tok-carol", LLAMA).await,
+        (429, Some("max_concurrent_per_user".into()))
+    );
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        stream.next().await.expect("the stream goes on").unwrap();
+    }
+    assert_eq!(
+        past_the_rate(&b, "tok-carol", LLAMA).await,
+        (429, Some("max_concurrent_per_user".into()))
+    );
+    // ... until it ends: the slot is given back.
+    drop(stream);
+    until_answer(&b, "tok-carol", LLAMA, 200, None).await;
+
+    // Tokens per minute of a model: dave's request on A spends the budget for B as well.
+    assert_eq!(chat(&a, "tok-dave", SMALL).await.status(), 200);
+    assert_eq!(
+        past_the_rate(&b, "tok-dave", SMALL).await,
+        (429, Some("tokens_per_minute".into()))
+    );
+
+    // A replica killed with kill -9 leaks its slots only for their time to live.
+    let stream = long_stream(&b, "tok-erin").await;
+    assert_eq!(
+        past_the_rate(&a, "tok-erin", LLAMA).await,
+        (429, Some("max_concurrent_per_user".into()))
+    );
+    signal(b.pid(), "KILL");
+    wait_for("replica B to die", || {
+        let gone = b.exited();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    drop(stream);
+    until_answer(&a, "tok-erin", LLAMA, 200, None).await;
+}
+
+/// A stream of 400 tokens 50 ms apart, begun (its first bytes read).
+async fn long_stream(
+    gw: &Gateway,
+    token: &str,
+) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin {
+    let mut body = chat_body(LLAMA, true);
+    body["max_tokens"] = json!(400);
+    let resp = gw
+        .post("/v1/chat/completions")
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    stream.next().await.expect("the stream starts").unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_follows_on_error_and_ends_when_redis_returns() {
+    let servers = StateServers::start();
+    let globus = globus().await;
+    let chat_sim = sim(&[LLAMA, SMALL], |_| {}).await;
+    let limits = "limits:\n  requests_per_second: 1000\n  ip_requests_per_second: 0\n";
+    let open = replica(
+        &globus,
+        chat_sim.addr(),
+        &format!("{}{limits}", redis_state(&servers.redis, "open")),
+    )
+    .await;
+    let closed = replica(
+        &globus,
+        chat_sim.addr(),
+        &format!("{}{limits}", redis_state(&servers.redis, "closed")),
+    )
+    .await;
+    assert_eq!(chat(&open, "tok-alice", LLAMA).await.status(), 200);
+    assert_eq!(chat(&closed, "tok-alice", LLAMA).await.status(), 200);
+
+    // A Redis that does not answer is given `timeout` per call, then `on_error` applies.
+    assert_eq!(
+        servers.redis_cli(&["CLIENT", "PAUSE", "20000", "WRITE"]),
+        ["OK"]
+    );
+    let (status, body) = status_json(chat(&closed, "tok-alice", LLAMA).await).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(chat(&open, "tok-alice", LLAMA).await.status(), 200);
+    assert_eq!(servers.redis_cli(&["CLIENT", "UNPAUSE"]), ["OK"]);
+
+    servers.redis("stop-redis");
+    // `open` serves, counting in the process; `closed` refuses what a limit applies to.
+    assert_eq!(chat(&open, "tok-alice", LLAMA).await.status(), 200);
+    let resp = chat(&closed, "tok-alice", LLAMA).await;
+    let (status, body) = status_json(resp).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "limits_unavailable", "{body}");
+    // Authentication does not fail open: a new token is verified with Globus, a bad one refused.
+    assert_eq!(chat(&open, "tok-erin", LLAMA).await.status(), 200);
+    assert_eq!(chat(&open, "tok-not-a-user", LLAMA).await.status(), 401);
+    let metrics = open.metrics().await;
+    assert!(
+        metric(&metrics, "firstgate_redis_errors_total{op=\"rate\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        open.log().matches("state.redis: ").count(),
+        1,
+        "the outage is logged once per interval:\n{}",
+        open.log()
+    );
+
+    servers.redis("start-redis");
+    until_answer(&closed, "tok-alice", LLAMA, 200, None).await;
+    // The shared budget counts again: a request on one replica spends it for the other (the
+    // open replica may count a few more in its process until it has reconnected).
+    wait_for(
+        "the open replica to reserve tokens in Redis again",
+        || async {
+            chat(&open, "tok-bob", SMALL).await;
+            (!servers.redis_keys("firstgate:tpm:*").is_empty()).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        status_limit(&closed, "tok-bob", SMALL).await,
+        (429, Some("tokens_per_minute".into()))
+    );
+}
+
+/// `firstgate usage --json` of `gw`'s configuration (PostgreSQL for both replicas).
+fn usage_report(gw: &Gateway) -> Value {
+    let config = gw.config_path();
+    let (ok, stdout, stderr) = firstgate(&[
+        "usage".as_ref(),
+        "--json".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]);
+    assert!(ok, "{stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn requests_in(report: &Value) -> u64 {
+    report
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["requests"].as_u64().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_replicas_write_usage_to_postgres_and_a_killed_one_keeps_its_committed_rows() {
+    let servers = StateServers::start();
+    let globus = globus().await;
+    let chat_sim = sim(&[LLAMA, SMALL], |_| {}).await;
+    let settings = format!(
+        "usage:\n  store: {}\n  flush_interval: 50ms\n  refresh_interval: 200ms\n\
+         limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n",
+        servers.postgres
+    );
+    let a = replica(&globus, chat_sim.addr(), &settings).await;
+    let mut b = replica(&globus, chat_sim.addr(), &settings).await;
+    for _ in 0..3 {
+        assert_eq!(chat(&a, "tok-alice", LLAMA).await.status(), 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(chat(&b, "tok-alice", LLAMA).await.status(), 200);
+    }
+    // Every replica's records, summed by `firstgate usage` ...
+    wait_for("5 records in PostgreSQL", || async {
+        (requests_in(&usage_report(&a)) == 5).then_some(())
+    })
+    .await;
+    let report = usage_report(&b);
+    assert_eq!(report[0]["username"], "alice@anl.gov", "{report}");
+    assert!(report[0]["total_tokens"].as_u64().unwrap() > 0, "{report}");
+    // ... and in what each replica answers the user.
+    for gw in [&a, &b] {
+        wait_for("everyone's totals on each replica", || async {
+            let (_, mine) = status_json(
+                gw.get("/resource_server/usage")
+                    .bearer_auth("tok-alice")
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            (mine["total"]["requests"] == 5).then_some(())
+        })
+        .await;
+    }
+
+    // kill -9 of a replica keeps what it committed.
+    for _ in 0..2 {
+        assert_eq!(chat(&b, "tok-alice", LLAMA).await.status(), 200);
+    }
+    wait_for("7 records in PostgreSQL", || async {
+        (requests_in(&usage_report(&a)) == 7).then_some(())
+    })
+    .await;
+    signal(b.pid(), "KILL");
+    wait_for("replica B to die", || {
+        let gone = b.exited();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    assert_eq!(requests_in(&usage_report(&a)), 7);
+    assert_eq!(chat(&a, "tok-alice", LLAMA).await.status(), 200);
+    wait_for("8 records in PostgreSQL", || async {
+        (requests_in(&usage_report(&a)) == 8).then_some(())
+    })
+    .await;
+}
