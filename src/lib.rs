@@ -36,6 +36,7 @@ pub mod model_name;
 pub mod openai;
 pub mod outbound;
 pub mod pem;
+pub mod pg;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

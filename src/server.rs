@@ -205,7 +205,10 @@ impl Parts {
             admission: Arc::new(admission(config, &metrics)),
             scale_wake: Arc::new(tokio::sync::Notify::new()),
             batches: match &config.batch {
-                Some(b) => Some(Arc::new(Batches::open(b.clone())?)),
+                Some(b) => Some(Arc::new(Batches::open(
+                    b.clone(),
+                    shared_batch_db(config)?,
+                )?)),
                 None => None,
             },
             catalog,
@@ -214,6 +217,17 @@ impl Parts {
             compute,
             certificate,
         })
+    }
+}
+
+/// The PostgreSQL database of `usage.store`, which keeps the batch state too when replicas
+/// share it.
+fn shared_batch_db(config: &Config) -> anyhow::Result<Option<crate::batch::store::Db>> {
+    match &config.usage.store {
+        Some(crate::config::UsageStore::Postgres(url)) => Ok(Some(
+            crate::batch::store::open_shared(url, crate::usage::store_password(&config.usage)?)?,
+        )),
+        _ => Ok(None),
     }
 }
 

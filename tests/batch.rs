@@ -257,6 +257,55 @@ async fn a_batch_survives_an_upgrade_and_another_is_cancelled() {
     assert_eq!(ids.len() as u64, completed);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_batches_and_one_resumes_them_when_the_runner_dies() {
+    let servers = StateServers::start();
+    let shared_dir = tempfile::tempdir().unwrap();
+    let backend = sim(&[LLAMA], |c| c.itl = Duration::from_millis(25)).await;
+    let body = format!(
+        "usage:\n  store: {}\n  flush_interval: 50ms\n\
+         batch:\n  dir: {}\n  lines_in_flight_per_user: 2\n  lease: 3s\n\
+         upstream:\n  max_concurrent_per_backend: 4\n  admission_wait: 0s\n{}",
+        servers.postgres,
+        shared_dir.path().display(),
+        one_model("sophia", "vllm", LLAMA, &[backend.addr()])
+    );
+    // Replica A runs batches (it holds the lease); B starts later and waits for it.
+    let mut a = Gateway::start(&body).await;
+    let id = running_batch(&a, 100, 3).await;
+    let b = Gateway::start(&body).await;
+    // Any replica answers for any batch ...
+    assert_eq!(batch(&b, &id).await["id"], id.as_str());
+    // ... and a cancel through B stops the batch A runs.
+    let other = running_batch(&b, 16, 1).await;
+    let resp = b
+        .post(&format!("/v1/batches/{other}/cancel"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cancelled = until(&b, &other, "cancelled").await;
+    assert!(
+        cancelled["request_counts"]["completed"].as_u64().unwrap() < 16,
+        "{cancelled}"
+    );
+
+    // kill -9 of the runner: B takes the lease once it lapses and resumes the batch, without
+    // repeating a line.
+    assert_eq!(batch(&b, &id).await["status"], "in_progress");
+    signal(a.pid(), "KILL");
+    wait_for("replica A to die", || {
+        let gone = a.exited();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    let done = until(&b, &id, "completed").await;
+    let ids = custom_ids(&b, done["output_file_id"].as_str().unwrap()).await;
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (100, 100));
+}
+
 mod first {
     //! FIRST's batch API against the Compute stand-in's batch function.
 

@@ -8,8 +8,6 @@ use common::*;
 use firstgate::sim::globus::{FakeClient, FakeUser, GlobusSim, Seed};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -17,85 +15,6 @@ const CLIENT: &str = "6f1d2c4b-scaleout-gateway";
 const SECRET: &str = "scaleout-client-secret";
 /// A model with a tiny budget of tokens per minute, for everyone.
 const SMALL: &str = "tiny-budget-model";
-
-/// A private Redis and PostgreSQL, stopped when dropped.
-struct StateServers {
-    dir: tempfile::TempDir,
-    redis: String,
-    postgres: String,
-}
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/state-servers.sh")
-}
-
-impl StateServers {
-    fn start() -> StateServers {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let out = Command::new(script())
-            .arg("start")
-            .arg(dir.path())
-            .arg(free_port().to_string())
-            .arg(free_port().to_string())
-            .output()
-            .expect("run scripts/state-servers.sh");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "Redis and PostgreSQL did not start (scripts/install-deps.sh --servers installs \
-             them):\n{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut urls = stdout.lines();
-        StateServers {
-            redis: urls.next().expect("the Redis URL").to_string(),
-            postgres: urls.next().expect("the PostgreSQL URL").to_string(),
-            dir,
-        }
-    }
-
-    fn redis(&self, action: &str) {
-        let status = Command::new(script())
-            .arg(action)
-            .arg(self.dir.path())
-            .status()
-            .expect("run scripts/state-servers.sh");
-        assert!(status.success(), "{action} failed");
-    }
-
-    /// Runs `redis-cli` with `args` against the Redis; its output lines.
-    fn redis_cli(&self, args: &[&str]) -> Vec<String> {
-        let port = self
-            .redis
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .trim_end_matches("/0");
-        let out = Command::new("redis-cli")
-            .args(["-p", port])
-            .args(args)
-            .output()
-            .expect("run redis-cli");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(String::from)
-            .collect()
-    }
-
-    /// Keys in Redis matching `pattern`.
-    fn redis_keys(&self, pattern: &str) -> Vec<String> {
-        self.redis_cli(&["--scan", "--pattern", pattern])
-    }
-}
-
-impl Drop for StateServers {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 async fn globus() -> GlobusSim {
     let seed = Seed {

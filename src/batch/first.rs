@@ -111,8 +111,8 @@ impl Batches {
         model: &str,
         req: &FirstRequest,
     ) -> Result<FirstBatchRow, BatchError> {
-        let db = self.db();
-        let unfinished = store::firsts(&db, None, None).map_err(super::internal)?;
+        let mut db = self.db();
+        let unfinished = store::firsts(&mut db, None, None).map_err(super::internal)?;
         let mine = unfinished
             .iter()
             .filter(|b| b.username == owner.username)
@@ -153,7 +153,7 @@ impl Batches {
             result: None,
             error: None,
         };
-        store::insert_first(&db, &row).map_err(super::internal)?;
+        store::insert_first(&mut db, &row).map_err(super::internal)?;
         Ok(row)
     }
 
@@ -163,10 +163,10 @@ impl Batches {
         row: &FirstBatchRow,
         task: Result<String, String>,
     ) -> Result<Value, BatchError> {
-        let db = self.db();
+        let mut db = self.db();
         match task {
             Ok(task) => {
-                store::set_first_tasks(&db, &row.id, std::slice::from_ref(&task))
+                store::set_first_tasks(&mut db, &row.id, std::slice::from_ref(&task))
                     .map_err(super::internal)?;
                 drop(db);
                 self.first_wake.notify_one();
@@ -177,7 +177,8 @@ impl Batches {
                 }))
             }
             Err(why) => {
-                store::end_first(&db, &row.id, Err(why.clone()), now()).map_err(super::internal)?;
+                store::end_first(&mut db, &row.id, Err(why.clone()), now())
+                    .map_err(super::internal)?;
                 Err(coded(
                     503,
                     "compute_unavailable",
@@ -198,7 +199,7 @@ impl Batches {
                 format!("status '{s}' is not one of pending, running, failed, completed"),
             ));
         }
-        let rows = store::firsts(&self.db(), Some(owner), status).map_err(super::internal)?;
+        let rows = store::firsts(&mut self.db(), Some(owner), status).map_err(super::internal)?;
         Ok(Value::Array(
             rows.iter()
                 .map(|b| {
@@ -214,7 +215,7 @@ impl Batches {
     }
 
     fn own_first(&self, owner: &str, id: &str) -> Result<FirstBatchRow, BatchError> {
-        let row = store::first(&self.db(), id).map_err(super::internal)?;
+        let row = store::first(&mut self.db(), id).map_err(super::internal)?;
         match row {
             None if id.starts_with("batch_") => Err(coded(
                 404,
@@ -263,12 +264,14 @@ impl BackgroundService for FirstBatchWatcher {
         let watched: Arc<Mutex<HashSet<String>>> = Arc::default();
         loop {
             let batches = self.batches.clone();
-            let rows =
-                tokio::task::spawn_blocking(move || store::firsts(&batches.db(), None, None))
+            // Among replicas, the one running the batches watches FIRST's too.
+            let rows = if !batches.works_here() {
+                Ok(Ok(Vec::new()))
+            } else {
+                tokio::task::spawn_blocking(move || store::firsts(&mut batches.db(), None, None))
                     .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
+            };
+            let rows = rows.ok().and_then(Result::ok).unwrap_or_default();
             for row in rows {
                 let Some(task) = row.task_ids.first().cloned() else {
                     continue;
@@ -296,7 +299,7 @@ impl BackgroundService for FirstBatchWatcher {
                     };
                     let id = row.id.clone();
                     let _ = tokio::task::spawn_blocking(move || {
-                        store::end_first(&batches.db(), &id, outcome, now())
+                        store::end_first(&mut batches.db(), &id, outcome, now())
                     })
                     .await;
                     watched

@@ -19,12 +19,12 @@ pub use runner::{BatchRunner, Places};
 pub use store::Owner;
 
 use crate::config::BatchConfig;
-use rusqlite::Connection;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
+use store::Db;
 use store::{BatchRow, FileRow};
 
 /// The header a batch line carries (the process's own secret), and the batch it belongs to.
@@ -71,7 +71,13 @@ fn internal(e: impl std::fmt::Display) -> BatchError {
 /// The Files and Batch APIs' state (see the module comment).
 pub struct Batches {
     pub settings: BatchConfig,
-    conn: Mutex<Connection>,
+    conn: Mutex<Db>,
+    /// Whether replicas share the state (PostgreSQL): then the runner holds a lease in it.
+    shared: bool,
+    /// This process, as the holder of the runner's lease.
+    holder: String,
+    /// Whether this process runs the batches now (holds the lock or the lease).
+    runs_here: std::sync::atomic::AtomicBool,
     files_dir: PathBuf,
     work_dir: PathBuf,
     /// Authenticates this process's own batch lines (random per process, never logged).
@@ -84,6 +90,13 @@ pub struct Batches {
     pub wake: tokio::sync::Notify,
     /// Wakes the watcher of FIRST batches: one was submitted.
     first_wake: tokio::sync::Notify,
+}
+
+/// This host's name, to tell replicas apart in the lease table.
+fn gethostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
 }
 
 /// Seconds since the epoch.
@@ -105,21 +118,35 @@ fn new_id(prefix: &str) -> String {
 }
 
 impl Batches {
-    /// Opens (creating) the directory and the database.
-    pub fn open(settings: BatchConfig) -> anyhow::Result<Batches> {
+    /// Opens (creating) the directory, and the SQLite database in it unless the state is kept
+    /// in `shared` (the PostgreSQL database replicas share).
+    pub fn open(settings: BatchConfig, shared: Option<Db>) -> anyhow::Result<Batches> {
         let files_dir = settings.dir.join("files");
         let work_dir = settings.dir.join("work");
         for d in [&files_dir, &work_dir] {
             std::fs::create_dir_all(d)
                 .map_err(|e| anyhow::anyhow!("batch.dir: cannot create {}: {e}", d.display()))?;
         }
-        let db = settings.dir.join("batches.db");
-        let conn =
-            store::open(&db).map_err(|e| anyhow::anyhow!("batch.dir: {}: {e}", db.display()))?;
+        let conn = match shared {
+            Some(db) => db,
+            None => {
+                let path = settings.dir.join("batches.db");
+                store::open(&path)
+                    .map_err(|e| anyhow::anyhow!("batch.dir: {}: {e}", path.display()))?
+            }
+        };
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
         Ok(Batches {
             settings,
+            shared: conn.is_shared(),
+            holder: format!(
+                "{}-{}-{:08x}",
+                gethostname(),
+                std::process::id(),
+                fastrand::u32(..)
+            ),
+            runs_here: std::sync::atomic::AtomicBool::new(false),
             conn: Mutex::new(conn),
             files_dir,
             work_dir,
@@ -131,7 +158,7 @@ impl Batches {
         })
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+    fn db(&self) -> std::sync::MutexGuard<'_, Db> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -168,7 +195,7 @@ impl Batches {
             created_at: now(),
         };
         std::fs::write(self.file_path(&row.id), content).map_err(internal)?;
-        store::insert_file(&self.db(), &row).map_err(internal)?;
+        store::insert_file(&mut self.db(), &row).map_err(internal)?;
         Ok(self.file_json(&row))
     }
 
@@ -182,7 +209,7 @@ impl Batches {
     }
 
     fn own_file(&self, owner: &str, id: &str) -> Result<FileRow, BatchError> {
-        store::file(&self.db(), id)
+        store::file(&mut self.db(), id)
             .map_err(internal)?
             .filter(|f| f.owner == owner)
             .ok_or_else(|| BatchError::NotFound(format!("No such File object: {id}")))
@@ -203,8 +230,8 @@ impl Batches {
     /// `DELETE /v1/files/{id}` (not while a batch reads it).
     pub fn delete(&self, owner: &str, id: &str) -> Result<Value, BatchError> {
         let f = self.own_file(owner, id)?;
-        let db = self.db();
-        let in_use = store::unfinished(&db)
+        let mut db = self.db();
+        let in_use = store::unfinished(&mut db)
             .map_err(internal)?
             .iter()
             .any(|b| b.input_file_id == f.id);
@@ -213,7 +240,7 @@ impl Batches {
                 "{id} is the input of an unfinished batch; cancel the batch first"
             )));
         }
-        store::delete_file(&db, id).map_err(internal)?;
+        store::delete_file(&mut db, id).map_err(internal)?;
         drop(db);
         let _ = std::fs::remove_file(self.file_path(id));
         Ok(json!({"id": id, "object": "file", "deleted": true}))
@@ -223,7 +250,7 @@ impl Batches {
     pub fn files(&self, owner: &str, query: &HashMap<String, String>) -> Result<Value, BatchError> {
         let limit = page_limit(query, 10_000)?;
         let rows = store::files(
-            &self.db(),
+            &mut self.db(),
             owner,
             query.get("purpose").map(String::as_str),
             query.get("after").map(String::as_str),
@@ -300,8 +327,8 @@ impl Batches {
                 Some("endpoint"),
             ));
         }
-        let db = self.db();
-        let active = store::active_count(&db, &owner.username).map_err(internal)?;
+        let mut db = self.db();
+        let active = store::active_count(&mut db, &owner.username).map_err(internal)?;
         if active >= self.settings.max_active_per_user {
             return Err(BatchError::Quota(self.settings.max_active_per_user));
         }
@@ -331,14 +358,14 @@ impl Batches {
             errors: None,
             compute_task: None,
         };
-        store::insert_batch(&db, &row).map_err(internal)?;
+        store::insert_batch(&mut db, &row).map_err(internal)?;
         drop(db);
         self.wake.notify_one();
         Ok(batch_json(&row))
     }
 
     fn own_batch(&self, owner: &str, id: &str) -> Result<BatchRow, BatchError> {
-        store::batch(&self.db(), id)
+        store::batch(&mut self.db(), id)
             .map_err(internal)?
             .filter(|b| b.owner.username == owner)
             .ok_or_else(|| BatchError::NotFound(format!("No such Batch object: {id}")))
@@ -357,7 +384,7 @@ impl Batches {
     ) -> Result<Value, BatchError> {
         let limit = page_limit(query, 100)?;
         let rows = store::batches(
-            &self.db(),
+            &mut self.db(),
             owner,
             query.get("after").map(String::as_str),
             limit + 1,
@@ -380,16 +407,35 @@ impl Batches {
             )));
         }
         if b.status != "cancelling" {
-            store::set_status(&self.db(), id, "cancelling", now()).map_err(internal)?;
+            store::set_status(&mut self.db(), id, "cancelling", now()).map_err(internal)?;
         }
-        self.cancelled
+        self.mark_cancelled(id);
+        self.batch(owner, id)
+    }
+
+    /// Stops a batch's lines (cancelled here, or through another replica).
+    fn mark_cancelled(&self, id: &str) {
+        let new = self
+            .cancelled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_string());
-        // Everyone waiting on this batch looks again (the runner's loop also when it is busy).
-        self.wake.notify_waiters();
-        self.wake.notify_one();
-        self.batch(owner, id)
+        if new {
+            // Everyone waiting on this batch looks again (the runner's loop also when busy).
+            self.wake.notify_waiters();
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether replicas share the batch state (PostgreSQL).
+    fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Whether the background work on batches is this process's: always with one process's
+    /// store, only the lease holder's among replicas.
+    fn works_here(&self) -> bool {
+        !self.shared || self.runs_here.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The owner of a running batch, for a request that proves it is this process's own line.
@@ -415,12 +461,12 @@ impl Batches {
     /// Deletes files older than the retention (and their contents).
     pub fn sweep(&self) {
         let before = now() - self.settings.retention.as_secs() as i64;
-        let old = match store::files_before(&self.db(), before) {
+        let old = match store::files_before(&mut self.db(), before) {
             Ok(ids) => ids,
             Err(e) => return log::error!("batch retention sweep: {e}"),
         };
         for id in old {
-            if store::delete_file(&self.db(), &id).is_ok() {
+            if store::delete_file(&mut self.db(), &id).is_ok() {
                 let _ = std::fs::remove_file(self.file_path(&id));
             }
         }

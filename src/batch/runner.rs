@@ -86,47 +86,185 @@ impl BatchRunner {
     }
 }
 
+/// The lease of the replica that runs batches (with a shared database).
+const LEASE: &str = "batch_runner";
+
+/// What lets this process run batches: the batch directory's file lock (one process), or the
+/// lease in the shared database (replicas), renewed while it runs.
+enum RunnerRight {
+    File(#[allow(dead_code)] std::fs::File),
+    Lease {
+        /// When it was last renewed.
+        renewed: std::time::Instant,
+    },
+}
+
+impl Runner {
+    /// Waits for the right to run batches; `None` at shutdown or hand-over.
+    async fn acquire(&self, stop: &mut Stop) -> Option<RunnerRight> {
+        let path = self.batches.settings.dir.join("runner.lock");
+        loop {
+            let right = if self.batches.is_shared() {
+                match self.lease(true).await {
+                    Ok(true) => Some(RunnerRight::Lease {
+                        renewed: std::time::Instant::now(),
+                    }),
+                    Ok(false) => None,
+                    Err(e) => {
+                        log::warn!("batch runner: cannot take the lease: {e}");
+                        None
+                    }
+                }
+            } else {
+                match lock(&path) {
+                    Ok(file) => file.map(RunnerRight::File),
+                    Err(e) => {
+                        log::error!("batch runner: {}: {e}", path.display());
+                        return None;
+                    }
+                }
+            };
+            if let Some(RunnerRight::Lease { .. }) = &right {
+                log::info!(
+                    "batch runner: this replica ({}) holds the lease and runs the batches",
+                    self.batches.holder
+                );
+            }
+            if right.is_some() {
+                return right;
+            }
+            if stop.wait(Duration::from_millis(200)).await {
+                return None;
+            }
+        }
+    }
+
+    /// Takes or renews (`true`) the lease, or gives it up (`false`).
+    async fn lease(&self, take: bool) -> Result<bool, String> {
+        let batches = self.batches.clone();
+        let ttl = self.batches.settings.lease.as_millis() as i64;
+        tokio::task::spawn_blocking(move || {
+            let mut db = batches.db();
+            if take {
+                store::take_lease(&mut db, LEASE, &batches.holder, ttl)
+            } else {
+                store::release_lease(&mut db, LEASE, &batches.holder).map(|()| false)
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    /// Whether this process may go on running batches: a lease is renewed (every third of
+    /// its time), and counts as lost when another replica has it, or when two thirds of its
+    /// time passed without a renewal (so this runner stops before another may start).
+    async fn still_holds(&self, right: &mut RunnerRight) -> bool {
+        let RunnerRight::Lease { renewed } = right else {
+            return true;
+        };
+        let ttl = self.batches.settings.lease;
+        if renewed.elapsed() < ttl / 3 {
+            return true;
+        }
+        match self.lease(true).await {
+            Ok(true) => {
+                *renewed = std::time::Instant::now();
+                true
+            }
+            Ok(false) => {
+                log::warn!("batch runner: another replica holds the lease now; stopping here");
+                false
+            }
+            Err(e) if renewed.elapsed() < ttl * 2 / 3 => {
+                log::warn!("batch runner: cannot renew the lease ({e}); retrying");
+                true
+            }
+            Err(e) => {
+                log::error!(
+                    "batch runner: cannot renew the lease ({e}); stopping here before it lapses"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// Shutdown, or a hand-over to a new process (SIGQUIT), which stops the runner at once.
+struct Stop {
+    shutdown: ShutdownWatch,
+    quit: Option<tokio::signal::unix::Signal>,
+}
+
+impl Stop {
+    /// Waits `d`; true when told to stop meanwhile.
+    async fn wait(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.shutdown.changed() => true,
+            Some(()) = async { self.quit.as_mut()?.recv().await } => true,
+            _ = tokio::time::sleep(d) => false,
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for BatchRunner {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    async fn start(&self, shutdown: ShutdownWatch) {
         let runner = &self.0;
-        // Handing over to a new process (SIGQUIT) stops the runner at once, like a shutdown.
-        let mut quit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit()).ok();
-        // One runner per batch directory: a new process waits until the old one let go.
-        let path = runner.batches.settings.dir.join("runner.lock");
-        let _lock = loop {
-            match lock(&path) {
-                Ok(Some(file)) => break file,
-                Ok(None) => {}
-                Err(e) => return log::error!("batch runner: {}: {e}", path.display()),
-            }
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                Some(()) = async { quit.as_mut()?.recv().await } => return,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
+        let mut stop = Stop {
+            shutdown,
+            quit: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit()).ok(),
         };
-        // Dropping the set aborts every batch's task, and with it their lines' tasks: an
-        // unanswered line is sent again by the next runner.
+        // One runner per batch directory (or shared database): another process waits until
+        // this one lets go.
+        while let Some(mut right) = runner.acquire(&mut stop).await {
+            runner.batches.runs_here.store(true, Ordering::Relaxed);
+            let stopped = runner.run_while_held(&mut right, &mut stop).await;
+            runner.batches.runs_here.store(false, Ordering::Relaxed);
+            if let RunnerRight::Lease { .. } = right {
+                if stopped {
+                    let _ = runner.lease(false).await;
+                }
+            }
+            if stopped {
+                return;
+            }
+        }
+    }
+}
+
+impl Runner {
+    /// Runs batches until told to stop (true) or the right to is lost (false). Dropping the
+    /// set of tasks aborts every batch's task, and with it their lines' tasks: an unanswered
+    /// line is sent again by the next runner.
+    async fn run_while_held(self: &Arc<Self>, right: &mut RunnerRight, stop: &mut Stop) -> bool {
         let mut tasks = tokio::task::JoinSet::new();
         let mut running: HashSet<String> = HashSet::new();
         let mut swept = std::time::Instant::now() - Duration::from_secs(3600);
+        let tick = TICK.min(self.batches.settings.lease / 3);
         loop {
+            if !self.still_holds(right).await {
+                return false;
+            }
             while let Some(done) = tasks.try_join_next() {
                 if let Ok(id) = done {
                     running.remove(&id);
                 }
             }
-            let batches = runner.batches.clone();
-            let rows = tokio::task::spawn_blocking(move || store::unfinished(&batches.db()))
+            let batches = self.batches.clone();
+            let rows = tokio::task::spawn_blocking(move || store::unfinished(&mut batches.db()))
                 .await
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            runner.count(&rows);
+            self.count(&rows);
             for row in rows {
+                // Cancelled through another replica: its lines stop here.
+                if row.status == "cancelling" {
+                    self.batches.mark_cancelled(&row.id);
+                }
                 if running.insert(row.id.clone()) {
-                    let runner = runner.clone();
+                    let runner = self.clone();
                     tasks.spawn(async move {
                         let id = row.id.clone();
                         runner.run(row).await;
@@ -136,15 +274,13 @@ impl BackgroundService for BatchRunner {
             }
             if swept.elapsed() > Duration::from_secs(3600) {
                 swept = std::time::Instant::now();
-                let batches = runner.batches.clone();
+                let batches = self.batches.clone();
                 let _ = tokio::task::spawn_blocking(move || batches.sweep()).await;
             }
             tokio::select! {
-                _ = shutdown.changed() => return,
-                Some(()) = async { quit.as_mut()?.recv().await } => return,
-                _ = runner.batches.wake.notified() => {}
+                stopped = stop.wait(tick) => if stopped { return true },
+                _ = self.batches.wake.notified() => {}
                 Some(Ok(id)) = tasks.join_next() => { running.remove(&id); }
-                _ = tokio::time::sleep(TICK) => {}
             }
         }
     }
@@ -236,13 +372,13 @@ impl Runner {
             let batches = self.batches.clone();
             let id2 = id.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                let db = batches.db();
+                let mut db = batches.db();
                 let _ = store::set_errors(
-                    &db,
+                    &mut db,
                     &id2,
                     &json!({"object": "list", "data": [{"code": "batch_failed", "message": e, "param": null, "line": null}]}),
                 );
-                store::set_status(&db, &id2, "failed", now())
+                store::set_status(&mut db, &id2, "failed", now())
             })
             .await;
         }
@@ -271,16 +407,22 @@ impl Runner {
                     .map_err(|e| format!("the input file is gone ({e})"))?;
                 let lines = input::parse(&content, usize::MAX, &|_| true)?;
                 let (work, done) = open_work(&out_path, &err_path)?;
-                let db = batches.db();
-                store::set_status(&db, &id, "in_progress", now()).map_err(|e| e.to_string())?;
+                let mut db = batches.db();
+                store::set_status(&mut db, &id, "in_progress", now()).map_err(|e| e.to_string())?;
                 let (c, f) = work.counts();
-                store::set_counts(&db, &id, c, f).map_err(|e| e.to_string())?;
+                store::set_counts(&mut db, &id, c, f).map_err(|e| e.to_string())?;
                 Ok((lines, work, done))
             }
         })
         .await
         .map_err(|e| e.to_string())??;
         let (lines, work, done) = prepared;
+        if !done.is_empty() {
+            log::info!(
+                "batch {id}: resumed, {} lines were answered before",
+                done.len()
+            );
+        }
         self.batches
             .running
             .lock()
@@ -334,9 +476,9 @@ impl Runner {
         let batches = self.batches.clone();
         let (c, f) = work.counts();
         tokio::task::spawn_blocking(move || {
-            let db = batches.db();
-            store::set_counts(&db, &id, c, f)?;
-            store::set_status(&db, &id, to, now())
+            let mut db = batches.db();
+            store::set_counts(&mut db, &id, c, f)?;
+            store::set_status(&mut db, &id, to, now())
         })
         .await
         .map_err(|e| e.to_string())?
@@ -465,9 +607,9 @@ impl Runner {
             .map_err(|e| format!("the batch function could not be submitted: {e}"))?;
         let (batches, id, t) = (self.batches.clone(), row.id.clone(), task.clone());
         tokio::task::spawn_blocking(move || {
-            let db = batches.db();
-            store::set_compute_task(&db, &id, &t)?;
-            store::set_status(&db, &id, "in_progress", now())
+            let mut db = batches.db();
+            store::set_compute_task(&mut db, &id, &t)?;
+            store::set_status(&mut db, &id, "in_progress", now())
         })
         .await
         .map_err(|e| e.to_string())?
@@ -525,7 +667,7 @@ impl Runner {
         }
         let batches = self.batches.clone();
         tokio::task::spawn_blocking(move || {
-            store::set_status(&batches.db(), &id, "finalizing", now())
+            store::set_status(&mut batches.db(), &id, "finalizing", now())
         })
         .await
         .map_err(|e| e.to_string())?
@@ -599,7 +741,8 @@ impl Runner {
         let (batches, id) = (self.batches.clone(), id.to_string());
         let (c, f) = work.counts();
         let _ =
-            tokio::task::spawn_blocking(move || store::set_counts(&batches.db(), &id, c, f)).await;
+            tokio::task::spawn_blocking(move || store::set_counts(&mut batches.db(), &id, c, f))
+                .await;
     }
 
     /// Turns the work files into the batch's output and error files and ends it as `end`.
@@ -611,7 +754,7 @@ impl Runner {
             self.work_path(id, "errors"),
         );
         tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let row = store::batch(&batches.db(), &id)
+            let row = store::batch(&mut batches.db(), &id)
                 .map_err(|e| e.to_string())?
                 .ok_or("the batch is gone")?;
             let keep = |path: &Path, kind: &str| -> Result<Option<String>, String> {
@@ -631,15 +774,15 @@ impl Runner {
                     created_at: now(),
                 };
                 std::fs::rename(path, batches.file_path(&file.id)).map_err(|e| e.to_string())?;
-                store::insert_file(&batches.db(), &file).map_err(|e| e.to_string())?;
+                store::insert_file(&mut batches.db(), &file).map_err(|e| e.to_string())?;
                 Ok(Some(file.id))
             };
             let output = keep(&out, "output")?;
             let errors = keep(&err, "error")?;
-            let db = batches.db();
-            store::set_results(&db, &id, output.as_deref(), errors.as_deref())
+            let mut db = batches.db();
+            store::set_results(&mut db, &id, output.as_deref(), errors.as_deref())
                 .map_err(|e| e.to_string())?;
-            store::set_status(&db, &id, end, now()).map_err(|e| e.to_string())
+            store::set_status(&mut db, &id, end, now()).map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())?

@@ -1,11 +1,17 @@
-//! Files and batches of the OpenAI Batch API in SQLite (`{batch.dir}/batches.db`, WAL): the
-//! metadata only; contents are files under `{batch.dir}/files/`.
+//! Files and batches of the OpenAI Batch API, and FIRST's batches: the metadata only (contents
+//! are files under `{batch.dir}/files/`). In SQLite (`{batch.dir}/batches.db`, WAL) for one
+//! process, or in the PostgreSQL of `usage.store` when replicas share the state (then
+//! `batch.dir` is storage they share too). The statements are written once, with `?N`
+//! placeholders, and run on either database.
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use crate::pg::PgConnection;
+use postgres::types::{IsNull, ToSql, Type};
+use rusqlite::types::ToSqlOutput;
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// The schema, one step per version (`PRAGMA user_version`); steps only add.
+/// SQLite's schema, one step per version (`PRAGMA user_version`); steps only add.
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS files (
         id TEXT PRIMARY KEY,
@@ -64,6 +70,283 @@ const MIGRATIONS: &[&str] = &[
     // 3: an OpenAI-API batch run by a cluster's batch function: its Compute task.
     "ALTER TABLE batches ADD COLUMN compute_task TEXT;",
 ];
+
+/// PostgreSQL's schema (the same tables, 64-bit integers), one step per version.
+const PG_MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS files (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        bytes BIGINT NOT NULL,
+        lines BIGINT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS files_owner ON files (owner, created_at);
+    CREATE TABLE IF NOT EXISTS batches (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        identity TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        input_file_id TEXT NOT NULL,
+        completion_window TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        in_progress_at BIGINT,
+        finalizing_at BIGINT,
+        completed_at BIGINT,
+        failed_at BIGINT,
+        expired_at BIGINT,
+        cancelling_at BIGINT,
+        cancelled_at BIGINT,
+        expires_at BIGINT NOT NULL,
+        output_file_id TEXT,
+        error_file_id TEXT,
+        total BIGINT NOT NULL,
+        completed BIGINT NOT NULL DEFAULT 0,
+        failed BIGINT NOT NULL DEFAULT 0,
+        metadata TEXT,
+        errors TEXT,
+        compute_task TEXT
+    );
+    CREATE INDEX IF NOT EXISTS batches_owner ON batches (owner, created_at);
+    CREATE TABLE IF NOT EXISTS first_batches (
+        id TEXT PRIMARY KEY,
+        username TEXT NOT NULL,
+        cluster TEXT NOT NULL,
+        framework TEXT NOT NULL,
+        model TEXT NOT NULL,
+        input_file TEXT NOT NULL,
+        output_folder_path TEXT,
+        task_ids TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        completed_at BIGINT,
+        failed_at BIGINT,
+        result TEXT,
+        error TEXT
+    );
+    CREATE INDEX IF NOT EXISTS first_batches_user ON first_batches (username, created_at);
+    CREATE TABLE IF NOT EXISTS leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until_ms BIGINT NOT NULL
+    );"];
+
+/// A failed statement (either database's error, as text).
+#[derive(Debug)]
+pub struct StoreError(String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A statement's parameter, for either database.
+#[derive(Debug, Clone)]
+pub enum Val {
+    Int(i64),
+    Text(String),
+    Null,
+}
+
+impl From<i64> for Val {
+    fn from(n: i64) -> Val {
+        Val::Int(n)
+    }
+}
+
+impl From<u64> for Val {
+    fn from(n: u64) -> Val {
+        Val::Int(i64::try_from(n).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<&str> for Val {
+    fn from(s: &str) -> Val {
+        Val::Text(s.to_string())
+    }
+}
+
+impl From<&String> for Val {
+    fn from(s: &String) -> Val {
+        Val::Text(s.clone())
+    }
+}
+
+impl From<String> for Val {
+    fn from(s: String) -> Val {
+        Val::Text(s)
+    }
+}
+
+impl<T: Into<Val>> From<Option<T>> for Val {
+    fn from(v: Option<T>) -> Val {
+        v.map_or(Val::Null, Into::into)
+    }
+}
+
+impl rusqlite::ToSql for Val {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Val::Int(n) => ToSqlOutput::from(*n),
+            Val::Text(s) => ToSqlOutput::from(s.as_str()),
+            Val::Null => ToSqlOutput::from(rusqlite::types::Null),
+        })
+    }
+}
+
+impl ToSql for Val {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Val::Int(n) if *ty == Type::INT4 => i32::try_from(*n)?.to_sql(ty, out),
+            Val::Int(n) => n.to_sql(ty, out),
+            Val::Text(s) => s.to_sql(ty, out),
+            Val::Null => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <i64 as ToSql>::accepts(ty) || <i32 as ToSql>::accepts(ty) || <String as ToSql>::accepts(ty)
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+/// A row's columns, from either database.
+pub trait Cols {
+    fn text(&self, i: usize) -> Result<String>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>>;
+    fn int(&self, i: usize) -> Result<i64>;
+    fn opt_int(&self, i: usize) -> Result<Option<i64>>;
+}
+
+impl Cols for rusqlite::Row<'_> {
+    fn text(&self, i: usize) -> Result<String> {
+        Ok(self.get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        Ok(self.get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        Ok(self.get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.get(i)?)
+    }
+}
+
+impl Cols for postgres::Row {
+    fn text(&self, i: usize) -> Result<String> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        Ok(self.try_get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.try_get(i)?)
+    }
+}
+
+/// The database of the batch state.
+pub enum Db {
+    Sqlite(Connection),
+    Postgres(Box<PgConnection>),
+}
+
+impl Db {
+    /// Runs a statement; the rows it changed.
+    pub fn execute(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
+        match self {
+            Db::Sqlite(c) => Ok(c.execute(sql, rusqlite::params_from_iter(params))? as u64),
+            Db::Postgres(pg) => {
+                let sql = dollars(sql);
+                let refs: Vec<&(dyn ToSql + Sync)> =
+                    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+                Ok(pg.with(|c| c.execute(&sql, &refs))?)
+            }
+        }
+    }
+
+    /// Runs a query, reading each row with `read`.
+    pub fn query<T>(
+        &mut self,
+        sql: &str,
+        params: &[Val],
+        read: fn(&dyn Cols) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        match self {
+            Db::Sqlite(c) => {
+                let mut stmt = c.prepare_cached(sql)?;
+                let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+                let mut out = Vec::new();
+                while let Some(row) = rows.next()? {
+                    out.push(read(row)?);
+                }
+                Ok(out)
+            }
+            Db::Postgres(pg) => {
+                let sql = dollars(sql);
+                let refs: Vec<&(dyn ToSql + Sync)> =
+                    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+                let rows = pg.with(|c| c.query(&sql, &refs))?;
+                rows.iter().map(|r| read(r)).collect()
+            }
+        }
+    }
+
+    /// The first row of a query, if any.
+    fn query_opt<T>(
+        &mut self,
+        sql: &str,
+        params: &[Val],
+        read: fn(&dyn Cols) -> Result<T>,
+    ) -> Result<Option<T>> {
+        Ok(self.query(sql, params, read)?.into_iter().next())
+    }
+
+    /// Whether several processes share this database (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Db::Postgres(_))
+    }
+}
+
+/// SQLite's `?N` placeholders as PostgreSQL's `$N`.
+fn dollars(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// An uploaded (or produced) file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,192 +437,216 @@ pub struct BatchRow {
 /// Statuses of a batch that is not over.
 pub const UNFINISHED: [&str; 4] = ["validating", "in_progress", "finalizing", "cancelling"];
 
-pub fn open(path: &Path) -> rusqlite::Result<Connection> {
+/// Opens (creating) the SQLite database of one process.
+pub fn open(path: &Path) -> Result<Db> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(2))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     crate::usage::sink::migrate(&mut conn, MIGRATIONS)?;
-    Ok(conn)
+    Ok(Db::Sqlite(conn))
 }
 
-pub fn insert_file(conn: &Connection, f: &FileRow) -> rusqlite::Result<()> {
-    conn.execute(
+/// The PostgreSQL database replicas share (connected, and migrated, on first use: one that
+/// cannot be reached yet fails the batch calls until it can).
+pub fn open_shared(url: &str, password: Option<String>) -> anyhow::Result<Db> {
+    let pg = PgConnection::new(url, password, "batch", PG_MIGRATIONS)
+        .map_err(|e| anyhow::anyhow!("usage.store (batch state): {e}"))?;
+    Ok(Db::Postgres(Box::new(pg)))
+}
+
+pub fn insert_file(db: &mut Db, f: &FileRow) -> Result<()> {
+    db.execute(
         "INSERT INTO files (id, owner, filename, purpose, bytes, lines, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            f.id,
-            f.owner,
-            f.filename,
-            f.purpose,
-            f.bytes as i64,
-            f.lines as i64,
-            f.created_at
+        &[
+            (&f.id).into(),
+            (&f.owner).into(),
+            (&f.filename).into(),
+            (&f.purpose).into(),
+            f.bytes.into(),
+            f.lines.into(),
+            f.created_at.into(),
         ],
     )?;
     Ok(())
 }
 
-fn file_of(r: &Row) -> rusqlite::Result<FileRow> {
+fn file_of(r: &dyn Cols) -> Result<FileRow> {
     Ok(FileRow {
-        id: r.get(0)?,
-        owner: r.get(1)?,
-        filename: r.get(2)?,
-        purpose: r.get(3)?,
-        bytes: r.get::<_, i64>(4)? as u64,
-        lines: r.get::<_, i64>(5)? as u64,
-        created_at: r.get(6)?,
+        id: r.text(0)?,
+        owner: r.text(1)?,
+        filename: r.text(2)?,
+        purpose: r.text(3)?,
+        bytes: r.int(4)? as u64,
+        lines: r.int(5)? as u64,
+        created_at: r.int(6)?,
     })
 }
 
 const FILE_COLUMNS: &str = "id, owner, filename, purpose, bytes, lines, created_at";
 
-pub fn file(conn: &Connection, id: &str) -> rusqlite::Result<Option<FileRow>> {
-    conn.query_row(
+pub fn file(db: &mut Db, id: &str) -> Result<Option<FileRow>> {
+    db.query_opt(
         &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"),
-        [id],
+        &[id.into()],
         file_of,
     )
-    .optional()
 }
 
 /// A user's files, newest first, after the cursor `after` (an id), at most `limit`.
 pub fn files(
-    conn: &Connection,
+    db: &mut Db,
     owner: &str,
     purpose: Option<&str>,
     after: Option<&str>,
     limit: usize,
-) -> rusqlite::Result<Vec<FileRow>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {FILE_COLUMNS} FROM files WHERE owner = ?1 AND (?2 IS NULL OR purpose = ?2) \
-         AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4"
-    ))?;
-    let rows = stmt.query_map(params![owner, purpose, after, limit as i64], file_of)?;
-    rows.collect()
+) -> Result<Vec<FileRow>> {
+    db.query(
+        &format!(
+            "SELECT {FILE_COLUMNS} FROM files WHERE owner = ?1 AND (?2 IS NULL OR purpose = ?2) \
+             AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4"
+        ),
+        &[
+            owner.into(),
+            purpose.into(),
+            after.into(),
+            (limit as u64).into(),
+        ],
+        file_of,
+    )
 }
 
-pub fn delete_file(conn: &Connection, id: &str) -> rusqlite::Result<()> {
-    conn.execute("DELETE FROM files WHERE id = ?1", [id])?;
+pub fn delete_file(db: &mut Db, id: &str) -> Result<()> {
+    db.execute("DELETE FROM files WHERE id = ?1", &[id.into()])?;
     Ok(())
 }
 
 /// Files created before `before` (Unix seconds), for the retention sweep.
-pub fn files_before(conn: &Connection, before: i64) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = conn.prepare("SELECT id FROM files WHERE created_at < ?1")?;
-    let rows = stmt.query_map([before], |r| r.get(0))?;
-    rows.collect()
+pub fn files_before(db: &mut Db, before: i64) -> Result<Vec<String>> {
+    db.query(
+        "SELECT id FROM files WHERE created_at < ?1",
+        &[before.into()],
+        |r| r.text(0),
+    )
 }
 
 const BATCH_COLUMNS: &str = "id, identity, endpoint, input_file_id, completion_window, status, \
     created_at, in_progress_at, finalizing_at, completed_at, failed_at, expired_at, cancelling_at, \
     cancelled_at, expires_at, output_file_id, error_file_id, total, completed, failed, metadata, errors, compute_task";
 
-fn batch_of(r: &Row) -> rusqlite::Result<BatchRow> {
-    let json = |i: usize| -> rusqlite::Result<Option<serde_json::Value>> {
-        Ok(r.get::<_, Option<String>>(i)?
-            .and_then(|s| serde_json::from_str(&s).ok()))
+fn batch_of(r: &dyn Cols) -> Result<BatchRow> {
+    let json = |i: usize| -> Result<Option<serde_json::Value>> {
+        Ok(r.opt_text(i)?.and_then(|s| serde_json::from_str(&s).ok()))
     };
-    let identity: String = r.get(1)?;
-    let owner = serde_json::from_str(&identity).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
-    })?;
+    let owner = serde_json::from_str(&r.text(1)?)
+        .map_err(|e| StoreError(format!("a batch's owner does not read back: {e}")))?;
     Ok(BatchRow {
-        id: r.get(0)?,
+        id: r.text(0)?,
         owner,
-        endpoint: r.get(2)?,
-        input_file_id: r.get(3)?,
-        completion_window: r.get(4)?,
-        status: r.get(5)?,
-        created_at: r.get(6)?,
-        in_progress_at: r.get(7)?,
-        finalizing_at: r.get(8)?,
-        completed_at: r.get(9)?,
-        failed_at: r.get(10)?,
-        expired_at: r.get(11)?,
-        cancelling_at: r.get(12)?,
-        cancelled_at: r.get(13)?,
-        expires_at: r.get(14)?,
-        output_file_id: r.get(15)?,
-        error_file_id: r.get(16)?,
-        total: r.get::<_, i64>(17)? as u64,
-        completed: r.get::<_, i64>(18)? as u64,
-        failed: r.get::<_, i64>(19)? as u64,
+        endpoint: r.text(2)?,
+        input_file_id: r.text(3)?,
+        completion_window: r.text(4)?,
+        status: r.text(5)?,
+        created_at: r.int(6)?,
+        in_progress_at: r.opt_int(7)?,
+        finalizing_at: r.opt_int(8)?,
+        completed_at: r.opt_int(9)?,
+        failed_at: r.opt_int(10)?,
+        expired_at: r.opt_int(11)?,
+        cancelling_at: r.opt_int(12)?,
+        cancelled_at: r.opt_int(13)?,
+        expires_at: r.int(14)?,
+        output_file_id: r.opt_text(15)?,
+        error_file_id: r.opt_text(16)?,
+        total: r.int(17)? as u64,
+        completed: r.int(18)? as u64,
+        failed: r.int(19)? as u64,
         metadata: json(20)?,
         errors: json(21)?,
-        compute_task: r.get(22)?,
+        compute_task: r.opt_text(22)?,
     })
 }
 
-pub fn insert_batch(conn: &Connection, b: &BatchRow) -> rusqlite::Result<()> {
-    conn.execute(
+pub fn insert_batch(db: &mut Db, b: &BatchRow) -> Result<()> {
+    db.execute(
         "INSERT INTO batches (id, owner, identity, endpoint, input_file_id, completion_window, \
          status, created_at, expires_at, total, metadata) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        params![
-            b.id,
-            b.owner.username,
-            serde_json::to_string(&b.owner).unwrap_or_default(),
-            b.endpoint,
-            b.input_file_id,
-            b.completion_window,
-            b.status,
-            b.created_at,
-            b.expires_at,
-            b.total as i64,
-            b.metadata.as_ref().map(|m| m.to_string()),
+        &[
+            (&b.id).into(),
+            (&b.owner.username).into(),
+            serde_json::to_string(&b.owner).unwrap_or_default().into(),
+            (&b.endpoint).into(),
+            (&b.input_file_id).into(),
+            (&b.completion_window).into(),
+            (&b.status).into(),
+            b.created_at.into(),
+            b.expires_at.into(),
+            b.total.into(),
+            b.metadata.as_ref().map(|m| m.to_string()).into(),
         ],
     )?;
     Ok(())
 }
 
-pub fn batch(conn: &Connection, id: &str) -> rusqlite::Result<Option<BatchRow>> {
-    conn.query_row(
+pub fn batch(db: &mut Db, id: &str) -> Result<Option<BatchRow>> {
+    db.query_opt(
         &format!("SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?1"),
-        [id],
+        &[id.into()],
         batch_of,
     )
-    .optional()
 }
 
 /// A user's batches, newest first, after the cursor `after`, at most `limit`.
 pub fn batches(
-    conn: &Connection,
+    db: &mut Db,
     owner: &str,
     after: Option<&str>,
     limit: usize,
-) -> rusqlite::Result<Vec<BatchRow>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {BATCH_COLUMNS} FROM batches WHERE owner = ?1 AND (?2 IS NULL OR id < ?2) \
-         ORDER BY id DESC LIMIT ?3"
-    ))?;
-    let rows = stmt.query_map(params![owner, after, limit as i64], batch_of)?;
-    rows.collect()
+) -> Result<Vec<BatchRow>> {
+    db.query(
+        &format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE owner = ?1 AND (?2 IS NULL OR id < ?2) \
+             ORDER BY id DESC LIMIT ?3"
+        ),
+        &[owner.into(), after.into(), (limit as u64).into()],
+        batch_of,
+    )
+}
+
+/// The SQL list of [`UNFINISHED`].
+fn unfinished_list() -> String {
+    UNFINISHED.map(|s| format!("'{s}'")).join(", ")
 }
 
 /// Batches not over yet (every user's), oldest first.
-pub fn unfinished(conn: &Connection) -> rusqlite::Result<Vec<BatchRow>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {BATCH_COLUMNS} FROM batches WHERE status IN ('validating', 'in_progress', \
-         'finalizing', 'cancelling') ORDER BY id"
-    ))?;
-    let rows = stmt.query_map([], batch_of)?;
-    rows.collect()
+pub fn unfinished(db: &mut Db) -> Result<Vec<BatchRow>> {
+    db.query(
+        &format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE status IN ({}) ORDER BY id",
+            unfinished_list()
+        ),
+        &[],
+        batch_of,
+    )
 }
 
 /// How many of `owner`'s batches are not over.
-pub fn active_count(conn: &Connection, owner: &str) -> rusqlite::Result<usize> {
-    conn.query_row(
-        "SELECT COUNT(*) FROM batches WHERE owner = ?1 AND status IN ('validating', \
-         'in_progress', 'finalizing', 'cancelling')",
-        [owner],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n as usize)
+pub fn active_count(db: &mut Db, owner: &str) -> Result<usize> {
+    let n = db.query_opt(
+        &format!(
+            "SELECT COUNT(*) FROM batches WHERE owner = ?1 AND status IN ({})",
+            unfinished_list()
+        ),
+        &[owner.into()],
+        |r| r.int(0),
+    )?;
+    Ok(n.unwrap_or(0) as usize)
 }
 
 /// Moves a batch to `status`, stamping `{status}_at` (where there is one) with `now`.
-pub fn set_status(conn: &Connection, id: &str, status: &str, now: i64) -> rusqlite::Result<()> {
+pub fn set_status(db: &mut Db, id: &str, status: &str, now: i64) -> Result<()> {
     let stamp = match status {
         "in_progress" => "in_progress_at",
         "finalizing" => "finalizing_at",
@@ -349,58 +656,53 @@ pub fn set_status(conn: &Connection, id: &str, status: &str, now: i64) -> rusqli
         "cancelling" => "cancelling_at",
         "cancelled" => "cancelled_at",
         _ => {
-            conn.execute(
+            db.execute(
                 "UPDATE batches SET status = ?2 WHERE id = ?1",
-                params![id, status],
+                &[id.into(), status.into()],
             )?;
             return Ok(());
         }
     };
-    conn.execute(
+    db.execute(
         &format!("UPDATE batches SET status = ?2, {stamp} = ?3 WHERE id = ?1"),
-        params![id, status, now],
+        &[id.into(), status.into(), now.into()],
     )?;
     Ok(())
 }
 
-pub fn set_counts(
-    conn: &Connection,
-    id: &str,
-    completed: u64,
-    failed: u64,
-) -> rusqlite::Result<()> {
-    conn.execute(
+pub fn set_counts(db: &mut Db, id: &str, completed: u64, failed: u64) -> Result<()> {
+    db.execute(
         "UPDATE batches SET completed = ?2, failed = ?3 WHERE id = ?1",
-        params![id, completed as i64, failed as i64],
+        &[id.into(), completed.into(), failed.into()],
     )?;
     Ok(())
 }
 
 pub fn set_results(
-    conn: &Connection,
+    db: &mut Db,
     id: &str,
     output_file_id: Option<&str>,
     error_file_id: Option<&str>,
-) -> rusqlite::Result<()> {
-    conn.execute(
+) -> Result<()> {
+    db.execute(
         "UPDATE batches SET output_file_id = ?2, error_file_id = ?3 WHERE id = ?1",
-        params![id, output_file_id, error_file_id],
+        &[id.into(), output_file_id.into(), error_file_id.into()],
     )?;
     Ok(())
 }
 
-pub fn set_compute_task(conn: &Connection, id: &str, task: &str) -> rusqlite::Result<()> {
-    conn.execute(
+pub fn set_compute_task(db: &mut Db, id: &str, task: &str) -> Result<()> {
+    db.execute(
         "UPDATE batches SET compute_task = ?2 WHERE id = ?1",
-        params![id, task],
+        &[id.into(), task.into()],
     )?;
     Ok(())
 }
 
-pub fn set_errors(conn: &Connection, id: &str, errors: &serde_json::Value) -> rusqlite::Result<()> {
-    conn.execute(
+pub fn set_errors(db: &mut Db, id: &str, errors: &serde_json::Value) -> Result<()> {
+    db.execute(
         "UPDATE batches SET errors = ?2 WHERE id = ?1",
-        params![id, errors.to_string()],
+        &[id.into(), errors.to_string().into()],
     )?;
     Ok(())
 }
@@ -430,101 +732,126 @@ pub struct FirstBatchRow {
 const FIRST_COLUMNS: &str = "id, username, cluster, framework, model, input_file, \
     output_folder_path, task_ids, status, created_at, completed_at, failed_at, result, error";
 
-fn first_of(r: &Row) -> rusqlite::Result<FirstBatchRow> {
-    let tasks: String = r.get(7)?;
+fn first_of(r: &dyn Cols) -> Result<FirstBatchRow> {
     Ok(FirstBatchRow {
-        id: r.get(0)?,
-        username: r.get(1)?,
-        cluster: r.get(2)?,
-        framework: r.get(3)?,
-        model: r.get(4)?,
-        input_file: r.get(5)?,
-        output_folder_path: r.get(6)?,
-        task_ids: tasks
+        id: r.text(0)?,
+        username: r.text(1)?,
+        cluster: r.text(2)?,
+        framework: r.text(3)?,
+        model: r.text(4)?,
+        input_file: r.text(5)?,
+        output_folder_path: r.opt_text(6)?,
+        task_ids: r
+            .text(7)?
             .split(',')
             .filter(|t| !t.is_empty())
             .map(str::to_owned)
             .collect(),
-        status: r.get(8)?,
-        created_at: r.get(9)?,
-        completed_at: r.get(10)?,
-        failed_at: r.get(11)?,
-        result: r.get(12)?,
-        error: r.get(13)?,
+        status: r.text(8)?,
+        created_at: r.int(9)?,
+        completed_at: r.opt_int(10)?,
+        failed_at: r.opt_int(11)?,
+        result: r.opt_text(12)?,
+        error: r.opt_text(13)?,
     })
 }
 
-pub fn insert_first(conn: &Connection, b: &FirstBatchRow) -> rusqlite::Result<()> {
-    conn.execute(
+pub fn insert_first(db: &mut Db, b: &FirstBatchRow) -> Result<()> {
+    db.execute(
         &format!("INSERT INTO first_batches ({FIRST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
-        params![
-            b.id,
-            b.username,
-            b.cluster,
-            b.framework,
-            b.model,
-            b.input_file,
-            b.output_folder_path,
-            b.task_ids.join(","),
-            b.status,
-            b.created_at,
-            b.completed_at,
-            b.failed_at,
-            b.result,
-            b.error
+        &[
+            (&b.id).into(),
+            (&b.username).into(),
+            (&b.cluster).into(),
+            (&b.framework).into(),
+            (&b.model).into(),
+            (&b.input_file).into(),
+            b.output_folder_path.as_ref().into(),
+            b.task_ids.join(",").into(),
+            (&b.status).into(),
+            b.created_at.into(),
+            b.completed_at.into(),
+            b.failed_at.into(),
+            b.result.as_ref().into(),
+            b.error.as_ref().into(),
         ],
     )?;
     Ok(())
 }
 
-pub fn first(conn: &Connection, id: &str) -> rusqlite::Result<Option<FirstBatchRow>> {
-    conn.query_row(
+pub fn first(db: &mut Db, id: &str) -> Result<Option<FirstBatchRow>> {
+    db.query_opt(
         &format!("SELECT {FIRST_COLUMNS} FROM first_batches WHERE id = ?1"),
-        [id],
+        &[id.into()],
         first_of,
     )
-    .optional()
 }
 
 /// A user's FIRST batches (newest first), or every unfinished one (`None`, oldest first).
 pub fn firsts(
-    conn: &Connection,
+    db: &mut Db,
     username: Option<&str>,
     status: Option<&str>,
-) -> rusqlite::Result<Vec<FirstBatchRow>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {FIRST_COLUMNS} FROM first_batches WHERE (?1 IS NULL OR username = ?1) \
-         AND (?2 IS NULL OR status = ?2) AND (?1 IS NOT NULL OR status IN ('pending', 'running')) \
-         ORDER BY created_at DESC, id DESC"
-    ))?;
-    let rows = stmt.query_map(params![username, status], first_of)?;
-    rows.collect()
+) -> Result<Vec<FirstBatchRow>> {
+    db.query(
+        &format!(
+            "SELECT {FIRST_COLUMNS} FROM first_batches WHERE (?1 IS NULL OR username = ?1) \
+             AND (?2 IS NULL OR status = ?2) AND (?1 IS NOT NULL OR status IN ('pending', 'running')) \
+             ORDER BY created_at DESC, id DESC"
+        ),
+        &[username.into(), status.into()],
+        first_of,
+    )
 }
 
-pub fn set_first_tasks(conn: &Connection, id: &str, tasks: &[String]) -> rusqlite::Result<()> {
-    conn.execute(
+pub fn set_first_tasks(db: &mut Db, id: &str, tasks: &[String]) -> Result<()> {
+    db.execute(
         "UPDATE first_batches SET task_ids = ?2 WHERE id = ?1",
-        params![id, tasks.join(",")],
+        &[id.into(), tasks.join(",").into()],
     )?;
     Ok(())
 }
 
 /// Ends a FIRST batch: `Ok(result)` completed, `Err(why)` failed.
 pub fn end_first(
-    conn: &Connection,
+    db: &mut Db,
     id: &str,
-    outcome: Result<String, String>,
+    outcome: std::result::Result<String, String>,
     now: i64,
-) -> rusqlite::Result<()> {
+) -> Result<()> {
     match outcome {
-        Ok(result) => conn.execute(
+        Ok(result) => db.execute(
             "UPDATE first_batches SET status = 'completed', completed_at = ?2, result = ?3 WHERE id = ?1",
-            params![id, now, result],
+            &[id.into(), now.into(), result.into()],
         ),
-        Err(why) => conn.execute(
+        Err(why) => db.execute(
             "UPDATE first_batches SET status = 'failed', failed_at = ?2, error = ?3 WHERE id = ?1",
-            params![id, now, why],
+            &[id.into(), now.into(), why.into()],
         ),
     }?;
+    Ok(())
+}
+
+/// Takes or renews the lease `name` for `holder` for `ttl_ms` (on the database's clock): true
+/// when `holder` has it, false while another holder's lease runs. PostgreSQL only: one SQLite
+/// file is one process's, whose runner takes a file lock instead.
+pub fn take_lease(db: &mut Db, name: &str, holder: &str, ttl_ms: i64) -> Result<bool> {
+    let taken = db.execute(
+        "INSERT INTO leases (name, holder, until_ms) \
+         VALUES (?1, ?2, (extract(epoch from clock_timestamp()) * 1000)::bigint + ?3) \
+         ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms \
+         WHERE leases.holder = EXCLUDED.holder \
+         OR leases.until_ms < (extract(epoch from clock_timestamp()) * 1000)::bigint",
+        &[name.into(), holder.into(), ttl_ms.into()],
+    )?;
+    Ok(taken == 1)
+}
+
+/// Gives the lease up, so that another replica need not wait for it to lapse.
+pub fn release_lease(db: &mut Db, name: &str, holder: &str) -> Result<()> {
+    db.execute(
+        "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+        &[name.into(), holder.into()],
+    )?;
     Ok(())
 }

@@ -92,7 +92,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
-    /// Where files and the batch database live (relative to this file's directory).
+    /// Where files and the batch database live (relative to this file's directory). With
+    /// `usage.store` in PostgreSQL the batch state is kept there too, and `dir` must be storage
+    /// every replica mounts at the same path.
     pub dir: PathBuf,
     /// Largest file a user may upload. Default 100 MiB.
     #[serde(default = "defaults::batch_max_file_bytes")]
@@ -114,6 +116,11 @@ pub struct BatchConfig {
     /// results. Without it every batch runs in the gateway.
     #[serde(default)]
     pub staging_dir: Option<PathBuf>,
+    /// With the state in PostgreSQL: how long the replica running batches holds its lease
+    /// without renewing it (it renews every third of this). Another replica resumes the
+    /// batches this long after the runner died. Default 30 s.
+    #[serde(default = "defaults::batch_lease", with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 /// Request limits.
@@ -918,6 +925,10 @@ mod defaults {
     pub fn endpoints() -> Vec<Endpoint> {
         Endpoint::DEFAULT.to_vec()
     }
+    pub fn batch_lease() -> std::time::Duration {
+        std::time::Duration::from_secs(30)
+    }
+
     pub fn redis_timeout() -> std::time::Duration {
         std::time::Duration::from_millis(50)
     }

@@ -171,7 +171,7 @@ fn open_sink(
 }
 
 /// The PostgreSQL password from the variable `usage.password_env` names.
-fn store_password(u: &config::UsageConfig) -> anyhow::Result<Option<String>> {
+pub fn store_password(u: &config::UsageConfig) -> anyhow::Result<Option<String>> {
     let Some(var) = &u.password_env else {
         return Ok(None);
     };

@@ -1,18 +1,16 @@
 //! Usage records in PostgreSQL (`usage.store: postgres://...`), shared by replicas. Used from
-//! the writer thread and the blocking pool only (the `postgres` crate is the blocking face of
-//! `tokio-postgres`): nothing here runs on the request path. A lost connection is dropped and
-//! made again on the next call, so the writer's retries with back-off also reconnect.
+//! the writer thread and the blocking pool only: nothing here runs on the request path. A lost
+//! connection is made again on the next call, so the writer's retries with back-off also
+//! reconnect.
 
 use super::{Totals, UsageRecord};
-use postgres::{Client, NoTls};
-use std::str::FromStr;
-use std::time::Duration;
+use crate::pg::PgConnection;
 
 /// The schema, one step per version (the `firstgate_schema` row says where a database is);
 /// steps only add, so replicas of the previous version keep working during an upgrade.
 const MIGRATIONS: &[&str] = &[
     // 1: the records, with every column SQLite's store has gathered over its versions.
-    "CREATE TABLE IF NOT EXISTS firstgate_usage (
+    "CREATE TABLE IF NOT EXISTS usage (
         request_id TEXT PRIMARY KEY,
         time_ms BIGINT NOT NULL,
         user_id TEXT NOT NULL,
@@ -38,57 +36,26 @@ const MIGRATIONS: &[&str] = &[
         loadtest BOOLEAN NOT NULL DEFAULT false,
         batch_id TEXT
     );
-    CREATE INDEX IF NOT EXISTS firstgate_usage_user_time ON firstgate_usage (username, time_ms);
-    CREATE INDEX IF NOT EXISTS firstgate_usage_model_time ON firstgate_usage (model, time_ms);",
+    CREATE INDEX IF NOT EXISTS usage_user_time ON usage (username, time_ms);
+    CREATE INDEX IF NOT EXISTS usage_model_time ON usage (model, time_ms);",
 ];
 
-/// One connection to the usage database, made when first needed and again after a failure.
-pub struct Postgres {
-    config: postgres::Config,
-    client: Option<Client>,
-}
+/// The usage database.
+pub struct Postgres(PgConnection);
 
 impl Postgres {
     /// Reads the URL (and the password, kept out of it); connects on first use.
     pub fn new(url: &str, password: Option<String>) -> anyhow::Result<Postgres> {
-        let mut config = postgres::Config::from_str(url)
-            .map_err(|e| anyhow::anyhow!("usage.store: not a PostgreSQL URL: {e}"))?;
-        if let Some(p) = password {
-            config.password(p);
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
-        }
-        config.application_name("firstgate");
-        Ok(Postgres {
-            config,
-            client: None,
-        })
+        PgConnection::new(url, password, "usage", MIGRATIONS)
+            .map(Postgres)
+            .map_err(|e| anyhow::anyhow!("usage.store: {e}"))
     }
 
-    /// The connection, made (and the schema brought up to date) if there is none.
-    fn client(&mut self) -> Result<&mut Client, postgres::Error> {
-        if self.client.as_ref().is_some_and(Client::is_closed) {
-            self.client = None;
-        }
-        if self.client.is_none() {
-            let mut client = self.config.connect(NoTls)?;
-            migrate(&mut client, "usage", MIGRATIONS)?;
-            self.client = Some(client);
-        }
-        Ok(self.client.as_mut().expect("just made"))
-    }
-
-    /// Runs `f` on the connection; a failure drops it, so the next call connects again.
     fn with<T>(
         &mut self,
-        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error>,
     ) -> Result<T, postgres::Error> {
-        let result = self.client().and_then(f);
-        if result.is_err() {
-            self.client = None;
-        }
-        result
+        self.0.with(f)
     }
 
     /// Connects and brings the schema up to date now (start-up), rather than on first use.
@@ -148,7 +115,7 @@ impl Postgres {
         let batch_id: Vec<Option<&str>> = records.iter().map(|r| r.batch_id.as_deref()).collect();
         self.with(|c| {
             c.execute(
-                "INSERT INTO firstgate_usage (request_id, time_ms, user_id, username, cluster, \
+                "INSERT INTO usage (request_id, time_ms, user_id, username, cluster, \
                  framework, model, endpoint, route, status, prompt_tokens, completion_tokens, \
                  total_tokens, ttft_ms, duration_ms, bytes_in, bytes_out, instance, cancelled, \
                  failed, tokens_unknown, trace_id, loadtest, batch_id) \
@@ -200,7 +167,7 @@ impl Postgres {
             c.query(
                 "SELECT username, model, COUNT(*)::int8, COALESCE(SUM(prompt_tokens), 0)::int8, \
                  COALESCE(SUM(completion_tokens), 0)::int8, COALESCE(SUM(total_tokens), 0)::int8 \
-                 FROM firstgate_usage WHERE time_ms >= $1 AND ($2::text IS NULL OR username = $2) \
+                 FROM usage WHERE time_ms >= $1 AND ($2::text IS NULL OR username = $2) \
                  AND ($3::text IS NULL OR model = $3) AND ($4::bool IS NULL OR loadtest = $4) \
                  GROUP BY username, model ORDER BY username, model",
                 &[&since_ms, &user, &model, &loadtest],
@@ -218,32 +185,4 @@ impl Postgres {
             })
             .collect())
     }
-}
-
-/// Applies the steps of `schema` the database has not had, in one transaction under an
-/// advisory lock, so replicas starting together migrate once.
-pub fn migrate(client: &mut Client, schema: &str, steps: &[&str]) -> Result<(), postgres::Error> {
-    let mut tx = client.transaction()?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('firstgate_schema'))",
-        &[],
-    )?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS firstgate_schema (name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
-    )?;
-    let version: i32 = tx
-        .query_opt(
-            "SELECT version FROM firstgate_schema WHERE name = $1",
-            &[&schema],
-        )?
-        .map_or(0, |r| r.get(0));
-    for step in steps.iter().skip(version as usize) {
-        tx.batch_execute(step)?;
-    }
-    tx.execute(
-        "INSERT INTO firstgate_schema (name, version) VALUES ($1, $2) \
-         ON CONFLICT (name) DO UPDATE SET version = GREATEST(firstgate_schema.version, $2)",
-        &[&schema, &(steps.len() as i32)],
-    )?;
-    tx.commit()
 }

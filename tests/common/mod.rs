@@ -399,3 +399,84 @@ pub async fn status_page(
         .expect("a port for the status page");
     (status, server)
 }
+
+/// A private Redis and PostgreSQL on loopback (`scripts/state-servers.sh`, Debian's servers),
+/// stopped when dropped.
+pub struct StateServers {
+    dir: tempfile::TempDir,
+    pub redis: String,
+    pub postgres: String,
+}
+
+fn state_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/state-servers.sh")
+}
+
+impl StateServers {
+    pub fn start() -> StateServers {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = Command::new(state_script())
+            .arg("start")
+            .arg(dir.path())
+            .arg(free_port().to_string())
+            .arg(free_port().to_string())
+            .output()
+            .expect("run scripts/state-servers.sh");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "Redis and PostgreSQL did not start (scripts/install-deps.sh --servers installs \
+             them):\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut urls = stdout.lines();
+        StateServers {
+            redis: urls.next().expect("the Redis URL").to_string(),
+            postgres: urls.next().expect("the PostgreSQL URL").to_string(),
+            dir,
+        }
+    }
+
+    /// `stop-redis` or `start-redis`.
+    pub fn redis(&self, action: &str) {
+        let status = Command::new(state_script())
+            .arg(action)
+            .arg(self.dir.path())
+            .status()
+            .expect("run scripts/state-servers.sh");
+        assert!(status.success(), "{action} failed");
+    }
+
+    /// Runs `redis-cli` with `args` against the Redis; its output lines.
+    pub fn redis_cli(&self, args: &[&str]) -> Vec<String> {
+        let port = self
+            .redis
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches("/0");
+        let out = Command::new("redis-cli")
+            .args(["-p", port])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Keys in Redis matching `pattern`.
+    pub fn redis_keys(&self, pattern: &str) -> Vec<String> {
+        self.redis_cli(&["--scan", "--pattern", pattern])
+    }
+}
+
+impl Drop for StateServers {
+    fn drop(&mut self) {
+        let _ = Command::new(state_script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
