@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The side-by-side benchmark: builds release, installs nginx (Debian package) if missing, and
-# runs firstgate-bench: the simulator directly, nginx, firstgate with auth and usage off, and
-# firstgate with everything on, on loopback. Arguments go to firstgate-bench (see --help),
+# runs firstgate-bench: the simulator directly, nginx, the bare Pingora proxy, firstgate with
+# auth and usage off, firstgate with everything on, and the same with its per-user limits in
+# a Redis started here on loopback (firstgate-redis; the Redis calls' p99 is printed at the
+# end), all on loopback. Arguments go to firstgate-bench (see --help),
 # e.g. `scripts/bench.sh --duration 2s --rates 1000 --streams 100` for a quick run.
 # Prints a table; JSON goes to target/bench/results.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+scripts/install-deps.sh --servers
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get install -y -q nginx-light || $SUDO apt-get install -y -q nginx
@@ -14,4 +16,11 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release --bins --example bare-proxy --example bare-proxy-tuned
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-exec target/release/firstgate-bench --nginx "$NGINX" "$@"
+state=target/bench/state
+mkdir -p target/bench
+trap 'scripts/state-servers.sh stop "$state"' EXIT
+# A port nothing listens on.
+port=$(shuf -i 20000-60000 -n 1)
+while (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$(shuf -i 20000-60000 -n 1); done
+redis=$(scripts/state-servers.sh start "$state" "$port")
+target/release/firstgate-bench --nginx "$NGINX" --redis "$redis" "$@"

@@ -3,7 +3,8 @@
 # replicas by hand), from Debian's packages (scripts/install-deps.sh --servers installs them).
 # Everything lives under DIR; nothing touches the system's own instances.
 #
-#   scripts/state-servers.sh start DIR REDIS_PORT PG_PORT   # both; prints the two URLs
+#   scripts/state-servers.sh start DIR REDIS_PORT [PG_PORT] # both (Redis alone without a
+#                                                           # PostgreSQL port); prints the URLs
 #   scripts/state-servers.sh stop DIR                       # both
 #   scripts/state-servers.sh stop-redis DIR                 # Redis only (an outage)
 #   scripts/state-servers.sh start-redis DIR                # Redis again, same port
@@ -14,6 +15,8 @@ set -euo pipefail
 
 cmd=${1:?usage: $0 start|stop|stop-redis|start-redis DIR [REDIS_PORT PG_PORT]}
 dir=${2:?the directory to keep the servers in}
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)   # absolute: the servers change directory
 
 pg_bin() {
   local v
@@ -80,16 +83,17 @@ stop_pg() {
 
 case "$cmd" in
   start)
-    mkdir -p "$dir"
     echo "${3:?the Redis port}" >"$dir/redis.port"
-    echo "${4:?the PostgreSQL port}" >"$dir/pg.port"
     start_redis
-    start_pg
     echo "redis://127.0.0.1:$3/0"
-    echo "postgres://firstgate@127.0.0.1:$4/firstgate"
+    if [ -n "${4:-}" ]; then
+      echo "$4" >"$dir/pg.port"
+      start_pg
+      echo "postgres://firstgate@127.0.0.1:$4/firstgate"
+    fi
     ;;
   stop) stop_redis; stop_pg ;;
   stop-redis) stop_redis ;;
   start-redis) start_redis ;;
-  *) echo "usage: $0 start|stop|stop-redis|start-redis DIR [REDIS_PORT PG_PORT]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|stop-redis|start-redis DIR [REDIS_PORT [PG_PORT]]" >&2; exit 2 ;;
 esac

@@ -251,7 +251,7 @@ async fn a_redis_outage_follows_on_error_and_ends_when_redis_returns() {
     assert_eq!(chat(&open, "tok-not-a-user", LLAMA).await.status(), 401);
     let metrics = open.metrics().await;
     assert!(
-        metric(&metrics, "firstgate_redis_errors_total{op=\"rate\"}") >= 1.0,
+        metric(&metrics, "firstgate_redis_errors_total{op=\"admit\"}") >= 1.0,
         "{metrics}"
     );
     assert_eq!(

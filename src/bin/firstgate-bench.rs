@@ -54,8 +54,12 @@ struct Cli {
     /// with the median CPU per request.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Redis for the firstgate-redis target: firstgate-full with per-user limits counted in
+    /// Redis (`state.redis`); `scripts/bench.sh` starts one. Without it that target is left out.
+    #[arg(long)]
+    redis: Option<String>,
     /// Only these targets (direct, nginx, pingora-bare, pingora-tuned, firstgate-lite,
-    /// firstgate-full); default all.
+    /// firstgate-full, firstgate-redis); default all.
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
     /// Keep the working directory (configurations and the gateways' logs) and print it.
@@ -464,6 +468,61 @@ async fn connection_metrics(admin: SocketAddr) -> Vec<String> {
         .collect()
 }
 
+/// The firstgate-redis gateway's histogram of its Redis calls (`firstgate_redis_seconds`):
+/// per operation, (upper bound, cumulative count) per bucket, in order.
+type RedisBuckets = std::collections::BTreeMap<String, Vec<(f64, f64)>>;
+
+async fn redis_buckets(admin: SocketAddr) -> RedisBuckets {
+    let mut ops = RedisBuckets::new();
+    let Ok(resp) = reqwest::get(format!("http://{admin}/metrics")).await else {
+        return ops;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("firstgate_redis_seconds_bucket{") else {
+            continue;
+        };
+        let label = |name: &str| rest.split(&format!("{name}=\"")).nth(1)?.split('"').next();
+        let (Some(le), Some(op)) = (label("le"), label("op")) else {
+            continue;
+        };
+        let count = line
+            .rsplit(' ')
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0.0);
+        let le = le.parse().unwrap_or(f64::INFINITY);
+        ops.entry(op.to_string()).or_default().push((le, count));
+    }
+    ops
+}
+
+/// Per operation, the calls between two snapshots and the bucket their 99th percentile falls
+/// in.
+fn redis_report(what: &str, before: &RedisBuckets, after: &RedisBuckets) {
+    println!("\nfirstgate-redis: Redis calls of the {what}, as the gateway timed them");
+    for (op, buckets) in after {
+        let old = |i: usize| before.get(op).and_then(|b| b.get(i)).map_or(0.0, |b| b.1);
+        let delta: Vec<(f64, f64)> = buckets
+            .iter()
+            .enumerate()
+            .map(|(i, (le, c))| (*le, c - old(i)))
+            .collect();
+        let total = delta.last().map_or(0.0, |b| b.1);
+        if total < 1.0 {
+            continue;
+        }
+        let p99 = delta
+            .iter()
+            .find(|(_, c)| *c >= total * 0.99)
+            .map_or(f64::INFINITY, |b| b.0);
+        println!(
+            "  {op:<16} {total:>10} calls, p99 <= {:.3} ms",
+            p99 * 1000.0
+        );
+    }
+}
+
 /// A transport error's kind, without addresses.
 fn error_kind(e: &reqwest::Error) -> String {
     let mut source: Option<&dyn std::error::Error> = Some(e);
@@ -634,6 +693,29 @@ async fn main() -> anyhow::Result<()> {
         &[("FG_BENCH_SECRET", "bench-secret")],
     )?;
     let (gw_lite, lite_addr, lite_admin) = start_gateway(&bin, &dir, "firstgate-lite", &lite, &[])?;
+    // Per-user limits far above the load, so that every request pays for them in Redis
+    // (a rate check and a request-in-flight slot) without being refused.
+    let redis_gw = match &cli.redis {
+        Some(url) => {
+            let shared = full.replace(
+                "limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n  max_concurrent_per_user: 0\n",
+                &format!(
+                    "limits:\n  requests_per_second: 1000000\n  ip_requests_per_second: 0\n  \
+                     max_concurrent_per_user: 1000000\nstate:\n  redis:\n    url: {url}\n"
+                ),
+            );
+            let (gw, addr, admin) = start_gateway(
+                &bin,
+                &dir,
+                "firstgate-redis",
+                &shared.replace("usage.db", "usage-redis.db"),
+                &[("FG_BENCH_SECRET", "bench-secret")],
+            )?;
+            wait_listening(addr, "firstgate (redis)").await?;
+            Some((gw, addr, admin))
+        }
+        None => None,
+    };
     let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, fast, real)?;
     let (bare, bare_addr) = start_bare(&bin, fast, real, false)?;
     let (tuned, tuned_addr) = start_bare(&bin, fast, real, true)?;
@@ -647,7 +729,7 @@ async fn main() -> anyhow::Result<()> {
         wait_listening(a, what).await?;
     }
 
-    let targets = [
+    let mut targets = vec![
         Target {
             name: "direct",
             base: format!("http://{fast}"),
@@ -703,6 +785,17 @@ async fn main() -> anyhow::Result<()> {
             admin: Some(full_admin),
         },
     ];
+    if let Some((gw, addr, admin)) = &redis_gw {
+        targets.push(Target {
+            name: "firstgate-redis",
+            base: format!("http://{addr}"),
+            fast: ("fast", ""),
+            real: ("real", ""),
+            pid: Some(gw.pid()),
+            token: Some("bench-token"),
+            admin: Some(*admin),
+        });
+    }
     // Direct to the realistic simulator needs its own base.
     let direct_real = Target {
         name: "direct",
@@ -743,12 +836,21 @@ async fn main() -> anyhow::Result<()> {
     // Direct streams go to the realistic simulator.
     let streams_of = |t: &Target| (t.name == "direct").then_some(&direct_real);
     let mut runs = Vec::new();
+    let redis_admin = redis_gw.as_ref().map(|(_, _, admin)| *admin);
+    // The Redis calls of the fixed-rate runs (latency), apart from the saturation's (queueing).
+    let (mut at_rates, mut after_rates) = (RedisBuckets::new(), RedisBuckets::new());
     for round in 1..=cli.rounds.max(1) {
         eprintln!("round {round} of {}", cli.rounds.max(1));
+        if let (Some(admin), 1) = (redis_admin, round) {
+            at_rates = redis_buckets(admin).await;
+        }
         for rate in &cli.rates {
             for t in &chosen {
                 runs.push(fixed_rate(&client, t, *rate, cli.duration).await);
             }
+        }
+        if let (Some(admin), 1) = (redis_admin, round) {
+            after_rates = redis_buckets(admin).await;
         }
         for t in &chosen {
             runs.push(saturation(&client, t, cli.concurrency, cli.duration).await);
@@ -775,7 +877,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     report(&results, &cli.out)?;
-    drop((gw_full, gw_lite, ngx, bare, tuned));
+    if let Some(admin) = redis_admin {
+        redis_report("first round's fixed rates", &at_rates, &after_rates);
+        redis_report(
+            "whole run",
+            &RedisBuckets::new(),
+            &redis_buckets(admin).await,
+        );
+    }
+    drop((gw_full, gw_lite, ngx, bare, tuned, redis_gw));
     if cli.keep {
         println!("working directory kept: {}", dir.display());
     } else {

@@ -1396,4 +1396,49 @@ clusters:
         assert_eq!(c.upstream.read_timeout, Duration::from_secs(300));
         assert_eq!(c.upstream.connect_timeout, Duration::from_millis(250));
     }
+
+    #[test]
+    fn shared_state_urls_carry_no_password_and_name_their_scheme() {
+        let c = parse_str(&format!(
+            "usage:\n  store: postgres://firstgate@db:5432/firstgate\n\
+             state:\n  redis:\n    url: redis://cache:6379/0\n{GOOD}"
+        ))
+        .unwrap();
+        let pg = UsageStore::Postgres("postgres://firstgate@db:5432/firstgate".into());
+        assert_eq!(c.usage.store, Some(pg));
+        let redis = c.state.redis.unwrap();
+        assert_eq!(redis.on_error, OnRedisError::Open);
+        assert_eq!(redis.timeout, Duration::from_millis(50));
+        // A file store is still relative to the configuration's directory.
+        let c = parse(
+            Path::new("/etc/fg/gateway.yaml"),
+            &format!("usage:\n  store: usage.db\n{GOOD}"),
+        )
+        .unwrap();
+        let file = UsageStore::File(PathBuf::from("/etc/fg/usage.db"));
+        assert_eq!(c.usage.store, Some(file));
+
+        for (yaml, says) in [
+            (
+                "usage:\n  store: postgres://firstgate:hunter2@db/firstgate\n",
+                "usage.store: must not contain a password",
+            ),
+            (
+                "state:\n  redis:\n    url: redis://:hunter2@cache:6379\n",
+                "state.redis.url: must not contain a password",
+            ),
+            (
+                "state:\n  redis:\n    url: http://cache:6379\n",
+                "must start with redis://",
+            ),
+            (
+                "state:\n  redis:\n    url: redis://cache\n    on_error: maybe\n",
+                "on_error",
+            ),
+        ] {
+            let e = parse_str(&format!("{yaml}{GOOD}")).unwrap_err().to_string();
+            assert!(e.contains(says), "{yaml}: {e}");
+            assert!(!e.contains("hunter2"), "the password is repeated: {e}");
+        }
+    }
 }

@@ -88,8 +88,9 @@ impl Gateway {
         Ok(Outcome::Proxy)
     }
 
-    /// What may still refuse a request its deployment could serve (maintenance, the user's
-    /// requests in flight, the token limits); then it counts as the model's demand.
+    /// What may still refuse a request its deployment could serve (maintenance, the token
+    /// limits; the user's rate and requests in flight were counted before routing); then it
+    /// counts as the model's demand.
     async fn admit(
         &self,
         ctx: &mut RequestCtx,
@@ -103,9 +104,6 @@ impl Gateway {
         }
         let limits = &self.accounting.limits;
         let exempt = self.exempt(identity);
-        if self.auth.is_enforcing() && !exempt && ctx.request.batch_id.is_none() {
-            ctx.target.user_slot = self.limited(limits.begin_request(&identity.username).await)?;
-        }
         // About four bytes of prompt per token, plus what the answer may use.
         let estimate = (body_len as u64 / 4).saturating_add(
             control

@@ -90,7 +90,11 @@ impl Gateway {
         let exempt = self.exempt(&identity);
         // Without authentication every client is the same user: no per-user request limits.
         if self.auth.is_enforcing() && !exempt && ctx.request.batch_id.is_none() {
-            self.limited(self.accounting.limits.check_user(&identity.username).await)?;
+            // An inference request also holds one of the user's requests in flight.
+            let slot = matches!(route, Route::Inference { .. });
+            let limits = &self.accounting.limits;
+            ctx.target.user_slot =
+                self.limited(limits.admit_user(&identity.username, slot).await)?;
         }
         // Only those spared the limits may keep their requests out of usage reports.
         ctx.request.loadtest &= exempt;

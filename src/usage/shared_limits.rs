@@ -4,7 +4,8 @@
 //!
 //! - requests per second (per user, per address): GCRA, one key per user or address holding
 //!   its "theoretical arrival time"; the same burst as the in-process limiter;
-//! - requests in flight per user: a sorted set of slots scored by their expiry; a replica
+//! - requests in flight per user: a sorted set of slots scored by their expiry, taken in the
+//!   same script as the user's rate check (one round trip per request for both); a replica
 //!   renews the slots it holds every third of `slot_ttl`, so a replica killed with `kill -9`
 //!   leaks its slots for at most `slot_ttl`;
 //! - tokens per minute: one counter per budget and window, expiring after two windows; a
@@ -46,18 +47,33 @@ return 0
     )
 });
 
-/// A request-in-flight slot. KEYS[1]: the user's set. ARGV: the most slots, the slot's
-/// name, its time to live in ms. Returns 1 when taken, 0 when the user holds the most.
-static TAKE_SLOT: LazyLock<Script> = LazyLock::new(|| {
+/// A user's request: GCRA on their rate (when KEYS[1] is given, as RATE), then a request-in-
+/// flight slot (when KEYS[2] is given: the user's set). ARGV: emission interval (µs) and
+/// burst, the most slots, the slot's name, its time to live in ms. Returns 0 when admitted,
+/// -1 when the user holds the most slots, else the µs to wait for the rate.
+static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if KEYS[1] ~= '' then
+  local interval = tonumber(ARGV[1])
+  local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local over = new_tat - now - tonumber(ARGV[2]) * interval
+  if over > 0 then return over end
+  redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+end
+if KEYS[2] ~= '' then
+  local ms = math.floor(now / 1000)
+  local ttl = tonumber(ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms)
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
+  redis.call('ZADD', KEYS[2], ms + ttl, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return 0
 ",
     )
 });
@@ -169,16 +185,34 @@ impl Limiter {
         }
     }
 
-    /// Counts a request of `user` against the per-user rate, or refuses it.
-    pub async fn check_user(&self, user: &str) -> Result<(), Limited> {
-        let rps = self.local.settings().user_rps;
-        if let (Some(shared), true) = (&self.shared, rps > 0) {
-            let answer = shared.rate(&format!("rps:u:{user}"), rps, rps).await;
-            if let Some(wait) = self.or_local(&shared.state, answer)? {
-                return wait.map_or(Ok(()), |w| Err(too_fast(rps, w)));
+    /// Counts a request of `user` against the per-user rate and, with `slot`, holds one of
+    /// their requests in flight until the permit is dropped; or refuses (in Redis: one round
+    /// trip for both).
+    pub async fn admit_user(
+        &self,
+        user: &str,
+        slot: bool,
+    ) -> Result<Option<InFlightPermit>, Limited> {
+        let s = self.local.settings();
+        let max = if slot { s.max_in_flight } else { 0 };
+        if s.user_rps == 0 && max == 0 {
+            return Ok(None);
+        }
+        if let Some(shared) = &self.shared {
+            let answer = shared.admit(user, s.user_rps, max).await;
+            if let Some(admitted) = self.or_local(&shared.state, answer)? {
+                return match admitted {
+                    Admitted::Yes(slot) => Ok(slot.map(InFlightPermit::Shared)),
+                    Admitted::TooFast(wait) => Err(too_fast(s.user_rps, wait)),
+                    Admitted::TooMany => Err(too_many_in_flight(max)),
+                };
             }
         }
-        self.local.check_user(user)
+        self.local.check_user(user)?;
+        if max == 0 {
+            return Ok(None);
+        }
+        Ok(self.local.begin_request(user)?.map(InFlightPermit::Local))
     }
 
     /// Counts a request from `ip` against the per-address rate, or refuses it.
@@ -237,24 +271,6 @@ impl Limiter {
         }
     }
 
-    /// Holds one of the user's requests in flight until the permit is dropped.
-    pub async fn begin_request(&self, user: &str) -> Result<Option<InFlightPermit>, Limited> {
-        let max = self.local.settings().max_in_flight;
-        if max == 0 {
-            return Ok(None);
-        }
-        if let Some(shared) = &self.shared {
-            let answer = shared.take_slot(user, max).await;
-            if let Some(slot) = self.or_local(&shared.state, answer)? {
-                return match slot {
-                    Some(slot) => Ok(Some(InFlightPermit::Shared(slot))),
-                    None => Err(too_many_in_flight(max)),
-                };
-            }
-        }
-        Ok(self.local.begin_request(user)?.map(InFlightPermit::Local))
-    }
-
     /// Applies new limits (a configuration reload); requests in flight and tokens counted in
     /// the current window stay counted.
     pub fn reconfigure(&self, settings: LimitSettings) {
@@ -280,6 +296,16 @@ impl Limiter {
 
 /// The `limit` of a refusal because Redis cannot answer (`on_error: closed`): a 503.
 pub const UNAVAILABLE: &str = "limits_unavailable";
+
+/// Redis's answer to a user's request.
+enum Admitted {
+    /// Admitted, with its slot when one was asked for.
+    Yes(Option<SharedSlot>),
+    /// Over the rate: the time to wait.
+    TooFast(Duration),
+    /// Holding the most requests in flight.
+    TooMany,
+}
 
 /// The counters in Redis.
 struct RedisLimits {
@@ -372,21 +398,35 @@ impl RedisLimits {
         Ok((wait > 0).then(|| Duration::from_micros(wait)))
     }
 
-    /// Takes a slot of `user`'s, unless they hold `max`: `None` then.
-    async fn take_slot(&self, user: &str, max: u32) -> Result<Option<SharedSlot>, Unavailable> {
-        let set = self.state.key(&format!("inflight:{user}"));
+    /// A request of `user`'s: counted against `rps` (0: none), and given a slot unless they
+    /// hold `max` (0: no slot).
+    async fn admit(&self, user: &str, rps: u32, max: u32) -> Result<Admitted, Unavailable> {
+        let rate_key = if rps > 0 {
+            self.state.key(&format!("rps:u:{user}"))
+        } else {
+            String::new()
+        };
+        let set = if max > 0 {
+            self.state.key(&format!("inflight:{user}"))
+        } else {
+            String::new()
+        };
         let name = format!(
             "{}:{}",
             self.replica,
             self.next_slot.fetch_add(1, Ordering::Relaxed)
         );
+        let interval = 1_000_000 / u64::from(rps.max(1));
         let ttl = self.state.slot_ttl.as_millis() as u64;
         let (s, n) = (set.clone(), name.clone());
-        let taken: i64 = self
+        let answer: i64 = self
             .state
-            .call("take_slot", |mut conn| async move {
-                TAKE_SLOT
+            .call("admit", |mut conn| async move {
+                ADMIT
+                    .key(rate_key)
                     .key(s)
+                    .arg(interval)
+                    .arg(rps)
                     .arg(max)
                     .arg(n)
                     .arg(ttl)
@@ -394,19 +434,23 @@ impl RedisLimits {
                     .await
             })
             .await?;
-        if taken == 0 {
-            return Ok(None);
-        }
-        self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.clone(), set.clone());
-        Ok(Some(SharedSlot {
-            name,
-            set,
-            held: self.held.clone(),
-            state: self.state.clone(),
-        }))
+        Ok(match answer {
+            -1 => Admitted::TooMany,
+            0 if max == 0 => Admitted::Yes(None),
+            0 => {
+                self.held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.clone(), set.clone());
+                Admitted::Yes(Some(SharedSlot {
+                    name,
+                    set,
+                    held: self.held.clone(),
+                    state: self.state.clone(),
+                }))
+            }
+            wait => Admitted::TooFast(Duration::from_micros(wait.unsigned_abs())),
+        })
     }
 
     /// Renews every slot this replica holds (one call).
