@@ -7,6 +7,8 @@
 #   python3, python3-venv, nodejs, npm (each only when the command is missing), curl
 # With --servers, also the servers the scale-out tests run on loopback (scripts/state-servers.sh):
 #   redis-server, postgresql
+# With --browser, also what scripts/admin-page.sh drives the operator's page with:
+#   chromium, chromium-driver, python3-selenium (Debian's own; nothing is downloaded elsewhere)
 
 # Idempotent and quiet when everything is already there; safe under CI (no stdin).
 set -euo pipefail
@@ -17,6 +19,11 @@ for pkg in cmake pkg-config libssl-dev build-essential; do
 done
 if [ "${1:-}" = "--servers" ]; then
   for pkg in redis-server postgresql; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+  done
+fi
+if [ "${1:-}" = "--browser" ]; then
+  for pkg in chromium chromium-driver python3-selenium curl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
   done
 fi

@@ -371,7 +371,7 @@ firstgate demo — gateway and simulated clusters on this machine
 
   API        {api}/v1                      (OpenAI layout, the gateway picks the cluster)
              {api}/resource_server/sophia/vllm/v1   (FIRST layout)
-{https}  Admin      {admin}/health   {admin}/ready   {admin}/metrics   {admin}/maintenance
+{https}  Admin      {admin}/  (the operator's page)   {admin}/health   {admin}/metrics   {admin}/maintenance
   Models
 {models}
 {auth}

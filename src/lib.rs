@@ -20,6 +20,7 @@
 //! assembled), `pem` and `outbound` (shared by clients of other services), and with the `sim`
 //! feature, `sim` (simulators of vLLM and Globus) and `demo` (everything on one machine).
 
+pub mod activity;
 pub mod admin;
 pub mod auth;
 pub mod batch;
@@ -43,6 +44,7 @@ pub mod reload;
 pub mod server;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod sql;
 pub mod state;
 pub mod trace_context;
 pub mod usage;

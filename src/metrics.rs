@@ -22,6 +22,8 @@ const ROUTES: [&str; 3] = ["local", "direct", "compute"];
 
 pub struct Metrics {
     registry: Registry,
+    /// Recent refusals and scale actions for the operator's page (not exported).
+    pub activity: crate::activity::Activity,
     /// Requests by cluster, model and HTTP status.
     pub requests: IntCounterVec,
     /// Whole-request duration.
@@ -131,6 +133,7 @@ impl Metrics {
             &["outcome"],
         );
         Metrics {
+            activity: Default::default(),
             overhead_by_route: ROUTES.map(|r| overhead.with_label_values(&[r])),
             auth_cache_hits: auth_cache.with_label_values(&["hit"]),
             overhead,

@@ -44,6 +44,17 @@ pub struct ConfigReloader {
     metrics: Arc<Metrics>,
     /// One reload at a time.
     busy: tokio::sync::Mutex<()>,
+    /// What the operator's page shows of the file's history.
+    history: Mutex<History>,
+}
+
+/// The version in force (1 at start, one more per applied reload), when it was loaded (Unix
+/// seconds), and the last refused reload (when, why).
+#[derive(Debug, Clone)]
+struct History {
+    version: u64,
+    loaded_at: u64,
+    refused: Option<(u64, String)>,
 }
 
 impl ConfigReloader {
@@ -63,7 +74,32 @@ impl ConfigReloader {
             fetches_groups,
             metrics,
             busy: tokio::sync::Mutex::new(()),
+            history: Mutex::new(History {
+                version: 1,
+                loaded_at: crate::activity::unix_now(),
+                refused: None,
+            }),
         }
+    }
+
+    /// The configuration file, its version in force, when that was loaded, and the last
+    /// refused reload (for the operator's page).
+    pub fn status(&self) -> serde_json::Value {
+        let History {
+            version,
+            loaded_at,
+            refused,
+        } = self
+            .history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        serde_json::json!({
+            "file": self.path.as_ref().map_or("(built in)".into(), |p| p.display().to_string()),
+            "version": version,
+            "loaded_at": loaded_at,
+            "last_reload": refused.map(|(at, why)| serde_json::json!({"at": at, "refused": why})),
+        })
     }
 
     /// Reads, checks and applies the file; on any error the running configuration stays.
@@ -71,6 +107,17 @@ impl ConfigReloader {
         let _one = self.busy.lock().await;
         let result = self.try_reload().await;
         let label = if result.is_ok() { "applied" } else { "refused" };
+        {
+            let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            let now = crate::activity::unix_now();
+            match &result {
+                Ok(_) => {
+                    h.version += 1;
+                    h.loaded_at = now;
+                }
+                Err(e) => h.refused = Some((now, e.clone())),
+            }
+        }
         self.metrics
             .config_reloads
             .with_label_values(&[label])

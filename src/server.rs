@@ -4,7 +4,7 @@
 //! backend monitor, the policies' file watcher and scale runner, Globus Compute's task poller
 //! and cluster lifecycle, the edge reloader and the drainer).
 
-use crate::admin::AdminApp;
+use crate::admin::{AdminApp, OperatorPage};
 use crate::auth::persist::VerdictKeeper;
 use crate::auth::Authenticator;
 use crate::batch::{BatchRunner, Batches, FirstBatchWatcher, Places};
@@ -371,7 +371,7 @@ fn proxy_service(
     Ok(service)
 }
 
-/// The admin listener: health, readiness, metrics, draining, maintenance.
+/// The admin listener: health, readiness, metrics, draining, maintenance, the operator's page.
 fn admin_service(
     config: &Config,
     parts: &Parts,
@@ -381,6 +381,16 @@ fn admin_service(
         Some(var) => Some(secret_from(var, "admin.token_env")?),
         None => None,
     };
+    let page = OperatorPage::new(
+        parts.catalog.clone(),
+        parts.maintenance.clone(),
+        parts.drain.clone(),
+        parts.metrics.clone(),
+        parts.policies.clone(),
+        reloader.clone(),
+        parts.accounting.clone(),
+        parts.compute.clone(),
+    );
     let app = AdminApp::new(
         parts.metrics.clone(),
         parts.drain.clone(),
@@ -388,6 +398,7 @@ fn admin_service(
         config.clusters.keys().cloned().collect(),
         token,
         reloader,
+        page,
     );
     let mut service = Service::new("firstgate admin".to_string(), app);
     service.add_tcp(&config.admin_listen.to_string());

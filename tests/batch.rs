@@ -274,8 +274,17 @@ async fn replicas_share_batches_and_one_resumes_them_when_the_runner_dies() {
     let mut a = Gateway::start(&body).await;
     let id = running_batch(&a, 100, 3).await;
     let b = Gateway::start(&body).await;
-    // Any replica answers for any batch ...
+    // Any replica answers for any batch, and lists them ...
     assert_eq!(batch(&b, &id).await["id"], id.as_str());
+    for list in ["/v1/batches?limit=5", "/v1/files?purpose=batch"] {
+        let resp = b.get(list).bearer_auth("tok").send().await.unwrap();
+        let (status, v) = status_json(resp).await;
+        assert_eq!(
+            (status, v["data"].as_array().map(Vec::len)),
+            (200, Some(1)),
+            "{list}: {v}"
+        );
+    }
     // ... and a cancel through B stops the batch A runs.
     let other = running_batch(&b, 16, 1).await;
     let resp = b

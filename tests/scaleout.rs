@@ -327,6 +327,14 @@ async fn both_replicas_write_usage_to_postgres_and_a_killed_one_keeps_its_commit
     let report = usage_report(&b);
     assert_eq!(report[0]["username"], "alice@anl.gov", "{report}");
     assert!(report[0]["total_tokens"].as_u64().unwrap() > 0, "{report}");
+    // ... in the operator's page of either replica (read from PostgreSQL) ...
+    let (_, summary) = status_json(
+        reqwest::get(b.admin_url("/api/usage?window=1h"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(summary["total"]["requests"], 5, "{summary}");
     // ... and in what each replica answers the user.
     for gw in [&a, &b] {
         wait_for("everyone's totals on each replica", || async {

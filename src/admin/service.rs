@@ -5,6 +5,8 @@
 //! - `GET /ready`: 200 while it takes traffic, 503 once draining, with the reason (readiness).
 //! - `POST /drain`: turn not-ready ahead of a shutdown (a Kubernetes preStop hook);
 //!   `DELETE /drain` undoes it (not once shutdown started).
+//! - `GET /`: the operator's page; `GET /api/state`, `GET /api/usage?window=`: its JSON
+//!   (see `page.rs`).
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /maintenance`: what is under maintenance.
 //! - `PUT /maintenance` `{"message": "...", "cluster": "sophia"}`: switch it on, for one
@@ -17,6 +19,7 @@
 //! `admin.token_env` set, `Authorization: Bearer <that token>`. Reads stay open, for probes and
 //! Prometheus.
 
+use super::page::{OperatorPage, PAGE};
 use crate::edge::{DrainState, Maintenance};
 use crate::metrics::Metrics;
 use crate::reload::ConfigReloader;
@@ -41,6 +44,8 @@ pub struct AdminApp {
     token: Option<[u8; 32]>,
     /// `POST /reload`.
     reloader: Arc<ConfigReloader>,
+    /// `GET /` and the JSON it reads.
+    page: OperatorPage,
 }
 
 impl AdminApp {
@@ -51,6 +56,7 @@ impl AdminApp {
         clusters: Vec<String>,
         token: Option<String>,
         reloader: Arc<ConfigReloader>,
+        page: OperatorPage,
     ) -> Self {
         AdminApp {
             metrics,
@@ -59,6 +65,7 @@ impl AdminApp {
             clusters,
             token: token.map(|t| Sha256::digest(t.as_bytes()).into()),
             reloader,
+            page,
         }
     }
 
@@ -158,6 +165,13 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
     reply(status, JSON, body.to_string().into_bytes())
 }
 
+/// The query parameter `name`, decoded.
+fn req_query(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
 fn status(code: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
     reply(code, JSON, body.to_string().into_bytes())
 }
@@ -168,11 +182,8 @@ impl ServeHttp for AdminApp {
         let req = session.req_header();
         let method = req.method.clone();
         let path = req.uri.path().to_string();
-        let cluster = req.uri.query().and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("cluster="))
-                .map(str::to_owned)
-        });
+        let query = req.uri.query().unwrap_or_default().to_string();
+        let cluster = req_query(&query, "cluster");
         let changes = matches!(method, Method::POST | Method::PUT | Method::DELETE);
         if changes && matches!(path.as_str(), "/drain" | "/maintenance" | "/reload") {
             if let Some(refusal) = self.refuse_change(req) {
@@ -180,6 +191,28 @@ impl ServeHttp for AdminApp {
             }
         }
         match (method, path.as_str()) {
+            (Method::GET, "/") => {
+                let mut page = reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.into());
+                // Its own script and styles only; never framed (its buttons change state).
+                let headers = page.headers_mut();
+                headers.insert(
+                    "content-security-policy",
+                    http::HeaderValue::from_static(
+                        "default-src 'self'; script-src 'unsafe-inline'; \
+                         style-src 'unsafe-inline'; frame-ancestors 'none'",
+                    ),
+                );
+                headers.insert("x-frame-options", http::HeaderValue::from_static("DENY"));
+                page
+            }
+            (Method::GET, "/api/state") => status(StatusCode::OK, self.page.state()),
+            (Method::GET, "/api/usage") => {
+                let window = req_query(&query, "window");
+                match self.page.usage(window.as_deref()).await {
+                    Ok(v) => status(StatusCode::OK, v),
+                    Err(e) => error(StatusCode::BAD_REQUEST, "invalid_window", &e),
+                }
+            }
             (Method::GET, "/health") => status(StatusCode::OK, serde_json::json!({"status": "ok"})),
             (Method::GET, "/ready") => self.readiness(),
             (Method::POST, "/drain") => {
@@ -259,7 +292,7 @@ impl ServeHttp for AdminApp {
             _ => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "Not found. The admin listener serves /health, /ready, /drain, /metrics, /maintenance and /reload.",
+                "Not found. The admin listener serves / (the operator's page), /api/state, /api/usage, /health, /ready, /drain, /metrics, /maintenance and /reload.",
             ),
         }
     }

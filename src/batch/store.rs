@@ -5,8 +5,7 @@
 //! placeholders, and run on either database.
 
 use crate::pg::PgConnection;
-use postgres::types::{IsNull, ToSql, Type};
-use rusqlite::types::ToSqlOutput;
+pub use crate::sql::{Cols, Db, Result, StoreError, Val};
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -131,222 +130,6 @@ const PG_MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS files (
         holder TEXT NOT NULL,
         until_ms BIGINT NOT NULL
     );"];
-
-/// A failed statement (either database's error, as text).
-#[derive(Debug)]
-pub struct StoreError(String);
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for StoreError {}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
-    }
-}
-
-impl From<postgres::Error> for StoreError {
-    fn from(e: postgres::Error) -> Self {
-        StoreError(e.to_string())
-    }
-}
-
-pub type Result<T> = std::result::Result<T, StoreError>;
-
-/// A statement's parameter, for either database.
-#[derive(Debug, Clone)]
-pub enum Val {
-    Int(i64),
-    Text(String),
-    Null,
-}
-
-impl From<i64> for Val {
-    fn from(n: i64) -> Val {
-        Val::Int(n)
-    }
-}
-
-impl From<u64> for Val {
-    fn from(n: u64) -> Val {
-        Val::Int(i64::try_from(n).unwrap_or(i64::MAX))
-    }
-}
-
-impl From<&str> for Val {
-    fn from(s: &str) -> Val {
-        Val::Text(s.to_string())
-    }
-}
-
-impl From<&String> for Val {
-    fn from(s: &String) -> Val {
-        Val::Text(s.clone())
-    }
-}
-
-impl From<String> for Val {
-    fn from(s: String) -> Val {
-        Val::Text(s)
-    }
-}
-
-impl<T: Into<Val>> From<Option<T>> for Val {
-    fn from(v: Option<T>) -> Val {
-        v.map_or(Val::Null, Into::into)
-    }
-}
-
-impl rusqlite::ToSql for Val {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(match self {
-            Val::Int(n) => ToSqlOutput::from(*n),
-            Val::Text(s) => ToSqlOutput::from(s.as_str()),
-            Val::Null => ToSqlOutput::from(rusqlite::types::Null),
-        })
-    }
-}
-
-impl ToSql for Val {
-    fn to_sql(
-        &self,
-        ty: &Type,
-        out: &mut bytes::BytesMut,
-    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match self {
-            Val::Int(n) if *ty == Type::INT4 => i32::try_from(*n)?.to_sql(ty, out),
-            Val::Int(n) => n.to_sql(ty, out),
-            Val::Text(s) => s.to_sql(ty, out),
-            Val::Null => Ok(IsNull::Yes),
-        }
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        <i64 as ToSql>::accepts(ty) || <i32 as ToSql>::accepts(ty) || <String as ToSql>::accepts(ty)
-    }
-
-    postgres::types::to_sql_checked!();
-}
-
-/// A row's columns, from either database.
-pub trait Cols {
-    fn text(&self, i: usize) -> Result<String>;
-    fn opt_text(&self, i: usize) -> Result<Option<String>>;
-    fn int(&self, i: usize) -> Result<i64>;
-    fn opt_int(&self, i: usize) -> Result<Option<i64>>;
-}
-
-impl Cols for rusqlite::Row<'_> {
-    fn text(&self, i: usize) -> Result<String> {
-        Ok(self.get(i)?)
-    }
-    fn opt_text(&self, i: usize) -> Result<Option<String>> {
-        Ok(self.get(i)?)
-    }
-    fn int(&self, i: usize) -> Result<i64> {
-        Ok(self.get(i)?)
-    }
-    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
-        Ok(self.get(i)?)
-    }
-}
-
-impl Cols for postgres::Row {
-    fn text(&self, i: usize) -> Result<String> {
-        Ok(self.try_get(i)?)
-    }
-    fn opt_text(&self, i: usize) -> Result<Option<String>> {
-        Ok(self.try_get(i)?)
-    }
-    fn int(&self, i: usize) -> Result<i64> {
-        Ok(self.try_get(i)?)
-    }
-    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
-        Ok(self.try_get(i)?)
-    }
-}
-
-/// The database of the batch state.
-pub enum Db {
-    Sqlite(Connection),
-    Postgres(Box<PgConnection>),
-}
-
-impl Db {
-    /// Runs a statement; the rows it changed.
-    pub fn execute(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
-        match self {
-            Db::Sqlite(c) => Ok(c.execute(sql, rusqlite::params_from_iter(params))? as u64),
-            Db::Postgres(pg) => {
-                let sql = dollars(sql);
-                let refs: Vec<&(dyn ToSql + Sync)> =
-                    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-                Ok(pg.with(|c| c.execute(&sql, &refs))?)
-            }
-        }
-    }
-
-    /// Runs a query, reading each row with `read`.
-    pub fn query<T>(
-        &mut self,
-        sql: &str,
-        params: &[Val],
-        read: fn(&dyn Cols) -> Result<T>,
-    ) -> Result<Vec<T>> {
-        match self {
-            Db::Sqlite(c) => {
-                let mut stmt = c.prepare_cached(sql)?;
-                let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
-                let mut out = Vec::new();
-                while let Some(row) = rows.next()? {
-                    out.push(read(row)?);
-                }
-                Ok(out)
-            }
-            Db::Postgres(pg) => {
-                let sql = dollars(sql);
-                let refs: Vec<&(dyn ToSql + Sync)> =
-                    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-                let rows = pg.with(|c| c.query(&sql, &refs))?;
-                rows.iter().map(|r| read(r)).collect()
-            }
-        }
-    }
-
-    /// The first row of a query, if any.
-    fn query_opt<T>(
-        &mut self,
-        sql: &str,
-        params: &[Val],
-        read: fn(&dyn Cols) -> Result<T>,
-    ) -> Result<Option<T>> {
-        Ok(self.query(sql, params, read)?.into_iter().next())
-    }
-
-    /// Whether several processes share this database (PostgreSQL).
-    pub fn is_shared(&self) -> bool {
-        matches!(self, Db::Postgres(_))
-    }
-}
-
-/// SQLite's `?N` placeholders as PostgreSQL's `$N`.
-fn dollars(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
-            out.push('$');
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// An uploaded (or produced) file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -504,8 +287,8 @@ pub fn files(
 ) -> Result<Vec<FileRow>> {
     db.query(
         &format!(
-            "SELECT {FILE_COLUMNS} FROM files WHERE owner = ?1 AND (?2 IS NULL OR purpose = ?2) \
-             AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4"
+            "SELECT {FILE_COLUMNS} FROM files WHERE owner = ?1 AND (CAST(?2 AS TEXT) IS NULL OR purpose = ?2) \
+             AND (CAST(?3 AS TEXT) IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4"
         ),
         &[
             owner.into(),
@@ -540,7 +323,7 @@ fn batch_of(r: &dyn Cols) -> Result<BatchRow> {
         Ok(r.opt_text(i)?.and_then(|s| serde_json::from_str(&s).ok()))
     };
     let owner = serde_json::from_str(&r.text(1)?)
-        .map_err(|e| StoreError(format!("a batch's owner does not read back: {e}")))?;
+        .map_err(|e| StoreError::new(format!("a batch's owner does not read back: {e}")))?;
     Ok(BatchRow {
         id: r.text(0)?,
         owner,
@@ -607,7 +390,7 @@ pub fn batches(
 ) -> Result<Vec<BatchRow>> {
     db.query(
         &format!(
-            "SELECT {BATCH_COLUMNS} FROM batches WHERE owner = ?1 AND (?2 IS NULL OR id < ?2) \
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE owner = ?1 AND (CAST(?2 AS TEXT) IS NULL OR id < ?2) \
              ORDER BY id DESC LIMIT ?3"
         ),
         &[owner.into(), after.into(), (limit as u64).into()],
@@ -795,8 +578,8 @@ pub fn firsts(
 ) -> Result<Vec<FirstBatchRow>> {
     db.query(
         &format!(
-            "SELECT {FIRST_COLUMNS} FROM first_batches WHERE (?1 IS NULL OR username = ?1) \
-             AND (?2 IS NULL OR status = ?2) AND (?1 IS NOT NULL OR status IN ('pending', 'running')) \
+            "SELECT {FIRST_COLUMNS} FROM first_batches WHERE (CAST(?1 AS TEXT) IS NULL OR username = ?1) \
+             AND (CAST(?2 AS TEXT) IS NULL OR status = ?2) AND (CAST(?1 AS TEXT) IS NOT NULL OR status IN ('pending', 'running')) \
              ORDER BY created_at DESC, id DESC"
         ),
         &[username.into(), status.into()],

@@ -102,6 +102,15 @@ pub struct PolicyStore {
     /// What each file held when last read (its text, or why it could not be read), to
     /// notice edits.
     seen: Mutex<Vec<Option<Result<String, String>>>>,
+    /// Per file: when its version in force was loaded, and its last refused edit.
+    history: Mutex<Vec<FileHistory>>,
+}
+
+/// When a policy file's version in force was loaded (Unix seconds), and its last refused edit.
+#[derive(Debug, Clone, Default)]
+struct FileHistory {
+    loaded_at: u64,
+    refused: Option<(u64, String)>,
 }
 
 impl PolicyStore {
@@ -124,11 +133,34 @@ impl PolicyStore {
             policies.set(*hook, Script::compile(path, &source, hook.signature())?);
             seen.push(Some(Ok(source)));
         }
+        let loaded = FileHistory {
+            loaded_at: crate::activity::unix_now(),
+            refused: None,
+        };
         Ok(PolicyStore {
             current: ArcSwap::from_pointee(policies),
+            history: Mutex::new(vec![loaded; files.len()]),
             files,
             seen: Mutex::new(seen),
         })
+    }
+
+    /// Each policy file: its hook, path, the version in force (counted over all files), when
+    /// it was loaded and its last refused edit (for the operator's page).
+    pub fn status(&self) -> Vec<serde_json::Value> {
+        let version = self.current.load().version;
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        self.files
+            .iter()
+            .zip(history.iter())
+            .map(|((hook, path), h)| {
+                serde_json::json!({
+                    "hook": hook.name(), "file": path.display().to_string(), "version": version,
+                    "loaded_at": h.loaded_at,
+                    "refused": h.refused.as_ref().map(|(at, why)| serde_json::json!({"at": at, "why": why})),
+                })
+            })
+            .collect()
     }
 
     /// The policies in force now.
@@ -173,6 +205,21 @@ impl PolicyStore {
         }
         if let Some(p) = next {
             self.current.store(Arc::new(p));
+        }
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let now = crate::activity::unix_now();
+        for outcome in &outcomes {
+            let (hook, refused) = match outcome {
+                Reload::Accepted(hook) => (hook, None),
+                Reload::Refused(hook, e) => (hook, Some(e.to_string())),
+            };
+            let Some(i) = self.files.iter().position(|(h, _)| h == hook) else {
+                continue;
+            };
+            match refused {
+                None => history[i].loaded_at = now,
+                Some(why) => history[i].refused = Some((now, why)),
+            }
         }
         outcomes
     }

@@ -259,9 +259,31 @@ impl ScaleRunner {
         };
         for input in self.inputs() {
             let model = input.model.clone();
+            // What the policy saw, for the operator's page.
+            let why = format!(
+                "{:.1} requests/min, {} waiting for a slot, {} through Compute, {} in flight, \
+                 instances {}..{}",
+                input.requests_per_minute,
+                input.waiting,
+                input.cold_waiting,
+                input.in_flight,
+                input.min_instances,
+                input.max_instances
+            );
             match script.scale(input) {
                 Ok(actions) => {
                     for action in actions {
+                        self.metrics.activity.scaled(crate::activity::ScaleEvent {
+                            at: crate::activity::unix_now(),
+                            model: model.clone(),
+                            action: match &action {
+                                super::ScaleAction::Start { cluster, count } => {
+                                    format!("start {count} on {cluster}")
+                                }
+                                super::ScaleAction::Stop { instance } => format!("stop {instance}"),
+                            },
+                            why: why.clone(),
+                        });
                         self.carry_out(&model, &action);
                     }
                 }

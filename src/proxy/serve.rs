@@ -4,6 +4,7 @@
 use super::routes::{self, Read, Route};
 use super::trace::phase_span;
 use super::{errors, respond, Gateway, RequestCtx};
+use crate::activity::Refusal;
 use crate::auth::{CacheOutcome, Identity};
 use crate::edge::{Client, Preflight};
 use crate::openai::ApiError;
@@ -215,6 +216,20 @@ impl Gateway {
                 Ok(true)
             }
             Err(err) => {
+                // For the operator's page: what was refused, to whom, with which request id.
+                self.metrics.activity.refused(Refusal {
+                    at: crate::activity::unix_now(),
+                    status: err.status,
+                    code: err.limit.unwrap_or(err.code).to_string(),
+                    request_id: ctx.request.id.clone(),
+                    user: ctx
+                        .request
+                        .identity
+                        .as_ref()
+                        .map(|i| i.username.clone())
+                        .unwrap_or_default(),
+                    path: session.req_header().uri.path().chars().take(120).collect(),
+                });
                 respond::send_error(session, ctx, &err).await?;
                 Ok(true)
             }

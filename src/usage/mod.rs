@@ -5,6 +5,7 @@ mod access_log;
 mod limits;
 mod postgres;
 mod record;
+pub mod report;
 mod scan;
 mod shared_limits;
 pub mod sink;
@@ -154,7 +155,8 @@ fn open_sink(
         Some(UsageStore::File(path)) => {
             let sink = WriterSink::sqlite(path, batching, metrics.clone())?;
             let totals = sink::open(path)
-                .and_then(|c| sink::totals(&c, 0, None, None, None))
+                .map_err(crate::sql::StoreError::from)
+                .and_then(|c| report::totals(&mut crate::sql::Db::Sqlite(c), 0, None, None, None))
                 .with_context(|| format!("usage.store {}", path.display()))?;
             Ok(Some((sink as Arc<dyn UsageSink>, totals)))
         }
@@ -184,7 +186,7 @@ pub fn store_password(u: &config::UsageConfig) -> anyhow::Result<Option<String>>
 }
 
 /// Totals per user and model from the store `u` names (for `firstgate usage`): records since
-/// `since_ms`, optionally of one user or model; `loadtest` as in `sink::totals`.
+/// `since_ms`, optionally of one user or model; `loadtest` as in `report::totals`.
 pub fn read_totals(
     u: &config::UsageConfig,
     since_ms: i64,
@@ -205,11 +207,14 @@ pub fn read_totals(
                 path,
                 rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
             )?;
-            Ok(sink::totals(&conn, since_ms, user, model, loadtest)?)
+            let mut db = crate::sql::Db::Sqlite(conn);
+            Ok(report::totals(&mut db, since_ms, user, model, loadtest)?)
         }
-        Some(UsageStore::Postgres(url)) => postgres::Postgres::new(url, store_password(u)?)?
-            .totals(since_ms, user, model, loadtest)
-            .map_err(|e| anyhow::anyhow!("usage.store {url}: {e}")),
+        Some(UsageStore::Postgres(url)) => {
+            let mut db = postgres::reader(url, store_password(u)?)?;
+            report::totals(&mut db, since_ms, user, model, loadtest)
+                .map_err(|e| anyhow::anyhow!("usage.store {url}: {e}"))
+        }
     }
 }
 

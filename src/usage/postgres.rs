@@ -3,8 +3,9 @@
 //! connection is made again on the next call, so the writer's retries with back-off also
 //! reconnect.
 
-use super::{Totals, UsageRecord};
+use super::UsageRecord;
 use crate::pg::PgConnection;
+use crate::sql::Db;
 
 /// The schema, one step per version (the `firstgate_schema` row says where a database is);
 /// steps only add, so replicas of the previous version keep working during an upgrade.
@@ -154,35 +155,11 @@ impl Postgres {
             .map(|_| ())
         })
     }
+}
 
-    /// Sums the records since `since_ms`, as `sink::totals` does for SQLite.
-    pub fn totals(
-        &mut self,
-        since_ms: i64,
-        user: Option<&str>,
-        model: Option<&str>,
-        loadtest: Option<bool>,
-    ) -> Result<Vec<Totals>, postgres::Error> {
-        let rows = self.with(|c| {
-            c.query(
-                "SELECT username, model, COUNT(*)::int8, COALESCE(SUM(prompt_tokens), 0)::int8, \
-                 COALESCE(SUM(completion_tokens), 0)::int8, COALESCE(SUM(total_tokens), 0)::int8 \
-                 FROM usage WHERE time_ms >= $1 AND ($2::text IS NULL OR username = $2) \
-                 AND ($3::text IS NULL OR model = $3) AND ($4::bool IS NULL OR loadtest = $4) \
-                 GROUP BY username, model ORDER BY username, model",
-                &[&since_ms, &user, &model, &loadtest],
-            )
-        })?;
-        Ok(rows
-            .iter()
-            .map(|r| Totals {
-                username: r.get(0),
-                model: r.get(1),
-                requests: r.get::<_, i64>(2) as u64,
-                prompt_tokens: r.get::<_, i64>(3) as u64,
-                completion_tokens: r.get::<_, i64>(4) as u64,
-                total_tokens: r.get::<_, i64>(5) as u64,
-            })
-            .collect())
-    }
+/// A connection for reading the records back (reports, totals), on the same schema.
+pub fn reader(url: &str, password: Option<String>) -> anyhow::Result<Db> {
+    PgConnection::new(url, password, "usage", MIGRATIONS)
+        .map(|pg| Db::Postgres(Box::new(pg)))
+        .map_err(|e| anyhow::anyhow!("usage.store: {e}"))
 }

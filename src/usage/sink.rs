@@ -19,6 +19,7 @@
 use super::postgres::Postgres;
 use super::UsageRecord;
 use crate::metrics::Metrics;
+use crate::sql::Db;
 use rusqlite::{params, Connection};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +37,37 @@ pub trait UsageSink: Send + Sync {
     /// whose totals are counted in memory.
     fn shared_totals(&self) -> Option<anyhow::Result<Vec<Totals>>> {
         None
+    }
+
+    /// The records since `since_ms` summed up (`report::summary`), read from the store
+    /// (blocking); `None` for a sink that keeps no store.
+    fn summary(
+        &self,
+        _since_ms: i64,
+        _bucket_ms: i64,
+    ) -> Option<anyhow::Result<serde_json::Value>> {
+        None
+    }
+}
+
+/// Where a store's records are read back from.
+enum Reader {
+    /// A SQLite file, opened read-only for each report.
+    File(std::path::PathBuf),
+    /// PostgreSQL, through a connection of its own.
+    Shared(Mutex<Db>),
+}
+
+impl Reader {
+    fn read<T>(&self, f: impl FnOnce(&mut Db) -> crate::sql::Result<T>) -> anyhow::Result<T> {
+        match self {
+            Reader::File(path) => {
+                let conn =
+                    Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+                Ok(f(&mut Db::Sqlite(conn))?)
+            }
+            Reader::Shared(db) => Ok(f(&mut db.lock().unwrap_or_else(|e| e.into_inner()))?),
+        }
     }
 }
 
@@ -67,8 +99,8 @@ pub struct WriterSink {
     warned: AtomicBool,
     /// The store, as named in messages.
     name: String,
-    /// With PostgreSQL: a connection of its own to read everyone's totals back.
-    reader: Option<Mutex<Postgres>>,
+    /// Where reports read the records back.
+    reader: Reader,
 }
 
 /// Records on their way to the writer, and what is asked of it.
@@ -187,7 +219,8 @@ impl WriterSink {
             )
         })?;
         let name = path.display().to_string();
-        Self::start(Box::new(SqliteStore(conn)), name, None, batching, metrics)
+        let reader = Reader::File(path.to_path_buf());
+        Self::start(Box::new(SqliteStore(conn)), name, reader, batching, metrics)
     }
 
     /// Starts the writer thread for PostgreSQL (`url` without its password). A database that
@@ -205,20 +238,14 @@ impl WriterSink {
                  and are written once it answers"
             );
         }
-        let reader = Postgres::new(url, password)?;
-        Self::start(
-            Box::new(writer),
-            url.to_string(),
-            Some(Mutex::new(reader)),
-            batching,
-            metrics,
-        )
+        let reader = Reader::Shared(Mutex::new(super::postgres::reader(url, password)?));
+        Self::start(Box::new(writer), url.to_string(), reader, batching, metrics)
     }
 
     fn start(
         store: Box<dyn RecordStore>,
         name: String,
-        reader: Option<Mutex<Postgres>>,
+        reader: Reader,
         Batching {
             queue,
             batch,
@@ -300,11 +327,20 @@ impl UsageSink for WriterSink {
     }
 
     fn shared_totals(&self) -> Option<anyhow::Result<Vec<Totals>>> {
-        let reader = self.reader.as_ref()?;
-        let mut reader = reader.lock().unwrap_or_else(|e| e.into_inner());
+        let Reader::Shared(_) = self.reader else {
+            return None;
+        };
         Some(
-            reader
-                .totals(0, None, None, None)
+            self.reader
+                .read(|db| super::report::totals(db, 0, None, None, None))
+                .map_err(|e| anyhow::anyhow!("usage.store {}: {e}", self.name)),
+        )
+    }
+
+    fn summary(&self, since_ms: i64, bucket_ms: i64) -> Option<anyhow::Result<serde_json::Value>> {
+        Some(
+            self.reader
+                .read(|db| super::report::summary(db, since_ms, bucket_ms))
                 .map_err(|e| anyhow::anyhow!("usage.store {}: {e}", self.name)),
         )
     }
@@ -502,34 +538,6 @@ pub struct Totals {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
-}
-
-/// Sums the store's records since `since_ms`, optionally for one user or model; `loadtest`
-/// keeps only load-test requests (`Some(true)`), only the others (`Some(false)`), or all.
-pub fn totals(
-    conn: &Connection,
-    since_ms: i64,
-    user: Option<&str>,
-    model: Option<&str>,
-    loadtest: Option<bool>,
-) -> rusqlite::Result<Vec<Totals>> {
-    let mut stmt = conn.prepare(
-        "SELECT username, model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens)
-         FROM usage WHERE time_ms >= ?1 AND (?2 IS NULL OR username = ?2) AND (?3 IS NULL OR model = ?3)
-         AND (?4 IS NULL OR loadtest = ?4)
-         GROUP BY username, model ORDER BY username, model",
-    )?;
-    let rows = stmt.query_map(params![since_ms, user, model, loadtest], |r| {
-        Ok(Totals {
-            username: r.get(0)?,
-            model: r.get(1)?,
-            requests: r.get::<_, i64>(2)? as u64,
-            prompt_tokens: r.get::<_, i64>(3)? as u64,
-            completion_tokens: r.get::<_, i64>(4)? as u64,
-            total_tokens: r.get::<_, i64>(5)? as u64,
-        })
-    })?;
-    rows.collect()
 }
 
 /// A sink that keeps records in memory (tests of the request path, and `usage.store: null`
