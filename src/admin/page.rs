@@ -3,7 +3,8 @@
 //! too:
 //!
 //! - `GET /api/state`: readiness, maintenance, clusters → frameworks → models → instances
-//!   (state, health, requests in flight, the per-instance cap, recent latency, walltime left),
+//!   (state, health, requests in flight, the per-instance cap, recent latency, walltime left)
+//!   and each cluster's jobs by list,
 //!   Globus Compute tasks and recent scale actions with the policy's inputs, refusals and
 //!   errors by kind with the recent ones, and the configuration's and policies' versions.
 //! - `GET /api/usage?window=1h|24h|7d`: the usage store's records of the window summed up
@@ -128,7 +129,18 @@ impl OperatorPage {
                         json!({"name": fw, "models": models})
                     })
                     .collect();
-                json!({"name": name, "maintenance": notices.clusters.get(name), "frameworks": frameworks})
+                // The cluster's jobs by list (FIRST's JobsByStatus), when it reports them.
+                let report = cluster.jobs.load();
+                let jobs: serde_json::Map<String, Value> =
+                    match crate::admin::listings::first_jobs_shape((**report).clone()) {
+                        Value::Object(lists) => lists
+                            .into_iter()
+                            .filter_map(|(k, v)| Some((k, json!(v.as_array()?.len()))))
+                            .collect(),
+                        _ => Default::default(),
+                    };
+                json!({"name": name, "maintenance": notices.clusters.get(name),
+                       "jobs": (!report.is_null()).then_some(jobs), "frameworks": frameworks})
             })
             .collect();
         let (recent, by_kind) = self.metrics.activity.refusals();

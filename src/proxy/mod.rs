@@ -251,6 +251,9 @@ impl ProxyHttp for Gateway {
             .failure
             .take()
             .or_else(|| errors::proxy(e, ctx.target.deployment.as_deref()));
+        if let Some(err) = &err {
+            self.note_refusal(session, ctx, err);
+        }
         let error_code = match err {
             Some(err) if session.response_written().is_none() => {
                 if let Err(write) = respond::send_error(session, ctx, &err).await {

@@ -197,6 +197,24 @@ impl Gateway {
         })
     }
 
+    /// Keeps a refusal or error the gateway answers, for the operator's page: what, to whom,
+    /// with which request id.
+    pub(super) fn note_refusal(&self, session: &Session, ctx: &RequestCtx, err: &ApiError) {
+        self.metrics.activity.refused(Refusal {
+            at: crate::activity::unix_now(),
+            status: err.status,
+            code: err.limit.unwrap_or(err.code).to_string(),
+            request_id: ctx.request.id.clone(),
+            user: ctx
+                .request
+                .identity
+                .as_ref()
+                .map(|i| i.username.clone())
+                .unwrap_or_default(),
+            path: session.req_header().uri.path().chars().take(120).collect(),
+        });
+    }
+
     /// Writes what the gateway answers itself; `Ok(false)` when the request is to be proxied.
     pub(super) async fn answer(
         &self,
@@ -216,20 +234,7 @@ impl Gateway {
                 Ok(true)
             }
             Err(err) => {
-                // For the operator's page: what was refused, to whom, with which request id.
-                self.metrics.activity.refused(Refusal {
-                    at: crate::activity::unix_now(),
-                    status: err.status,
-                    code: err.limit.unwrap_or(err.code).to_string(),
-                    request_id: ctx.request.id.clone(),
-                    user: ctx
-                        .request
-                        .identity
-                        .as_ref()
-                        .map(|i| i.username.clone())
-                        .unwrap_or_default(),
-                    path: session.req_header().uri.path().chars().take(120).collect(),
-                });
+                self.note_refusal(session, ctx, &err);
                 respond::send_error(session, ctx, &err).await?;
                 Ok(true)
             }
