@@ -130,21 +130,8 @@ async fn replicas_share_rate_and_concurrency_limits_token_budgets_and_verdicts()
         "verdicts are keyed by the token's SHA-256: {keys:?}"
     );
 
-    // Requests per second: one of bob's on A, and B refuses the next within the second. (Each
-    // round that took a second or more proves nothing and is tried again.)
-    let mut proved = false;
-    for _ in 0..5 {
-        let start = Instant::now();
-        let first = status_limit(&a, "tok-bob", LLAMA).await;
-        let second = status_limit(&b, "tok-bob", LLAMA).await;
-        if start.elapsed() < Duration::from_millis(900) && first.0 == 200 {
-            assert_eq!(second, (429, Some("requests_per_second".into())));
-            proved = true;
-            break;
-        }
-        until_answer(&a, "tok-bob", LLAMA, 200, None).await;
-    }
-    assert!(proved, "no round of two requests within a second");
+    // Requests per second: one of bob's on A, and B refuses the next within the second.
+    refused_within_a_second(&a, &b, "tok-bob", "requests_per_second").await;
 
     // Requests in flight: carol's stream on A holds her only slot, so B refuses her, also
     // after the slot's time to live (A renews it) ...
@@ -186,6 +173,38 @@ async fn replicas_share_rate_and_concurrency_limits_token_budgets_and_verdicts()
     .await;
     drop(stream);
     until_answer(&a, "tok-erin", LLAMA, 200, None).await;
+}
+
+/// A request on replica `a`, then one on `b` within the same second: `b` refuses it with
+/// `limit` (a limit of one request per second). Each round first lets the limit's second pass
+/// (whatever was sent before is forgotten by then); a round that took a second or more proves
+/// nothing and is tried again.
+async fn refused_within_a_second(a: &Gateway, b: &Gateway, token: &str, limit: &str) {
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let start = Instant::now();
+        let first = status_limit(a, token, LLAMA).await;
+        let second = status_limit(b, token, LLAMA).await;
+        if start.elapsed() < Duration::from_millis(900) && first.0 == 200 {
+            assert_eq!(second, (429, Some(limit.to_string())));
+            return;
+        }
+    }
+    panic!("no round of two requests within a second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_per_address_limit() {
+    let servers = StateServers::start();
+    let globus = globus().await;
+    let chat_sim = sim(&[LLAMA, SMALL], |_| {}).await;
+    let settings = format!(
+        "{}limits:\n  requests_per_second: 0\n  ip_requests_per_second: 1\n  ip_burst: 1\n",
+        redis_state(&servers.redis, "open")
+    );
+    let a = replica(&globus, chat_sim.addr(), &settings).await;
+    let b = replica(&globus, chat_sim.addr(), &settings).await;
+    refused_within_a_second(&a, &b, "tok-alice", "ip_requests_per_second").await;
 }
 
 /// A stream of 400 tokens 50 ms apart, begun (its first bytes read).

@@ -18,8 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// A refused request: which limit, and when to try again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limited {
-    /// `requests_per_second`, `ip_requests_per_second`, `tokens_per_minute`, or
-    /// `tokens_per_minute_per_user`.
+    /// `requests_per_second`, `ip_requests_per_second`, `max_concurrent_per_user`,
+    /// `tokens_per_minute`, `tokens_per_minute_per_user`, or `limits_unavailable` (Redis could
+    /// not say, with `state.redis.on_error: closed`).
     pub limit: &'static str,
     pub retry_after: Duration,
     pub message: String,

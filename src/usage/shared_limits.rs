@@ -27,30 +27,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-/// GCRA. KEYS[1]: the arrival-time key. ARGV: emission interval and burst, in µs and
-/// requests. Returns 0 when admitted, else the µs to wait.
-static RATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local over = new_tat - now - burst * interval
-if over > 0 then return over end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return 0
-",
-    )
-});
-
-/// A user's request: GCRA on their rate (when KEYS[1] is given, as RATE), then a request-in-
-/// flight slot (when KEYS[2] is given: the user's set). ARGV: emission interval (µs) and
-/// burst, the most slots, the slot's name, its time to live in ms. Returns 0 when admitted,
-/// -1 when the user holds the most slots, else the µs to wait for the rate.
+/// A request: GCRA on a rate (when KEYS[1], the key holding the "theoretical arrival time",
+/// is given), then a request-in-flight slot (when KEYS[2] is given: the user's set). ARGV:
+/// emission interval (µs) and burst, the most slots, the slot's name, its time to live in
+/// ms. Returns 0 when admitted, -1 when the user holds the most slots, else the µs to wait for
+/// the rate.
 static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -199,7 +180,9 @@ impl Limiter {
             return Ok(None);
         }
         if let Some(shared) = &self.shared {
-            let answer = shared.admit(user, s.user_rps, max).await;
+            let rate = (s.user_rps > 0).then(|| (format!("rps:u:{user}"), s.user_rps, s.user_rps));
+            let slot = (max > 0).then(|| (format!("inflight:{user}"), max));
+            let answer = shared.admit(rate, slot).await;
             if let Some(admitted) = self.or_local(&shared.state, answer)? {
                 return match admitted {
                     Admitted::Yes(slot) => Ok(slot.map(InFlightPermit::Shared)),
@@ -219,11 +202,13 @@ impl Limiter {
     pub async fn check_ip(&self, ip: IpAddr) -> Result<(), Limited> {
         let s = self.local.settings();
         if let (Some(shared), true) = (&self.shared, s.ip_rps > 0) {
-            let answer = shared
-                .rate(&format!("rps:a:{ip}"), s.ip_rps, s.ip_burst.max(s.ip_rps))
-                .await;
-            if let Some(wait) = self.or_local(&shared.state, answer)? {
-                return wait.map_or(Ok(()), |w| Err(too_fast_from(s.ip_rps, w)));
+            let rate = (format!("rps:a:{ip}"), s.ip_rps, s.ip_burst.max(s.ip_rps));
+            let answer = shared.admit(Some(rate), None).await;
+            if let Some(admitted) = self.or_local(&shared.state, answer)? {
+                return match admitted {
+                    Admitted::TooFast(wait) => Err(too_fast_from(s.ip_rps, wait)),
+                    _ => Ok(()),
+                };
             }
         }
         self.local.check_ip(ip)
@@ -376,41 +361,17 @@ impl RedisLimits {
         }
     }
 
-    /// GCRA at `rate` per second with `burst`: `None` when admitted, else the time to wait.
-    async fn rate(
+    /// A request: counted against `rate` (key, requests per second, burst), and given a slot
+    /// in `slot` (the user's set, the most they may hold), each when given.
+    async fn admit(
         &self,
-        key: &str,
-        rate: u32,
-        burst: u32,
-    ) -> Result<Option<Duration>, Unavailable> {
-        let key = self.state.key(key);
-        let interval = 1_000_000 / u64::from(rate.max(1));
-        let wait: u64 = self
-            .state
-            .call("rate", |mut conn| async move {
-                RATE.key(key)
-                    .arg(interval)
-                    .arg(burst)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok((wait > 0).then(|| Duration::from_micros(wait)))
-    }
-
-    /// A request of `user`'s: counted against `rps` (0: none), and given a slot unless they
-    /// hold `max` (0: no slot).
-    async fn admit(&self, user: &str, rps: u32, max: u32) -> Result<Admitted, Unavailable> {
-        let rate_key = if rps > 0 {
-            self.state.key(&format!("rps:u:{user}"))
-        } else {
-            String::new()
-        };
-        let set = if max > 0 {
-            self.state.key(&format!("inflight:{user}"))
-        } else {
-            String::new()
-        };
+        rate: Option<(String, u32, u32)>,
+        slot: Option<(String, u32)>,
+    ) -> Result<Admitted, Unavailable> {
+        let (rate_key, rps, burst) = rate.map_or((String::new(), 0, 0), |(k, r, b)| {
+            (self.state.key(&k), r, b)
+        });
+        let (set, max) = slot.map_or((String::new(), 0), |(k, m)| (self.state.key(&k), m));
         let name = format!(
             "{}:{}",
             self.replica,
@@ -426,7 +387,7 @@ impl RedisLimits {
                     .key(rate_key)
                     .key(s)
                     .arg(interval)
-                    .arg(rps)
+                    .arg(burst)
                     .arg(max)
                     .arg(n)
                     .arg(ttl)
