@@ -392,13 +392,10 @@ fn admin_service(
         parts.compute.clone(),
     );
     let app = AdminApp::new(
-        parts.metrics.clone(),
-        parts.drain.clone(),
-        parts.maintenance.clone(),
+        page,
         config.clusters.keys().cloned().collect(),
         token,
         reloader,
-        page,
     );
     let mut service = Service::new("firstgate admin".to_string(), app);
     service.add_tcp(&config.admin_listen.to_string());

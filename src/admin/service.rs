@@ -20,8 +20,6 @@
 //! Prometheus.
 
 use super::page::{OperatorPage, PAGE};
-use crate::edge::{DrainState, Maintenance};
-use crate::metrics::Metrics;
 use crate::reload::ConfigReloader;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -35,37 +33,29 @@ use std::sync::Arc;
 pub const ADMIN_HEADER: &str = "x-firstgate-admin";
 
 pub struct AdminApp {
-    metrics: Arc<Metrics>,
-    drain: Arc<DrainState>,
-    maintenance: Arc<Maintenance>,
+    /// The gateway's parts the page shows, which the routes below also act on (the drain
+    /// state, the maintenance switch, the metrics).
+    page: OperatorPage,
     /// The configured clusters, to refuse maintenance for a misspelt one.
     clusters: Vec<String>,
     /// SHA-256 of the bearer token that routes changing state require, if any.
     token: Option<[u8; 32]>,
     /// `POST /reload`.
     reloader: Arc<ConfigReloader>,
-    /// `GET /` and the JSON it reads.
-    page: OperatorPage,
 }
 
 impl AdminApp {
     pub fn new(
-        metrics: Arc<Metrics>,
-        drain: Arc<DrainState>,
-        maintenance: Arc<Maintenance>,
+        page: OperatorPage,
         clusters: Vec<String>,
         token: Option<String>,
         reloader: Arc<ConfigReloader>,
-        page: OperatorPage,
     ) -> Self {
         AdminApp {
-            metrics,
-            drain,
-            maintenance,
+            page,
             clusters,
             token: token.map(|t| Sha256::digest(t.as_bytes()).into()),
             reloader,
-            page,
         }
     }
 
@@ -118,7 +108,7 @@ impl AdminApp {
 
     /// 200 `{"status": "ready"}`, or 503 with the reason.
     fn readiness(&self) -> Response<Vec<u8>> {
-        match self.drain.not_ready_because() {
+        match self.page.drain.not_ready_because() {
             None => status(StatusCode::OK, serde_json::json!({"status": "ready"})),
             Some(reason) => status(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -128,7 +118,7 @@ impl AdminApp {
     }
 
     fn maintenance_state(&self) -> Response<Vec<u8>> {
-        let body = serde_json::to_vec(&self.maintenance.notices()).unwrap_or_default();
+        let body = serde_json::to_vec(&self.page.maintenance.notices()).unwrap_or_default();
         reply(StatusCode::OK, JSON, body)
     }
 }
@@ -216,12 +206,12 @@ impl ServeHttp for AdminApp {
             (Method::GET, "/health") => status(StatusCode::OK, serde_json::json!({"status": "ok"})),
             (Method::GET, "/ready") => self.readiness(),
             (Method::POST, "/drain") => {
-                self.drain.request_drain();
+                self.page.drain.request_drain();
                 log::info!("draining requested on the admin listener");
                 self.readiness()
             }
             (Method::DELETE, "/drain") => {
-                if !self.drain.cancel_drain() {
+                if !self.page.drain.cancel_drain() {
                     return error(
                         StatusCode::CONFLICT,
                         "shutting_down",
@@ -234,7 +224,7 @@ impl ServeHttp for AdminApp {
             (Method::GET, "/metrics") => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.render(),
+                self.page.metrics.render(),
             ),
             (Method::GET, "/maintenance") => self.maintenance_state(),
             (Method::POST, "/reload") => match self.reloader.reload().await {
@@ -261,7 +251,7 @@ impl ServeHttp for AdminApp {
                             "maintenance switched on for {} on the admin listener",
                             on.cluster.as_deref().unwrap_or("everything")
                         );
-                        self.maintenance.set(on.cluster, on.message);
+                        self.page.maintenance.set(on.cluster, on.message);
                         self.maintenance_state()
                     }
                     Err(e) => error(
@@ -281,7 +271,7 @@ impl ServeHttp for AdminApp {
                     "maintenance switched off for {} on the admin listener",
                     cluster.as_deref().unwrap_or("everything")
                 );
-                self.maintenance.clear(cluster.as_deref());
+                self.page.maintenance.clear(cluster.as_deref());
                 self.maintenance_state()
             }
             (_, "/health" | "/ready" | "/drain" | "/metrics" | "/maintenance" | "/reload") => error(
