@@ -23,22 +23,8 @@ echo "clients: installing the OpenAI Python SDK, langchain-openai and the OpenAI
 (cd "$dir" && npm install --silent --no-audit --no-fund "openai@6")
 
 up() { curl -sf -o /dev/null "$base/resource_server/health"; }
-if ! up; then
-  echo "clients: no gateway at $base; starting firstgate demo (log: $dir/demo.log)" >&2
-  cargo build --quiet --bin firstgate
-  target/debug/firstgate demo > "$dir/demo.log" 2>&1 &
-  demo=$!
-  trap 'kill $demo 2>/dev/null; wait $demo 2>/dev/null || true' EXIT
-  deadline=$((SECONDS + 120))
-  until up; do
-    if ! kill -0 "$demo" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
-      echo "clients: the demo did not come up:" >&2
-      tail -20 "$dir/demo.log" >&2
-      exit 1
-    fi
-    sleep 0.5
-  done
-fi
+source scripts/lib/demo.sh
+start_demo_unless_up clients "$dir/demo.log"
 
 "$dir/venv/bin/python" scripts/smoke_openai.py "$base"
 # Run from beside its node_modules: ES modules resolve packages from the script's directory.

@@ -156,7 +156,7 @@ impl Cols for postgres::Row {
     }
 }
 
-/// The database of the batch state.
+/// One process's SQLite, or the PostgreSQL replicas share (batch state, usage reports).
 pub enum Db {
     Sqlite(Connection),
     Postgres(Box<PgConnection>),
@@ -167,12 +167,7 @@ impl Db {
     pub fn execute(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
         match self {
             Db::Sqlite(c) => Ok(c.execute(sql, rusqlite::params_from_iter(params))? as u64),
-            Db::Postgres(pg) => {
-                let sql = dollars(sql);
-                let refs: Vec<&(dyn ToSql + Sync)> =
-                    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-                Ok(pg.with(|c| c.execute(&sql, &refs))?)
-            }
+            Db::Postgres(pg) => Ok(pg.with(|c| c.execute(&dollars(sql), &pg_params(params)))?),
         }
     }
 
@@ -194,10 +189,7 @@ impl Db {
                 Ok(out)
             }
             Db::Postgres(pg) => {
-                let sql = dollars(sql);
-                let refs: Vec<&(dyn ToSql + Sync)> =
-                    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-                let rows = pg.with(|c| c.query(&sql, &refs))?;
+                let rows = pg.with(|c| c.query(&dollars(sql), &pg_params(params)))?;
                 rows.iter().map(|r| read(r)).collect()
             }
         }
@@ -217,6 +209,11 @@ impl Db {
     pub fn is_shared(&self) -> bool {
         matches!(self, Db::Postgres(_))
     }
+}
+
+/// Parameters as the `postgres` crate takes them.
+fn pg_params(params: &[Val]) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
 }
 
 /// SQLite's `?N` placeholders as PostgreSQL's `$N`.

@@ -298,19 +298,6 @@ async fn a_redis_outage_follows_on_error_and_ends_when_redis_returns() {
     );
 }
 
-/// `firstgate usage --json` of `gw`'s configuration (PostgreSQL for both replicas).
-fn usage_report(gw: &Gateway) -> Value {
-    let config = gw.config_path();
-    let (ok, stdout, stderr) = firstgate(&[
-        "usage".as_ref(),
-        "--json".as_ref(),
-        "--config".as_ref(),
-        config.as_os_str(),
-    ]);
-    assert!(ok, "{stderr}");
-    serde_json::from_str(&stdout).unwrap()
-}
-
 fn requests_in(report: &Value) -> u64 {
     report
         .as_array()

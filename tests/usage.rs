@@ -26,19 +26,6 @@ async fn post(gw: &Gateway, body: Value) -> reqwest::Response {
     req.json(&body).send().await.unwrap()
 }
 
-/// `firstgate usage --json` for the gateway's configuration.
-fn usage_cli(gw: &Gateway) -> Value {
-    let config = gw.config_path();
-    let (ok, stdout, stderr) = firstgate(&[
-        "usage".as_ref(),
-        "--json".as_ref(),
-        "--config".as_ref(),
-        config.as_os_str(),
-    ]);
-    assert!(ok, "{stderr}");
-    serde_json::from_str(&stdout).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_exact_and_the_injected_usage_chunk_is_hidden() {
     let chat = sim(&[LLAMA], |_| {}).await;
@@ -91,7 +78,7 @@ async fn tokens_are_exact_and_the_injected_usage_chunk_is_hidden() {
         ),
         3
     );
-    let totals = usage_cli(&gw);
+    let totals = usage_report(&gw);
     assert_eq!(totals[0]["requests"], 3);
     assert_eq!(totals[0]["total_tokens"], 30);
     let mine: Value = reqwest::Client::new()

@@ -359,6 +359,19 @@ pub fn firstgate<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String
     )
 }
 
+/// `firstgate usage --json` of `gw`'s configuration: totals per user and model.
+pub fn usage_report(gw: &Gateway) -> serde_json::Value {
+    let config = gw.config_path();
+    let (ok, stdout, stderr) = firstgate(&[
+        "usage".as_ref(),
+        "--json".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]);
+    assert!(ok, "{stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
 /// The gateway's usage store (the default `firstgate-usage.db` beside its configuration).
 pub fn usage_store(gw: &Gateway) -> rusqlite::Connection {
     let path = gw.config_path().with_file_name("firstgate-usage.db");
