@@ -33,8 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway. Signals: SIGHUP reloads policies, TLS certificate and maintenance
-    /// notices; SIGQUIT hands the sockets to a new process started with --upgrade; SIGTERM
+    /// Run the gateway. Signals: SIGHUP reloads the configuration (catalog, limits, usage,
+    /// access log, policies, TLS certificate, maintenance notices); SIGQUIT hands the sockets to a new process started with --upgrade; SIGTERM
     /// drains (in-flight streams finish, at most shutdown.grace_period); SIGINT stops at once.
     Serve {
         /// The configuration file (see conf/gateway.yaml).

@@ -129,7 +129,7 @@ impl Metrics {
         );
         let auth_cache = counter(
             "firstgate_auth_cache_lookups_total",
-            "Token-cache lookups by outcome; `shared` came from the replicas' Redis, a miss verifies the token with the identity provider.",
+            "Token-cache lookups by outcome; `shared` came from the replicas' Redis, a miss verifies the token with the identity provider, `joined` waited for another request's verification of the same token.",
             &["outcome"],
         );
         Metrics {
@@ -299,7 +299,7 @@ impl Metrics {
                 "firstgate_client_connections_closed_total",
                 "Client connections closed by the gateway before or between requests, by reason \
                  (max_connections_per_ip, tls_handshake_timeout, tls_handshake_failed, \
-                 header_timeout, header_too_large, reclaimed_idle).",
+                 header_timeout, header_too_large, reclaimed_idle, reclaimed_silent).",
                 &["reason"],
             ),
             accept_waits: registered(

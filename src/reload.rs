@@ -36,6 +36,10 @@ pub struct ConfigReloader {
     path: Option<PathBuf>,
     /// The configuration in force.
     running: Mutex<Config>,
+    /// The configuration the process started with: settings only a new process applies are
+    /// compared with it (not with the last reload), so a change stays reported until an
+    /// upgrade, and a change undone is no longer reported.
+    started: Config,
     catalog: SharedCatalog,
     /// The rate limits and request caps.
     accounting: Arc<Accounting>,
@@ -68,6 +72,7 @@ impl ConfigReloader {
     ) -> Self {
         ConfigReloader {
             path,
+            started: running.clone(),
             running: Mutex::new(running),
             catalog,
             accounting,
@@ -142,7 +147,7 @@ impl ConfigReloader {
         let config = config::load(path).map_err(|e| e.to_string())?.config;
         let previous = self.catalog.load_full();
         let catalog = Catalog::rebuild(&config, &previous).map_err(|e| e.to_string())?;
-        if crate::server::needs_groups(&catalog, &config) && !self.fetches_groups {
+        if catalog.needs_group_memberships(&config.limits) && !self.fetches_groups {
             return Err(
                 "the new configuration has group access rules or exempt groups, and this \
                  process does not fetch group memberships: it needs `firstgate serve --upgrade`"
@@ -174,9 +179,8 @@ impl ConfigReloader {
             .caps
             .set(l.max_body_bytes, l.default_max_tokens);
         crate::logging::set_format(config.log.format);
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let needs_upgrade = needs_upgrade(&running, &config);
-        *running = config;
+        let needs_upgrade = needs_upgrade(&self.started, &config);
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = config;
         Ok(Reloaded { needs_upgrade })
     }
 }

@@ -4,7 +4,7 @@
 //! backend monitor, the policies' file watcher and scale runner, Globus Compute's task poller
 //! and cluster lifecycle, the edge reloader and the drainer).
 
-use crate::admin::{AdminApp, OperatorPage};
+use crate::admin::{AdminApp, AdminGuard, OperatorPage};
 use crate::auth::persist::VerdictKeeper;
 use crate::auth::Authenticator;
 use crate::batch::{BatchRunner, Batches, FirstBatchWatcher, Places};
@@ -81,6 +81,7 @@ impl Assembled {
     /// Serves until shutdown; then writes the usage records still queued, those of requests
     /// cut at the end of the grace period included, and exits.
     pub fn run_forever(self) -> ! {
+        exit_when_listeners_fail();
         self.server.run(RunArgs::default());
         self.accounting.flush(Duration::from_secs(10));
         crate::logging::flush_traces();
@@ -103,10 +104,13 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Assembled
         config.clone(),
         parts.catalog.clone(),
         parts.accounting.clone(),
-        needs_groups(&parts.catalog.load(), config),
+        parts.catalog.load().needs_group_memberships(&config.limits),
         parts.metrics.clone(),
     ));
     let admin = admin_service(config, &parts, reloader.clone())?;
+    if !options.upgrade {
+        check_addresses_free(config)?;
+    }
     // Everything that can fail has been done: only now take the sockets (over), so that a
     // new process that cannot start leaves the running one alone.
     if let Some(prepared) = options.prepared {
@@ -128,6 +132,42 @@ pub fn build(config: &Config, options: ServeOptions) -> anyhow::Result<Assembled
     ));
     add_background_services(&mut server, config, parts, options.config_path);
     Ok(Assembled { server, accounting })
+}
+
+/// Fails at once, naming the address, when a listening address cannot be bound (in use, not
+/// this host's, no permission). Pingora would retry an address in use for 30 s and then panic
+/// its service thread, leaving a process that listens on nothing.
+fn check_addresses_free(config: &Config) -> anyhow::Result<()> {
+    let tls = config.tls.as_ref().map(|t| ("tls.listen", t.listen));
+    let addresses = [
+        ("listen", config.listen),
+        ("admin_listen", config.admin_listen),
+    ];
+    for (key, addr) in addresses.into_iter().chain(tls) {
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} ({key})"))?;
+    }
+    Ok(())
+}
+
+/// Ends the process when a service cannot build its listeners after all (an address taken
+/// between the check above and Pingora's bind): the panic would otherwise stop only that
+/// service's thread, and a supervisor would never restart a process that serves nothing.
+fn exit_when_listeners_fail() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("Failed to build listeners") {
+            eprintln!("error: cannot listen: {message}");
+            std::process::exit(1);
+        }
+    }));
 }
 
 /// Pingora's own settings: threads, the drain's upper bound, the upgrade socket.
@@ -170,7 +210,10 @@ impl Parts {
             Some(r) => Some(Arc::new(SharedState::new(r, metrics.clone())?)),
             None => None,
         };
-        let mut auth = Authenticator::new(&config.auth, needs_groups(&catalog, config))?;
+        let mut auth = Authenticator::new(
+            &config.auth,
+            catalog.needs_group_memberships(&config.limits),
+        )?;
         if let Some(state) = state.as_ref().filter(|s| s.auth_verdicts) {
             auth.share_verdicts(state.clone());
         }
@@ -231,11 +274,16 @@ fn shared_batch_db(config: &Config) -> anyhow::Result<Option<crate::batch::store
     }
 }
 
-/// A secret from the environment variable a configuration key names.
+/// A secret from the environment variable a configuration key names; an empty one is refused
+/// like a missing one (an empty token would let anyone in, or fail every call).
 fn secret_from(var: &str, key: &str) -> anyhow::Result<String> {
-    std::env::var(var).with_context(|| {
+    let secret = std::env::var(var).with_context(|| {
         format!("{key}: the environment variable {var} is not set; export the secret in it")
-    })
+    })?;
+    if secret.trim().is_empty() {
+        anyhow::bail!("{key}: the environment variable {var} is empty; export the secret in it");
+    }
+    Ok(secret)
 }
 
 /// Usage records, per-user totals, rate limits (in Redis with `state`) and the access log.
@@ -258,12 +306,6 @@ fn accounting(
     );
     accounting.set_exemptions(Exemptions::new(l));
     Ok(accounting)
-}
-
-/// Whether the authenticator must fetch group memberships: group access rules or exempt
-/// groups need them.
-pub fn needs_groups(catalog: &Catalog, config: &Config) -> bool {
-    catalog.uses_group_acls() || !config.limits.exempt_groups.is_empty()
 }
 
 /// The connection budget, from the descriptor limit (raised to the hard limit first).
@@ -328,8 +370,12 @@ fn proxy_service(
     http_options.h2_idle_timeout = Some(config.edge.keepalive_timeout);
     http.server_options = Some(http_options);
     let mut h2 = default_h2_options();
+    // The gateway answers heads over `max_header_bytes` itself, with a JSON body; HTTP/2's own
+    // limit (whose 431 has no body, and which counts 32 more bytes per header) is only the
+    // backstop beyond twice that.
+    let h2_ceiling = config.edge.max_header_bytes.saturating_mul(2) + 16 * 1024;
     h2.max_concurrent_streams(config.edge.http2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(config.edge.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(h2_ceiling).unwrap_or(u32::MAX));
     http.h2_options = Some(h2);
     let tls = match (&config.tls, &parts.certificate) {
         (Some(tls), Some(store)) => {
@@ -391,10 +437,15 @@ fn admin_service(
         parts.accounting.clone(),
         parts.compute.clone(),
     );
+    let guard = AdminGuard::new(
+        config.admin_listen,
+        &config.admin.allowed_hosts,
+        token.as_deref(),
+    );
     let app = AdminApp::new(
         page,
         config.clusters.keys().cloned().collect(),
-        token,
+        guard,
         reloader,
     );
     let mut service = Service::new("firstgate admin".to_string(), app);

@@ -127,7 +127,10 @@ async fn firsts_rules_admit_and_refuse_in_order() {
             "    policies: [{POLICY}]\n    required_scope: https://auth.globus.org/scopes/{CLIENT}/action_all\n\
              \x20   audience: {CLIENT}\n"
         ),
-        &format!("    service_accounts: [{SERVICE}]\n    allowed_domains: [anl.gov]\n"),
+        &format!(
+            "    service_accounts: [{SERVICE}]\n    allowed_domains: [anl.gov]\n\
+             \x20   group_names: {{{GROUP}: ALCF Inference users}}\n"
+        ),
     )
     .await;
     let v1 = "/v1/chat/completions";
@@ -167,7 +170,8 @@ async fn firsts_rules_admit_and_refuse_in_order() {
         (403, Some("permission_error"))
     );
     assert!(
-        message(&v).contains("allowed_groups") && message(&v).contains(GROUP),
+        message(&v).contains("allowed_groups")
+            && message(&v).contains(&format!("ALCF Inference users ({GROUP})")),
         "{v}"
     );
     let ids = |v: &Value| -> Vec<String> {
@@ -350,6 +354,16 @@ async fn a_thousand_concurrent_requests_with_a_new_token_introspect_once() {
         statuses.iter().find(|s| !matches!(s, Ok(200)))
     );
     assert_eq!(globus.stats().introspect.load(Ordering::SeqCst), 1);
+    // The metric says the same: one miss; the requests that waited for it joined it.
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("firstgate_auth_cache_lookups_total{outcome=\"miss\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("firstgate_auth_cache_lookups_total{outcome=\"joined\"}"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

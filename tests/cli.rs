@@ -61,6 +61,19 @@ fn mistakes_name_file_line_and_field() {
     assert!(!ok);
     assert!(text.contains("missing field `auth`"), "{text}");
 
+    // A duplicated key is reported at the duplicate, not where its block starts.
+    std::fs::write(
+        &path,
+        "auth: {mode: none}\nedge:\n  max_connections: 10\n  keepalive_timeout: 5s\n  max_connections: 20\nclusters: {}\n",
+    )
+    .unwrap();
+    let (ok, text) = check(path.to_str().unwrap());
+    assert!(!ok);
+    assert!(
+        text.contains(&format!("{}:5:", path.display())) && text.contains("max_connections"),
+        "{text}"
+    );
+
     let (ok, text) = check(dir.path().join("missing.yaml").to_str().unwrap());
     assert!(!ok);
     assert!(

@@ -357,6 +357,51 @@ async fn at_max_connections_new_clients_wait_and_idle_ones_make_room() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_never_send_a_byte_cannot_starve_a_real_client_at_the_cap() {
+    let chat = sim(&[LLAMA], |_| {}).await;
+    // A long header timeout: without reclaiming, the real client would wait for it (the silent
+    // sockets closed 50 at a time, 6 times over).
+    let gw = Gateway::start(&format!(
+        "edge:\n  max_connections: 50\n  client_header_timeout: 20s\n{}",
+        one_model("sophia", "vllm", LLAMA, &[chat.addr()])
+    ))
+    .await;
+    no_connections(&gw).await;
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(connect(&gw).await);
+    }
+    wait_for("the gateway to hold 50 silent connections", || async {
+        (count(&gw.metrics().await, "firstgate_client_connections") == 50).then_some(())
+    })
+    .await;
+    let start = Instant::now();
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(LLAMA, false))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    let waited = start.elapsed();
+    assert_eq!(r.status(), 200);
+    eprintln!("served in {waited:?} behind 300 silent sockets at a cap of 50");
+    assert!(
+        waited < Duration::from_secs(5),
+        "a real client waited {waited:?} behind silent sockets (the header timeout is 20 s)"
+    );
+    let m = gw.metrics().await;
+    assert!(
+        count(
+            &m,
+            "firstgate_client_connections_closed_total{reason=\"reclaimed_silent\"}"
+        ) >= 50,
+        "{m}"
+    );
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_lines_appended_by_a_proxy_cannot_be_varied_to_escape_the_address_limit() {
     let chat = sim(&[LLAMA], |_| {}).await;
     let gw = Gateway::start(&format!(
@@ -490,4 +535,182 @@ async fn draining_can_be_undone_and_admin_changes_refuse_cross_site_requests() {
     assert_eq!(ready().await.0, 503);
     drain(&["--undo"]);
     assert_eq!(ready().await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_rebound_to_the_admin_listener_can_neither_switch_nor_read_it() {
+    let gw = Gateway::start("").await;
+    let http = reqwest::Client::new();
+    let port = gw.admin.port();
+    let rebound = format!("evil.example:{port}");
+    // What a page of evil.example sends once its name resolves to 127.0.0.1: the browser
+    // calls it same-origin and lets it send JSON.
+    for (method, path) in [
+        (reqwest::Method::POST, "/drain"),
+        (reqwest::Method::PUT, "/maintenance"),
+        (reqwest::Method::POST, "/reload"),
+    ] {
+        let r = http
+            .request(method, gw.admin_url(path))
+            .header("host", &rebound)
+            .header("sec-fetch-site", "same-origin")
+            .header("origin", format!("http://{rebound}"))
+            .json(&serde_json::json!({"message": "pwned"}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = status_json(r).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("host_not_allowed")),
+            "{path}: {body}"
+        );
+    }
+    // Reads that name users, and the page itself.
+    for path in ["/api/state", "/api/usage?window=1h", "/"] {
+        let r = http
+            .get(gw.admin_url(path))
+            .header("host", &rebound)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+    }
+    // A foreign Origin with the right Host (a page of another site posting to 127.0.0.1).
+    let r = http
+        .put(gw.admin_url("/maintenance"))
+        .header("origin", "http://evil.example")
+        .json(&serde_json::json!({"message": "pwned"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_json(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("origin_not_allowed")),
+        "{body}"
+    );
+    // Nothing was switched: the API still serves, and the probes answer whatever the Host.
+    let ready = http
+        .get(gw.admin_url("/ready"))
+        .header("host", &rebound)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let maintenance: Value = http
+        .get(gw.admin_url("/maintenance"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!maintenance.to_string().contains("pwned"), "{maintenance}");
+    // The operator's own tools are served as before.
+    let r = http
+        .put(gw.admin_url("/maintenance"))
+        .header("origin", format!("http://127.0.0.1:{port}"))
+        .json(&serde_json::json!({"message": "back at 14:00"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Runs `firstgate serve` with `yaml` and waits (at most 10 s) for it to exit; returns whether
+/// it exited with success and what it printed.
+fn serve_until_exit(yaml: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "{yaml}server:\n  upgrade_sock: {d}/upgrade.sock\n  pid_file: {d}/firstgate.pid\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_firstgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after 10 s:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    (
+        status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_cannot_listen_or_has_an_empty_admin_token_exits_at_once() {
+    let running = Gateway::start("").await;
+    let taken = running.addr;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        serve_until_exit(
+            &format!("listen: {taken}\nadmin_listen: {admin}\nauth:\n  mode: none\n"),
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("cannot listen on {taken} (listen)"))
+            && out.contains("Address already in use"),
+        "{out}"
+    );
+    // The running gateway is untouched.
+    assert_eq!(
+        reqwest::get(running.url("/resource_server/health"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let (listen, admin) = (free_port(), free_port());
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        serve_until_exit(
+            &format!(
+                "listen: 127.0.0.1:{listen}\nadmin_listen: 127.0.0.1:{admin}\n\
+                 auth:\n  mode: none\nadmin:\n  token_env: FG_TEST_EMPTY_ADMIN_TOKEN\n"
+            ),
+            &[("FG_TEST_EMPTY_ADMIN_TOKEN", "")],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(
+            "admin.token_env: the environment variable FG_TEST_EMPTY_ADMIN_TOKEN is empty"
+        ),
+        "{out}"
+    );
 }

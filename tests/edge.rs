@@ -440,6 +440,23 @@ async fn oversized_request_heads_get_431() {
         .as_str()
         .unwrap()
         .contains("at most 4096 bytes"));
+    // HTTP/2 (h2c) gets the same JSON answer, not HTTP/2's bare 431.
+    let r = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-padding", "a".repeat(5000))
+        .json(&chat_body(LLAMA, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.version(), r.status().as_u16()),
+        (reqwest::Version::HTTP_2, 431)
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "request_header_fields_too_large", "{v}");
     assert_eq!(chat.stats().requests.load(Ordering::Relaxed), 0);
 }
 

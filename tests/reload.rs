@@ -324,3 +324,28 @@ async fn a_cluster_added_by_a_reload_is_polled_for_its_status() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_that_needs_an_upgrade_stays_reported_until_it_is_undone() {
+    let backend = sim(&[LLAMA], |_| {}).await;
+    let models = clusters(&[(LLAMA, backend.addr())]);
+    let gw = Gateway::start(&models).await;
+    let needs = |v: &Value| v["needs_upgrade"].clone();
+    // Each edit is written whole over the file as it started.
+    let path = gw.config_path();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let write = |extra: &str| std::fs::write(&path, format!("{extra}{original}")).unwrap();
+
+    write("shutdown:\n  grace_period: 7s\n");
+    let (status, v) = reload(&gw).await;
+    assert_eq!((status, needs(&v)), (200, serde_json::json!(["shutdown"])));
+    // A second reload that changes something else: the process still runs its first
+    // `shutdown`, so it is still reported.
+    write("shutdown:\n  grace_period: 7s\nlimits:\n  max_body_bytes: 100000\n");
+    let (status, v) = reload(&gw).await;
+    assert_eq!((status, needs(&v)), (200, serde_json::json!(["shutdown"])));
+    // Undone: nothing needs an upgrade any more.
+    write("");
+    let (status, v) = reload(&gw).await;
+    assert_eq!((status, needs(&v)), (200, serde_json::json!([])));
+}

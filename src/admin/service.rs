@@ -13,12 +13,11 @@
 //!   cluster or (without `cluster`) for everything.
 //! - `DELETE /maintenance[?cluster=sophia]`: switch off what `PUT` switched on.
 //!
-//! Routes that change state refuse what a browser could send from another site: they need
-//! `Content-Type: application/json` or an `X-Firstgate-Admin` header (a browser sends neither
-//! cross-site without a CORS preflight, which this listener never approves), and with
-//! `admin.token_env` set, `Authorization: Bearer <that token>`. Reads stay open, for probes and
-//! Prometheus.
+//! What a browser page could make it do is refused first (see `guard.rs`): requests
+//! addressed to foreign names or sent by other sites' pages, and changes without a tool's
+//! marker or the admin token.
 
+use super::guard::AdminGuard;
 use super::page::{OperatorPage, PAGE};
 use crate::reload::ConfigReloader;
 use async_trait::async_trait;
@@ -26,11 +25,7 @@ use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
-
-/// The header that marks a request as not coming from a browser form.
-pub const ADMIN_HEADER: &str = "x-firstgate-admin";
 
 pub struct AdminApp {
     /// The gateway's parts the page shows, which the routes below also act on (the drain
@@ -38,8 +33,8 @@ pub struct AdminApp {
     page: OperatorPage,
     /// The configured clusters, to refuse maintenance for a misspelt one.
     clusters: Vec<String>,
-    /// SHA-256 of the bearer token that routes changing state require, if any.
-    token: Option<[u8; 32]>,
+    /// Which requests are answered at all.
+    guard: AdminGuard,
     /// `POST /reload`.
     reloader: Arc<ConfigReloader>,
 }
@@ -48,50 +43,15 @@ impl AdminApp {
     pub fn new(
         page: OperatorPage,
         clusters: Vec<String>,
-        token: Option<String>,
+        guard: AdminGuard,
         reloader: Arc<ConfigReloader>,
     ) -> Self {
         AdminApp {
             page,
             clusters,
-            token: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+            guard,
             reloader,
         }
-    }
-
-    /// Refuses a request that changes state unless it comes from a tool (not a browser page of
-    /// another site) holding the token, when one is configured.
-    fn refuse_change(&self, req: &pingora::http::RequestHeader) -> Option<Response<Vec<u8>>> {
-        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-        let json = header("content-type").is_some_and(|t| {
-            t.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case(JSON))
-        });
-        let cross_site =
-            header("sec-fetch-site").is_some_and(|s| s != "same-origin" && s != "none");
-        if cross_site || !(json || req.headers.contains_key(ADMIN_HEADER)) {
-            return Some(error(
-                StatusCode::FORBIDDEN,
-                "cross_site_request",
-                "Requests that change state need Content-Type: application/json or an \
-                 X-Firstgate-Admin header, and are refused from browser pages of other sites.",
-            ));
-        }
-        let expected = self.token.as_ref()?;
-        let given = header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
-        // Digests compared, so the comparison's time says nothing about the token.
-        if given.as_ref() == Some(expected) {
-            return None;
-        }
-        Some(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "This admin route needs Authorization: Bearer <the token in the variable \
-             admin.token_env names>.",
-        ))
     }
 
     fn unknown_cluster(&self, cluster: Option<&str>) -> Option<Response<Vec<u8>>> {
@@ -142,7 +102,7 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
         .expect("static response parts are valid")
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
+pub(super) fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
     let kind = match status {
         StatusCode::NOT_FOUND => "not_found_error",
         StatusCode::UNAUTHORIZED => "authentication_error",
@@ -174,11 +134,14 @@ impl ServeHttp for AdminApp {
         let path = req.uri.path().to_string();
         let query = req.uri.query().unwrap_or_default().to_string();
         let cluster = req_query(&query, "cluster");
-        let changes = matches!(method, Method::POST | Method::PUT | Method::DELETE);
-        if changes && matches!(path.as_str(), "/drain" | "/maintenance" | "/reload") {
-            if let Some(refusal) = self.refuse_change(req) {
-                return refusal;
-            }
+        let changes = matches!(method, Method::POST | Method::PUT | Method::DELETE)
+            && matches!(path.as_str(), "/drain" | "/maintenance" | "/reload");
+        let local = session
+            .server_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if let Some(refusal) = self.guard.refuse(req, local, changes) {
+            return refusal;
         }
         match (method, path.as_str()) {
             (Method::GET, "/") => {

@@ -49,7 +49,10 @@ pub enum CacheOutcome {
     Hit,
     /// Found in the replicas' shared cache (Redis).
     Shared,
+    /// This request verified the token (one introspection or JWT verification).
     Miss,
+    /// Another request was verifying the same token; this one waited for its verdict.
+    Joined,
 }
 
 pub fn unix_now() -> u64 {
@@ -158,9 +161,12 @@ impl TokenCache {
             return (Ok(c.verdict), CacheOutcome::Hit);
         }
         let from_shared = AtomicBool::new(false);
+        // Only the request whose lookup runs is a miss; the others waiting on it joined it.
+        let ran = AtomicBool::new(false);
         let result = self
             .cache
             .try_get_with(key, async {
+                ran.store(true, Ordering::Relaxed);
                 if let Some(state) = &self.shared {
                     if let Some(cached) = self.shared_verdict(state, &key).await {
                         from_shared.store(true, Ordering::Relaxed);
@@ -178,7 +184,9 @@ impl TokenCache {
             .await
             .map(|c| c.verdict)
             .map_err(|e: Arc<AuthError>| (*e).clone());
-        let outcome = if from_shared.load(Ordering::Relaxed) {
+        let outcome = if !ran.load(Ordering::Relaxed) {
+            CacheOutcome::Joined
+        } else if from_shared.load(Ordering::Relaxed) {
             CacheOutcome::Shared
         } else {
             CacheOutcome::Miss

@@ -152,7 +152,7 @@ pub fn check_groups_and_name(identity: &Identity, rules: &AccessRules) -> Result
                         "Permission denied: users from {} must be members of one of the Globus \
                          groups {}.",
                         identity.domain,
-                        required.join(", ")
+                        group_list(required, &rules.group_names)
                     ),
                 ));
             }
@@ -163,7 +163,7 @@ pub fn check_groups_and_name(identity: &Identity, rules: &AccessRules) -> Result
             "groups",
             format!(
                 "Permission denied: you must be a member of one of the Globus groups {}.",
-                rules.groups.join(", ")
+                group_list(&rules.groups, &rules.group_names)
             ),
         ));
     }
@@ -212,7 +212,7 @@ pub fn check_access(
         format!(
             "Permission denied: {} is restricted to members of the Globus groups {}.",
             what(),
-            acl.allowed_groups.join(", ")
+            group_list(&acl.allowed_groups, &acl.group_names)
         )
     };
     Err(AuthError::forbidden(rule, message))
@@ -221,6 +221,18 @@ pub fn check_access(
 /// Whether the identity passes a list (for filtering listings).
 pub fn may_see(identity: &Identity, acl: &AccessList) -> bool {
     refusal(identity, acl).is_none()
+}
+
+/// Groups as a refusal names them: "name (id)" where the configuration names a group.
+fn group_list(groups: &[String], names: &std::collections::BTreeMap<String, String>) -> String {
+    groups
+        .iter()
+        .map(|id| match names.get(id) {
+            Some(name) => format!("{name} ({id})"),
+            None => id.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn in_any(identity: &Identity, groups: &[String]) -> bool {

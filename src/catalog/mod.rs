@@ -215,6 +215,7 @@ impl Catalog {
     /// still using it.
     pub fn rebuild(config: &Config, previous: &Catalog) -> Result<Catalog, CatalogError> {
         let mut catalog = Catalog::default();
+        let group_names = Arc::new(config.auth.rules.group_names.clone());
         for (cluster_name, cluster) in &config.clusters {
             let mut entry = ClusterEntry::default();
             if let Some(before) = previous.cluster(cluster_name) {
@@ -275,10 +276,12 @@ impl Catalog {
                         cluster_access: AccessList {
                             allowed_groups: cluster.allowed_groups.clone(),
                             allowed_domains: cluster.allowed_domains.clone(),
+                            group_names: group_names.clone(),
                         },
                         model_access: AccessList {
                             allowed_groups: m.allowed_groups.clone(),
                             allowed_domains: m.allowed_domains.clone(),
+                            group_names: group_names.clone(),
                         },
                         pool,
                         pool_key,
@@ -372,6 +375,12 @@ impl Catalog {
         self.deployments().any(|d| {
             !d.cluster_access.allowed_groups.is_empty() || !d.model_access.allowed_groups.is_empty()
         })
+    }
+
+    /// Whether the authenticator must fetch group memberships for this catalog and `limits`:
+    /// group access rules or exempt groups need them.
+    pub fn needs_group_memberships(&self, limits: &crate::config::Limits) -> bool {
+        self.uses_group_acls() || !limits.exempt_groups.is_empty()
     }
 
     /// Resolves every backend host name once (at start-up, before traffic).

@@ -143,6 +143,9 @@ pub struct AccessRules {
     pub groups_per_domain: BTreeMap<String, Vec<String>>,
     /// Every user must be in at least one of these groups. Empty: no requirement.
     pub groups: Vec<String>,
+    /// Group id → a name users know it by, used in refusals ("members of the Globus groups
+    /// ALCF Inference users (2f6c...)"); a group without a name is named by its id.
+    pub group_names: BTreeMap<String, String>,
 }
 
 impl AccessRules {
@@ -160,6 +163,9 @@ pub struct AccessList {
     pub allowed_groups: Vec<String>,
     /// The user's domain must be one of these.
     pub allowed_domains: Vec<String>,
+    /// `auth.rules.group_names`, to name `allowed_groups` in refusals.
+    #[serde(skip)]
+    pub group_names: std::sync::Arc<BTreeMap<String, String>>,
 }
 
 mod defaults {

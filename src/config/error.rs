@@ -22,12 +22,26 @@ impl ConfigError {
         }
     }
 
-    pub(super) fn syntax(path: &Path, e: serde_yaml_ng::Error) -> Self {
-        let line = e.location().map(|l| l.line());
+    pub(super) fn syntax(path: &Path, source: &str, e: serde_yaml_ng::Error) -> Self {
+        let mut line = e.location().map(|l| l.line());
         let mut message = e.to_string();
         // serde_yaml_ng appends " at line L column C"; the line is already in front.
         if let Some(i) = message.rfind(" at line ") {
             message.truncate(i);
+        }
+        // A duplicated key is reported where its block starts: point at the duplicate.
+        // (serde says `duplicate field `k`` for a struct, `duplicate entry with key "k"` for a
+        // map.)
+        let duplicate = |marker: &str, close: char| {
+            let rest = &message[message.find(marker)? + marker.len()..];
+            rest.split(close).next().map(str::to_string)
+        };
+        if let Some(key) = duplicate("duplicate field `", '`')
+            .or_else(|| duplicate("duplicate entry with key \"", '"'))
+        {
+            line = line
+                .and_then(|from| duplicate_line(source, from, &key))
+                .or(line);
         }
         ConfigError {
             file: path.to_path_buf(),
@@ -36,6 +50,35 @@ impl ConfigError {
             message,
         }
     }
+}
+
+/// The line (1-based) of the second `key:` of the block that starts at line `from`.
+fn duplicate_line(source: &str, from: usize, key: &str) -> Option<usize> {
+    let starts_key = |text: &str| {
+        let text = text.strip_prefix("- ").unwrap_or(text);
+        [
+            format!("{key}:"),
+            format!("\"{key}\":"),
+            format!("'{key}':"),
+        ]
+        .iter()
+        .any(|k| text.starts_with(k.as_str()))
+    };
+    let mut indent = None;
+    for (i, raw) in source.lines().enumerate().skip(from.saturating_sub(1)) {
+        let text = raw.trim_start();
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        let at = raw.len() - text.len();
+        match indent {
+            Some(first) if at < first => return None,
+            Some(first) if at == first && starts_key(text) => return Some(i + 1),
+            None if starts_key(text) => indent = Some(at),
+            _ => {}
+        }
+    }
+    None
 }
 
 impl fmt::Display for ConfigError {

@@ -282,9 +282,15 @@ impl Default for Edge {
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     /// Environment variable holding a bearer token that the admin routes which change state
-    /// (`/drain`, `/maintenance`) then require. Reads (`/health`, `/ready`, `/metrics`) stay
-    /// open. Without it those routes rely on the listener being private.
+    /// (`/drain`, `/maintenance`, `/reload`) then require. Reads stay open to the listener's
+    /// own names. Without it those routes rely on the listener being private. An empty
+    /// variable refuses to start, as an unset one does.
     pub token_env: Option<String>,
+    /// Host names (or addresses) operators use to reach the admin listener, besides its own
+    /// address, the address a connection arrived on, `localhost`, `127.0.0.1` and `[::1]`.
+    /// Requests addressed to any other name are refused (DNS rebinding), except `/health`,
+    /// `/ready` and `/metrics`.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Process management.
@@ -1046,7 +1052,7 @@ fn check_shared_state(config: &Config) -> Result<(), error::Invalid> {
 /// Relative policy paths become relative to the file's directory.
 pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
     let mut config: Config =
-        serde_yaml_ng::from_str(source).map_err(|e| ConfigError::syntax(path, e))?;
+        serde_yaml_ng::from_str(source).map_err(|e| ConfigError::syntax(path, source, e))?;
     validate(&config).map_err(|e| e.located(path, source))?;
     let dir = path.parent().unwrap_or(Path::new(""));
     let relative = |file: &mut PathBuf| {
@@ -1102,6 +1108,19 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
 fn validate(config: &Config) -> Result<(), error::Invalid> {
     use error::Invalid;
     check_auth(&config.auth)?;
+    for host in &config.admin.allowed_hosts {
+        let bare = !host.is_empty()
+            && host
+                .parse::<http::uri::Authority>()
+                .is_ok_and(|a| a.port().is_none() && a.as_str() == host);
+        if !bare {
+            return Err(Invalid::new(
+                "admin.allowed_hosts",
+                format!("`{host}` must be a host name or address alone (no scheme, port or path; IPv6 in brackets)"),
+            )
+            .near("allowed_hosts"));
+        }
+    }
     if config.listen == config.admin_listen {
         return Err(Invalid::new("admin_listen", "must differ from `listen`").near("admin_listen"));
     }

@@ -30,6 +30,15 @@ use tokio::time::Instant;
 /// for new connections.
 const RECLAIM_AFTER_IDLE: Duration = Duration::from_millis(250);
 
+/// How long a new connection may stay silent (no byte of a request) before it may be closed
+/// to make room. A real client's request is usually in the socket before the connection is
+/// accepted; what stays silent is a speculative preconnect or a socket held to starve others.
+const RECLAIM_AFTER_SILENT: Duration = Duration::from_millis(100);
+
+/// How long an HTTPS connection's handshake may take before it may be closed to make room
+/// (a handshake takes a round trip or two).
+const RECLAIM_HANDSHAKE_AFTER: Duration = Duration::from_secs(1);
+
 /// How long a client may take, and how much it may send, before its request is read.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionTimeouts {
@@ -98,7 +107,12 @@ impl<A> EdgeApp<A> {
 }
 
 impl<A: HttpServerApp + Send + Sync + 'static> EdgeApp<A> {
-    async fn tls_handshake(&self, stream: Stream, tls: &TlsEndpoint) -> Option<Stream> {
+    async fn tls_handshake(
+        &self,
+        stream: Stream,
+        tls: &TlsEndpoint,
+        permit: &ConnectionPermit,
+    ) -> Option<Stream> {
         // Pingora's TLS stream is built over its own TCP stream type.
         let tcp = match stream.into_any().downcast::<TcpStream>() {
             Ok(tcp) => *tcp,
@@ -107,17 +121,27 @@ impl<A: HttpServerApp + Send + Sync + 'static> EdgeApp<A> {
                 return None;
             }
         };
-        match tokio::time::timeout(self.timeouts.tls_handshake, tls.acceptor.tls_handshake(tcp))
-            .await
-        {
-            Ok(Ok(tls)) => Some(Box::new(tls)),
-            Ok(Err(e)) => {
-                log::debug!("TLS handshake failed: {e}");
-                self.closed("tls_handshake_failed");
-                None
-            }
-            Err(_) => {
-                self.closed("tls_handshake_timeout");
+        let handshake =
+            tokio::time::timeout(self.timeouts.tls_handshake, tls.acceptor.tls_handshake(tcp));
+        let reclaimed = async {
+            tokio::time::sleep(RECLAIM_HANDSHAKE_AFTER).await;
+            permit.reclaimed().await;
+        };
+        tokio::select! {
+            done = handshake => match done {
+                Ok(Ok(tls)) => Some(Box::new(tls)),
+                Ok(Err(e)) => {
+                    log::debug!("TLS handshake failed: {e}");
+                    self.closed("tls_handshake_failed");
+                    None
+                }
+                Err(_) => {
+                    self.closed("tls_handshake_timeout");
+                    None
+                }
+            },
+            () = reclaimed => {
+                self.closed("reclaimed_silent");
                 None
             }
         }
@@ -157,16 +181,17 @@ impl<A: HttpServerApp + Send + Sync + 'static> EdgeApp<A> {
             let mut stopping = shutdown.clone();
             let idle = async {
                 if !*stopping.borrow() {
+                    // Not at once: a client that reuses a connection does so right after
+                    // its answer, and must not race its close.
+                    let (wait, reason) = if rules.new_connection {
+                        (RECLAIM_AFTER_SILENT, "reclaimed_silent")
+                    } else {
+                        (RECLAIM_AFTER_IDLE, "reclaimed_idle")
+                    };
                     let reclaimed = async {
-                        if rules.new_connection {
-                            std::future::pending().await
-                        } else {
-                            // Not at once: a client that reuses a connection does so right
-                            // after its answer, and must not race its close.
-                            tokio::time::sleep(RECLAIM_AFTER_IDLE).await;
-                            permit.reclaimed().await;
-                            self.closed("reclaimed_idle");
-                        }
+                        tokio::time::sleep(wait).await;
+                        permit.reclaimed().await;
+                        self.closed(reason);
                     };
                     tokio::select! {
                         _ = stopping.changed() => {}
@@ -242,7 +267,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
         let permit = self.admission.admit(peer.map(|p| p.ip())).await?;
         match &self.tls {
             Some(tls) if local.is_some_and(|l| tls.serves(l)) => {
-                let stream = self.tls_handshake(stream, tls).await?;
+                let stream = self.tls_handshake(stream, tls, &permit).await?;
                 if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
                     self.serve_h2(stream, BytesMut::new(), shutdown).await;
                 } else {

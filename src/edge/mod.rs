@@ -65,8 +65,9 @@ fn reload(
     match crate::config::load(config_path) {
         Ok(loaded) => {
             maintenance.set_configured(loaded.config.edge.maintenance);
+            // The rest of the file is the configuration reloader's (src/reload.rs).
             log::info!(
-                "maintenance notices reloaded from {} (other changes need `serve --upgrade`)",
+                "maintenance notices reloaded from {}",
                 config_path.display()
             );
         }

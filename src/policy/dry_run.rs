@@ -125,10 +125,12 @@ fn candidates(
                 let cluster_acl = AccessList {
                     allowed_groups: cluster.allowed_groups.clone(),
                     allowed_domains: cluster.allowed_domains.clone(),
+                    ..Default::default()
                 };
                 let model_acl = AccessList {
                     allowed_groups: m.allowed_groups.clone(),
                     allowed_domains: m.allowed_domains.clone(),
+                    ..Default::default()
                 };
                 if !rules::may_see(&identity, &cluster_acl)
                     || !rules::may_see(&identity, &model_acl)

@@ -166,6 +166,10 @@ impl Gateway {
                     self.metrics.auth_cache.with_label_values(&["miss"]).inc();
                     "miss"
                 }
+                CacheOutcome::Joined => {
+                    self.metrics.auth_cache.with_label_values(&["joined"]).inc();
+                    "joined"
+                }
             };
             if let Some(span) = &span {
                 span.record("cache", label);
