@@ -6,8 +6,9 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use firstgate::catalog::Catalog;
-use firstgate::config::{self, Endpoint};
+use firstgate::config;
 use firstgate::openai::parse_control_fields;
+use firstgate::openai::Endpoint;
 use firstgate::usage::UsageScanner;
 use std::path::Path;
 

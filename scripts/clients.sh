@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Checks the OpenAI clients people use against a gateway, with both base URLs (`/v1` and
-# FIRST's `/resource_server/sophia/vllm/v1`): the official Python SDK (scripts/smoke_openai.py),
-# the official JS SDK (scripts/clients/openai-js.mjs) and LangChain's ChatOpenAI
-# (scripts/clients/langchain_check.py). The clients are installed from PyPI and npm into
-# target/clients/.
+# Checks the OpenAI and Anthropic clients people use against a gateway, with both base URLs
+# (`/v1` and FIRST's `/resource_server/sophia/vllm/v1`): the official OpenAI Python SDK
+# (scripts/smoke_openai.py), the official OpenAI JS SDK (scripts/clients/openai-js.mjs),
+# LangChain's ChatOpenAI (scripts/clients/langchain_check.py), and the Messages API
+# (`/v1/messages`, `/v1/messages/count_tokens`) through the official Anthropic Python SDK
+# (scripts/clients/anthropic_check.py) and JS SDK (scripts/clients/anthropic-js.mjs), whose base
+# URLs are the same without `/v1` (the SDKs add it). The clients are installed from PyPI and npm
+# into target/clients/.
 #
 # Usage: scripts/clients.sh [BASE_URL]
 # BASE_URL defaults to http://127.0.0.1:8080. When no gateway answers there, the script starts
@@ -15,12 +18,12 @@ base="${1:-http://127.0.0.1:8080}"
 dir="$PWD/target/clients"
 mkdir -p "$dir"
 
-echo "clients: installing the OpenAI Python SDK, langchain-openai and the OpenAI JS SDK" >&2
+echo "clients: installing the OpenAI and Anthropic SDKs (Python, JS) and langchain-openai" >&2
 [ -x "$dir/venv/bin/python" ] || python3 -m venv "$dir/venv"
 "$dir/venv/bin/pip" install -q --disable-pip-version-check \
-  "openai>=1.66,<4" "httpx[http2]" "langchain-openai>=0.3,<2"
+  "openai>=1.66,<4" "httpx[http2]" "langchain-openai>=0.3,<2" "anthropic>=2,<3"
 [ -f "$dir/package.json" ] || echo '{"private": true}' > "$dir/package.json"
-(cd "$dir" && npm install --silent --no-audit --no-fund "openai@6")
+(cd "$dir" && npm install --silent --no-audit --no-fund "openai@6" "@anthropic-ai/sdk@1")
 
 up() { curl -sf -o /dev/null "$base/resource_server/health"; }
 source scripts/lib/demo.sh
@@ -31,4 +34,7 @@ start_demo_unless_up clients "$dir/demo.log"
 cp scripts/clients/openai-js.mjs "$dir/"
 node "$dir/openai-js.mjs" "$base"
 "$dir/venv/bin/python" scripts/clients/langchain_check.py "$base"
+"$dir/venv/bin/python" scripts/clients/anthropic_check.py "$base"
+cp scripts/clients/anthropic-js.mjs "$dir/"
+node "$dir/anthropic-js.mjs" "$base"
 echo "clients: every client passed with both base URLs"

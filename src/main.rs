@@ -122,8 +122,9 @@ enum Command {
         /// Stream the answers (time to first token and between tokens are measured).
         #[arg(long)]
         stream: bool,
-        /// chat/completions, completions or embeddings.
-        #[arg(long, default_value = "chat/completions")]
+        /// chat/completions, completions, embeddings or messages (the Anthropic Messages
+        /// API; `--api messages` says the same).
+        #[arg(long, alias = "api", default_value = "chat/completions")]
         endpoint: String,
         /// Prompts of about this many tokens (default: varied lengths, like chat traffic).
         #[arg(long, conflicts_with = "prompts")]
@@ -267,12 +268,16 @@ fn main() -> ExitCode {
             json,
             plot,
         } => (|| {
-            let endpoint = firstgate::config::Endpoint::from_path(&endpoint)
-                .filter(|e| *e != firstgate::config::Endpoint::Responses)
+            use firstgate::openai::Endpoint;
+            let endpoint = Endpoint::from_path(&endpoint)
+                .filter(|e| e.load_testable())
                 .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--endpoint {endpoint}: use chat/completions, completions or embeddings"
-                    )
+                    let testable: Vec<&str> = Endpoint::ALL
+                        .into_iter()
+                        .filter(|e| e.load_testable())
+                        .map(Endpoint::path)
+                        .collect();
+                    anyhow::anyhow!("--endpoint {endpoint}: use {}", testable.join(", "))
                 })?;
             let token = std::env::var(&token_env).map_err(|_| {
                 anyhow::anyhow!(

@@ -5,9 +5,9 @@
 
 use bytes::Bytes;
 use firstgate::compute::serialize::decode_result;
-use firstgate::config::Endpoint;
 use firstgate::edge::TrustedProxies;
 use firstgate::openai::parse_control_fields;
+use firstgate::openai::Endpoint;
 use firstgate::usage::UsageScanner;
 use proptest::prelude::*;
 use std::net::IpAddr;

@@ -123,15 +123,35 @@ impl Authenticator {
         &self,
         authorization: Option<&[u8]>,
     ) -> (Result<Arc<Identity>, AuthError>, Option<CacheOutcome>) {
+        self.authenticate_token(bearer_token(authorization)).await
+    }
+
+    /// Authenticates an `x-api-key` header value (how older Anthropic clients send the same
+    /// token): the token itself, without a scheme.
+    pub async fn authenticate_api_key(
+        &self,
+        key: &[u8],
+    ) -> (Result<Arc<Identity>, AuthError>, Option<CacheOutcome>) {
+        let token = std::str::from_utf8(key)
+            .map(str::trim)
+            .ok()
+            .filter(|t| !t.is_empty() && !t.contains(' '))
+            .ok_or(AuthError::MalformedHeader);
+        self.authenticate_token(token).await
+    }
+
+    async fn authenticate_token(
+        &self,
+        token: Result<&str, AuthError>,
+    ) -> (Result<Arc<Identity>, AuthError>, Option<CacheOutcome>) {
         if let Verifier::None = self.verifier {
             return (Ok(anonymous()), None);
         }
-        let token = match bearer_token(authorization)
-            .and_then(|t| plausible(t, matches!(self.verifier, Verifier::Jwt(_))))
-        {
-            Ok(t) => t,
-            Err(e) => return (Err(e), None),
-        };
+        let token =
+            match token.and_then(|t| plausible(t, matches!(self.verifier, Verifier::Jwt(_)))) {
+                Ok(t) => t,
+                Err(e) => return (Err(e), None),
+            };
         let (verdict, outcome) = self
             .cache
             .get_or_verify(token_key(token), self.verify(token))

@@ -2,16 +2,26 @@
 //! uploaded (`{"custom_id", "method": "POST", "url", "body"}`, a known endpoint, a model the
 //! uploader may use, no streaming, unique ids).
 
+use crate::openai::Endpoint;
 use serde_json::Value;
 use std::collections::HashSet;
 
-/// The endpoints a batch line may call.
-pub const ENDPOINTS: [&str; 4] = [
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-];
+/// The endpoint a batch's `url` (`/v1/chat/completions`, ...) calls, if batches may call it.
+pub fn endpoint_of(url: &str) -> Option<Endpoint> {
+    url.strip_prefix("/v1/")
+        .and_then(Endpoint::from_path)
+        .filter(|e| e.batchable())
+}
+
+/// The `url`s batches may call, for messages.
+pub fn urls() -> String {
+    Endpoint::ALL
+        .into_iter()
+        .filter(|e| e.batchable())
+        .map(|e| format!("/v1/{}", e.path()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// One request of a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,11 +85,8 @@ fn parse_line(raw: &str) -> Result<Line, String> {
         return Err("\"method\" must be \"POST\"".into());
     }
     let url = o.get("url").and_then(Value::as_str).unwrap_or_default();
-    if !ENDPOINTS.contains(&url) {
-        return Err(format!(
-            "\"url\" '{url}' is not one of {}",
-            ENDPOINTS.join(", ")
-        ));
+    if endpoint_of(url).is_none() {
+        return Err(format!("\"url\" '{url}' is not one of {}", urls()));
     }
     let body = match o.get("body") {
         Some(b @ Value::Object(_)) => b.clone(),

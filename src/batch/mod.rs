@@ -276,12 +276,9 @@ impl Batches {
         };
         let input_file_id = text("input_file_id")?;
         let endpoint = text("endpoint")?;
-        if !input::ENDPOINTS.contains(&endpoint) {
+        if input::endpoint_of(endpoint).is_none() {
             return Err(invalid(
-                format!(
-                    "endpoint '{endpoint}' is not one of {}",
-                    input::ENDPOINTS.join(", ")
-                ),
+                format!("endpoint '{endpoint}' is not one of {}", input::urls()),
                 Some("endpoint"),
             ));
         }

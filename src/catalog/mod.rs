@@ -12,9 +12,10 @@ mod selection;
 pub use monitor::BackendMonitor;
 pub use pool::{BackendPool, Instance, InstanceGuard, PoolError, UpstreamSettings, UpstreamTls};
 
-use crate::config::{AccessList, BackendAddr, Config, Endpoint};
+use crate::config::{AccessList, BackendAddr, Config};
 use crate::metrics::DeploymentMetrics;
 use crate::model_name::normalize;
+use crate::openai::Endpoint;
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

@@ -13,6 +13,7 @@ pub use auth::{
 pub use backend::{BackendAddr, Scheme};
 pub use error::ConfigError;
 
+use crate::openai::Endpoint;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -783,57 +784,12 @@ pub struct Cluster {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Framework {
-    /// OpenAI endpoints offered. Default: chat/completions, completions, embeddings;
-    /// `responses` (the Responses API) when listed.
+    /// Endpoints offered (see `openai::endpoint`). Default: chat/completions, completions,
+    /// embeddings; `responses`, `messages` and `messages/count_tokens` when listed.
     #[serde(default = "defaults::endpoints")]
     pub endpoints: Vec<Endpoint>,
     /// The models served.
     pub models: Vec<Model>,
-}
-
-/// The OpenAI endpoints the gateway serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-pub enum Endpoint {
-    #[serde(rename = "chat/completions")]
-    ChatCompletions,
-    #[serde(rename = "completions")]
-    Completions,
-    #[serde(rename = "embeddings")]
-    Embeddings,
-    /// The OpenAI Responses API (vLLM serves it); offered only where listed.
-    #[serde(rename = "responses")]
-    Responses,
-}
-
-impl Endpoint {
-    pub const ALL: [Endpoint; 4] = [
-        Endpoint::ChatCompletions,
-        Endpoint::Completions,
-        Endpoint::Embeddings,
-        Endpoint::Responses,
-    ];
-
-    /// Offered by a framework that does not list its endpoints.
-    pub const DEFAULT: [Endpoint; 3] = [
-        Endpoint::ChatCompletions,
-        Endpoint::Completions,
-        Endpoint::Embeddings,
-    ];
-
-    /// The path after `/v1/`.
-    pub fn path(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "chat/completions",
-            Endpoint::Completions => "completions",
-            Endpoint::Embeddings => "embeddings",
-            Endpoint::Responses => "responses",
-        }
-    }
-
-    /// Parses the path after `/v1/`.
-    pub fn from_path(path: &str) -> Option<Endpoint> {
-        Endpoint::ALL.into_iter().find(|e| e.path() == path)
-    }
 }
 
 /// One model served on a cluster/framework, and where it runs (its deployment).
@@ -915,7 +871,7 @@ mod defaults {
         std::time::Duration::from_secs(30 * 86_400)
     }
 
-    use super::Endpoint;
+    use crate::openai::Endpoint;
     use std::net::SocketAddr;
     use std::time::Duration;
 

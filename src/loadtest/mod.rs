@@ -347,8 +347,8 @@ pub fn validate(s: &Settings) -> anyhow::Result<()> {
     if s.duration.is_zero() {
         bail!("--duration: give a length such as 60s");
     }
-    if s.shape.stream && s.shape.endpoint == crate::config::Endpoint::Embeddings {
-        bail!("--stream: embeddings are not streamed");
+    if s.shape.stream && s.shape.endpoint.framing() == crate::openai::Framing::None {
+        bail!("--stream: {} is not streamed", s.shape.endpoint.path());
     }
     if !(s.base_url.starts_with("http://") || s.base_url.starts_with("https://")) {
         bail!(

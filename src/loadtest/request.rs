@@ -3,7 +3,7 @@
 //! or what went wrong.
 
 use super::prompts::Prompt;
-use crate::config::Endpoint;
+use crate::openai::Endpoint;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -43,7 +43,7 @@ pub fn body(model: &str, prompt: &Prompt, shape: &Shape) -> anyhow::Result<Value
         )),
     };
     let mut body = match shape.endpoint {
-        Endpoint::ChatCompletions => {
+        Endpoint::ChatCompletions | Endpoint::Messages => {
             let messages = match prompt {
                 Prompt::Text(t) => json!([{"role": "user", "content": t}]),
                 Prompt::Messages(m) => m.clone(),
@@ -54,11 +54,13 @@ pub fn body(model: &str, prompt: &Prompt, shape: &Shape) -> anyhow::Result<Value
             json!({"model": model, "prompt": text(prompt)?, "max_tokens": shape.max_tokens})
         }
         Endpoint::Embeddings => return Ok(json!({"model": model, "input": text(prompt)?})),
-        Endpoint::Responses => anyhow::bail!("--endpoint responses is not load-tested"),
+        e => anyhow::bail!("--endpoint {} is not load-tested", e.path()),
     };
     if shape.stream {
         body["stream"] = json!(true);
-        body["stream_options"] = json!({"include_usage": true});
+        if shape.endpoint.usage_on_request() {
+            body["stream_options"] = json!({"include_usage": true});
+        }
     }
     Ok(body)
 }
@@ -144,7 +146,7 @@ async fn exchange(
                 continue;
             };
             let data = data.trim_start();
-            if data == "[DONE]" {
+            if data == "[DONE]" || data.starts_with(r#"{"type":"message_stop""#) {
                 if sample.completion_tokens == 0 {
                     sample.completion_tokens = tokens_seen;
                     sample.total_tokens = sample.prompt_tokens + tokens_seen;
@@ -161,6 +163,8 @@ async fn exchange(
             let text = choice["delta"]["content"]
                 .as_str()
                 .or(choice["text"].as_str())
+                // Anthropic's `content_block_delta`.
+                .or(v["delta"]["text"].as_str())
                 .unwrap_or_default();
             if !text.is_empty() {
                 let now = Instant::now();
@@ -172,6 +176,8 @@ async fn exchange(
                 tokens_seen += 1;
             }
             take_usage(sample, &v["usage"]);
+            // Anthropic's `message_start` carries the input tokens.
+            take_usage(sample, &v["message"]["usage"]);
         }
     }
     Err("cut stream".into())
@@ -183,6 +189,13 @@ fn take_usage(sample: &mut Sample, usage: &Value) {
         sample.prompt_tokens = n("prompt_tokens").unwrap_or(0);
         sample.completion_tokens = n("completion_tokens").unwrap_or(0);
         sample.total_tokens = total;
+    } else if let Some(output) = n("output_tokens") {
+        // Anthropic's shape: no total, and a stream's last usage may omit the input.
+        if let Some(input) = n("input_tokens") {
+            sample.prompt_tokens = input;
+        }
+        sample.completion_tokens = output;
+        sample.total_tokens = sample.prompt_tokens + output;
     }
 }
 

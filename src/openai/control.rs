@@ -6,7 +6,7 @@
 //! `model` is kept so the gateway can swap in the backend's model name without re-serializing.
 
 use super::ApiError;
-use crate::config::Endpoint;
+use super::Endpoint;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -160,15 +160,19 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         Endpoint::ChatCompletions => check_messages(fields.get("messages").copied())?,
         Endpoint::Completions => check_prompt("prompt", fields.get("prompt").copied())?,
         Endpoint::Responses => check_response_input(fields.get("input").copied())?,
-        Endpoint::Embeddings => {
-            check_prompt("input", fields.get("input").copied())?;
-            if stream {
-                return Err(ApiError::invalid_request(
-                    "Embeddings cannot be streamed; set `stream` to false or leave it out.",
-                )
-                .with_param("stream"));
-            }
+        Endpoint::Embeddings => check_prompt("input", fields.get("input").copied())?,
+        Endpoint::Messages => {
+            check_messages(fields.get("messages").copied())?;
+            check_max_tokens(fields.get("max_tokens").copied())?;
         }
+        Endpoint::CountTokens => check_messages(fields.get("messages").copied())?,
+    }
+    if stream && endpoint.framing() == super::Framing::None {
+        return Err(ApiError::invalid_request(format!(
+            "/v1/{} cannot be streamed; set `stream` to false or leave it out.",
+            endpoint.path()
+        ))
+        .with_param("stream"));
     }
 
     let span_of = |raw: &RawValue| {
@@ -210,6 +214,22 @@ fn check_response_input(raw: Option<&RawValue>) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(bad())
+    }
+}
+
+/// `max_tokens` of the Messages API: required (FIRST checks it too), a whole number of at
+/// least 1.
+fn check_max_tokens(raw: Option<&RawValue>) -> Result<(), ApiError> {
+    match raw.map(|r| r.get().parse::<u64>()) {
+        Some(Ok(n)) if n >= 1 => Ok(()),
+        None => Err(ApiError::invalid_request(
+            "`max_tokens` is required by the Messages API: the most tokens to generate, e.g. 1024.",
+        )
+        .with_param("max_tokens")),
+        Some(_) => Err(ApiError::invalid_request(
+            "`max_tokens` must be a whole number of at least 1.",
+        )
+        .with_param("max_tokens")),
     }
 }
 

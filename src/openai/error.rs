@@ -1,4 +1,6 @@
-//! The OpenAI error envelope `{"error": {"message", "type", "code", "param"}}`.
+//! The error envelopes: OpenAI's `{"error": {"message", "type", "code", "param"}}` and, on
+//! the Anthropic Messages API, Anthropic's `{"type": "error", "error": {"type", "message"}}`.
+//! One typed error, two renderings.
 //!
 //! OpenAI SDKs pick their exception from the HTTP status (400 `BadRequestError`, 401
 //! `AuthenticationError`, 403 `PermissionDeniedError`, 404 `NotFoundError`, 422
@@ -80,6 +82,36 @@ impl ApiError {
                 "code": self.code,
                 "param": self.param,
             }
+        });
+        Bytes::from(v.to_string())
+    }
+
+    /// The JSON body in the envelope of the API the client speaks.
+    pub fn body_for(&self, envelope: super::Envelope) -> Bytes {
+        match envelope {
+            super::Envelope::OpenAi => self.body(),
+            super::Envelope::Anthropic => self.anthropic_body(),
+        }
+    }
+
+    /// Anthropic's envelope. The `anthropic` SDKs pick their exception from the status (400
+    /// `BadRequestError`, 401 `AuthenticationError`, 403 `PermissionDeniedError`, 404
+    /// `NotFoundError`, 413, 429 `RateLimitError`, 5xx `InternalServerError`); the `type` is
+    /// Anthropic's for that status. FIRST's code stays readable in `error.code`.
+    fn anthropic_body(&self) -> Bytes {
+        let kind = match self.status {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            s if s >= 500 => "api_error",
+            _ => "invalid_request_error",
+        };
+        let v = json!({
+            "type": "error",
+            "error": {"type": kind, "message": self.message, "code": self.code},
         });
         Bytes::from(v.to_string())
     }

@@ -4,10 +4,12 @@
 //! completions.
 
 mod control;
+mod endpoint;
 mod error;
 pub mod sse;
 mod stream;
 
 pub use control::{parse_control_fields, ControlFields, RESERVED_FIELDS};
+pub use endpoint::{Endpoint, Envelope, Framing};
 pub use error::ApiError;
 pub use stream::{completion_events, END};

@@ -1,16 +1,18 @@
 //! Building OpenAI streams: a finished completion as the server-sent events a streaming
 //! backend would have sent (the cold path gets whole completions from Globus Compute).
 //! Chat and completions streams end with `data: [DONE]`; a Responses stream ends with its
-//! `response.completed` event, as vLLM's does.
+//! `response.completed` event, a Messages stream with `message_stop`, as vLLM's do.
 
-use crate::config::Endpoint;
+use super::Endpoint;
 use serde_json::{json, Value};
 
 /// The SSE events of `completion` (`chat.completion.chunk`s, or `text_completion`s, the usage
 /// chunk last when `include_usage`; or a response's typed events), with the stream's end.
 pub fn completion_events(completion: &Value, endpoint: Endpoint, include_usage: bool) -> String {
-    if endpoint == Endpoint::Responses {
-        return response_events(completion);
+    match endpoint {
+        Endpoint::Responses => return response_events(completion),
+        Endpoint::Messages => return message_events(completion),
+        _ => {}
     }
     let c = completion;
     let chat = endpoint == Endpoint::ChatCompletions;
@@ -118,6 +120,62 @@ fn response_events(r: &Value) -> String {
     out
 }
 
+/// A finished Anthropic `message` as vLLM streams one: `message_start` (input tokens, no
+/// content), each content block whole in one delta, `message_delta` with the stop reason and
+/// the final usage, `message_stop`.
+fn message_events(m: &Value) -> String {
+    let mut out = String::new();
+    let mut push = |kind: &str, data: Value| {
+        // `type` first, as vLLM writes it.
+        let mut event = json!({"type": kind});
+        if let (Some(e), Some(d)) = (event.as_object_mut(), data.as_object()) {
+            e.extend(d.clone());
+        }
+        out.push_str(&format!("event: {kind}\ndata: {event}\n\n"));
+    };
+    let usage = &m["usage"];
+    let mut begun = m.clone();
+    begun["content"] = json!([]);
+    begun["stop_reason"] = Value::Null;
+    begun["stop_sequence"] = Value::Null;
+    begun["usage"] = json!({"input_tokens": usage["input_tokens"], "output_tokens": 0});
+    push("message_start", json!({"message": begun}));
+    for (i, block) in m["content"].as_array().into_iter().flatten().enumerate() {
+        let (start, delta) = match block["type"].as_str() {
+            Some("tool_use") => {
+                let mut start = block.clone();
+                start["input"] = json!({});
+                let partial = block["input"].to_string();
+                (
+                    start,
+                    json!({"type": "input_json_delta", "partial_json": partial}),
+                )
+            }
+            Some("thinking") => (
+                json!({"type": "thinking", "thinking": ""}),
+                json!({"type": "thinking_delta", "thinking": block["thinking"]}),
+            ),
+            _ => (
+                json!({"type": "text", "text": ""}),
+                json!({"type": "text_delta", "text": block["text"]}),
+            ),
+        };
+        push(
+            "content_block_start",
+            json!({"content_block": start, "index": i}),
+        );
+        push("content_block_delta", json!({"delta": delta, "index": i}));
+        push("content_block_stop", json!({"index": i}));
+    }
+    push(
+        "message_delta",
+        json!({"delta": {"stop_reason": m["stop_reason"], "stop_sequence": m["stop_sequence"]},
+               "usage": usage}),
+    );
+    push("message_stop", json!({}));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +233,41 @@ mod tests {
         assert_eq!(
             events.last().unwrap().1["response"]["usage"]["output_tokens"],
             2
+        );
+    }
+
+    #[test]
+    fn a_message_becomes_anthropic_events_ending_with_message_stop() {
+        let m = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+            "content": [{"type": "text", "text": "hi there"}],
+            "stop_reason": "max_tokens", "usage": {"input_tokens": 4, "output_tokens": 2}});
+        let sse = completion_events(&m, Endpoint::Messages, false);
+        let kinds: Vec<&str> = sse
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("event: ")?.split('\n').next())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert!(
+            sse.contains(r#""delta":{"type":"text_delta","text":"hi there"}"#),
+            "{sse}"
+        );
+        assert!(
+            sse.contains(r#""usage":{"input_tokens":4,"output_tokens":0}"#),
+            "{sse}"
+        );
+        assert!(
+            sse.ends_with("data: {\"type\":\"message_stop\"}\n\n"),
+            "{sse}"
         );
     }
 }

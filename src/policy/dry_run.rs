@@ -6,8 +6,9 @@ use super::script::{Script, ROUTE, SCALE};
 use super::view::{Candidate, Decision, DeploymentState, InstanceView, RouteRequest};
 use super::{builtin_route, PolicyError};
 use crate::auth::{rules, Identity};
-use crate::config::{AccessList, BackendAddr, Config, Endpoint};
+use crate::config::{AccessList, BackendAddr, Config};
 use crate::model_name::normalize;
+use crate::openai::Endpoint;
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -43,9 +44,11 @@ pub fn route(
     state: &CatalogState,
 ) -> anyhow::Result<Decision> {
     let endpoint = Endpoint::from_path(&req.endpoint).ok_or_else(|| {
+        let known: Vec<&str> = Endpoint::ALL.into_iter().map(Endpoint::path).collect();
         anyhow::anyhow!(
-            "request.endpoint {:?}: use chat/completions, completions or embeddings",
-            req.endpoint
+            "request.endpoint {:?}: use one of {}",
+            req.endpoint,
+            known.join(", ")
         )
     })?;
     let candidates = candidates(config, &req, endpoint, state)?;

@@ -10,8 +10,8 @@ use super::{errors, respond, Gateway, RequestCtx};
 use crate::catalog::Deployment;
 use crate::compute::relay::{RelayTicket, StreamRelay};
 use crate::compute::{serialize::unwrap_json_string, ComputeClient, ComputeError};
-use crate::config::{ComputeStreaming, Endpoint};
-use crate::openai::{completion_events, ApiError, ControlFields, END};
+use crate::config::ComputeStreaming;
+use crate::openai::{completion_events, ApiError, ControlFields, Endpoint, Framing, END};
 use crate::usage::Tokens;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -164,7 +164,7 @@ async fn submit(
             p.insert("streaming_server_protocol".into(), json!(at.protocol));
             p.insert("stream_task_id".into(), json!(ticket.task_id));
             p.insert("stream_task_token".into(), json!(ticket.token));
-            if endpoint != Endpoint::Responses {
+            if endpoint.usage_on_request() {
                 let options = p.entry("stream_options").or_insert_with(|| json!({}));
                 if !options.is_object() {
                     *options = json!({});
@@ -281,13 +281,12 @@ pub(super) async fn write_stream_head(
     session.write_response_header(Box::new(resp), false).await
 }
 
-/// An error inside a stream: an error event, then the stream's end (a Responses stream's end
-/// is the error itself).
+/// An error inside a stream, in the endpoint's envelope: an error event, then the stream's
+/// end (a typed-event stream's end is the error itself).
 pub(super) fn error_event(endpoint: Endpoint, e: &ApiError) -> String {
-    let body = String::from_utf8_lossy(&e.body()).into_owned();
-    if endpoint == Endpoint::Responses {
-        format!("event: error\ndata: {body}\n\n")
-    } else {
-        format!("data: {body}\n\n{END}")
+    let body = String::from_utf8_lossy(&e.body_for(endpoint.envelope())).into_owned();
+    match endpoint.framing() {
+        Framing::TypedEvents => format!("event: error\ndata: {body}\n\n"),
+        Framing::OpenAiChunks | Framing::None => format!("data: {body}\n\n{END}"),
     }
 }

@@ -4,9 +4,9 @@
 use super::trace::Spans;
 use crate::auth::Identity;
 use crate::catalog::{Deployment, InstanceGuard};
-use crate::config::Endpoint;
 use crate::edge::{ActiveRequest, AllowedOrigin, Client, UpstreamPermit};
 use crate::openai::ApiError;
+use crate::openai::Endpoint;
 use crate::trace_context::TraceContext;
 use crate::usage::{Accounting, InFlightPermit, Meter, TokenReservation};
 use bytes::Bytes;

@@ -5,8 +5,8 @@ use crate::auth::AuthError;
 use crate::catalog::{Deployment, LookupError, PoolError};
 use crate::compute::relay::RelayRefusal;
 use crate::compute::ComputeError;
-use crate::config::Endpoint;
 use crate::openai::ApiError;
+use crate::openai::Endpoint;
 use pingora::{Error, ErrorSource, ErrorType};
 
 /// Where the gateway's inference is, for errors that send clients there.

@@ -11,7 +11,11 @@ impl Gateway {
     pub(super) fn finish(&self, ctx: &mut RequestCtx, status: u16, error: Option<&Error>) {
         ctx.target.slot = None;
         ctx.target.accounting = None;
+        // A client that closes its connection right after the stream's end marker (as SDKs
+        // do) got everything: that is no cancel.
+        let completed = ctx.meter.scanner.as_ref().is_some_and(|s| s.completed());
         let ending = match error {
+            Some(e) if e.esource() == &ErrorSource::Downstream && completed => Ending::Complete,
             Some(e) if e.esource() == &ErrorSource::Downstream => Ending::ClientLeft,
             Some(_) => Ending::Failed,
             None if ctx.meter.client_left => Ending::ClientLeft,

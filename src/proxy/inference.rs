@@ -8,7 +8,7 @@ use super::trace::phase_span;
 use super::{body, errors, routing, Gateway, RequestCtx};
 use crate::auth::Identity;
 use crate::catalog::{Deployment, InstanceGuard, PoolError};
-use crate::config::Endpoint;
+use crate::openai::Endpoint;
 use crate::openai::{parse_control_fields, ApiError, ControlFields};
 use crate::usage::UsageScanner;
 use bytes::Bytes;
@@ -183,10 +183,10 @@ fn forward(
     d: &Deployment,
 ) {
     let rename = (control.model != d.backend_model).then_some(d.backend_model.as_str());
-    // Streams report usage in a last chunk only when asked: ask for every stream, and hide that
-    // chunk from clients that did not ask for it themselves. (A Responses stream always ends
-    // with its usage, in `response.completed`.)
-    let ask_usage = control.stream && !control.include_usage && endpoint != Endpoint::Responses;
+    // OpenAI chunk streams report usage in a last chunk only when asked: ask for every stream,
+    // and hide that chunk from clients that did not ask for it themselves. (Typed-event
+    // streams always end with their usage.)
+    let ask_usage = control.stream && !control.include_usage && endpoint.usage_on_request();
     let body = if rename.is_some() || ask_usage {
         control.rewrite(&body, rename, ask_usage)
     } else {

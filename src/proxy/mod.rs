@@ -103,6 +103,10 @@ impl ProxyHttp for Gateway {
             .headers
             .contains_key(crate::usage::LOADTEST_HEADER);
         let route = self.match_route(session.req_header());
+        // Known before anything can fail, so that every error takes the endpoint's envelope.
+        if let Ok(routes::Route::Inference { endpoint, .. }) = &route {
+            ctx.request.endpoint = Some(*endpoint);
+        }
         ctx.charge(t);
         let outcome = match route {
             Ok(route) => self.serve(session, ctx, route).await,

@@ -9,8 +9,7 @@ use super::serve::Outcome;
 use super::{body, errors, Gateway};
 use crate::catalog::Deployment;
 use crate::compute::relay::{RelayEvent, RelayKind, RelayTicket};
-use crate::config::Endpoint;
-use crate::openai::{completion_events, ApiError, END};
+use crate::openai::{completion_events, ApiError};
 use crate::usage::{Tokens, UsageScanner};
 use bytes::Bytes;
 use pingora::proxy::Session;
@@ -60,7 +59,7 @@ pub(super) async fn answer_relayed(
 ) -> pingora::Result<Tokens> {
     write_stream_head(session, &a).await?;
     // The usage chunk was asked for on the client's behalf: hidden unless it asked too.
-    let strip = !a.include_usage && a.endpoint != Endpoint::Responses;
+    let strip = !a.include_usage && a.endpoint.usage_on_request();
     let mut scanner = UsageScanner::new(true, strip);
     let result = completion(cold, d, a.task);
     tokio::pin!(result);
@@ -81,7 +80,7 @@ pub(super) async fn answer_relayed(
                         session.write_response_body(Some(out), false).await?;
                     }
                 }
-                Some(RelayEvent::Done) | None => break stream_end(a.endpoint),
+                Some(RelayEvent::Done) | None => break a.endpoint.stream_end().to_string(),
                 Some(RelayEvent::Error(message)) => {
                     break error_event(a.endpoint, &errors::compute_stream(&message, d))
                 }
@@ -100,7 +99,7 @@ pub(super) async fn answer_relayed(
             }
             _ = tokio::time::sleep_until(last_call.unwrap_or_else(Instant::now)), if last_call.is_some() => {
                 break if got_data {
-                    stream_end(a.endpoint)
+                    a.endpoint.stream_end().to_string()
                 } else {
                     let message = "the task ended but none of its lines reached the gateway";
                     error_event(a.endpoint, &errors::compute_stream(message, d))
@@ -116,14 +115,6 @@ pub(super) async fn answer_relayed(
         .write_response_body(Some(Bytes::from(end)), true)
         .await?;
     Ok(whole.unwrap_or_else(|| scanner.tokens()))
-}
-
-/// The end of a stream that finished.
-fn stream_end(endpoint: Endpoint) -> String {
-    match endpoint {
-        Endpoint::Responses => String::new(),
-        _ => END.to_string(),
-    }
 }
 
 /// Relayed lines (vLLM's SSE lines without their blank lines, joined by `\n`) as SSE events

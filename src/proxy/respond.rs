@@ -66,7 +66,8 @@ pub async fn send_preflight(
     session.write_response_header(Box::new(resp), true).await
 }
 
-/// Sends an error in the OpenAI envelope.
+/// Sends an error in the envelope of the API the request's endpoint belongs to (OpenAI's
+/// unless it is the Anthropic Messages API).
 pub async fn send_error(
     session: &mut Session,
     ctx: &RequestCtx,
@@ -76,5 +77,9 @@ pub async fn send_error(
     let allow = err.allow.map(|a| ("allow", a.to_string()));
     let limit = err.limit.map(|l| ("x-firstgate-limit", l.to_string()));
     let headers: Vec<_> = retry.into_iter().chain(allow).chain(limit).collect();
-    send_json(session, ctx, err.status, err.body(), &headers).await
+    let envelope = ctx
+        .request
+        .endpoint
+        .map_or(crate::openai::Envelope::OpenAi, |e| e.envelope());
+    send_json(session, ctx, err.status, err.body_for(envelope), &headers).await
 }

@@ -3,7 +3,7 @@
 //! listings. Trailing slashes are not accepted (FIRST does not redirect either).
 
 use crate::compute::relay::RelayKind;
-use crate::config::Endpoint;
+use crate::openai::Endpoint;
 use http::Method;
 
 /// A matched route.

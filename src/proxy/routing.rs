@@ -4,9 +4,9 @@
 use super::errors;
 use crate::auth::{rules, Identity};
 use crate::catalog::{Catalog, Deployment};
-use crate::config::Endpoint;
 use crate::metrics::Metrics;
 use crate::openai::ApiError;
+use crate::openai::Endpoint;
 use crate::policy::{self, Decision, Policies, RouteRequest, UserView};
 use pingora::http::RequestHeader;
 use std::net::SocketAddr;

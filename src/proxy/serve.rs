@@ -146,11 +146,20 @@ impl Gateway {
     ) -> Result<Arc<Identity>, ApiError> {
         let t = Instant::now();
         let span = phase_span!(ctx, "authenticate", cache = tracing::field::Empty);
-        let header = session
-            .req_header()
-            .headers
-            .get(http::header::AUTHORIZATION);
-        let (result, outcome) = self.auth.authenticate(header.map(|h| h.as_bytes())).await;
+        let headers = &session.req_header().headers;
+        let header = headers.get(http::header::AUTHORIZATION);
+        // Anthropic clients may send the token as `x-api-key` instead.
+        let anthropic = ctx
+            .request
+            .endpoint
+            .is_some_and(|e| e.envelope() == crate::openai::Envelope::Anthropic);
+        let api_key = headers
+            .get("x-api-key")
+            .filter(|_| anthropic && header.is_none());
+        let (result, outcome) = match api_key {
+            Some(key) => self.auth.authenticate_api_key(key.as_bytes()).await,
+            None => self.auth.authenticate(header.map(|h| h.as_bytes())).await,
+        };
         if let Some(outcome) = outcome {
             let label = match outcome {
                 CacheOutcome::Hit => {

@@ -9,9 +9,11 @@ use pingora::{Error, ErrorType};
 
 /// Request headers that must not travel to a backend: hop-by-hop headers, the client's
 /// credentials, and encodings we want to see in plain text.
-const STRIPPED_UPSTREAM_HEADERS: [&str; 13] = [
+const STRIPPED_UPSTREAM_HEADERS: [&str; 14] = [
     "authorization",
     "proxy-authorization",
+    // Anthropic clients' form of the same token.
+    "x-api-key",
     // The batch runner's own credential and bookkeeping (see `crate::batch`).
     crate::batch::LINE_HEADER,
     crate::batch::LINE_BATCH_HEADER,

@@ -3,6 +3,7 @@
 //! text (`tok0 tok1 …`) instead of a model. Tests and the demo drive it; the counters and fault
 //! knobs let a test observe what reached the backend and make it misbehave.
 
+mod messages;
 mod responses;
 
 use super::listener::Listening;
@@ -71,6 +72,8 @@ pub struct SimStats {
     pub completion_requests: AtomicU64,
     pub embedding_requests: AtomicU64,
     pub responses_requests: AtomicU64,
+    /// `/v1/messages` and `/v1/messages/count_tokens`.
+    pub messages_requests: AtomicU64,
     pub streams_started: AtomicU64,
     pub streams_completed: AtomicU64,
     /// Streams whose client went away before the last chunk.
@@ -92,6 +95,7 @@ impl SimStats {
             "completion_requests": g(&self.completion_requests),
             "embedding_requests": g(&self.embedding_requests),
             "responses_requests": g(&self.responses_requests),
+            "messages_requests": g(&self.messages_requests),
             "streams_started": g(&self.streams_started),
             "streams_completed": g(&self.streams_completed),
             "streams_cancelled": g(&self.streams_cancelled),
@@ -230,6 +234,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/responses", post(responses::responses))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route(
             "/_sim/stats",
             get(|State(s): State<Arc<Shared>>| async move { Json(s.stats.snapshot()) }),
@@ -371,10 +377,12 @@ fn check_key(s: &Shared, headers: &HeaderMap) -> Result<(), Refusal> {
     let Some(key) = &s.cfg.api_key else {
         return Ok(());
     };
+    // vLLM takes the key as a bearer token, or (Anthropic clients) as `x-api-key`.
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     if given == Some(key.as_str()) {
         Ok(())
     } else {
@@ -388,6 +396,7 @@ enum Api {
     Completions,
     Embeddings,
     Responses,
+    Messages,
 }
 
 /// Everything common to the three inference routes, up to a validated request.
@@ -404,6 +413,7 @@ fn accept(s: &Shared, api: Api, headers: HeaderMap, raw: Bytes) -> Result<Accept
         Api::Completions => &s.stats.completion_requests,
         Api::Embeddings => &s.stats.embedding_requests,
         Api::Responses => &s.stats.responses_requests,
+        Api::Messages => &s.stats.messages_requests,
     };
     counter.fetch_add(1, Ordering::Relaxed);
     *s.last_request.lock().unwrap() = Some((headers.clone(), raw.clone()));
@@ -460,6 +470,16 @@ fn accept(s: &Shared, api: Api, headers: HeaderMap, raw: Bytes) -> Result<Accept
             }
             _ => return Err(bad_request("Field required: input")),
         },
+        Api::Messages if generative => {
+            let system = match &body["system"] {
+                Value::String(t) => t.clone(),
+                blocks => chat_text(&json!([{"content": blocks}])).unwrap_or_default(),
+            };
+            let messages = chat_text(&body["messages"])
+                .ok_or_else(|| bad_request("Field required: messages (a list of messages)"))?;
+            format!("{system} {messages}")
+        }
+        Api::Messages => return Err(bad_request("The model does not support Messages API")),
         Api::Embeddings => return Err(bad_request("The model does not support Embeddings API")),
         Api::Responses => return Err(bad_request("The model does not support Responses API")),
         Api::Chat => {

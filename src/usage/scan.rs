@@ -51,6 +51,15 @@ pub struct UsageScanner {
     unscanned: bool,
     /// The last event was passed on (not the hidden usage chunk).
     kept_last: bool,
+    /// The stream's end marker passed (`[DONE]`, `response.completed`, `message_stop`): a
+    /// client that leaves now got everything.
+    completed: bool,
+    /// While the usage chunk is hidden: the chunk that finished a choice, held until the next
+    /// event shows whether it is the usage chunk, whose `system_fingerprint` (vLLM moves it
+    /// there when usage is asked for) then goes onto the held chunk.
+    held: Option<BytesMut>,
+    /// The `system_fingerprint` of the hidden usage chunk.
+    fingerprint: Option<String>,
 }
 
 impl UsageScanner {
@@ -74,28 +83,68 @@ impl UsageScanner {
             return None;
         }
         self.sse.push(chunk);
-        let mut out = self.strip_usage.then(BytesMut::new);
+        let Some(mut out) = self.strip_usage.then(BytesMut::new) else {
+            // Passed on unchanged: only read.
+            while let Some(piece) = self.sse.next_piece() {
+                if let Piece::Event(event) = piece {
+                    self.event(&event);
+                }
+            }
+            if end || self.sse.pending() > MAX_EVENT {
+                self.unscanned |= !end;
+                self.sse.take_rest();
+            }
+            return None;
+        };
         while let Some(piece) = self.sse.next_piece() {
-            let (bytes, keep) = match piece {
+            match piece {
                 Piece::Event(event) => {
                     self.kept_last = self.event(&event);
-                    (event, self.kept_last)
+                    self.release(&mut out);
+                    if !self.kept_last {
+                        continue;
+                    }
+                    if find(&event, b"\"finish_reason\":\"").is_some() {
+                        self.held = Some(BytesMut::from(&event[..]));
+                    } else {
+                        out.extend_from_slice(&event);
+                    }
                 }
-                Piece::EndOfPrevious(lf) => (lf, self.kept_last),
-            };
-            if let (Some(o), true) = (out.as_mut(), keep) {
-                o.extend_from_slice(&bytes);
+                Piece::EndOfPrevious(lf) => match self.held.as_mut() {
+                    Some(held) => held.extend_from_slice(&lf),
+                    None if self.kept_last => out.extend_from_slice(&lf),
+                    None => {}
+                },
             }
         }
         if end || self.sse.pending() > MAX_EVENT {
             // The stream's end, or an event too large to be a usage chunk: let the rest go.
             self.unscanned |= !end;
-            let rest = self.sse.take_rest();
-            if let Some(o) = out.as_mut() {
-                o.extend_from_slice(&rest);
+            self.release(&mut out);
+            out.extend_from_slice(&self.sse.take_rest());
+        }
+        Some(out.freeze())
+    }
+
+    /// Sends on the held chunk, with the hidden usage chunk's `system_fingerprint` if it had
+    /// one.
+    fn release(&mut self, out: &mut BytesMut) {
+        let Some(mut held) = self.held.take() else {
+            return;
+        };
+        if let Some(fingerprint) = self.fingerprint.take() {
+            // Into the chunk's JSON object: before its last `}`.
+            if let Some(at) = held.iter().rposition(|b| *b == b'}') {
+                let member = format!(
+                    ",\"system_fingerprint\":{}",
+                    serde_json::Value::String(fingerprint)
+                );
+                let tail = held.split_off(at);
+                held.extend_from_slice(member.as_bytes());
+                held.extend_from_slice(&tail);
             }
         }
-        out.map(BytesMut::freeze)
+        out.extend_from_slice(&held);
     }
 
     fn feed_json(&mut self, chunk: &Bytes, end: bool) {
@@ -141,6 +190,7 @@ impl UsageScanner {
     fn payload(&mut self, data: &[u8]) -> bool {
         let data = data.trim_ascii();
         if data == b"[DONE]" {
+            self.completed = true;
             return true;
         }
         // Most events are content chunks: recognise them without parsing the JSON.
@@ -153,20 +203,39 @@ impl UsageScanner {
             if content && !empty {
                 self.content_chunks = self.content_chunks.saturating_add(1);
             }
+            // Anthropic's last event, `{"type":"message_stop"}`, is short.
+            if data.len() < 64 && find(data, b"\"message_stop\"").is_some() {
+                self.completed = true;
+            }
             return true;
         }
         let Ok(v) = serde_json::from_slice::<Value>(data) else {
             return true;
         };
-        // `/v1/responses`: the usage is the completed response's.
-        let usage = match v["type"].as_str() {
-            Some(t) if t.starts_with("response.") => &v["response"]["usage"],
+        // `/v1/responses`: the usage is the completed response's; Anthropic's: the message's
+        // at `message_start`, then the final counts in `message_delta`.
+        let kind = v["type"].as_str().unwrap_or_default();
+        let usage = match kind {
+            t if t.starts_with("response.") => &v["response"]["usage"],
+            "message_start" => &v["message"]["usage"],
             _ => &v["usage"],
         };
-        if let Some(t) = tokens_of(usage) {
+        self.completed |= kind == "response.completed";
+        let tokens = tokens_of(usage).or_else(|| {
+            // A `message_delta` may carry only the output tokens; the input came first.
+            let output = usage["output_tokens"].as_u64()?;
+            let prompt = self.usage.map_or(0, |u| u.prompt);
+            Some(Tokens {
+                prompt,
+                completion: output,
+                total: prompt.saturating_add(output),
+            })
+        });
+        if let Some(t) = tokens {
             self.usage = Some(t);
             let usage_only = v["choices"].as_array().is_some_and(Vec::is_empty);
             if usage_only && self.strip_usage {
+                self.fingerprint = v["system_fingerprint"].as_str().map(str::to_owned);
                 return false;
             }
         }
@@ -199,6 +268,11 @@ impl UsageScanner {
     /// The body ended: the backend finished it.
     pub fn ended(&self) -> bool {
         self.ended
+    }
+
+    /// The stream's end marker passed: a client that leaves after it got the whole answer.
+    pub fn completed(&self) -> bool {
+        self.completed
     }
 
     /// The body was too large to read and passed through unread.
@@ -241,4 +315,69 @@ fn tokens_of(v: &Value) -> Option<Tokens> {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed_all(scanner: &mut UsageScanner, body: &str) -> String {
+        let mut out = Vec::new();
+        let parts: Vec<&str> = body.split_inclusive("\n\n").collect();
+        for (i, part) in parts.iter().enumerate() {
+            let chunk = Bytes::copy_from_slice(part.as_bytes());
+            let sent = scanner.feed(&chunk, i + 1 == parts.len());
+            out.extend_from_slice(&sent.unwrap_or(chunk));
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_hidden_usage_chunks_fingerprint_moves_onto_the_last_chunk_the_client_gets() {
+        let body = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"},\"finish_reason\":\"length\"}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5},\"system_fingerprint\":\"vllm-0.32.0\"}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let mut s = UsageScanner::new(true, true);
+        let out = feed_all(&mut s, body);
+        assert!(!out.contains("usage"), "{out}");
+        assert!(
+            out.contains("\"finish_reason\":\"length\"}],\"system_fingerprint\":\"vllm-0.32.0\"}"),
+            "{out}"
+        );
+        assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+        assert_eq!(s.tokens().total, 5);
+        assert!(s.completed());
+    }
+
+    #[test]
+    fn anthropic_streams_give_their_usage_and_end() {
+        let body = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":38,\"output_tokens\":0}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"},\"index\":0}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"max_tokens\"},\"usage\":{\"output_tokens\":20}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let mut s = UsageScanner::new(true, false);
+        let out = feed_all(&mut s, body);
+        assert_eq!(out, body, "passed through unchanged");
+        assert_eq!(
+            s.tokens(),
+            Tokens {
+                prompt: 38,
+                completion: 20,
+                total: 58
+            }
+        );
+        assert!(s.tokens_known() && s.completed());
+        // A whole message's usage.
+        let mut s = UsageScanner::new(false, false);
+        let json = Bytes::from_static(
+            br#"{"type":"message","content":[],"usage":{"input_tokens":4,"output_tokens":2}}"#,
+        );
+        s.feed(&json, true);
+        assert_eq!(s.tokens().total, 6);
+    }
 }
