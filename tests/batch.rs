@@ -348,6 +348,7 @@ mod first {
                     endpoints: vec![FakeEndpoint {
                         id: EP.into(),
                         name: "sophia".into(),
+                        cold: false,
                     }],
                     functions: vec![
                         FakeFunction {

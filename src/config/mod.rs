@@ -723,6 +723,12 @@ pub struct ClusterCompute {
     /// demand remains).
     #[serde(default = "defaults::drain_before", with = "humantime_serde")]
     pub drain_before: Duration,
+    /// The walltime of the model jobs (the endpoint provider's `walltime`; FIRST's endpoints:
+    /// 24h). FIRST's qstat function reports the time a job used, not what is left; the end is
+    /// this much after the start. Default: the deployment's `scaling.keep_hot`, which is what
+    /// the start function is asked for.
+    #[serde(default, with = "humantime_serde")]
+    pub job_walltime: Option<Duration>,
 }
 
 /// Running a model through Globus Compute when no instance is hot.
