@@ -246,9 +246,12 @@ fn jobs_of(report: &Value, d: &Deployment, api_port: u16, walltime: Duration) ->
 /// The node running a job's first (head) process, from PBS's `exec_host`
 /// (`x1000c0s0b0n0/0*64+x1000c0s0b1n0/0*64`); `None` for `N/A` (not running yet).
 fn head_node(exec_host: &str) -> Option<&str> {
+    if exec_host.trim() == "N/A" {
+        return None;
+    }
     let first = exec_host.split('+').next()?.trim();
     let host = first.split('/').next()?.trim();
-    (!host.is_empty() && host != "N/A").then_some(host)
+    (!host.is_empty()).then_some(host)
 }
 
 /// `HH:MM:SS` (hours may exceed 24) as seconds.
