@@ -8,6 +8,7 @@ pub mod failure;
 mod lifecycle;
 mod pickle;
 pub mod relay;
+pub mod relay_redis;
 pub mod serialize;
 
 pub use client::{submit_body, uuid, uuid_from_bits, ComputeClient, ComputeError, EndpointStatus};

@@ -85,11 +85,10 @@ impl Gateway {
         let _cold = d.demand.cold();
         self.scale_wake.notify_one();
         // A stream's lines come back through the relay when it is set up.
-        let relayed = cold
-            .streaming
-            .as_ref()
-            .filter(|_| req.stream)
-            .map(|(relay, at)| (relay.open(), at));
+        let relayed = match cold.streaming.as_ref().filter(|_| req.stream) {
+            Some((relay, at)) => Some((relay.open().await, at)),
+            None => None,
+        };
         let submitting = phase_span!(ctx, "compute_submit");
         let via = relayed.as_ref().map(|(ticket, at)| (ticket, *at));
         let task = submit(cold, d, req.endpoint, &req.body, via).await?;

@@ -185,6 +185,12 @@ pub fn relay(refusal: RelayRefusal) -> ApiError {
             "client_behind",
             "The client of this stream is not reading fast enough; this batch was dropped.",
         ),
+        RelayRefusal::Unavailable => ApiError::new(
+            503,
+            "relay_unavailable",
+            "This stream task waits on another replica and the replicas' Redis cannot be reached.",
+        )
+        .with_retry_after(1),
         RelayRefusal::Body(why) => ApiError::invalid_request(format!(
             "The body must be {{\"task_id\", \"data\" or \"error\", \"type\"}}: {why}"
         )),
