@@ -102,7 +102,8 @@ pub struct BatchConfig {
     /// Most lines in one input file. Default 50,000.
     #[serde(default = "defaults::batch_max_lines")]
     pub max_lines: usize,
-    /// Batches one user may have unfinished at once (FIRST's `MAX_BATCHES_PER_USER`). Default 2.
+    /// Batches one user may have unfinished at once (FIRST's `MAX_BATCHES_PER_USER`, whose
+    /// default is 1). Default 1.
     #[serde(default = "defaults::batch_max_active_per_user")]
     pub max_active_per_user: usize,
     /// Lines of one user's batches running at once. Default 4.
@@ -906,7 +907,7 @@ mod defaults {
         50_000
     }
     pub fn batch_max_active_per_user() -> usize {
-        2
+        1
     }
     pub fn batch_lines_in_flight_per_user() -> usize {
         4
