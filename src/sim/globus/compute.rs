@@ -151,6 +151,8 @@ pub struct ComputeStats {
     pub stream_posts_failed: AtomicU64,
     /// Payloads as submitted (the `tasks` strings), for byte-level checks.
     pub payloads: Mutex<Vec<String>>,
+    /// Submit bodies as received, for checks of their shape.
+    pub submit_bodies: Mutex<Vec<Value>>,
 }
 
 impl ComputeStats {
@@ -500,6 +502,9 @@ pub(super) async fn submit(
             Json(json!({"code": "TASK_PAYLOAD_TOO_LARGE", "message": "Task payload too large"})),
         )
             .into_response();
+    }
+    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+        s.compute.stats.submit_bodies.lock().unwrap().push(v);
     }
     let Ok(req) = serde_json::from_slice::<SubmitBody>(&body) else {
         return semantically_invalid("the body is not a v3 submit document");
