@@ -10,6 +10,7 @@ use crate::auth::Authenticator;
 use crate::batch::{BatchRunner, Batches, FirstBatchWatcher, Places};
 use crate::catalog::{BackendMonitor, Catalog, SharedCatalog};
 use crate::compute::relay::StreamRelay;
+use crate::compute::relay_redis::RedisRelay;
 use crate::compute::{ClusterLifecycle, ComputeClient, ScaleExecutor, TaskPoller};
 use crate::config::Config;
 use crate::edge::{
@@ -229,11 +230,20 @@ impl Parts {
             }
             None => None,
         };
-        let relay = match config.compute.as_ref().and_then(|c| c.streaming.as_ref()) {
-            Some(s) => Some(StreamRelay::new(secret_from(
-                &s.secret_env,
-                "compute.streaming.secret_env",
-            )?)),
+        let relay = match config
+            .compute
+            .as_ref()
+            .and_then(|c| Some((c, c.streaming.as_ref()?)))
+        {
+            Some((c, s)) => {
+                let secret = secret_from(&s.secret_env, "compute.streaming.secret_env")?;
+                // Replicas behind one advertised host share streams through Redis, keys
+                // living as long as a stream may wait.
+                let shared = state
+                    .clone()
+                    .map(|st| RedisRelay::new(st, c.wait + Duration::from_secs(60)));
+                Some(StreamRelay::with_shared(secret, shared))
+            }
             None => None,
         };
         Ok(Parts {

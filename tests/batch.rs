@@ -10,6 +10,7 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// `n` chat requests as a batch input file.
@@ -264,7 +265,7 @@ async fn replicas_share_batches_and_one_resumes_them_when_the_runner_dies() {
     let backend = sim(&[LLAMA], |c| c.itl = Duration::from_millis(25)).await;
     let body = format!(
         "usage:\n  store: {}\n  flush_interval: 50ms\n\
-         batch:\n  dir: {}\n  lines_in_flight_per_user: 2\n  lease: 3s\n\
+         batch:\n  dir: {}\n  lines_in_flight_per_user: 2\n  max_active_per_user: 2\n  lease: 3s\n\
          upstream:\n  max_concurrent_per_backend: 4\n  admission_wait: 0s\n{}",
         servers.postgres,
         shared_dir.path().display(),
@@ -348,6 +349,7 @@ mod first {
                     endpoints: vec![FakeEndpoint {
                         id: EP.into(),
                         name: "sophia".into(),
+                        cold: false,
                     }],
                     functions: vec![
                         FakeFunction {
@@ -530,14 +532,16 @@ mod first {
             "{v}"
         );
 
-        // The endpoint holds the task until it is back online: the batch stays pending.
-        let offline = &globus.compute().faults.offline;
-        offline.lock().unwrap().push(EP.into());
+        // A batch runs for a while (the stand-in holds it): it stays pending meanwhile.
+        let hold = &globus.compute().faults.hold_batches;
+        hold.store(true, Ordering::SeqCst);
         let (s, v) = call(&gw, "tok-alice", "POST", create, Some(body(LLAMA))).await;
         assert_eq!((s, &v["status"]), (200, &json!("pending")), "{v}");
         let id = v["batch_id"].as_str().unwrap().to_string();
-        assert_eq!(v["task_ids"].as_array().unwrap().len(), 1, "{v}");
-        // A second batch of hers is over the quota (1); anyone's with the same file is ongoing.
+        // FIRST's `task_ids`: the ids joined by commas, a string.
+        assert!(v["task_ids"].as_str().is_some_and(|t| t.len() == 36), "{v}");
+        // A second batch of hers is over the quota (1); the same file is "in use" for her
+        // only: Bob may run it too.
         let (s, v) = call(&gw, "tok-alice", "POST", create, Some(body(LLAMA))).await;
         assert_eq!(
             (s, v["error"]["code"].as_str()),
@@ -545,11 +549,7 @@ mod first {
             "{v}"
         );
         let (s, v) = call(&gw, "tok-bob", "POST", create, Some(body(LLAMA))).await;
-        assert_eq!(
-            (s, v["error"]["code"].as_str()),
-            (400, Some("batch_ongoing")),
-            "{v}"
-        );
+        assert_eq!((s, &v["status"]), (200, &json!("pending")), "{v}");
 
         // Another user's batch: 403; an unknown one: 404.
         let status = format!("/resource_server/v1/batches/{id}");
@@ -579,7 +579,7 @@ mod first {
             (400, Some("batch_ongoing")),
             "{v}"
         );
-        offline.lock().unwrap().clear();
+        hold.store(false, Ordering::SeqCst);
         wait_for("the batch to complete", || async {
             (call(&gw, "tok-alice", "GET", &status, None).await.1 == json!("completed"))
                 .then_some(())
@@ -600,7 +600,7 @@ mod first {
         .await;
         assert_eq!(list[0]["batch_id"], id.as_str(), "{list}");
         let (_, list) = call(&gw, "tok-bob", "GET", "/resource_server/v1/batches", None).await;
-        assert_eq!(list, json!([]));
+        assert_eq!(list.as_array().unwrap().len(), 1, "only his own: {list}");
 
         // A batch whose function fails (no such input file): its result is 400 batch_failed.
         let missing = json!({"model": LLAMA, "input_file": "/nonexistent/prompts.jsonl"});
@@ -627,6 +627,38 @@ mod first {
                 .contains("FileNotFoundError"),
             "{v}"
         );
+    }
+
+    /// FIRST checks the batch endpoint before submitting: offline, the batch is refused at
+    /// once (503) instead of sitting pending for days.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_for_an_offline_endpoint_fails_fast() {
+        let dir = tempfile::tempdir().unwrap();
+        let (globus, gw) = gateway(dir.path()).await;
+        globus
+            .compute()
+            .faults
+            .offline
+            .lock()
+            .unwrap()
+            .push(EP.into());
+        let body = json!({"model": LLAMA, "input_file": "/data/prompts.jsonl"});
+        let (s, v) = call(
+            &gw,
+            "tok-alice",
+            "POST",
+            "/resource_server/sophia/vllm/v1/batches",
+            Some(body),
+        )
+        .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (503, Some("endpoint_offline")),
+            "{v}"
+        );
+        let (_, list) = call(&gw, "tok-alice", "GET", "/resource_server/v1/batches", None).await;
+        assert_eq!(list, json!([]), "nothing recorded");
+        assert_eq!(globus.compute().stats.submit.load(Ordering::SeqCst), 0);
     }
 
     fn input_lines() -> String {

@@ -45,6 +45,7 @@ async fn facility_with(
             endpoints: vec![FakeEndpoint {
                 id: EP.into(),
                 name: "sophia".into(),
+                cold: false,
             }],
             functions: vec![
                 f(F_INFER, "inference"),
@@ -74,6 +75,8 @@ struct Opts {
     drain_before: &'static str,
     /// Cold streams come back through the relay (`compute.streaming`).
     streaming: bool,
+    /// The cluster runs the status function (without it the gateway never learns of instances).
+    lifecycle: bool,
 }
 
 const DEFAULT: Opts = Opts {
@@ -82,6 +85,7 @@ const DEFAULT: Opts = Opts {
     keep_hot: "24h",
     drain_before: "10m",
     streaming: false,
+    lifecycle: true,
 };
 
 async fn gateway(globus: &GlobusSim, o: Opts) -> Gateway {
@@ -99,18 +103,25 @@ async fn gateway(globus: &GlobusSim, o: Opts) -> Gateway {
     } else {
         ""
     };
+    let lifecycle = if o.lifecycle {
+        format!(
+            "    compute:\n      endpoint: {EP}\n      status_function: {F_STATUS}\n\
+             \x20     start_function: {F_START}\n      stop_function: {F_STOP}\n      \
+             status_interval: 100ms\n      drain_before: {}\n",
+            o.drain_before
+        )
+    } else {
+        String::new()
+    };
     let body = format!(
         "compute:\n  url: {url}\n  auth_url: {url}\n  client_id: svc\n  client_secret_env: FG_TEST_COMPUTE_SECRET\n\
          \x20 wait: {wait}\n  poll_interval: 100ms\n  keepalive: 100ms\n{streaming}{scale}\
-         clusters:\n  sophia:\n    compute:\n      endpoint: {EP}\n      status_function: {F_STATUS}\n\
-         \x20     start_function: {F_START}\n      stop_function: {F_STOP}\n      status_interval: 100ms\n\
-         \x20     drain_before: {drain}\n    frameworks:\n      vllm:\n        models:\n\
+         clusters:\n  sophia:\n{lifecycle}    frameworks:\n      vllm:\n        models:\n\
          \x20         - name: {MODEL}\n            backends: []\n\
          \x20           compute: {{endpoint: {EP}, function: {F_INFER}}}\n\
          \x20           scaling: {{max_instances: 2, keep_hot: {keep_hot}}}\n",
         url = globus.url(),
         wait = o.wait,
-        drain = o.drain_before,
         keep_hot = o.keep_hot,
     );
     Gateway::start_with(
@@ -188,6 +199,14 @@ async fn a_cold_model_is_answered_through_compute_then_started_and_served_direct
         .await
         .unwrap();
     assert_eq!(jobs["running"][0]["Models"], MODEL, "{jobs}");
+    // FIRST's qstat shape (PBS `exec_host`), from which the instance above became routable.
+    assert!(
+        jobs["running"][0]["Host Name"]
+            .as_str()
+            .unwrap()
+            .ends_with("/0*64"),
+        "{jobs}"
+    );
     // FIRST's `JobsByStatus` keys, no others.
     let keys: Vec<&String> = jobs.as_object().unwrap().keys().collect();
     assert_eq!(
@@ -605,6 +624,117 @@ async fn a_cold_stream_arrives_as_it_is_generated_through_the_relay() {
             .ok()
     })
     .await;
+}
+
+/// Against a service that refuses task groups it did not make (as since globus-compute 2.3):
+/// the first submission leaves the group out and later ones reuse the one the service made,
+/// so a cold JSON request, a second one and a cold stream all succeed; when the service forgets
+/// the group, the next request still succeeds in a new one. And vLLM's refusal of a cold
+/// request reaches the client with vLLM's status and message, as a direct one would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_requests_share_the_services_task_group_and_show_vllms_refusals() {
+    let globus = facility_with(50, 50, |c| {
+        c.streaming_secret = Some(RELAY_SECRET.into());
+    })
+    .await;
+    // A node runs the model, but this gateway has no lifecycle: every request is cold.
+    globus.start_job(MODEL, 8000);
+    let gw = gateway(
+        &globus,
+        Opts {
+            scale: false,
+            streaming: true,
+            lifecycle: false,
+            ..DEFAULT
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        let resp = ask(&gw, false).await;
+        assert_eq!(
+            (resp.status().as_u16(), route(&resp)),
+            (200, "compute".into())
+        );
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            "tok0 tok1 tok2 tok3 tok4 "
+        );
+    }
+    let text = ask(&gw, true).await.text().await.unwrap();
+    assert_eq!(streamed_content(&text), "tok0 tok1 tok2 tok3 tok4 ");
+    let compute = globus.compute();
+    assert_eq!(
+        compute.task_groups(),
+        1,
+        "one group, made by the service, reused"
+    );
+
+    // The service forgets it: the next request is refused in it, then sent without one.
+    compute.forget_task_groups();
+    let resp = ask(&gw, false).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(compute.task_groups(), 1);
+    assert!(
+        gw.log().contains("refused task group"),
+        "the recovery is logged"
+    );
+
+    // vLLM refuses (FIRST's function raises with vLLM's answer in its text): the client gets
+    // vLLM's 400 and message, not the traceback's last line.
+    let mut body = chat_body(MODEL, false);
+    body["max_tokens"] = 0.into();
+    let resp = gw
+        .post("/v1/chat/completions")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v["error"]["message"], "max_tokens must be at least 1, got 0.",
+        "{v}"
+    );
+    let said = v.to_string();
+    assert!(
+        !said.contains("Traceback") && !said.contains("Response time"),
+        "{said}"
+    );
+    assert!(gw.log().contains("Traceback"), "the full text is logged");
+}
+
+/// FIRST's readiness rule: an endpoint that is online with no managers, and already got a task
+/// that starts its node, is refused with 503 "not ready" rather than sent a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_endpoint_is_not_sent_a_second_task() {
+    let globus = facility_with(300, 300, |c| c.endpoints[0].cold = true).await;
+    let gw = gateway(&globus, DEFAULT).await;
+    let first = tokio::spawn(
+        gw.post("/v1/chat/completions")
+            .json(&chat_body(MODEL, false))
+            .send(),
+    );
+    let compute = globus.compute();
+    wait_for("the first request's task", || async {
+        (compute.stats.tasks_inference.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let resp = ask(&gw, false).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "endpoint_not_ready", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not ready"),
+        "{v}"
+    );
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), 200, "the first one is answered");
+    assert_eq!(compute.stats.tasks_inference.load(Ordering::SeqCst), 1);
 }
 
 /// The text of a streamed chat completion (its `data:` events, which end with `[DONE]`).

@@ -378,3 +378,106 @@ async fn both_replicas_write_usage_to_postgres_and_a_killed_one_keeps_its_commit
     })
     .await;
 }
+
+/// A cold stream relayed across replicas: compute nodes post a stream's lines to the one
+/// advertised host, which may send them to either replica. Here every post lands on replica B
+/// while the client waits on replica A; with Redis between them the client gets every line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_streams_lines_posted_to_the_other_replica_reach_the_client() {
+    use firstgate::sim::globus::{ComputeSeed, FakeEndpoint, FakeFunction};
+    const EP: &str = "2b5f3c1a-7d4e-4f8a-9c0b-1e2d3c4b5a61";
+    const F_INFER: &str = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e61";
+    const RELAY_SECRET: &str = "scaleout-relay-secret";
+    let servers = StateServers::start();
+    let globus = GlobusSim::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Seed {
+            clients: vec![FakeClient {
+                id: CLIENT.into(),
+                secret: SECRET.into(),
+            }],
+            users: vec![FakeUser::new("tok-alice", "alice@anl.gov")],
+            compute: ComputeSeed {
+                endpoints: vec![FakeEndpoint {
+                    id: EP.into(),
+                    name: "sophia".into(),
+                    cold: false,
+                }],
+                functions: vec![FakeFunction {
+                    id: F_INFER.into(),
+                    kind: "inference".into(),
+                }],
+                ttft: Duration::from_millis(5),
+                itl: Duration::from_millis(40),
+                streaming_secret: Some(RELAY_SECRET.into()),
+                ..ComputeSeed::default()
+            },
+            ..Seed::default()
+        },
+    )
+    .await
+    .unwrap();
+    // A node runs the model; neither replica knows of it, so the stream is cold.
+    globus.start_job(LLAMA, 8000);
+    let config = |advertise_port: &str| {
+        format!(
+            "{}compute:\n  url: {url}\n  auth_url: {url}\n  client_id: {CLIENT}\n  \
+             client_secret_env: {GLOBUS_SECRET_ENV}\n  poll_interval: 100ms\n  keepalive: 100ms\n  \
+             streaming:\n    advertise_host: 127.0.0.1\n    advertise_port: {advertise_port}\n    \
+             protocol: http\n    secret_env: FG_TEST_RELAY_SECRET\n\
+             clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n\
+             \x20         - name: {LLAMA}\n            backends: []\n\
+             \x20           compute: {{endpoint: {EP}, function: {F_INFER}}}\n",
+            redis_state(&servers.redis, "open"),
+            url = globus.url(),
+        )
+    };
+    let env = [
+        (GLOBUS_SECRET_ENV, SECRET),
+        ("FG_TEST_RELAY_SECRET", RELAY_SECRET),
+    ];
+    let auth = globus_auth(&globus.url(), CLIENT, "", "");
+    let b = Gateway::start_with(&auth, &config("{LISTEN_PORT}"), &env).await;
+    let a = Gateway::start_with(&auth, &config(&b.addr.port().to_string()), &env).await;
+
+    let mut body = chat_body(LLAMA, true);
+    body["max_tokens"] = 12.into();
+    let resp = a
+        .post("/v1/chat/completions")
+        .bearer_auth("tok-alice")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("x-firstgate-route").unwrap(), "compute");
+    let text = resp.text().await.unwrap();
+    let content: String = text
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    let expected: String = (0..12).map(|i| format!("tok{i} ")).collect();
+    assert_eq!(content, expected, "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let stats = &globus.compute().stats;
+    assert!(
+        stats.stream_posts.load(Ordering::SeqCst) >= 2,
+        "lines and done posted to B"
+    );
+    assert_eq!(stats.stream_posts_failed.load(Ordering::SeqCst), 0);
+    // The task's keys are gone once the stream ended.
+    wait_for("the stream's keys to be removed", || async {
+        servers
+            .redis_keys("firstgate:stream:*")
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}

@@ -193,10 +193,21 @@ pub fn jobs(
                 continue;
             }
             if let Some(jobs) = list.as_array_mut() {
-                jobs.retain(|j| {
-                    j["Models"].as_str().is_some_and(|m| {
-                        m.split(',').any(|m| allowed.contains(&normalize(m.trim())))
-                    })
+                // As FIRST's `filter_jobs_for_user`: a job hosting several models keeps only
+                // the ones the caller may see, and goes when none is left.
+                jobs.retain_mut(|j| {
+                    let visible: Vec<&str> = j["Models"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|m| !m.is_empty() && allowed.contains(&normalize(m)))
+                        .collect();
+                    if visible.is_empty() {
+                        return false;
+                    }
+                    j["Models"] = json!(visible.join(","));
+                    true
                 });
             }
         }
@@ -247,6 +258,33 @@ fn take_list(map: &mut Map<String, Value>, key: &str) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_shows_only_the_models_the_caller_may_see() {
+        let cfg = crate::config::parse(
+            std::path::Path::new("t.yaml"),
+            "auth: {mode: none}\nclusters:\n  sophia:\n    frameworks:\n      vllm:\n        \
+             models:\n          - {name: open-model, backends: [127.0.0.1:1]}\n          \
+             - {name: secret-model, backends: [127.0.0.1:2]}\n",
+        )
+        .unwrap();
+        let catalog = Catalog::build(&cfg).unwrap();
+        catalog
+            .cluster("sophia")
+            .unwrap()
+            .jobs
+            .store(std::sync::Arc::new(json!({
+                "running": [{"Models": "open-model,secret-model", "Job ID": "1"},
+                            {"Models": "secret-model", "Job ID": "2"}],
+            })));
+        let out = jobs(&catalog, "sophia", |d| d.model == "open-model").unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["running"],
+            json!([{"Models": "open-model", "Job ID": "1"}]),
+            "{v}"
+        );
+    }
 
     #[test]
     fn jobs_in_first_shape() {

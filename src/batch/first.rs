@@ -127,7 +127,12 @@ impl Batches {
                 ),
             ));
         }
-        if unfinished.iter().any(|b| b.input_file == req.input_file) {
+        // Per user, as FIRST's `submit_batch` filters by `user_id`: another user's batch of the
+        // same file does not block this one.
+        if unfinished
+            .iter()
+            .any(|b| b.username == owner.username && b.input_file == req.input_file)
+        {
             return Err(coded(
                 400,
                 "batch_ongoing",
@@ -172,7 +177,9 @@ impl Batches {
                 self.first_wake.notify_one();
                 Ok(json!({
                     "batch_id": row.id, "input_file": row.input_file,
-                    "output_folder_path": row.output_folder_path, "task_ids": [task],
+                    "output_folder_path": row.output_folder_path,
+                    // FIRST joins the task ids with commas (`SubmitBatchResult.task_ids: str`).
+                    "task_ids": task,
                     "status": "pending",
                 }))
             }

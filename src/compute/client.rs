@@ -28,6 +28,9 @@ const SUBMIT_GATHER: Duration = Duration::from_millis(20);
 pub enum ComputeError {
     #[error("Globus Compute unreachable: {0}")]
     Unreachable(String),
+    /// No connection could be made: the request surely did not reach the service.
+    #[error("Globus Compute unreachable: {0}")]
+    NotSent(String),
     #[error("Globus Compute answered HTTP {status}: {message}")]
     Refused { status: u16, message: String },
     #[error("task {0} did not finish in time")]
@@ -42,8 +45,17 @@ pub enum ComputeError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointStatus {
     pub online: bool,
-    /// Workers' managers connected (0: online but no node running).
-    pub managers: u64,
+    /// Workers' managers connected (0: online but no node running). `None` when the report has
+    /// no count: a v4 multi-user endpoint reports only `status`, and is taken as ready (as
+    /// FIRST's `has_no_managers` does).
+    pub managers: Option<u64>,
+}
+
+impl EndpointStatus {
+    /// Online with no node running its workers (a cold start, or lost managers).
+    pub fn without_managers(&self) -> bool {
+        self.online && self.managers == Some(0)
+    }
 }
 
 struct StatusExpiry;
@@ -85,6 +97,14 @@ pub struct ComputeClient {
     /// Submissions waiting to be sent.
     submissions: Mutex<Vec<Submission>>,
     wake_submitter: Notify,
+    /// Per endpoint, the task group the service created on the first submission there, reused
+    /// by every later one (the SDK's `Executor` does the same; since globus-compute 2.3 the
+    /// service refuses a group it did not create).
+    task_groups: Mutex<HashMap<String, String>>,
+    /// Per endpoint, when an inference task was last sent there: an endpoint with no managers
+    /// that already got one is starting a node, and is not sent another (FIRST's
+    /// `endpoint_triggered`).
+    triggered: Mutex<HashMap<String, Instant>>,
 }
 
 /// One task to submit, and where its id goes.
@@ -117,6 +137,8 @@ impl ComputeClient {
                 .build(),
             submissions: Mutex::new(Vec::new()),
             wake_submitter: Notify::new(),
+            task_groups: Mutex::new(HashMap::new()),
+            triggered: Mutex::new(HashMap::new()),
         })
     }
 
@@ -197,10 +219,13 @@ impl ComputeClient {
             if let Some(b) = body {
                 req = req.json(b);
             }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| ComputeError::Unreachable(describe(&e)))?;
+            let resp = req.send().await.map_err(|e| {
+                if e.is_connect() {
+                    ComputeError::NotSent(describe(&e))
+                } else {
+                    ComputeError::Unreachable(describe(&e))
+                }
+            })?;
             let status = resp.status().as_u16();
             if status == 401 && attempt == 0 {
                 *self.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -240,7 +265,7 @@ impl ComputeClient {
                 .await
                 .map(|v| EndpointStatus {
                     online: v["status"].as_str() == Some("online"),
-                    managers: v["details"]["managers"].as_u64().unwrap_or(0),
+                    managers: v["details"]["managers"].as_u64(),
                 })
             })
             .await
@@ -313,47 +338,82 @@ impl ComputeClient {
         }
     }
 
-    /// One `POST /v3/endpoints/{ep}/submit`. When the call's outcome is unknown (no answer),
-    /// the task group tells whether it landed: submitted again only if it did not.
+    /// One `POST /v3/endpoints/{ep}/submit`, in the endpoint's task group once the service
+    /// made one. A refusal of a submission that named a group is taken as the service having
+    /// forgotten it (expired, or another service instance): the group is dropped and the tasks
+    /// sent once more without one. A call that got no answer is not repeated (its tasks may
+    /// exist), unless no connection was made at all.
     async fn submit_batch(
         &self,
         endpoint: &str,
         tasks: Value,
         count: usize,
     ) -> Result<Value, ComputeError> {
-        let group = uuid();
-        let body = json!({
-            "create_queue": false,
-            "tasks": tasks,
-            "task_group_id": group,
-            "user_runtime": {"globus_compute_sdk_version": "3.6.0", "globus_sdk_version": "3.54.0",
-                             "python_version": "3.11.9"},
-            "result_serializers": [JSON_RESULTS],
-        });
         let path = format!("/v3/endpoints/{endpoint}/submit");
-        match self.call(reqwest::Method::POST, &path, Some(&body)).await {
-            Err(ComputeError::Unreachable(why)) => {
-                log::warn!(
-                    "submit to {endpoint} had no answer ({why}); checking task group {group}"
-                );
-                let landed = self
-                    .call(
-                        reqwest::Method::GET,
-                        &format!("/v2/taskgroup/{group}"),
-                        None,
-                    )
-                    .await?;
-                let created = landed["tasks"].as_array().map_or(0, Vec::len);
-                if created == 0 {
-                    return self.call(reqwest::Method::POST, &path, Some(&body)).await;
+        let mut outcome = Err(ComputeError::NotSent("not tried".into()));
+        for _ in 0..2 {
+            let group = self.task_group(endpoint);
+            let body = submit_body(&tasks, group.as_deref());
+            outcome = self.call(reqwest::Method::POST, &path, Some(&body)).await;
+            match &outcome {
+                Ok(v) => {
+                    if let Some(g) = v["task_group_id"].as_str() {
+                        self.lock_groups()
+                            .insert(endpoint.to_string(), g.to_string());
+                    }
+                    return outcome;
                 }
-                // The tasks exist but their order is unknown: do not guess, do not duplicate.
-                Err(ComputeError::Unreachable(format!(
-                    "submission outcome unclear ({created} of {count} tasks in group {group}); not resubmitted"
-                )))
+                Err(ComputeError::Refused { status, message })
+                    if group.is_some() && matches!(status, 400 | 403 | 404 | 410 | 422) =>
+                {
+                    log::warn!(
+                        "Globus Compute refused task group {} on {endpoint} ({status}: \
+                         {message}); submitting {count} tasks without one",
+                        group.as_deref().unwrap_or_default()
+                    );
+                    self.lock_groups().remove(endpoint);
+                }
+                Err(ComputeError::NotSent(why)) => {
+                    log::warn!("submit to {endpoint} not sent ({why}); trying once more");
+                }
+                Err(ComputeError::Unreachable(why)) => {
+                    log::warn!(
+                        "submit of {count} tasks to {endpoint} had no answer ({why}); not \
+                         resubmitted, as they may exist"
+                    );
+                    return outcome;
+                }
+                Err(_) => return outcome,
             }
-            other => other,
         }
+        outcome
+    }
+
+    fn lock_groups(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.task_groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_triggered(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.triggered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The task group of `endpoint`, once the service created one.
+    pub fn task_group(&self, endpoint: &str) -> Option<String> {
+        self.lock_groups().get(endpoint).cloned()
+    }
+
+    /// Notes that an inference task went to `endpoint`: on an endpoint without managers it
+    /// starts a node.
+    pub fn trigger(&self, endpoint: &str) {
+        self.lock_triggered()
+            .insert(endpoint.to_string(), Instant::now());
+    }
+
+    /// Whether an inference task went to `endpoint` within `within` (it may be starting a node).
+    pub fn triggered_within(&self, endpoint: &str, within: Duration) -> bool {
+        self.lock_triggered()
+            .get(endpoint)
+            .is_some_and(|at| at.elapsed() < within)
     }
 
     /// Sends queued submissions as they come, gathering those made within a few milliseconds.
@@ -467,6 +527,22 @@ impl ComputeClient {
             }
         }
     }
+}
+
+/// The body of `POST /v3/endpoints/{ep}/submit`, as the SDK's `Batch.prepare()` builds it
+/// (globus-compute-sdk 4.19, `sdk/batch.py`): `task_group_id` only when there is one.
+/// `user_runtime` is left out: it describes the submitting Python (`sys.version`, `platform`),
+/// which the gateway is not, and only a multi-user endpoint's config template reads it.
+pub fn submit_body(tasks: &Value, task_group: Option<&str>) -> Value {
+    let mut body = json!({
+        "create_queue": false,
+        "tasks": tasks,
+        "result_serializers": [JSON_RESULTS],
+    });
+    if let Some(g) = task_group {
+        body["task_group_id"] = json!(g);
+    }
+    body
 }
 
 /// A finished task document as a result or an error.

@@ -139,20 +139,14 @@ impl ClusterLifecycle {
             entry.jobs.store(Arc::new(report.clone()));
         }
         for d in deployments {
-            let jobs = jobs_of(&report, d);
             let api_port = d.compute.as_ref().map_or(8000, |c| c.api_port);
+            let walltime = lc.job_walltime.unwrap_or(d.scaling.keep_hot);
+            let jobs = jobs_of(&report, d, api_port, walltime);
             let addrs: Vec<BackendAddr> = jobs
                 .iter()
                 .filter(|j| j.state != JobState::Queued)
                 .filter_map(|j| j.host.as_deref())
-                .filter_map(|h| {
-                    let with_port = if h.contains(':') {
-                        h.to_string()
-                    } else {
-                        format!("{h}:{api_port}")
-                    };
-                    BackendAddr::parse(&with_port, false).ok()
-                })
+                .filter_map(|h| BackendAddr::parse(h, false).ok())
                 .collect();
             if d.pool.set_dynamic(addrs) {
                 d.pool.discover().await;
@@ -206,8 +200,12 @@ impl ClusterLifecycle {
     }
 }
 
-/// The jobs of the report that run `d`'s model.
-fn jobs_of(report: &Value, d: &Deployment) -> Vec<JobInfo> {
+/// The jobs of the report that run `d`'s model, as FIRST's qstat function reports them
+/// (`compute-functions/qstat_register_function.py`): `Host Name` is PBS's `exec_host`, `Job
+/// State` PBS's state, `Walltime` the time used so far (`resources_used.walltime`). An
+/// instance is the job's first host at the model's `api_port`; its job ends `walltime` after
+/// it started.
+fn jobs_of(report: &Value, d: &Deployment, api_port: u16, walltime: Duration) -> Vec<JobInfo> {
     let want = normalize(&d.backend_model);
     let mut out = Vec::new();
     // FIRST lists a starting job under `running` with `Model Status: starting`; a `starting`
@@ -218,8 +216,9 @@ fn jobs_of(report: &Value, d: &Deployment) -> Vec<JobInfo> {
         ("queued", JobState::Queued),
     ] {
         for job in report[key].as_array().into_iter().flatten() {
-            let state = match job["Model Status"].as_str() {
-                Some("starting") => JobState::Starting,
+            let state = match (job["Job State"].as_str(), job["Model Status"].as_str()) {
+                (Some("Q"), _) | (_, Some("queued")) => JobState::Queued,
+                (_, Some("starting")) => JobState::Starting,
                 _ => listed_state,
             };
             let models = job["Models"].as_str().unwrap_or_default();
@@ -232,15 +231,34 @@ fn jobs_of(report: &Value, d: &Deployment) -> Vec<JobInfo> {
                 state,
                 host: job["Host Name"]
                     .as_str()
-                    .filter(|h| !h.is_empty())
-                    .map(str::to_owned),
-                walltime_left: job["Walltime Remaining"]
-                    .as_u64()
-                    .map(|s| (s, Instant::now())),
+                    .and_then(head_node)
+                    .map(|h| format!("{h}:{api_port}")),
+                walltime_left: job["Walltime"]
+                    .as_str()
+                    .and_then(seconds_of_hms)
+                    .map(|used| (walltime.as_secs().saturating_sub(used), Instant::now())),
             });
         }
     }
     out
+}
+
+/// The node running a job's first (head) process, from PBS's `exec_host`
+/// (`x1000c0s0b0n0/0*64+x1000c0s0b1n0/0*64`); `None` for `N/A` (not running yet).
+fn head_node(exec_host: &str) -> Option<&str> {
+    if exec_host.trim() == "N/A" {
+        return None;
+    }
+    let first = exec_host.split('+').next()?.trim();
+    let host = first.split('/').next()?.trim();
+    (!host.is_empty()).then_some(host)
+}
+
+/// `HH:MM:SS` (hours may exceed 24) as seconds.
+fn seconds_of_hms(t: &str) -> Option<u64> {
+    let mut parts = t.trim().split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+    parts.next().is_none().then_some(h * 3600 + m * 60 + s)
 }
 
 #[async_trait]
@@ -354,7 +372,8 @@ impl crate::policy::ScaleActuator for ScaleExecutor {
         }
         let args = [
             json!({"model": d.backend_model, "framework": d.framework, "cluster": d.cluster,
-                           "count": count, "walltime": d.scaling.keep_hot.as_secs()}),
+                   "count": count, "walltime": d.scaling.keep_hot.as_secs(),
+                   "api_port": d.compute.as_ref().map_or(8000, |c| c.api_port)}),
         ];
         let (client, pending, endpoint, what) = (
             self.client.clone(),
@@ -422,5 +441,24 @@ impl crate::policy::ScaleActuator for ScaleExecutor {
                 Err(e) => log::error!("stopping {instance} (job {job}) failed: {e}"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pbs_exec_host_and_walltime_are_read() {
+        assert_eq!(head_node("x1000c0s0b0n0/0*64"), Some("x1000c0s0b0n0"));
+        assert_eq!(
+            head_node("x1000c0s0b0n0/0*64+x1000c0s0b1n0/0*64"),
+            Some("x1000c0s0b0n0")
+        );
+        assert_eq!(head_node("N/A"), None);
+        assert_eq!(head_node(""), None);
+        assert_eq!(seconds_of_hms("01:02:03"), Some(3723));
+        assert_eq!(seconds_of_hms("100:00:00"), Some(360_000));
+        assert_eq!(seconds_of_hms("N/A"), None);
     }
 }

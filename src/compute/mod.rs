@@ -4,10 +4,12 @@
 //! instances, and status. Hot models are proxied directly.
 
 mod client;
+pub mod failure;
 mod lifecycle;
 mod pickle;
 pub mod relay;
+pub mod relay_redis;
 pub mod serialize;
 
-pub use client::{uuid, uuid_from_bits, ComputeClient, ComputeError, EndpointStatus};
+pub use client::{submit_body, uuid, uuid_from_bits, ComputeClient, ComputeError, EndpointStatus};
 pub use lifecycle::{ClusterLifecycle, ScaleExecutor, TaskPoller};

@@ -5,12 +5,21 @@
 //! (`X-Stream-Task-Token`). This is the registry those posts are delivered through, to the
 //! client waiting for that task. Secrets and tokens are compared in constant time; a wrong
 //! token is refused and never reaches another task.
+//!
+//! With `state.redis`, a post for a task that waits on another replica goes through Redis
+//! (`relay_redis`); without it, one process holds every stream, in memory.
 
+use super::relay_redis::{token_digest, RedisRelay};
 use serde::Deserialize;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
+
+/// How often a replica looks in Redis for lines posted to others (FIRST polls every 25 ms).
+const POLL: Duration = Duration::from_millis(25);
 
 /// Largest `data/` body accepted (FIRST's own cap), and of `error/` and `done/`.
 pub const MAX_DATA_BODY: usize = 150 * 1024;
@@ -70,12 +79,19 @@ pub enum RelayRefusal {
     Behind,
     /// The body is not what the function sends (400).
     Body(String),
+    /// The task is not here and the replicas' Redis cannot say where it is (503).
+    Unavailable,
 }
 
 /// Tasks whose clients wait for their lines.
 pub struct StreamRelay {
     secret: String,
     tasks: Mutex<HashMap<String, Waiting>>,
+    /// The replicas' Redis, when they share streams.
+    shared: Option<RedisRelay>,
+    /// Whether the poller of Redis runs, and what wakes it when a task starts waiting.
+    polling: AtomicBool,
+    wake: Notify,
 }
 
 struct Waiting {
@@ -94,6 +110,16 @@ pub struct RelayTicket {
 impl Drop for RelayTicket {
     fn drop(&mut self) {
         self.relay.lock().remove(&self.task_id);
+        if self.relay.shared.is_some() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (relay, task) = (self.relay.clone(), self.task_id.clone());
+                rt.spawn(async move {
+                    if let Some(shared) = &relay.shared {
+                        shared.forget(&task).await;
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -101,9 +127,17 @@ impl StreamRelay {
     /// A relay checking posts against the shared `secret` (the compute endpoints'
     /// `INTERNAL_STREAMING_SECRET`).
     pub fn new(secret: String) -> Arc<StreamRelay> {
+        Self::with_shared(secret, None)
+    }
+
+    /// A relay whose tasks may be posted to any replica sharing `shared`'s Redis.
+    pub fn with_shared(secret: String, shared: Option<RedisRelay>) -> Arc<StreamRelay> {
         Arc::new(StreamRelay {
             secret,
             tasks: Mutex::new(HashMap::new()),
+            shared,
+            polling: AtomicBool::new(false),
+            wake: Notify::new(),
         })
     }
 
@@ -111,8 +145,59 @@ impl StreamRelay {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new task id and token, and the receiver of its events.
-    pub fn open(self: &Arc<Self>) -> RelayTicket {
+    /// A new task id and token, and the receiver of its events; with Redis, registered there
+    /// before the task is submitted, so a post to another replica finds it.
+    pub async fn open(self: &Arc<Self>) -> RelayTicket {
+        let ticket = self.open_here();
+        if let Some(shared) = &self.shared {
+            if shared
+                .register(&ticket.task_id, &token_digest(ticket.token.as_bytes()))
+                .await
+                .is_err()
+            {
+                log::warn!(
+                    "cold stream {}: not registered in Redis; only posts to this replica reach it",
+                    ticket.task_id
+                );
+            }
+            if !self.polling.swap(true, Ordering::SeqCst) {
+                tokio::spawn(self.clone().poll_forever());
+            }
+            self.wake.notify_one();
+        }
+        ticket
+    }
+
+    /// Moves the events other replicas received for this one's tasks to their clients.
+    async fn poll_forever(self: Arc<Self>) {
+        let Some(shared) = &self.shared else { return };
+        loop {
+            let tasks: Vec<String> = self.lock().keys().cloned().collect();
+            if tasks.is_empty() {
+                self.wake.notified().await;
+                continue;
+            }
+            if let Ok(found) = shared.drain(&tasks).await {
+                let waiting = self.lock();
+                for (task, events) in found {
+                    let Some(w) = waiting.get(&task) else {
+                        continue;
+                    };
+                    for e in events {
+                        if w.tx.try_send(e).is_err() {
+                            log::warn!(
+                                "cold stream {task}: client behind; a relayed batch dropped"
+                            );
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// A task registered in this process only.
+    fn open_here(self: &Arc<Self>) -> RelayTicket {
         let task_id = super::uuid();
         // The token is a credential: from the operating system's CSPRNG.
         let mut secret = [0u8; 32];
@@ -144,8 +229,9 @@ impl StreamRelay {
         given.is_some_and(|g| bool::from(g.ct_eq(self.secret.as_bytes())))
     }
 
-    /// Delivers a post's body (`{"task_id", "data"|"error", "type"}`) to its task.
-    pub fn deliver(
+    /// Delivers a post's body (`{"task_id", "data"|"error", "type"}`) to its task: here if
+    /// it waits here, else through Redis to the replica where it waits.
+    pub async fn deliver(
         &self,
         kind: RelayKind,
         token: Option<&[u8]>,
@@ -169,16 +255,35 @@ impl StreamRelay {
             RelayKind::Error => RelayEvent::Error(post.error.unwrap_or_default()),
             RelayKind::Done => RelayEvent::Done,
         };
-        let tasks = self.lock();
-        let waiting = tasks.get(&post.task_id).ok_or(RelayRefusal::UnknownTask)?;
-        let token_ok = token.is_some_and(|t| bool::from(t.ct_eq(waiting.token.as_bytes())));
-        if !token_ok {
+        {
+            let tasks = self.lock();
+            if let Some(waiting) = tasks.get(&post.task_id) {
+                let token_ok = token.is_some_and(|t| bool::from(t.ct_eq(waiting.token.as_bytes())));
+                if !token_ok {
+                    return Err(RelayRefusal::Token);
+                }
+                return waiting.tx.try_send(event).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => RelayRefusal::Behind,
+                    mpsc::error::TrySendError::Closed(_) => RelayRefusal::UnknownTask,
+                });
+            }
+        }
+        let Some(shared) = &self.shared else {
+            return Err(RelayRefusal::UnknownTask);
+        };
+        let stored = shared
+            .digest_of(&post.task_id)
+            .await
+            .map_err(|_| RelayRefusal::Unavailable)?
+            .ok_or(RelayRefusal::UnknownTask)?;
+        let given = token.map(token_digest).unwrap_or_default();
+        if !bool::from(given.as_bytes().ct_eq(stored.as_bytes())) {
             return Err(RelayRefusal::Token);
         }
-        waiting.tx.try_send(event).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RelayRefusal::Behind,
-            mpsc::error::TrySendError::Closed(_) => RelayRefusal::UnknownTask,
-        })
+        shared
+            .push(&post.task_id, &event)
+            .await
+            .map_err(|_| RelayRefusal::Unavailable)
     }
 }
 
@@ -192,30 +297,36 @@ mod tests {
             .into_bytes()
     }
 
-    #[test]
-    fn lines_reach_their_task_and_a_wrong_token_reaches_nothing() {
+    #[tokio::test]
+    async fn lines_reach_their_task_and_a_wrong_token_reaches_nothing() {
         let relay = StreamRelay::new("s3cret".into());
-        let mut a = relay.open();
-        let mut b = relay.open();
+        let mut a = relay.open().await;
+        let mut b = relay.open().await;
         assert!(relay.secret_matches(Some(b"s3cret")));
         assert!(!relay.secret_matches(Some(b"s3cre")));
         assert!(!relay.secret_matches(None));
 
-        let ok = relay.deliver(
-            RelayKind::Data,
-            Some(a.token.as_bytes()),
-            &post(&a.task_id, "x"),
-        );
+        let ok = relay
+            .deliver(
+                RelayKind::Data,
+                Some(a.token.as_bytes()),
+                &post(&a.task_id, "x"),
+            )
+            .await;
         assert_eq!(ok, Ok(()));
         assert_eq!(a.events.try_recv().unwrap(), RelayEvent::Data("x".into()));
         // B's token for A's task, and no token: refused, and A receives nothing.
-        let wrong = relay.deliver(
-            RelayKind::Data,
-            Some(b.token.as_bytes()),
-            &post(&a.task_id, "y"),
-        );
+        let wrong = relay
+            .deliver(
+                RelayKind::Data,
+                Some(b.token.as_bytes()),
+                &post(&a.task_id, "y"),
+            )
+            .await;
         assert_eq!(wrong, Err(RelayRefusal::Token));
-        let none = relay.deliver(RelayKind::Data, None, &post(&a.task_id, "y"));
+        let none = relay
+            .deliver(RelayKind::Data, None, &post(&a.task_id, "y"))
+            .await;
         assert_eq!(none, Err(RelayRefusal::Token));
         assert!(a.events.try_recv().is_err());
         assert!(b.events.try_recv().is_err());
@@ -223,6 +334,7 @@ mod tests {
         let done = serde_json::json!({"task_id": b.task_id, "type": "done"}).to_string();
         relay
             .deliver(RelayKind::Done, Some(b.token.as_bytes()), done.as_bytes())
+            .await
             .unwrap();
         assert_eq!(b.events.try_recv().unwrap(), RelayEvent::Done);
 
@@ -231,12 +343,14 @@ mod tests {
         let token = a.token.clone();
         drop(a);
         assert_eq!(
-            relay.deliver(RelayKind::Data, Some(token.as_bytes()), &post(&id, "z")),
+            relay
+                .deliver(RelayKind::Data, Some(token.as_bytes()), &post(&id, "z"))
+                .await,
             Err(RelayRefusal::UnknownTask)
         );
         assert_eq!(relay.waiting(), 1);
         assert!(matches!(
-            relay.deliver(RelayKind::Data, None, b"{}"),
+            relay.deliver(RelayKind::Data, None, b"{}").await,
             Err(RelayRefusal::Body(_))
         ));
     }

@@ -103,7 +103,8 @@ pub struct BatchConfig {
     /// Most lines in one input file. Default 50,000.
     #[serde(default = "defaults::batch_max_lines")]
     pub max_lines: usize,
-    /// Batches one user may have unfinished at once (FIRST's `MAX_BATCHES_PER_USER`). Default 2.
+    /// Batches one user may have unfinished at once (FIRST's `MAX_BATCHES_PER_USER`, whose
+    /// default is 1). Default 1.
     #[serde(default = "defaults::batch_max_active_per_user")]
     pub max_active_per_user: usize,
     /// Lines of one user's batches running at once. Default 4.
@@ -730,6 +731,12 @@ pub struct ClusterCompute {
     /// demand remains).
     #[serde(default = "defaults::drain_before", with = "humantime_serde")]
     pub drain_before: Duration,
+    /// The walltime of the model jobs (the endpoint provider's `walltime`; FIRST's endpoints:
+    /// 24h). FIRST's qstat function reports the time a job used, not what is left; the end is
+    /// this much after the start. Default: the deployment's `scaling.keep_hot`, which is what
+    /// the start function is asked for.
+    #[serde(default, with = "humantime_serde")]
+    pub job_walltime: Option<Duration>,
 }
 
 /// Running a model through Globus Compute when no instance is hot.
@@ -862,7 +869,7 @@ mod defaults {
         50_000
     }
     pub fn batch_max_active_per_user() -> usize {
-        2
+        1
     }
     pub fn batch_lines_in_flight_per_user() -> usize {
         4

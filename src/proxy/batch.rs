@@ -161,6 +161,24 @@ impl Gateway {
                 ),
             ));
         };
+        // FIRST checks the batch endpoint first: a batch sent to an offline endpoint would sit
+        // pending for days.
+        match cold.client.endpoint_status(&endpoint).await {
+            Ok(s) if s.online => {}
+            Ok(_) => {
+                return Err(ApiError::new(
+                    503,
+                    "endpoint_offline",
+                    format!(
+                        "The batch endpoint of '{}' on cluster '{cluster}' is offline. Try again \
+                         later.",
+                        d.model
+                    ),
+                )
+                .with_retry_after(60))
+            }
+            Err(e) => return Err(errors::compute(&e, &d)),
+        }
         let owner = Owner::of(identity);
         let (cl, fw, model) = (cluster.to_string(), framework.to_string(), d.model.clone());
         let row = blocking(batches.clone(), move |b| {

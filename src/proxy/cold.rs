@@ -20,6 +20,10 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long after a task was sent to an endpoint without managers it counts as starting a
+/// node (FIRST's `endpoint_triggered` lives 600 s).
+const STARTING: Duration = Duration::from_secs(600);
+
 /// What the cold path needs from the gateway.
 pub struct ColdPath {
     pub client: Arc<ComputeClient>,
@@ -81,11 +85,10 @@ impl Gateway {
         let _cold = d.demand.cold();
         self.scale_wake.notify_one();
         // A stream's lines come back through the relay when it is set up.
-        let relayed = cold
-            .streaming
-            .as_ref()
-            .filter(|_| req.stream)
-            .map(|(relay, at)| (relay.open(), at));
+        let relayed = match cold.streaming.as_ref().filter(|_| req.stream) {
+            Some((relay, at)) => Some((relay.open().await, at)),
+            None => None,
+        };
         let submitting = phase_span!(ctx, "compute_submit");
         let via = relayed.as_ref().map(|(ticket, at)| (ticket, *at));
         let task = submit(cold, d, req.endpoint, &req.body, via).await?;
@@ -146,8 +149,13 @@ async fn submit(
         return Err(errors::compute_unavailable(d));
     };
     match cold.client.endpoint_status(&c.endpoint).await {
-        Ok(s) if s.online => {}
-        Ok(_) => return Err(errors::endpoint_offline(d)),
+        Ok(s) if !s.online => return Err(errors::endpoint_offline(d)),
+        // No node runs the endpoint's workers and a task already went there to start one
+        // (FIRST's `endpoint_triggered`): another would only queue behind it.
+        Ok(s) if s.without_managers() && cold.client.triggered_within(&c.endpoint, STARTING) => {
+            return Err(errors::endpoint_not_ready(d))
+        }
+        Ok(_) => {}
         Err(e) => return Err(errors::compute(&e, d)),
     }
     let mut params: Value =
@@ -186,6 +194,7 @@ async fn submit(
         .submit(&c.endpoint, &c.function, &[json!({"model_params": params})])
         .await
         .map_err(|e| errors::compute(&e, d))?;
+    cold.client.trigger(&c.endpoint);
     cold.metrics
         .compute_tasks
         .with_label_values(&["submitted"])

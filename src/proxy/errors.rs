@@ -4,15 +4,15 @@ use super::routes::RouteError;
 use crate::auth::AuthError;
 use crate::catalog::{Deployment, LookupError, PoolError};
 use crate::compute::relay::RelayRefusal;
-use crate::compute::ComputeError;
+use crate::compute::{failure, ComputeError};
 use crate::openai::ApiError;
 use crate::openai::Endpoint;
 use pingora::{Error, ErrorSource, ErrorType};
 
 /// Where the gateway's inference is, for errors that send clients there.
 const SERVED: &str = "Inference is POST /v1/chat/completions (or completions, embeddings, \
-                      responses), or the same under /resource_server/{cluster}/{framework}/v1; \
-                      GET /v1/models lists models.";
+                      responses, messages), or the same under \
+                      /resource_server/{cluster}/{framework}/v1; GET /v1/models lists models.";
 
 const BATCH: &str = "The OpenAI Files and Batch APIs are not offered by this gateway (its \
                      configuration has no `batch:` section): send the requests one by one.";
@@ -147,19 +147,12 @@ pub fn compute_stream(message: &str, d: &Deployment) -> ApiError {
             "Streaming '{}' on cluster '{}' through Globus Compute failed: {}",
             d.model,
             d.cluster,
-            backend_refusal(message).unwrap_or_else(|| last_line(message))
+            match failure::backend_refusal(message) {
+                Some(r) => format!("the model's server answered {}: {}", r.status, r.message),
+                None => failure::exception_summary(message),
+            }
         ),
     )
-}
-
-/// The backend's own message when FIRST's function reports a refused request ("API request
-/// failed with status code: N\nResponse text: {OpenAI error}"): the client can act on it.
-fn backend_refusal(message: &str) -> Option<String> {
-    let (head, text) = message.split_once("Response text:")?;
-    let status = head.trim().rsplit(' ').next().unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
-    let said = v["error"]["message"].as_str().or(v["message"].as_str())?;
-    Some(format!("the model's server answered {status}: {said}"))
 }
 
 /// A post to the streaming routes of a gateway without `compute.streaming`.
@@ -192,6 +185,12 @@ pub fn relay(refusal: RelayRefusal) -> ApiError {
             "client_behind",
             "The client of this stream is not reading fast enough; this batch was dropped.",
         ),
+        RelayRefusal::Unavailable => ApiError::new(
+            503,
+            "relay_unavailable",
+            "This stream task waits on another replica and the replicas' Redis cannot be reached.",
+        )
+        .with_retry_after(1),
         RelayRefusal::Body(why) => ApiError::invalid_request(format!(
             "The body must be {{\"task_id\", \"data\" or \"error\", \"type\"}}: {why}"
         )),
@@ -481,6 +480,21 @@ pub fn policy_rejected(status: u16, message: String) -> ApiError {
     ApiError::new(status, "policy_rejected", message)
 }
 
+/// The model's Globus Compute endpoint is online but runs no node yet, and a task that starts
+/// one was already sent (FIRST's 503 "online but not ready"): another would only queue.
+pub fn endpoint_not_ready(d: &Deployment) -> ApiError {
+    ApiError::new(
+        503,
+        "endpoint_not_ready",
+        format!(
+            "The Globus Compute endpoint of '{}' on cluster '{}' is online but not ready to \
+             receive tasks: its node is starting. Please try again later.",
+            d.model, d.cluster
+        ),
+    )
+    .with_retry_after(30)
+}
+
 /// The model's Globus Compute endpoint is offline.
 pub fn endpoint_offline(d: &Deployment) -> ApiError {
     ApiError::new(
@@ -512,6 +526,16 @@ pub fn compute(e: &ComputeError, d: &Deployment) -> ApiError {
                 d.model,
                 d.cluster
             );
+            // The model's server refused the request: its status (a 4xx is the client's to
+            // fix) and its own message, as a direct request would have had them.
+            if let Some(r) = failure::backend_refusal(exception) {
+                let status = if (400..500).contains(&r.status) {
+                    r.status
+                } else {
+                    502
+                };
+                return ApiError::new(status, "backend_error", r.message);
+            }
             ApiError::new(
                 502,
                 "compute_task_failed",
@@ -520,7 +544,7 @@ pub fn compute(e: &ComputeError, d: &Deployment) -> ApiError {
                      operators have the details.",
                     d.model,
                     d.cluster,
-                    last_line(exception)
+                    failure::exception_summary(exception)
                 ),
             )
         }
@@ -538,7 +562,7 @@ pub fn compute(e: &ComputeError, d: &Deployment) -> ApiError {
             "Globus Compute is rate-limiting the gateway. Try again shortly.",
         )
         .with_retry_after(10),
-        ComputeError::Unreachable(_) | ComputeError::Refused { .. } => {
+        ComputeError::Unreachable(_) | ComputeError::NotSent(_) | ComputeError::Refused { .. } => {
             log::error!("Globus Compute for {} on {}: {e}", d.model, d.cluster);
             ApiError::new(
                 503,
@@ -550,25 +574,6 @@ pub fn compute(e: &ComputeError, d: &Deployment) -> ApiError {
             )
             .with_retry_after(30)
         }
-    }
-}
-
-/// The exception's last line with its Python class name only (no paths or hosts), e.g.
-/// `WorkerLost` or `Exception: API request failed with status code: 500`.
-fn last_line(exception: &str) -> String {
-    let line = exception
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("unknown error");
-    let (class, rest) = line.split_once(':').unwrap_or((line, ""));
-    let class = class.rsplit('.').next().unwrap_or(class).trim();
-    let rest = rest.trim();
-    // Keep the message only when it is short and names no host.
-    if rest.is_empty() || rest.len() > 80 || rest.contains(" on host ") {
-        class.to_string()
-    } else {
-        format!("{class}: {rest}")
     }
 }
 
@@ -615,20 +620,5 @@ pub fn auth(e: AuthError) -> ApiError {
              token it has checked before is not held up).",
         )
         .with_retry_after(1),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compute_exceptions_are_sanitized() {
-        let e = "Traceback (most recent call last):\n  File \"/x.py\"\nparsl.executors.high_throughput.errors.WorkerLost: Task failure due to loss of worker 0 on host x3005c0s13b0n0";
-        assert_eq!(last_line(e), "WorkerLost");
-        assert_eq!(
-            last_line("Traceback\nException: API request failed with status code: 500"),
-            "Exception: API request failed with status code: 500"
-        );
     }
 }

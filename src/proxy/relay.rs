@@ -41,6 +41,7 @@ impl Gateway {
         let body = body::read_body(session, kind.max_body(), self.edge.client_read_timeout).await?;
         relay
             .deliver(kind, token.as_deref(), &body)
+            .await
             .map_err(errors::relay)?;
         Ok(Outcome::Answer(Bytes::from_static(br#"{"status":"ok"}"#)))
     }

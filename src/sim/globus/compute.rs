@@ -4,6 +4,31 @@
 //! calls the model's running instance), `status` (like the qstat function: the jobs by state),
 //! `start` (queues a job that launches a simulated vLLM after a queue wait and a load time),
 //! `stop`, and `echo`.
+//!
+//! It is as strict as the real service and as literal as FIRST's functions, each rule from:
+//! - Task groups: a submit naming a `task_group_id` the service did not create is refused
+//!   (globus-compute-sdk 4.19 `Client.create_batch` docstring: "If there is no Task Group
+//!   associated with the given ID ... the services will respond with an error"; enforced since
+//!   the service of SDK 2.3.0). The status (404) and code are inferred; `forget_task_groups`
+//!   empties the service's memory of them.
+//! - The submit body is `Batch.prepare()`'s (SDK 4.19 `sdk/batch.py`): `create_queue` and
+//!   `tasks` required; `user_runtime`, when sent, has `UserRuntime`'s fields (flat versions plus
+//!   nested `python` and `platform`).
+//! - Endpoint status (SDK `get_endpoint_status`): an endpoint seeded `cold` reports
+//!   `managers: 0` until a job of its runs (a PBS provider with `min_blocks: 0`).
+//! - Failed tasks carry the traceback text in `exception` (globus-compute-endpoint
+//!   `exception_handling.get_error_string`); FIRST's inference function
+//!   (`compute-functions/vllm_register_function_with_streaming.py`) raises on a non-200 from
+//!   vLLM "API request failed with status code: N\nResponse text: ...\nResponse headers: ...",
+//!   wrapped by its outer handler as "Unexpected error of type Exception: ...\nResponse time:
+//!   t"; it requires `openai_endpoint` and `api_port`, and for a stream the four streaming
+//!   fields.
+//! - The status function returns what FIRST's `qstat_register_function.py` returns:
+//!   `json.dumps(...)` of `running`, `queued`, `others`, `private-batch-running`,
+//!   `private-batch-queued` and `cluster_status`; jobs with `Host Name` = PBS `exec_host`
+//!   (`host/0*64`, `N/A` while queued), `Walltime` = `resources_used.walltime` (time used, only
+//!   once running), `Job State` R or Q. Each job's simulated vLLM listens on its own loopback
+//!   address at the model's `api_port` (the start function's argument), as a node would.
 
 mod batch;
 mod streaming;
@@ -95,6 +120,10 @@ pub struct FakeEndpoint {
     pub id: String,
     #[serde(default)]
     pub name: String,
+    /// Reports `managers: 0` until one of the facility's jobs runs (an endpoint whose node is
+    /// not up). Otherwise at least one manager is reported.
+    #[serde(default)]
+    pub cold: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +151,8 @@ pub struct ComputeStats {
     pub stream_posts_failed: AtomicU64,
     /// Payloads as submitted (the `tasks` strings), for byte-level checks.
     pub payloads: Mutex<Vec<String>>,
+    /// Submit bodies as received, for checks of their shape.
+    pub submit_bodies: Mutex<Vec<Value>>,
 }
 
 impl ComputeStats {
@@ -148,11 +179,16 @@ pub struct ComputeFaults {
     /// The next inference tasks succeed with these result strings, as an endpoint serialized
     /// them (header included): what a broken or hostile endpoint could return.
     pub raw_results: Mutex<std::collections::VecDeque<String>>,
+    /// While set, batch tasks wait (a batch runs for hours on a real cluster).
+    pub hold_batches: AtomicBool,
 }
 
 /// One simulated batch job running a model instance.
 struct Job {
     id: String,
+    /// The loopback address standing for the job's node (its vLLM listens there).
+    node: std::net::IpAddr,
+    api_port: u16,
     model: String,
     framework: String,
     cluster: String,
@@ -160,6 +196,8 @@ struct Job {
     walltime: Duration,
     /// The instance, once the job left the queue.
     sim: Option<VllmSim>,
+    /// When it left the queue (PBS counts `resources_used.walltime` from then).
+    started: Option<Instant>,
     /// When the model finished loading.
     ready: bool,
 }
@@ -173,21 +211,20 @@ impl Job {
         }
     }
 
+    /// The job as FIRST's qstat function reports it (`common_job_attributes`).
     fn report(&self) -> Value {
-        let host = self
-            .sim
-            .as_ref()
-            .map(|s| s.addr().to_string())
-            .unwrap_or_default();
-        let left = self.walltime.saturating_sub(self.submitted.elapsed());
-        json!({
+        let mut job = json!({
             "Models": self.model, "Framework": self.framework, "Cluster": self.cluster,
             "Model Status": self.state(), "Job ID": self.id,
             "Job State": if self.sim.is_some() { "R" } else { "Q" },
-            "Host Name": host, "Job Comments": "", "Nodes Reserved": 1,
-            "Walltime": hms(self.walltime), "Walltime Remaining": left.as_secs(),
-            "Estimated Start Time": "",
-        })
+            "Host Name": "N/A", "Job Comments": "N/A", "Nodes Reserved": "1",
+        });
+        if let Some(started) = self.started {
+            // PBS's `exec_host`: the node, its first vnode, 64 CPUs.
+            job["Host Name"] = json!(format!("{}/0*64", self.node));
+            job["Walltime"] = json!(hms(started.elapsed()));
+        }
+        job
     }
 }
 
@@ -236,6 +273,8 @@ pub struct ComputeSim {
     next_job: AtomicU64,
     calls: Mutex<Vec<Instant>>,
     http: reqwest::Client,
+    /// Task groups the service created.
+    groups: Mutex<std::collections::HashSet<String>>,
 }
 
 impl ComputeSim {
@@ -249,6 +288,7 @@ impl ComputeSim {
             next_job: AtomicU64::new(1000),
             calls: Mutex::new(Vec::new()),
             http: reqwest::Client::new(),
+            groups: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -262,7 +302,7 @@ impl ComputeSim {
             .any(|e| e == endpoint)
     }
 
-    /// The jobs by state, in FIRST's `JobsByStatus` shape.
+    /// The jobs by state, as FIRST's qstat function returns them (before `json.dumps`).
     pub fn jobs_by_status(&self) -> Value {
         let jobs = self.jobs.lock().unwrap();
         // As FIRST's qstat function: a starting job is listed under `running`.
@@ -278,10 +318,20 @@ impl ComputeSim {
         let free = self.seed.nodes.saturating_sub(jobs.len() as u32);
         let list = |k: &str| Value::Array(by.get(k).cloned().unwrap_or_default());
         json!({
-            "running": list("running"), "queued": list("queued"), "stopped": [],
-            "others": [], "private_batch_running": [], "private_batch_queued": [],
+            "running": list("running"), "queued": list("queued"), "others": [],
+            "private-batch-running": [], "private-batch-queued": [],
             "cluster_status": {"free_nodes": free},
         })
+    }
+
+    /// The service forgets every task group it created (as after their expiry).
+    pub fn forget_task_groups(&self) {
+        self.groups.lock().unwrap().clear();
+    }
+
+    /// Task groups the service created.
+    pub fn task_groups(&self) -> usize {
+        self.groups.lock().unwrap().len()
     }
 
     /// Running instances of `model`.
@@ -289,7 +339,7 @@ impl ComputeSim {
         let jobs = self.jobs.lock().unwrap();
         jobs.iter()
             .filter(|j| j.model == model && j.ready)
-            .filter_map(|j| j.sim.as_ref().map(VllmSim::addr))
+            .map(|j| std::net::SocketAddr::new(j.node, j.api_port))
             .collect()
     }
 
@@ -379,6 +429,12 @@ pub(super) async fn endpoint_status(
         return globus_error(StatusCode::NOT_FOUND, "Endpoint not found");
     }
     let online = s.compute.online(&ep);
+    let cold = s
+        .compute
+        .seed
+        .endpoints
+        .iter()
+        .any(|e| e.id == ep && e.cold);
     let running = s
         .compute
         .jobs
@@ -388,8 +444,13 @@ pub(super) async fn endpoint_status(
         .filter(|j| j.ready)
         .count();
     Json(json!({"status": if online { "online" } else { "offline" },
-                "details": {"total_workers": running, "idle_workers": running, "pending_tasks": 0,
-                            "outstanding_tasks": 0, "managers": if online { running.max(1) } else { 0 }}}))
+    "details": {"total_workers": running, "idle_workers": running, "pending_tasks": 0,
+                "outstanding_tasks": 0,
+                "managers": match (online, cold) {
+                    (false, _) => 0,
+                    (true, true) => running,
+                    (true, false) => running.max(1),
+                }}}))
     .into_response()
 }
 
@@ -402,9 +463,20 @@ pub(super) struct SubmitBody {
     task_group_id: Option<String>,
     #[serde(default)]
     result_serializers: Vec<String>,
+    #[serde(default)]
+    user_runtime: Option<Value>,
     #[serde(flatten)]
     _rest: HashMap<String, Value>,
 }
+
+/// `UserRuntime`'s fields (SDK 4.19 `sdk/batch.py`, `create_user_runtime`).
+const USER_RUNTIME: [&str; 5] = [
+    "globus_compute_sdk_version",
+    "globus_sdk_version",
+    "python_version",
+    "python",
+    "platform",
+];
 
 fn semantically_invalid(message: &str) -> Response {
     (
@@ -431,6 +503,9 @@ pub(super) async fn submit(
         )
             .into_response();
     }
+    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+        s.compute.stats.submit_bodies.lock().unwrap().push(v);
+    }
     let Ok(req) = serde_json::from_slice::<SubmitBody>(&body) else {
         return semantically_invalid("the body is not a v3 submit document");
     };
@@ -440,11 +515,31 @@ pub(super) async fn submit(
     if !s.compute.seed.endpoints.iter().any(|e| e.id == ep) {
         return globus_error(StatusCode::NOT_FOUND, "Endpoint not found");
     }
+    if let Some(rt) = &req.user_runtime {
+        if let Some(k) = USER_RUNTIME.iter().find(|k| rt.get(**k).is_none()) {
+            return semantically_invalid(&format!("user_runtime.{k}: field required"));
+        }
+    }
     let json_results = req
         .result_serializers
         .iter()
         .any(|r| r.ends_with("JSONData"));
-    let group = req.task_group_id.unwrap_or_else(crate::compute::uuid);
+    let group = match req.task_group_id {
+        Some(g) if !s.compute.groups.lock().unwrap().contains(&g) => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({"code": "TASK_GROUP_NOT_FOUND",
+                            "message": format!("Task Group {g} not found")})),
+            )
+                .into_response();
+        }
+        Some(g) => g,
+        None => {
+            let g = crate::compute::uuid();
+            s.compute.groups.lock().unwrap().insert(g.clone());
+            g
+        }
+    };
     let mut ids: HashMap<String, Vec<String>> = HashMap::new();
     for (fid, payloads) in req.tasks {
         let Some(kind) = s
@@ -630,7 +725,8 @@ async fn run_task(
         }
         "status" => {
             s.compute.stats.tasks_status.fetch_add(1, Ordering::Relaxed);
-            Ok(s.compute.jobs_by_status())
+            // `json_output = json.dumps(output, indent=4); return json_output`: a string.
+            Ok(Value::String(python_json(&s.compute.jobs_by_status())))
         }
         "start" => {
             s.compute.stats.tasks_start.fetch_add(1, Ordering::Relaxed);
@@ -645,7 +741,12 @@ async fn run_task(
                 Err(traceback(&format!("ValueError: no job {job}")))
             }
         }
-        "batch" => batch::run(&s, &arg).await,
+        "batch" => {
+            while s.compute.faults.hold_batches.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            batch::run(&s, &arg).await
+        }
         "echo" => Ok(arg),
         other => Err(traceback(&format!(
             "RuntimeError: unknown built-in function kind {other}"
@@ -691,11 +792,20 @@ async fn inference(s: &Shared, arg: Value) -> Result<Value, String> {
     let Some(p) = params.as_object_mut() else {
         return Err(traceback("KeyError: 'model_params'"));
     };
-    let endpoint = p
+    let started = Instant::now();
+    let Some(endpoint) = p
         .remove("openai_endpoint")
         .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "chat/completions".into());
-    p.remove("api_port");
+    else {
+        return Err(traceback(
+            "Exception: Missing required parameter: 'model_params.openai_endpoint'",
+        ));
+    };
+    if p.remove("api_port").is_none() {
+        return Err(traceback(
+            "Exception: Missing required parameter: 'model_params.api_port'",
+        ));
+    }
     // As FIRST's function: a stream is relayed to the gateway's streaming routes, which needs
     // their address and the task's credentials.
     let streamed = p.get("stream").and_then(Value::as_bool) == Some(true);
@@ -706,8 +816,10 @@ async fn inference(s: &Shared, arg: Value) -> Result<Value, String> {
             .collect();
         if !missing.is_empty() {
             return Err(traceback(&format!(
-                "ValueError: Streaming requires the following parameters: {}",
-                missing.join(", ")
+                "Exception: Unexpected error of type Exception: Streaming requires the \
+                 following parameters: {}\nResponse time: {}",
+                missing.join(", "),
+                started.elapsed().as_secs_f64()
             )));
         }
     }
@@ -727,13 +839,20 @@ async fn inference(s: &Shared, arg: Value) -> Result<Value, String> {
     if streamed {
         return streaming::stream_back(s, url, p.clone()).await;
     }
-    let started = Instant::now();
     let resp = post_to_instance(s, url, &params).await?;
     let status = resp.status().as_u16();
+    let headers: Vec<String> = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| format!("'{k}': '{}'", v.to_str().unwrap_or_default()))
+        .collect();
     let text = resp.text().await.unwrap_or_default();
     if status != 200 {
         return Err(traceback(&format!(
-            "Exception: API request failed with status code: {status}\nResponse text: {text}"
+            "Exception: Unexpected error of type Exception: API request failed with status \
+             code: {status}\nResponse text: {text}\nResponse headers: {{{}}}\nResponse time: {}",
+            headers.join(", "),
+            started.elapsed().as_secs_f64()
         )));
     }
     let mut completion: Value =
@@ -761,6 +880,15 @@ async fn post_to_instance(
         .map_err(|e| traceback(&format!("requests.exceptions.ConnectionError: {e}")))
 }
 
+/// One job of `model` at `api_port`, as the start function would queue it.
+pub(super) fn start_job(s: &Arc<Shared>, model: &str, api_port: u16) -> Value {
+    start_jobs(
+        s,
+        &json!({"model": model, "count": 1, "api_port": api_port}),
+    )
+    .unwrap_or_else(|e| json!(e))
+}
+
 /// Queues `count` jobs of a model; each leaves the queue after `queue_wait`, launches a
 /// simulated vLLM, and reports healthy after `load_time`.
 fn start_jobs(s: &Arc<Shared>, arg: &Value) -> Result<Value, String> {
@@ -770,6 +898,7 @@ fn start_jobs(s: &Arc<Shared>, arg: &Value) -> Result<Value, String> {
         .to_string();
     let count = arg["count"].as_u64().unwrap_or(1);
     let walltime = Duration::from_secs(arg["walltime"].as_u64().unwrap_or(86_400));
+    let api_port = arg["api_port"].as_u64().unwrap_or(8000) as u16;
     let mut started = Vec::new();
     for _ in 0..count {
         let job_id = format!(
@@ -778,12 +907,15 @@ fn start_jobs(s: &Arc<Shared>, arg: &Value) -> Result<Value, String> {
         );
         s.compute.jobs.lock().unwrap().push(Job {
             id: job_id.clone(),
+            node: std::net::Ipv4Addr::LOCALHOST.into(),
+            api_port,
             model: model.clone(),
             framework: arg["framework"].as_str().unwrap_or("vllm").to_string(),
             cluster: arg["cluster"].as_str().unwrap_or_default().to_string(),
             submitted: Instant::now(),
             walltime,
             sim: None,
+            started: None,
             ready: false,
         });
         tokio::spawn(launch(s.clone(), job_id.clone(), model.clone()));
@@ -806,15 +938,26 @@ async fn launch(s: Arc<Shared>, job_id: String, model: String) {
     } else {
         cfg.models.push(model.clone());
     }
-    let Ok(sim) = VllmSim::start("127.0.0.1:0".parse().unwrap(), cfg).await else {
-        log::error!("job {job_id}: cannot start a simulated instance");
+    let port = {
+        let jobs = s.compute.jobs.lock().unwrap();
+        match jobs.iter().find(|j| j.id == job_id) {
+            Some(j) => j.api_port,
+            None => return, // stopped while queued
+        }
+    };
+    let Some(sim) = on_a_node(cfg, port).await else {
+        log::error!("job {job_id}: no loopback address free for a simulated node at port {port}");
         return;
     };
     sim.faults().unhealthy.store(true, Ordering::SeqCst);
     {
         let mut jobs = s.compute.jobs.lock().unwrap();
         match jobs.iter_mut().find(|j| j.id == job_id) {
-            Some(j) => j.sim = Some(sim),
+            Some(j) => {
+                j.node = sim.addr().ip();
+                j.started = Some(Instant::now());
+                j.sim = Some(sim);
+            }
             None => return, // stopped while queued
         }
     }
@@ -833,4 +976,23 @@ async fn launch(s: Arc<Shared>, job_id: String, model: String) {
     // The scheduler ends the job when its walltime runs out.
     tokio::time::sleep(walltime).await;
     s.compute.end_job(&job_id);
+}
+
+/// A simulated vLLM on a node of its own: a random loopback address (Linux routes all of
+/// 127.0.0.0/8 to `lo`) at the model's `api_port`, as every node runs vLLM at the same port.
+async fn on_a_node(cfg: VllmSimConfig, port: u16) -> Option<VllmSim> {
+    for _ in 0..32 {
+        let ip = std::net::Ipv4Addr::new(
+            127,
+            fastrand::u8(1..=254),
+            fastrand::u8(..),
+            fastrand::u8(1..=254),
+        );
+        if let Ok(sim) =
+            VllmSim::start(std::net::SocketAddr::new(ip.into(), port), cfg.clone()).await
+        {
+            return Some(sim);
+        }
+    }
+    None
 }

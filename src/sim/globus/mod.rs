@@ -231,6 +231,12 @@ impl GlobusSim {
         &self.shared.compute
     }
 
+    /// Starts a job of `model` on the simulated facility (as an operator's `qsub` would),
+    /// outside any gateway's lifecycle; its vLLM listens at `api_port` on its node.
+    pub fn start_job(&self, model: &str, api_port: u16) -> serde_json::Value {
+        compute::start_job(&self.shared, model, api_port)
+    }
+
     /// Adds (or replaces) a user's token; `expires_in` counts from now.
     pub fn add_user(&self, user: FakeUser) {
         self.shared.add_user(user, unix_now());

@@ -1,0 +1,179 @@
+//! The stream relay across replicas (`state.redis`), as FIRST keeps relayed lines in Redis: a
+//! compute node posts a stream's lines to the advertised host, which may send them to any
+//! replica. The replica holding the client registers the task's token (its SHA-256, never the
+//! token) under `{prefix}stream:{task}:token`; a replica that gets a post for a task not
+//! waiting there checks the token against it and appends the event to the list
+//! `{prefix}stream:{task}:events`; the holder drains its tasks' lists, all in one pipelined
+//! call per tick (FIRST polls every 25 ms). Keys expire like the shared limits' (set with a
+//! time to live on every write), so a replica that dies leaves nothing behind for long.
+
+use super::relay::RelayEvent;
+use crate::state::{SharedState, Unavailable};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Events taken from one task's list per tick.
+const DRAIN: usize = 64;
+
+/// A relay's view of the replicas' Redis.
+pub struct RedisRelay {
+    state: Arc<SharedState>,
+    /// How long a task's keys live (renewed on each write): the longest a stream can wait.
+    ttl: Duration,
+}
+
+/// The SHA-256 of a task token, as stored.
+pub fn token_digest(token: &[u8]) -> String {
+    hex::encode(Sha256::digest(token))
+}
+
+fn encode(event: &RelayEvent) -> String {
+    match event {
+        RelayEvent::Data(lines) => json!({"data": lines}),
+        RelayEvent::Error(message) => json!({"error": message}),
+        RelayEvent::Done => json!({"done": true}),
+    }
+    .to_string()
+}
+
+fn decode(text: &str) -> Option<RelayEvent> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    if let Some(d) = v["data"].as_str() {
+        Some(RelayEvent::Data(d.to_string()))
+    } else if let Some(e) = v["error"].as_str() {
+        Some(RelayEvent::Error(e.to_string()))
+    } else {
+        v.get("done").map(|_| RelayEvent::Done)
+    }
+}
+
+impl RedisRelay {
+    pub fn new(state: Arc<SharedState>, ttl: Duration) -> RedisRelay {
+        RedisRelay { state, ttl }
+    }
+
+    fn token_key(&self, task: &str) -> String {
+        self.state.key(&format!("stream:{task}:token"))
+    }
+
+    fn events_key(&self, task: &str) -> String {
+        self.state.key(&format!("stream:{task}:events"))
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.ttl.as_millis() as u64
+    }
+
+    /// Registers a task waiting on this replica, by its token's digest.
+    pub async fn register(&self, task: &str, digest: &str) -> Result<(), Unavailable> {
+        let (key, digest, ttl) = (self.token_key(task), digest.to_string(), self.ttl_ms());
+        self.state
+            .call("relay_register", |mut conn| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&digest)
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await
+    }
+
+    /// The token digest of a task waiting on some replica (`None`: no such task).
+    pub async fn digest_of(&self, task: &str) -> Result<Option<String>, Unavailable> {
+        let key = self.token_key(task);
+        self.state
+            .call("relay_lookup", |mut conn| async move {
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query_async::<Option<String>>(&mut conn)
+                    .await
+            })
+            .await
+    }
+
+    /// Appends an event for the replica holding the task.
+    pub async fn push(&self, task: &str, event: &RelayEvent) -> Result<(), Unavailable> {
+        let (key, text, ttl) = (self.events_key(task), encode(event), self.ttl_ms());
+        self.state
+            .call("relay_push", |mut conn| async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("RPUSH")
+                    .arg(&key)
+                    .arg(&text)
+                    .ignore()
+                    .cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(ttl)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await
+    }
+
+    /// The events posted elsewhere for `tasks`, oldest first, each list read once.
+    pub async fn drain(
+        &self,
+        tasks: &[String],
+    ) -> Result<Vec<(String, Vec<RelayEvent>)>, Unavailable> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = tasks.iter().map(|t| self.events_key(t)).collect();
+        let lists = self
+            .state
+            .call("relay_poll", |mut conn| async move {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.cmd("LPOP").arg(k).arg(DRAIN);
+                }
+                pipe.query_async::<Vec<Option<Vec<String>>>>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(tasks
+            .iter()
+            .zip(lists)
+            .filter_map(|(task, list)| {
+                let events: Vec<RelayEvent> = list?.iter().filter_map(|e| decode(e)).collect();
+                (!events.is_empty()).then(|| (task.clone(), events))
+            })
+            .collect())
+    }
+
+    /// Removes a finished task's keys.
+    pub async fn forget(&self, task: &str) {
+        let keys = [self.token_key(task), self.events_key(task)];
+        let _ = self
+            .state
+            .call("relay_forget", |mut conn| async move {
+                redis::cmd("DEL")
+                    .arg(&keys[..])
+                    .query_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_survive_the_list() {
+        for e in [
+            RelayEvent::Data("data: {}\ndata: {\"a\":1}".into()),
+            RelayEvent::Error("API request failed".into()),
+            RelayEvent::Done,
+        ] {
+            assert_eq!(decode(&encode(&e)), Some(e));
+        }
+        assert_ne!(token_digest(b"a"), token_digest(b"b"));
+    }
+}
