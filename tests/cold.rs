@@ -77,6 +77,8 @@ struct Opts {
     streaming: bool,
     /// The cluster runs the status function (without it the gateway never learns of instances).
     lifecycle: bool,
+    /// The framework offers the Anthropic Messages API too.
+    messages: bool,
 }
 
 const DEFAULT: Opts = Opts {
@@ -86,6 +88,7 @@ const DEFAULT: Opts = Opts {
     drain_before: "10m",
     streaming: false,
     lifecycle: true,
+    messages: false,
 };
 
 async fn gateway(globus: &GlobusSim, o: Opts) -> Gateway {
@@ -116,11 +119,16 @@ async fn gateway(globus: &GlobusSim, o: Opts) -> Gateway {
     let body = format!(
         "compute:\n  url: {url}\n  auth_url: {url}\n  client_id: svc\n  client_secret_env: FG_TEST_COMPUTE_SECRET\n\
          \x20 wait: {wait}\n  poll_interval: 100ms\n  keepalive: 100ms\n{streaming}{scale}\
-         clusters:\n  sophia:\n{lifecycle}    frameworks:\n      vllm:\n        models:\n\
+         clusters:\n  sophia:\n{lifecycle}    frameworks:\n      vllm:\n{endpoints}        models:\n\
          \x20         - name: {MODEL}\n            backends: []\n\
          \x20           compute: {{endpoint: {EP}, function: {F_INFER}}}\n\
          \x20           scaling: {{max_instances: 2, keep_hot: {keep_hot}}}\n",
         url = globus.url(),
+        endpoints = if o.messages {
+            "        endpoints: [chat/completions, messages]\n"
+        } else {
+            ""
+        },
         wait = o.wait,
         keep_hot = o.keep_hot,
     );
@@ -702,6 +710,76 @@ async fn cold_requests_share_the_services_task_group_and_show_vllms_refusals() {
         "{said}"
     );
     assert!(gw.log().contains("Traceback"), "the full text is logged");
+}
+
+/// The Anthropic Messages API on a cold model: through Compute as FIRST does (FIRST's function
+/// posts to vLLM's `/v1/messages`, which answers a `message`), a stream replayed as
+/// Anthropic's events, a refusal in Anthropic's envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_model_answers_the_messages_api_through_compute() {
+    let globus = facility(50, 50).await;
+    globus.start_job(MODEL, 8000);
+    let gw = gateway(
+        &globus,
+        Opts {
+            scale: false,
+            lifecycle: false,
+            messages: true,
+            ..DEFAULT
+        },
+    )
+    .await;
+    let body = |stream: bool, max_tokens: u32| {
+        serde_json::json!({"model": MODEL, "max_tokens": max_tokens, "stream": stream,
+                           "messages": [{"role": "user", "content": "hello"}]})
+    };
+    let resp = gw
+        .post("/v1/messages")
+        .json(&body(false, 3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.status().as_u16(), route(&resp)),
+        (200, "compute".into())
+    );
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["content"][0]["text"].as_str()),
+        (Some("message"), Some("tok0 tok1 tok2 ")),
+        "{v}"
+    );
+
+    let text = gw
+        .post("/v1/messages")
+        .json(&body(true, 3))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"message_start"), "{text}");
+    assert_eq!(kinds.last(), Some(&"message_stop"), "{text}");
+    assert!(text.contains(r#""text":"tok0 tok1 tok2 ""#), "{text}");
+
+    let resp = gw
+        .post("/v1/messages")
+        .json(&body(false, 0))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (status, v["type"].as_str(), v["error"]["type"].as_str()),
+        (400, Some("error"), Some("invalid_request_error")),
+        "{v}"
+    );
 }
 
 /// FIRST's readiness rule: an endpoint that is online with no managers, and already got a task

@@ -208,3 +208,57 @@ async fn a_client_that_leaves_right_after_the_end_of_a_stream_did_not_cancel_it(
     .await;
     assert_eq!(records(&gw, "cancelled = 1"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_drives_the_messages_api() {
+    let vllm = sim(&[LLAMA], |_| {}).await;
+    let gw = Gateway::start(&config(vllm.addr())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("messages.json");
+    let args = [
+        "loadtest".to_string(),
+        "--url".into(),
+        gw.url("/v1"),
+        "--token-env".into(),
+        "LOADTEST_TOKEN".into(),
+        "--model".into(),
+        LLAMA.into(),
+        "--api".into(),
+        "messages".into(),
+        "--stream".into(),
+        "--concurrency".into(),
+        "2".into(),
+        "--duration".into(),
+        "1s".into(),
+        "--max-tokens".into(),
+        "4".into(),
+        "--json".into(),
+        json_path.display().to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_firstgate"))
+            .args(args)
+            .env("LOADTEST_TOKEN", "tok")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let level = &report["levels"][0];
+    assert!(level["requests"].as_u64().unwrap() > 0, "{level}");
+    assert_eq!(level["errors"], json!({}), "{level}");
+    // Output tokens from Anthropic's usage: four per request.
+    assert_eq!(
+        level["completion_tokens"].as_u64(),
+        level["requests"].as_u64().map(|n| n * 4),
+        "{level}"
+    );
+    assert!(level["ttft_ms"].is_object(), "{level}");
+}

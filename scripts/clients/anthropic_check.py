@@ -6,7 +6,10 @@ count_tokens, the three ways a client sends its token (api_key and auth_token, b
 SDK as `Authorization: Bearer`, and the `x-api-key` header of older clients), and the errors an
 application maps: each status with its exception class and Anthropic's error envelope.
 
-Usage: scripts/clients/anthropic_check.py [http://127.0.0.1:8080]  (run by scripts/clients.sh)
+Also compares the answers (JSON and streamed) with those of vLLM reached directly.
+
+Usage: scripts/clients/anthropic_check.py [BASE [VLLM_URL]]  (run by scripts/clients.sh; BASE
+defaults to the demo's http://127.0.0.1:8080 and VLLM_URL then to its sophia instance)
 """
 import json
 import os
@@ -27,6 +30,8 @@ import anthropic  # noqa: E402
 from anthropic import Anthropic  # noqa: E402
 
 base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080"
+# vLLM itself, to compare answers with: the demo's sophia instance unless told otherwise ("" skips).
+direct = sys.argv[2] if len(sys.argv) > 2 else ("http://127.0.0.1:18001" if len(sys.argv) < 2 else "")
 LLAMA = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 RESTRICTED = "gpt-oss-120b"  # on metis; demo-bob is not in the group it needs
 MESSAGES = [{"role": "user", "content": "Hello from the Anthropic SDK"}]
@@ -143,6 +148,21 @@ for url in (base, f"{base}/resource_server/sophia/vllm"):
     check(f"{url}: create(stream=True) events in order ({kinds.count('content_block_delta')} deltas)",
           order == STREAM_ORDER and start.message.usage.input_tokens > 0
           and delta.usage.output_tokens == 8 and delta.delta.stop_reason == "max_tokens", repr(kinds))
+
+    # The same answers as from vLLM directly (the demo's sophia instance; its text is
+    # deterministic): the message, and the streamed events' kinds, text and usage.
+    if direct:
+        vllm_direct = client(direct, api_key="unused")
+        ours = alice.messages.create(model=LLAMA, max_tokens=8, messages=MESSAGES)
+        theirs = vllm_direct.messages.create(model=LLAMA, max_tokens=8, messages=MESSAGES)
+        same = lambda m: (m.type, m.role, [b.model_dump() for b in m.content], m.stop_reason, m.usage.model_dump())  # noqa: E731
+        check(f"{url}: messages.create answers as vLLM does directly", same(ours) == same(theirs),
+              f"{same(ours)!r} != {same(theirs)!r}")
+        flow = lambda evs: [(e.type, e.model_dump(exclude={"message": {"id"}})) for e in evs]  # noqa: E731
+        ours = flow(alice.messages.create(model=LLAMA, max_tokens=8, messages=MESSAGES, stream=True))
+        theirs = flow(vllm_direct.messages.create(model=LLAMA, max_tokens=8, messages=MESSAGES, stream=True))
+        check(f"{url}: create(stream=True) streams the events vLLM streams directly", ours == theirs,
+              f"{ours!r} != {theirs!r}")
 
     counted = alice.messages.count_tokens(model=LLAMA, messages=MESSAGES)
     check(f"{url}: messages.count_tokens ({counted.input_tokens} input tokens; create said "

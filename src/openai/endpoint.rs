@@ -61,6 +61,8 @@ struct Row {
     batchable: bool,
     /// `firstgate loadtest --endpoint` can drive it.
     load_testable: bool,
+    /// Its answers report token usage (counting tokens generates none and reports none).
+    reports_usage: bool,
 }
 
 const TABLE: [Row; 6] = [
@@ -72,6 +74,7 @@ const TABLE: [Row; 6] = [
         envelope: Envelope::OpenAi,
         batchable: true,
         load_testable: true,
+        reports_usage: true,
     },
     Row {
         endpoint: Endpoint::Completions,
@@ -81,6 +84,7 @@ const TABLE: [Row; 6] = [
         envelope: Envelope::OpenAi,
         batchable: true,
         load_testable: true,
+        reports_usage: true,
     },
     Row {
         endpoint: Endpoint::Embeddings,
@@ -90,6 +94,7 @@ const TABLE: [Row; 6] = [
         envelope: Envelope::OpenAi,
         batchable: true,
         load_testable: true,
+        reports_usage: true,
     },
     Row {
         endpoint: Endpoint::Responses,
@@ -99,6 +104,7 @@ const TABLE: [Row; 6] = [
         envelope: Envelope::OpenAi,
         batchable: true,
         load_testable: false,
+        reports_usage: true,
     },
     Row {
         endpoint: Endpoint::Messages,
@@ -108,6 +114,7 @@ const TABLE: [Row; 6] = [
         envelope: Envelope::Anthropic,
         batchable: false,
         load_testable: true,
+        reports_usage: true,
     },
     Row {
         endpoint: Endpoint::CountTokens,
@@ -117,6 +124,7 @@ const TABLE: [Row; 6] = [
         envelope: Envelope::Anthropic,
         batchable: false,
         load_testable: false,
+        reports_usage: false,
     },
 ];
 
@@ -177,6 +185,11 @@ impl Endpoint {
 
     pub fn load_testable(self) -> bool {
         self.row().load_testable
+    }
+
+    /// Whether its answers report token usage (a record without it has tokens unknown).
+    pub fn reports_usage(self) -> bool {
+        self.row().reports_usage
     }
 
     /// What ends a finished stream after its last event (`data: [DONE]`, or nothing where the

@@ -134,7 +134,9 @@ fn usage_record(ctx: &RequestCtx, status: u16, ending: Ending) -> Option<UsageRe
         instance: ctx.target.instance.clone().unwrap_or_default(),
         cancelled: status == 200 && ending == Ending::ClientLeft,
         failed: ending == Ending::Failed,
-        tokens_unknown: status == 200 && !meter.tokens_known(),
+        tokens_unknown: status == 200
+            && !meter.tokens_known()
+            && ctx.request.endpoint.is_some_and(|e| e.reports_usage()),
         loadtest: ctx.request.loadtest,
         batch_id: ctx.request.batch_id.clone(),
     })
