@@ -572,6 +572,12 @@ mod first {
             (404, Some("batch_not_found")),
             "{v}"
         );
+        // FIRST's own envelope on FIRST's routes: code, message and info.
+        assert!(
+            v["error"]["message"].is_string() && v["error"]["info"].is_object(),
+            "{v}"
+        );
+        assert!(v["error"].get("type").is_none(), "{v}");
 
         let (s, v) = call(&gw, "tok-alice", "GET", &format!("{status}/result"), None).await;
         assert_eq!(

@@ -384,8 +384,9 @@ async fn bad_requests_get_clear_openai_errors() {
         );
     }
 
-    // FIRST's batch route on a gateway without `batch:`: FIRST's own refusal.
-    let (s, e) = error_of(
+    // FIRST's batch route on a gateway without `batch:`: FIRST's own refusal, in FIRST's
+    // envelope `{"error": {"code", "message", "info"}}`.
+    let (s, v) = status_json(
         post(
             &gw,
             "/resource_server/sophia/vllm/v1/batches",
@@ -395,9 +396,13 @@ async fn bad_requests_get_clear_openai_errors() {
     )
     .await;
     assert_eq!(
-        (s, e["code"].as_str()),
-        (400, Some("batch_unavailable")),
-        "{e}"
+        (
+            s,
+            v["error"]["code"].as_str(),
+            v["error"]["info"].is_object()
+        ),
+        (400, Some("batch_unavailable"), true),
+        "{v}"
     );
 
     let mut big = chat_body(LLAMA, false);

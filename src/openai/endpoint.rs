@@ -33,6 +33,9 @@ pub enum Envelope {
     OpenAi,
     /// `{"type": "error", "error": {"type", "message"}}`
     Anthropic,
+    /// FIRST's own routes (its batch API, the relay of cold streams):
+    /// `{"error": {"code", "message", "info"}}`
+    First,
 }
 
 /// How an endpoint's server-sent events are framed.

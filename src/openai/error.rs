@@ -1,6 +1,7 @@
-//! The error envelopes: OpenAI's `{"error": {"message", "type", "code", "param"}}` and, on
-//! the Anthropic Messages API, Anthropic's `{"type": "error", "error": {"type", "message"}}`.
-//! One typed error, two renderings.
+//! The error envelopes: OpenAI's `{"error": {"message", "type", "code", "param"}}`; on the
+//! Anthropic Messages API, Anthropic's `{"type": "error", "error": {"type", "message"}}`; on
+//! FIRST's own batch and relay routes, FIRST's `{"error": {"code", "message", "info"}}`. One
+//! typed error, one rendering per envelope.
 //!
 //! OpenAI SDKs pick their exception from the HTTP status (400 `BadRequestError`, 401
 //! `AuthenticationError`, 403 `PermissionDeniedError`, 404 `NotFoundError`, 422
@@ -91,6 +92,10 @@ impl ApiError {
         match envelope {
             super::Envelope::OpenAi => self.body(),
             super::Envelope::Anthropic => self.anthropic_body(),
+            super::Envelope::First => {
+                let v = json!({"error": {"code": self.code, "message": self.message, "info": {}}});
+                Bytes::from(v.to_string())
+            }
         }
     }
 

@@ -33,6 +33,8 @@ pub struct Request {
     /// Who the request is from, once authenticated.
     pub identity: Option<Arc<Identity>>,
     pub endpoint: Option<Endpoint>,
+    /// The error envelope its clients read (from the route, before anything can fail).
+    pub envelope: crate::openai::Envelope,
     pub stream: bool,
     /// The body to forward (model already rewritten).
     pub body: Option<Bytes>,
@@ -93,6 +95,7 @@ impl RequestCtx {
                 client: None,
                 identity: None,
                 endpoint: None,
+                envelope: crate::openai::Envelope::OpenAi,
                 stream: false,
                 body: None,
                 trace: None,

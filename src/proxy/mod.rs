@@ -103,9 +103,12 @@ impl ProxyHttp for Gateway {
             .headers
             .contains_key(crate::usage::LOADTEST_HEADER);
         let route = self.match_route(session.req_header());
-        // Known before anything can fail, so that every error takes the endpoint's envelope.
-        if let Ok(routes::Route::Inference { endpoint, .. }) = &route {
-            ctx.request.endpoint = Some(*endpoint);
+        // Known before anything can fail, so that every error takes the route's envelope.
+        if let Ok(route) = &route {
+            ctx.request.envelope = route.envelope();
+            if let routes::Route::Inference { endpoint, .. } = route {
+                ctx.request.endpoint = Some(*endpoint);
+            }
         }
         ctx.charge(t);
         let outcome = match route {

@@ -66,8 +66,8 @@ pub async fn send_preflight(
     session.write_response_header(Box::new(resp), true).await
 }
 
-/// Sends an error in the envelope of the API the request's endpoint belongs to (OpenAI's
-/// unless it is the Anthropic Messages API).
+/// Sends an error in the envelope of the request's route (OpenAI's, Anthropic's on the
+/// Messages API, FIRST's on FIRST's batch and relay routes).
 pub async fn send_error(
     session: &mut Session,
     ctx: &RequestCtx,
@@ -77,9 +77,6 @@ pub async fn send_error(
     let allow = err.allow.map(|a| ("allow", a.to_string()));
     let limit = err.limit.map(|l| ("x-firstgate-limit", l.to_string()));
     let headers: Vec<_> = retry.into_iter().chain(allow).chain(limit).collect();
-    let envelope = ctx
-        .request
-        .endpoint
-        .map_or(crate::openai::Envelope::OpenAi, |e| e.envelope());
-    send_json(session, ctx, err.status, err.body_for(envelope), &headers).await
+    let body = err.body_for(ctx.request.envelope);
+    send_json(session, ctx, err.status, body, &headers).await
 }

@@ -3,7 +3,7 @@
 //! listings. Trailing slashes are not accepted (FIRST does not redirect either).
 
 use crate::compute::relay::RelayKind;
-use crate::openai::Endpoint;
+use crate::openai::{Endpoint, Envelope};
 use http::Method;
 
 /// A matched route.
@@ -24,6 +24,24 @@ pub enum Route {
     Relay(RelayKind),
     /// The OpenAI Files and Batch APIs.
     Batch(BatchCall),
+}
+
+impl Route {
+    /// The error envelope of this route's clients: the endpoint's on inference routes, FIRST's
+    /// on FIRST's own batch and relay routes, OpenAI's elsewhere.
+    pub fn envelope(&self) -> Envelope {
+        match self {
+            Route::Inference { endpoint, .. } => endpoint.envelope(),
+            Route::Relay(_)
+            | Route::Batch(
+                BatchCall::FirstCreate { .. }
+                | BatchCall::FirstList
+                | BatchCall::FirstStatus(_)
+                | BatchCall::FirstResult(_),
+            ) => Envelope::First,
+            _ => Envelope::OpenAi,
+        }
+    }
 }
 
 /// A call of the OpenAI Files and Batch APIs (served under `/v1` only).

@@ -149,10 +149,7 @@ impl Gateway {
         let headers = &session.req_header().headers;
         let header = headers.get(http::header::AUTHORIZATION);
         // Anthropic clients may send the token as `x-api-key` instead.
-        let anthropic = ctx
-            .request
-            .endpoint
-            .is_some_and(|e| e.envelope() == crate::openai::Envelope::Anthropic);
+        let anthropic = ctx.request.envelope == crate::openai::Envelope::Anthropic;
         let api_key = headers
             .get("x-api-key")
             .filter(|_| anthropic && header.is_none());
