@@ -14,7 +14,7 @@ python3 -c "import ensurepip" 2>/dev/null || scripts/install-deps.sh --clients
 dir="$PWD/target/compute-contract"
 mkdir -p "$dir"
 [ -x "$dir/venv/bin/python" ] || python3 -m venv "$dir/venv"
-"$dir/venv/bin/pip" install -q --disable-pip-version-check "globus-compute-sdk>=4.19,<5"
+"$dir/venv/bin/pip" install -q --disable-pip-version-check "globus-compute-sdk==4.19.*"
 echo "compute-contract: $("$dir/venv/bin/pip" show globus-compute-sdk | grep -i '^version')" >&2
 
 work="$dir/run"

@@ -18,16 +18,6 @@ fn config(backend: std::net::SocketAddr) -> String {
     )
 }
 
-fn records(gw: &Gateway, filter: &str) -> i64 {
-    usage_store(gw)
-        .query_row(
-            &format!("SELECT count(*) FROM usage WHERE {filter}"),
-            [],
-            |r| r.get(0),
-        )
-        .unwrap_or(0)
-}
-
 /// The `event:` names of an SSE body.
 fn kinds(text: &str) -> Vec<&str> {
     text.lines()
@@ -112,11 +102,11 @@ async fn messages_pass_through_under_every_base_with_usage_recorded() {
     assert_eq!((status, v["input_tokens"].as_u64()), (200, Some(3)), "{v}");
 
     wait_for("the messages' usage records", || async {
-        (records(&gw, "endpoint = 'messages' AND status = 200") == 4).then_some(())
+        (usage_rows(&gw, "endpoint = 'messages' AND status = 200") == 4).then_some(())
     })
     .await;
     assert_eq!(
-        records(
+        usage_rows(
             &gw,
             "endpoint = 'messages' AND completion_tokens = 6 AND prompt_tokens > 0 \
              AND tokens_unknown = 0 AND cancelled = 0"
@@ -203,10 +193,10 @@ async fn a_client_that_leaves_right_after_the_end_of_a_stream_did_not_cancel_it(
         drop(resp);
     }
     wait_for("ten stream records", || async {
-        (records(&gw, "endpoint = 'chat/completions'") == 10).then_some(())
+        (usage_rows(&gw, "endpoint = 'chat/completions'") == 10).then_some(())
     })
     .await;
-    assert_eq!(records(&gw, "cancelled = 1"), 0);
+    assert_eq!(usage_rows(&gw, "cancelled = 1"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

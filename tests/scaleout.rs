@@ -466,6 +466,33 @@ async fn a_cold_streams_lines_posted_to_the_other_replica_reach_the_client() {
     let expected: String = (0..12).map(|i| format!("tok{i} ")).collect();
     assert_eq!(content, expected, "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    // Posts alternating between the replicas (a load balancer behind the advertised host):
+    // lines stay in order and `done` on one replica does not overtake lines sent to the other.
+    globus
+        .compute()
+        .spread_stream_posts(vec![a.addr.port(), b.addr.port()]);
+    for _ in 0..3 {
+        let resp = a
+            .post("/v1/chat/completions")
+            .bearer_auth("tok-alice")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let text = resp.text().await.unwrap();
+        let content: String = text
+            .split("\n\n")
+            .filter_map(|e| e.trim().strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(content, expected, "{text}");
+    }
     let stats = &globus.compute().stats;
     assert!(
         stats.stream_posts.load(Ordering::SeqCst) >= 2,

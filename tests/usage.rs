@@ -11,16 +11,6 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
-fn count(gw: &Gateway, filter: &str) -> i64 {
-    usage_store(gw)
-        .query_row(
-            &format!("SELECT COUNT(*) FROM usage WHERE {filter}"),
-            [],
-            |r| r.get(0),
-        )
-        .unwrap_or(0)
-}
-
 async fn post(gw: &Gateway, body: Value) -> reqwest::Response {
     let req = gw.post("/v1/chat/completions").bearer_auth("tok");
     req.json(&body).send().await.unwrap()
@@ -61,18 +51,18 @@ async fn tokens_are_exact_and_the_injected_usage_chunk_is_hidden() {
 
     // Three records, each with the backend's exact counts.
     wait_for("three records in the store", || async {
-        (count(&gw, "1") == 3).then_some(())
+        (usage_rows(&gw, "1") == 3).then_some(())
     })
     .await;
     assert_eq!(
-        count(
+        usage_rows(
             &gw,
             "prompt_tokens = 5 AND completion_tokens = 5 AND total_tokens = 10"
         ),
         3
     );
     assert_eq!(
-        count(
+        usage_rows(
             &gw,
             "cancelled = 0 AND status = 200 AND route = 'direct' AND cluster = 'sophia'"
         ),
@@ -114,7 +104,7 @@ async fn a_cancelled_stream_is_recorded_with_the_tokens_so_far() {
     }
     drop(stream);
     wait_for("the cancelled record", || async {
-        (count(
+        (usage_rows(
             &gw,
             "cancelled = 1 AND completion_tokens >= 3 AND completion_tokens < 200",
         ) == 1)
@@ -264,7 +254,7 @@ async fn committed_records_survive_kill_9() {
         std::net::TcpStream::connect(gw.addr).is_err().then_some(())
     })
     .await;
-    assert_eq!(count(&gw, "1"), n);
+    assert_eq!(usage_rows(&gw, "1"), n);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,7 +339,7 @@ async fn a_store_locked_for_seconds_loses_no_record_and_holds_up_no_request() {
     holder.execute_batch("COMMIT").unwrap();
     wait_for(
         "every record to be written once the lock is gone",
-        || async { (count(&gw, "1 = 1") == 50).then_some(()) },
+        || async { (usage_rows(&gw, "1 = 1") == 50).then_some(()) },
     )
     .await;
     assert_eq!(
@@ -381,7 +371,7 @@ async fn a_stream_cut_at_the_end_of_the_grace_period_still_leaves_its_record() {
     .await;
     let _ = stream.await;
     assert_eq!(
-        count(&gw, "failed = 1 AND cancelled = 0 AND status = 200"),
+        usage_rows(&gw, "failed = 1 AND cancelled = 0 AND status = 200"),
         1
     );
 }
@@ -465,12 +455,11 @@ async fn responses_endpoint_json_and_stream_with_usage() {
     );
 
     wait_for("two records with the responses' tokens", || async {
-        (count(&gw, "endpoint = 'responses' AND status = 200") == 2).then_some(())
+        (usage_rows(&gw, "endpoint = 'responses' AND status = 200") == 2).then_some(())
     })
     .await;
     assert_eq!(
-        count(
-            &gw,
+        usage_rows(&gw,
             "endpoint = 'responses' AND completion_tokens IN (3, 4) AND prompt_tokens > 0 AND tokens_unknown = 0"
         ),
         2

@@ -339,9 +339,9 @@ impl ComputeClient {
     }
 
     /// One `POST /v3/endpoints/{ep}/submit`, in the endpoint's task group once the service
-    /// made one. A refusal of a submission that named a group is taken as the service having
-    /// forgotten it (expired, or another service instance): the group is dropped and the tasks
-    /// sent once more without one. A call that got no answer is not repeated (its tasks may
+    /// made one. A refusal of a submission that named a group, saying it is about the group, is
+    /// taken as the service having forgotten it (expired, or another service instance): the
+    /// group is dropped and the tasks sent once more without one. A call that got no answer is not repeated (its tasks may
     /// exist), unless no connection was made at all.
     async fn submit_batch(
         &self,
@@ -363,8 +363,11 @@ impl ComputeClient {
                     }
                     return outcome;
                 }
+                // Only a refusal that is about the group (a refused function, say, is not).
                 Err(ComputeError::Refused { status, message })
-                    if group.is_some() && matches!(status, 400 | 403 | 404 | 410 | 422) =>
+                    if group.is_some()
+                        && matches!(status, 400 | 403 | 404 | 410 | 422)
+                        && message.to_ascii_lowercase().contains("group") =>
                 {
                     log::warn!(
                         "Globus Compute refused task group {} on {endpoint} ({status}: \
@@ -409,11 +412,24 @@ impl ComputeClient {
             .insert(endpoint.to_string(), Instant::now());
     }
 
-    /// Whether an inference task went to `endpoint` within `within` (it may be starting a node).
-    pub fn triggered_within(&self, endpoint: &str, within: Duration) -> bool {
-        self.lock_triggered()
+    /// Claims the task that starts `endpoint`'s node: false when an inference task went there
+    /// within `within` (it may be starting one already), else marks it as sent now. Checked
+    /// and marked at once, so a burst of cold requests sends one starting task, not one each.
+    pub fn claim_start(&self, endpoint: &str, within: Duration) -> bool {
+        let mut triggered = self.lock_triggered();
+        if triggered
             .get(endpoint)
             .is_some_and(|at| at.elapsed() < within)
+        {
+            return false;
+        }
+        triggered.insert(endpoint.to_string(), Instant::now());
+        true
+    }
+
+    /// Gives up a claim whose task could not be sent.
+    pub fn release_start(&self, endpoint: &str) {
+        self.lock_triggered().remove(endpoint);
     }
 
     /// Sends queued submissions as they come, gathering those made within a few milliseconds.

@@ -80,7 +80,7 @@ fn said(body: &str) -> String {
 
 /// The exception's class and first line, without the traceback: what follows the last frame
 /// line of the traceback (frames are indented), e.g. `WorkerLost` or `ValueError: no job 7`.
-/// The message is kept only when short and naming no host.
+/// The message is kept only when short and naming no host, address or path.
 pub fn exception_summary(exception: &str) -> String {
     let lines: Vec<&str> = exception.lines().collect();
     let after_frames = lines
@@ -96,7 +96,10 @@ pub fn exception_summary(exception: &str) -> String {
     let (class, rest) = line.split_once(':').unwrap_or((line, ""));
     let class = class.rsplit('.').next().unwrap_or(class).trim();
     let rest = rest.trim();
-    if rest.is_empty() || rest.len() > 120 || rest.contains(" on host ") {
+    let revealing = [" on host ", "host=", "://", "/", "\\", "@"]
+        .iter()
+        .any(|m| rest.contains(m));
+    if rest.is_empty() || rest.len() > 120 || revealing {
         class.to_string()
     } else {
         format!("{class}: {rest}")
@@ -148,5 +151,14 @@ mod tests {
             exception_summary("MaxResultSizeExceeded(10485761, 10485760)"),
             "MaxResultSizeExceeded(10485761, 10485760)"
         );
+        // Paths, hosts and addresses stay with the operators.
+        for revealing in [
+            "FileNotFoundError: [Errno 2] No such file: '/home/svc/models/x'",
+            "ConnectionError: HTTPConnectionPool(host='10.1.2.3', port=8000)",
+            "RuntimeError: cannot reach http://node17:8000",
+        ] {
+            let class = revealing.split(':').next().unwrap();
+            assert_eq!(exception_summary(revealing), class, "{revealing}");
+        }
     }
 }

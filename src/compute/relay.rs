@@ -97,6 +97,10 @@ pub struct StreamRelay {
 struct Waiting {
     token: String,
     tx: mpsc::Sender<RelayEvent>,
+    /// Registered in Redis: every post for it, to this replica too, goes through the task's
+    /// list there, so that posts landing on different replicas stay in order and `done`
+    /// cannot overtake lines still on their way through another replica.
+    shared: bool,
 }
 
 /// One task's place in the relay; leaving it (dropping) refuses later posts for the task.
@@ -150,15 +154,19 @@ impl StreamRelay {
     pub async fn open(self: &Arc<Self>) -> RelayTicket {
         let ticket = self.open_here();
         if let Some(shared) = &self.shared {
-            if shared
+            match shared
                 .register(&ticket.task_id, &token_digest(ticket.token.as_bytes()))
                 .await
-                .is_err()
             {
-                log::warn!(
+                Ok(()) => {
+                    if let Some(w) = self.lock().get_mut(&ticket.task_id) {
+                        w.shared = true;
+                    }
+                }
+                Err(_) => log::warn!(
                     "cold stream {}: not registered in Redis; only posts to this replica reach it",
                     ticket.task_id
-                );
+                ),
             }
             if !self.polling.swap(true, Ordering::SeqCst) {
                 tokio::spawn(self.clone().poll_forever());
@@ -172,7 +180,14 @@ impl StreamRelay {
     async fn poll_forever(self: Arc<Self>) {
         let Some(shared) = &self.shared else { return };
         loop {
-            let tasks: Vec<String> = self.lock().keys().cloned().collect();
+            // Only as many events as each client's queue has room for: the rest stay in Redis
+            // until it reads (the poller is the only sender of a shared task's events).
+            let tasks: Vec<(String, usize)> = self
+                .lock()
+                .iter()
+                .filter(|(_, w)| w.shared)
+                .map(|(task, w)| (task.clone(), w.tx.capacity()))
+                .collect();
             if tasks.is_empty() {
                 self.wake.notified().await;
                 continue;
@@ -185,9 +200,7 @@ impl StreamRelay {
                     };
                     for e in events {
                         if w.tx.try_send(e).is_err() {
-                            log::warn!(
-                                "cold stream {task}: client behind; a relayed batch dropped"
-                            );
+                            log::warn!("cold stream {task}: a relayed batch found no room");
                         }
                     }
                 }
@@ -209,6 +222,7 @@ impl StreamRelay {
             Waiting {
                 token: token.clone(),
                 tx,
+                shared: false,
             },
         );
         RelayTicket {
@@ -255,30 +269,39 @@ impl StreamRelay {
             RelayKind::Error => RelayEvent::Error(post.error.unwrap_or_default()),
             RelayKind::Done => RelayEvent::Done,
         };
-        {
+        let checked_here = {
             let tasks = self.lock();
-            if let Some(waiting) = tasks.get(&post.task_id) {
-                let token_ok = token.is_some_and(|t| bool::from(t.ct_eq(waiting.token.as_bytes())));
-                if !token_ok {
-                    return Err(RelayRefusal::Token);
+            match tasks.get(&post.task_id) {
+                Some(waiting) => {
+                    let token_ok =
+                        token.is_some_and(|t| bool::from(t.ct_eq(waiting.token.as_bytes())));
+                    if !token_ok {
+                        return Err(RelayRefusal::Token);
+                    }
+                    if !waiting.shared {
+                        return waiting.tx.try_send(event).map_err(|e| match e {
+                            mpsc::error::TrySendError::Full(_) => RelayRefusal::Behind,
+                            mpsc::error::TrySendError::Closed(_) => RelayRefusal::UnknownTask,
+                        });
+                    }
+                    true
                 }
-                return waiting.tx.try_send(event).map_err(|e| match e {
-                    mpsc::error::TrySendError::Full(_) => RelayRefusal::Behind,
-                    mpsc::error::TrySendError::Closed(_) => RelayRefusal::UnknownTask,
-                });
+                None => false,
             }
-        }
+        };
         let Some(shared) = &self.shared else {
             return Err(RelayRefusal::UnknownTask);
         };
-        let stored = shared
-            .digest_of(&post.task_id)
-            .await
-            .map_err(|_| RelayRefusal::Unavailable)?
-            .ok_or(RelayRefusal::UnknownTask)?;
-        let given = token.map(token_digest).unwrap_or_default();
-        if !bool::from(given.as_bytes().ct_eq(stored.as_bytes())) {
-            return Err(RelayRefusal::Token);
+        if !checked_here {
+            let stored = shared
+                .digest_of(&post.task_id)
+                .await
+                .map_err(|_| RelayRefusal::Unavailable)?
+                .ok_or(RelayRefusal::UnknownTask)?;
+            let given = token.map(token_digest).unwrap_or_default();
+            if !bool::from(given.as_bytes().ct_eq(stored.as_bytes())) {
+                return Err(RelayRefusal::Token);
+            }
         }
         shared
             .push(&post.task_id, &event)

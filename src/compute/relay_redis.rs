@@ -116,21 +116,30 @@ impl RedisRelay {
             .await
     }
 
-    /// The events posted elsewhere for `tasks`, oldest first, each list read once.
+    /// The events posted for `tasks`, oldest first: at most the room given for each.
     pub async fn drain(
         &self,
-        tasks: &[String],
+        tasks: &[(String, usize)],
     ) -> Result<Vec<(String, Vec<RelayEvent>)>, Unavailable> {
+        // A task with no room takes nothing this round (its events wait in Redis).
+        let tasks: Vec<(&String, usize)> = tasks
+            .iter()
+            .filter(|(_, room)| *room > 0)
+            .map(|(t, room)| (t, (*room).min(DRAIN)))
+            .collect();
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = tasks.iter().map(|t| self.events_key(t)).collect();
+        let pops: Vec<(String, usize)> = tasks
+            .iter()
+            .map(|(t, n)| (self.events_key(t), *n))
+            .collect();
         let lists = self
             .state
             .call("relay_poll", |mut conn| async move {
                 let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.cmd("LPOP").arg(k).arg(DRAIN);
+                for (k, n) in &pops {
+                    pipe.cmd("LPOP").arg(k).arg(*n);
                 }
                 pipe.query_async::<Vec<Option<Vec<String>>>>(&mut conn)
                     .await
@@ -139,9 +148,9 @@ impl RedisRelay {
         Ok(tasks
             .iter()
             .zip(lists)
-            .filter_map(|(task, list)| {
+            .filter_map(|((task, _), list)| {
                 let events: Vec<RelayEvent> = list?.iter().filter_map(|e| decode(e)).collect();
-                (!events.is_empty()).then(|| (task.clone(), events))
+                (!events.is_empty()).then(|| ((*task).clone(), events))
             })
             .collect())
     }

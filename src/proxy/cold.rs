@@ -148,16 +148,35 @@ async fn submit(
     let Some(c) = &d.compute else {
         return Err(errors::compute_unavailable(d));
     };
-    match cold.client.endpoint_status(&c.endpoint).await {
+    // No node runs the endpoint's workers and a task already went there to start one
+    // (FIRST's `endpoint_triggered`): another would only queue behind it.
+    let starts_node = match cold.client.endpoint_status(&c.endpoint).await {
         Ok(s) if !s.online => return Err(errors::endpoint_offline(d)),
-        // No node runs the endpoint's workers and a task already went there to start one
-        // (FIRST's `endpoint_triggered`): another would only queue behind it.
-        Ok(s) if s.without_managers() && cold.client.triggered_within(&c.endpoint, STARTING) => {
-            return Err(errors::endpoint_not_ready(d))
+        Ok(s) if s.without_managers() => {
+            if !cold.client.claim_start(&c.endpoint, STARTING) {
+                return Err(errors::endpoint_not_ready(d));
+            }
+            true
         }
-        Ok(_) => {}
+        Ok(_) => false,
         Err(e) => return Err(errors::compute(&e, d)),
+    };
+    let task = submit_task(cold, d, c, endpoint, body, relay).await;
+    if task.is_err() && starts_node {
+        cold.client.release_start(&c.endpoint);
     }
+    task
+}
+
+/// FIRST's `model_params` for this request, submitted to the model's function.
+async fn submit_task(
+    cold: &ColdPath,
+    d: &Deployment,
+    c: &crate::config::ModelCompute,
+    endpoint: Endpoint,
+    body: &Bytes,
+    relay: Option<(&RelayTicket, &ComputeStreaming)>,
+) -> Result<String, ApiError> {
     let mut params: Value =
         serde_json::from_slice(body).map_err(|_| errors::body_not_an_object(false))?;
     let p = params

@@ -521,19 +521,30 @@ pub fn compute(e: &ComputeError, d: &Deployment) -> ApiError {
             ),
         ),
         ComputeError::TaskFailed { task, exception } => {
-            log::error!(
-                "compute task {task} for {} on {} failed:\n{exception}",
-                d.model,
-                d.cluster
-            );
-            // The model's server refused the request: its status (a 4xx is the client's to
-            // fix) and its own message, as a direct request would have had them.
-            if let Some(r) = failure::backend_refusal(exception) {
-                let status = if (400..500).contains(&r.status) {
-                    r.status
-                } else {
-                    502
-                };
+            // The model's server refused the request: its status where the client has
+            // something to fix (400, 404, 413, 422) and its own message, as a direct request
+            // would have had them. A 401/403 there is the node's own key, not the user's
+            // token: a gateway-side failure (502), like the rest.
+            let refusal = failure::backend_refusal(exception);
+            let clients = refusal
+                .as_ref()
+                .is_some_and(|r| matches!(r.status, 400 | 404 | 413 | 422));
+            if clients {
+                log::info!(
+                    "compute task {task} for {} on {}: the model's server refused the \
+                     request:\n{exception}",
+                    d.model,
+                    d.cluster
+                );
+            } else {
+                log::error!(
+                    "compute task {task} for {} on {} failed:\n{exception}",
+                    d.model,
+                    d.cluster
+                );
+            }
+            if let Some(r) = refusal {
+                let status = if clients { r.status } else { 502 };
                 return ApiError::new(status, "backend_error", r.message);
             }
             ApiError::new(

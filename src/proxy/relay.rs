@@ -112,6 +112,9 @@ pub(super) async fn answer_relayed(
             }
         }
     };
+    // What the scanner still holds (a finishing chunk waiting for the usage chunk) goes first.
+    let held = scanner.feed(&Bytes::new(), true).unwrap_or_default();
+    let end = [held, Bytes::from(end)].concat();
     session
         .write_response_body(Some(Bytes::from(end)), true)
         .await?;

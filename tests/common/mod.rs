@@ -378,6 +378,17 @@ pub fn usage_store(gw: &Gateway) -> rusqlite::Connection {
     rusqlite::Connection::open(path).expect("the usage store exists")
 }
 
+/// Usage records of `gw` matching the SQL condition `filter` (0 while the store is empty).
+pub fn usage_rows(gw: &Gateway, filter: &str) -> i64 {
+    usage_store(gw)
+        .query_row(
+            &format!("SELECT COUNT(*) FROM usage WHERE {filter}"),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+}
+
 /// A value of the Prometheus text `metrics` for `series` (name and labels), 0 when absent.
 pub fn metric(metrics: &str, series: &str) -> f64 {
     metrics

@@ -275,6 +275,8 @@ pub struct ComputeSim {
     http: reqwest::Client,
     /// Task groups the service created.
     groups: Mutex<std::collections::HashSet<String>>,
+    /// Replicas behind the advertised streaming host (see `spread_stream_posts`).
+    stream_post_ports: Mutex<Vec<u16>>,
 }
 
 impl ComputeSim {
@@ -289,7 +291,14 @@ impl ComputeSim {
             calls: Mutex::new(Vec::new()),
             http: reqwest::Client::new(),
             groups: Mutex::new(std::collections::HashSet::new()),
+            stream_post_ports: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Puts a load balancer in front of the advertised streaming host: each post of a cold
+    /// stream goes to the next of `ports` on that host, in turn (empty: the advertised port).
+    pub fn spread_stream_posts(&self, ports: Vec<u16>) {
+        *self.stream_post_ports.lock().unwrap() = ports;
     }
 
     fn online(&self, endpoint: &str) -> bool {

@@ -19,13 +19,18 @@ const POST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Where and how to post back.
 struct Poster<'a> {
     s: &'a Shared,
-    base: String,
+    /// The advertised address; with `stream_post_ports` in the seed, the load balancer behind
+    /// it sends each post to the next of those ports.
+    bases: Vec<String>,
+    posts: std::sync::atomic::AtomicUsize,
     task_id: String,
     token: String,
 }
 
 impl Poster<'_> {
     async fn post(&self, kind: &str, mut body: Value) {
+        let n = self.posts.fetch_add(1, Ordering::Relaxed);
+        let base = &self.bases[n % self.bases.len()];
         body["task_id"] = json!(self.task_id);
         body["type"] = json!(kind);
         let secret = self
@@ -39,7 +44,7 @@ impl Poster<'_> {
             .s
             .compute
             .http
-            .post(format!("{}/{kind}/", self.base))
+            .post(format!("{base}/{kind}/"))
             .header("X-Internal-Secret", secret)
             .header("X-Stream-Task-Token", &self.token)
             .timeout(POST_TIMEOUT)
@@ -81,9 +86,18 @@ pub(super) async fn stream_back(
         p if p.is_empty() => "https".to_string(),
         p => p,
     };
+    let spread = s.compute.stream_post_ports.lock().unwrap().clone();
+    let ports = match spread {
+        spread if !spread.is_empty() => spread.iter().map(u16::to_string).collect(),
+        _ => vec![port],
+    };
     let poster = Poster {
         s,
-        base: format!("{protocol}://{host}:{port}/resource_server/api/streaming"),
+        bases: ports
+            .iter()
+            .map(|port| format!("{protocol}://{host}:{port}/resource_server/api/streaming"))
+            .collect(),
+        posts: Default::default(),
         task_id: text(&mut params, "stream_task_id"),
         token: text(&mut params, "stream_task_token"),
     };
