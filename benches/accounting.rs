@@ -97,6 +97,10 @@ fn bench(c: &mut Criterion) {
             queue: 10_000,
             batch: 512,
             flush_interval: Duration::from_millis(200),
+            retention: firstgate::usage::retention::Retention {
+                raw: None,
+                rollups: None,
+            },
         },
         metrics.clone(),
     )

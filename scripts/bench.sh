@@ -6,8 +6,16 @@
 # end), all on loopback. Arguments go to firstgate-bench (see --help),
 # e.g. `scripts/bench.sh --duration 2s --rates 1000 --streams 100` for a quick run.
 # Prints a table; JSON goes to target/bench/results.json.
+#
+# `scripts/bench.sh --soak [RECORDS RATE RETENTION_SECS]` runs the usage store's retention soak
+# instead (examples/usage_soak.rs; default 2,000,000 records at 20,000/s, 20 s retention): file
+# size every 5 s, then rollup totals against what was sent, and drops (must be 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--soak" ]; then
+    shift
+    exec cargo run --release --example usage_soak -- "$@"
+fi
 scripts/install-deps.sh --servers
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -83,9 +83,13 @@ enum Command {
         user: Option<String>,
         #[arg(long)]
         model: Option<String>,
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table (where the totals were read from goes to stderr).
         #[arg(long)]
         json: bool,
+        /// Give the space that retention freed back to the file system (SQLite: rebuilds a
+        /// file from before auto_vacuum=incremental once, trims a newer one), then exit.
+        #[arg(long)]
+        vacuum: bool,
         /// Requests sent by load tests (`x-firstgate-loadtest`): left out (`exclude`, the
         /// default), counted with the others (`include`), or alone (`only`).
         #[arg(long, value_enum, default_value = "exclude")]
@@ -237,11 +241,17 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Usage {
             config,
+            vacuum: true,
+            ..
+        } => usage_vacuum(&config),
+        Command::Usage {
+            config,
             since,
             user,
             model,
             json,
             loadtest,
+            vacuum: false,
         } => usage_report(
             &config,
             since.as_deref(),
@@ -530,10 +540,11 @@ fn usage_report(
         LoadTests::Include => None,
         LoadTests::Only => Some(true),
     };
-    let rows = firstgate::usage::read_totals(usage, since_ms, user, model, only)
+    let (rows, source) = firstgate::usage::read_totals(usage, since_ms, user, model, only)
         .with_context(|| config_path.display().to_string())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
+        eprintln!("({})", source.describe());
         return Ok(());
     }
     println!(
@@ -552,6 +563,7 @@ fn usage_report(
     if let LoadTests::Exclude = loadtest {
         let left_out: u64 =
             firstgate::usage::read_totals(usage, since_ms, user, model, Some(true))?
+                .0
                 .iter()
                 .map(|t| t.requests)
                 .sum();
@@ -561,6 +573,15 @@ fn usage_report(
             );
         }
     }
+    println!("({})", source.describe());
+    Ok(())
+}
+
+fn usage_vacuum(config_path: &Path) -> anyhow::Result<()> {
+    let loaded = config::load(config_path)?;
+    let done = firstgate::usage::vacuum_store(&loaded.config.usage)
+        .with_context(|| config_path.display().to_string())?;
+    println!("{done}");
     Ok(())
 }
 

@@ -60,6 +60,10 @@ pub struct Metrics {
     pub usage_written: IntCounter,
     /// Usage records lost (queue full or write error).
     pub usage_dropped: IntCounter,
+    /// Rows deleted by retention, by table (`usage`, `usage_hourly`).
+    pub usage_deleted: IntCounterVec,
+    /// Raw rows rolled up after they were written (a store from before rollups).
+    pub usage_backfilled: IntCounter,
     /// Responses too large to read their usage from (tokens recorded as unknown).
     pub usage_unscanned: IntCounter,
     /// Failed attempts to write a batch of usage records (each is retried).
@@ -224,6 +228,20 @@ impl Metrics {
                 IntCounter::new(
                     "firstgate_usage_records_dropped_total",
                     "Usage records lost because the queue was full or the store failed.",
+                ),
+            ),
+            usage_deleted: counter(
+                "firstgate_usage_rows_deleted_total",
+                "Usage rows deleted by retention (usage.retention, usage.rollup_retention), by \
+                 table.",
+                &["table"],
+            ),
+            usage_backfilled: registered(
+                &registry,
+                IntCounter::new(
+                    "firstgate_usage_rows_backfilled_total",
+                    "Raw usage rows added into the hourly rollups after they were written (a \
+                     store from before rollups).",
                 ),
             ),
             usage_unscanned: registered(

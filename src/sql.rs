@@ -229,3 +229,98 @@ fn dollars(sql: &str) -> String {
     }
     out
 }
+
+/// A transaction on either database: what runs in it commits together, or not at all.
+pub enum Tx<'a> {
+    Sqlite(rusqlite::Transaction<'a>),
+    Postgres(postgres::Transaction<'a>),
+}
+
+impl Tx<'_> {
+    /// Runs a statement; the rows it changed.
+    pub fn execute(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
+        match self {
+            Tx::Sqlite(t) => {
+                let mut stmt = t.prepare_cached(sql)?;
+                Ok(stmt.execute(rusqlite::params_from_iter(params))? as u64)
+            }
+            Tx::Postgres(t) => Ok(t.execute(&dollars(sql), &pg_params(params))?),
+        }
+    }
+
+    /// Runs a query (or a statement with `RETURNING`), reading each row with `read`.
+    pub fn query<T>(
+        &mut self,
+        sql: &str,
+        params: &[Val],
+        read: fn(&dyn Cols) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        match self {
+            Tx::Sqlite(t) => {
+                let mut stmt = t.prepare_cached(sql)?;
+                let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+                let mut out = Vec::new();
+                while let Some(row) = rows.next()? {
+                    out.push(read(row)?);
+                }
+                Ok(out)
+            }
+            Tx::Postgres(t) => {
+                let rows = t.query(&dollars(sql), &pg_params(params))?;
+                rows.iter().map(|r| read(r)).collect()
+            }
+        }
+    }
+
+    fn commit(self) -> Result<()> {
+        match self {
+            Tx::Sqlite(t) => Ok(t.commit()?),
+            Tx::Postgres(t) => Ok(t.commit()?),
+        }
+    }
+}
+
+impl Db {
+    /// Runs `f` in a transaction, committed when it returns `Ok` (rolled back otherwise).
+    pub fn transaction<T>(&mut self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        match self {
+            Db::Sqlite(c) => {
+                let mut tx = Tx::Sqlite(c.transaction()?);
+                let value = f(&mut tx)?;
+                tx.commit()?;
+                Ok(value)
+            }
+            Db::Postgres(pg) => {
+                // `with` wants the driver's error; ours waits outside until it returns.
+                let mut failed = None;
+                let value = pg.with(|c| {
+                    let mut tx = Tx::Postgres(c.transaction()?);
+                    match f(&mut tx) {
+                        Ok(v) => {
+                            let Tx::Postgres(t) = tx else { unreachable!() };
+                            t.commit()?;
+                            Ok(Some(v))
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            Ok(None)
+                        }
+                    }
+                })?;
+                match (value, failed) {
+                    (Some(v), _) => Ok(v),
+                    (None, Some(e)) => Err(e),
+                    (None, None) => Err(StoreError::new("transaction not run".into())),
+                }
+            }
+        }
+    }
+
+    /// Connects now (PostgreSQL, bringing its schema up to date) rather than on first use.
+    pub fn connect(&mut self) -> Result<()> {
+        match self {
+            Db::Sqlite(_) => Ok(()),
+            Db::Postgres(pg) => Ok(pg.with(|_| Ok(()))?),
+        }
+    }
+}

@@ -508,3 +508,42 @@ async fn a_cold_streams_lines_posted_to_the_other_replica_reach_the_client() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_keeps_hourly_rollups_of_raw_records_past_the_retention() {
+    let servers = StateServers::start();
+    let globus = globus().await;
+    let chat_sim = sim(&[LLAMA, SMALL], |_| {}).await;
+    let settings = format!(
+        "usage:\n  store: {}\n  flush_interval: 50ms\n  retention: 2s\n\
+         limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n",
+        servers.postgres
+    );
+    let a = replica(&globus, chat_sim.addr(), &settings).await;
+    let mut sent = 0;
+    for _ in 0..5 {
+        let (status, v) = status_json(chat(&a, "tok-alice", LLAMA).await).await;
+        assert_eq!(status, 200);
+        sent += v["usage"]["total_tokens"].as_u64().unwrap();
+    }
+    // The raw records are deleted past the retention; their hours still count them.
+    wait_for("the raw records to be deleted", || async {
+        let m = a.metrics().await;
+        (metric(&m, "firstgate_usage_rows_deleted_total{table=\"usage\"}") == 5.0).then_some(())
+    })
+    .await;
+    let report = usage_report(&a);
+    assert_eq!(requests_in(&report), 5, "{report}");
+    assert_eq!(report[0]["total_tokens"], sent, "{report}");
+    let (_, summary) = status_json(
+        reqwest::get(a.admin_url("/api/usage?window=1h"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(summary["total"]["requests"], 5, "{summary}");
+    assert!(
+        summary["source"]["raw_from_ms"].as_i64() > summary["source"]["since_ms"].as_i64(),
+        "{summary}"
+    );
+}

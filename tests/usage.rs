@@ -465,3 +465,175 @@ async fn responses_endpoint_json_and_stream_with_usage() {
         2
     );
 }
+
+/// The sums of `usage_hourly`: requests and total tokens.
+fn hourly_sums(db: &rusqlite::Connection) -> (i64, i64) {
+    db.query_row(
+        "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(total_tokens), 0) FROM usage_hourly",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// `firstgate usage --json` with `args`: the totals, and what it says it read.
+fn usage_with(gw: &Gateway, args: &[&str]) -> (Value, String) {
+    let config = gw.config_path();
+    let mut all = vec!["usage", "--json", "--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (ok, stdout, stderr) = firstgate(&all);
+    assert!(ok, "{stderr}");
+    (serde_json::from_str(&stdout).unwrap(), stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_records_past_the_retention_are_deleted_and_their_hours_still_count() {
+    let chat = sim(&[LLAMA], |_| {}).await;
+    let gw = Gateway::start(&format!(
+        "limits:\n  ip_requests_per_second: 0\n\
+         usage:\n  flush_interval: 50ms\n  retention: 2s\n{}",
+        one_model("sophia", "vllm", LLAMA, &[chat.addr()])
+    ))
+    .await;
+    let n = 12;
+    let mut sent_tokens = 0;
+    for _ in 0..n {
+        let v: Value = post(&gw, chat_body(LLAMA, false))
+            .await
+            .json()
+            .await
+            .unwrap();
+        sent_tokens += v["usage"]["total_tokens"].as_i64().unwrap();
+    }
+    // Every record is written, then deleted once older than the retention...
+    wait_for("every raw record to be deleted", || async {
+        let m = gw.metrics().await;
+        let deleted = metric(&m, "firstgate_usage_rows_deleted_total{table=\"usage\"}");
+        (deleted == n as f64 && count(&gw, "1") == 0).then_some(())
+    })
+    .await;
+    // ... while their hours stay, with exactly what was sent.
+    assert_eq!(hourly_sums(&usage_store(&gw)), (n, sent_tokens));
+    let (totals, said) = usage_with(&gw, &[]);
+    assert_eq!(totals[0]["requests"], n, "{totals}");
+    assert_eq!(totals[0]["total_tokens"], sent_tokens, "{totals}");
+    assert!(said.contains("hourly rollups"), "{said}");
+    let (long, _) = usage_with(&gw, &["--since", "400d"]);
+    assert_eq!(long, totals);
+    // The operator page's chart and the user's own usage count them too.
+    let (_, summary) = status_json(
+        reqwest::get(gw.admin_url("/api/usage?window=1h"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(summary["total"]["requests"], n, "{summary}");
+    let (_, mine) = status_json(
+        gw.get("/resource_server/usage")
+            .bearer_auth("tok")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(mine["total"]["total_tokens"], sent_tokens, "{mine}");
+
+    // A graceful stop leaves no write-ahead log behind.
+    gw.signal("TERM");
+    let wal = gw.config_path().with_file_name("firstgate-usage.db-wal");
+    wait_for("the gateway to stop and empty its log", || {
+        let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        async move { (size == 0 && std::net::TcpStream::connect(gw.addr).is_err()).then_some(()) }
+    })
+    .await;
+}
+
+/// A usage store as the gateway left it before rollups (schema version 5), with `rows` records
+/// a minute apart from 4 days ago; returns their total tokens.
+fn store_of_version_5(path: &std::path::Path, rows: i64) -> i64 {
+    let db = rusqlite::Connection::open(path).unwrap();
+    db.execute_batch(
+        "CREATE TABLE usage (request_id TEXT PRIMARY KEY, time_ms INTEGER NOT NULL, \
+         user_id TEXT NOT NULL, username TEXT NOT NULL, cluster TEXT NOT NULL, \
+         framework TEXT NOT NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL, \
+         route TEXT NOT NULL, status INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, \
+         completion_tokens INTEGER NOT NULL, total_tokens INTEGER NOT NULL, ttft_ms INTEGER, \
+         duration_ms INTEGER NOT NULL, bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL, \
+         instance TEXT NOT NULL, cancelled INTEGER NOT NULL, \
+         failed INTEGER NOT NULL DEFAULT 0, tokens_unknown INTEGER NOT NULL DEFAULT 0, \
+         trace_id TEXT NOT NULL DEFAULT '', loadtest INTEGER NOT NULL DEFAULT 0, batch_id TEXT); \
+         CREATE INDEX usage_user_time ON usage (username, time_ms); \
+         CREATE INDEX usage_model_time ON usage (model, time_ms); PRAGMA user_version = 5;",
+    )
+    .unwrap();
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 4 * 24 * 3_600_000;
+    let mut tokens = 0;
+    for i in 0..rows {
+        let total = 10 + i % 7;
+        tokens += total;
+        db.execute(
+            "INSERT INTO usage VALUES (?1, ?2, 'u', 'alice@anl.gov', 'sophia', 'vllm', ?3, \
+             'chat/completions', 'direct', 200, 4, ?4 - 4, ?4, 30, 100, 10, 10, 'i', 0, 0, 0, \
+             '', 0, NULL)",
+            rusqlite::params![format!("old-{i}"), start + i * 60_000, LLAMA, total],
+        )
+        .unwrap();
+    }
+    tokens
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_store_gets_its_rollups_while_serving_and_keeps_its_totals() {
+    let chat = sim(&[LLAMA], |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let rows = 4_500; // more than one backfill step, over 75 hours
+    let tokens = store_of_version_5(&path, rows);
+    let gw = Gateway::start(&format!(
+        "usage:\n  store: {}\n  flush_interval: 50ms\n  retention: 1d\n{}",
+        path.display(),
+        one_model("sophia", "vllm", LLAMA, &[chat.addr()])
+    ))
+    .await;
+    // It serves while the old rows are rolled up, then those past a day are deleted.
+    assert_eq!(post(&gw, chat_body(LLAMA, false)).await.status(), 200);
+    let db = rusqlite::Connection::open(&path).unwrap();
+    wait_for(
+        "the old rows rolled up and those past a day deleted",
+        || {
+            let left: i64 = db
+                .query_row(
+                    "SELECT COUNT(*) FROM usage WHERE request_id LIKE 'old-%'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let rolled = hourly_sums(&db).0;
+            // 4 days ago plus 75 hours of minutes: the last ~3 hours are inside the day.
+            async move { (rolled == rows + 1 && left < 200).then_some(()) }
+        },
+    )
+    .await;
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "firstgate_usage_rows_backfilled_total"),
+        rows as f64
+    );
+    let (totals, said) = usage_with(&gw, &["--since", "400d"]);
+    assert_eq!(totals[0]["username"], "alice@anl.gov", "{totals}");
+    assert_eq!(totals[0]["requests"], rows, "{totals}");
+    assert_eq!(totals[0]["total_tokens"], tokens, "{totals}");
+    assert_eq!(totals[1]["requests"], 1, "{totals}");
+    assert!(said.contains("hourly rollups"), "{said}");
+    // Raw records still answer inside the window, and an old file can be vacuumed.
+    let (recent, said) = usage_with(&gw, &["--since", "1h"]);
+    assert_eq!(recent[0]["requests"], 1, "{recent}");
+    assert!(said.contains("raw records"), "{said}");
+    let config = gw.config_path();
+    let (ok, out, err) = firstgate(&["usage", "--vacuum", "--config", config.to_str().unwrap()]);
+    assert!(ok && out.contains("auto_vacuum=incremental"), "{out}{err}");
+}

@@ -336,6 +336,15 @@ pub struct UsageConfig {
     /// Longest a record waits before its batch is committed (the crash window).
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
+    /// How long raw records (one row per request) are kept; older ones are deleted in small
+    /// batches by the writer, their hours staying in the hourly rollups (`usage_hourly`),
+    /// which `firstgate usage`, the operator page and `/resource_server/usage` read beyond it.
+    /// `0` keeps every record. Default `90d`.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How long hourly rollups are kept; unset (the default) keeps them for good.
+    #[serde(with = "humantime_serde")]
+    pub rollup_retention: Option<Duration>,
 }
 
 impl Default for UsageConfig {
@@ -347,6 +356,8 @@ impl Default for UsageConfig {
             queue: 100_000,
             batch: 512,
             flush_interval: Duration::from_millis(200),
+            retention: Duration::from_secs(90 * 24 * 3600),
+            rollup_retention: None,
         }
     }
 }

@@ -6,6 +6,8 @@ mod limits;
 mod postgres;
 mod record;
 pub mod report;
+pub mod retention;
+pub mod rollup;
 mod scan;
 mod shared_limits;
 pub mod sink;
@@ -149,6 +151,10 @@ fn open_sink(
         queue: u.queue,
         batch: u.batch,
         flush_interval: u.flush_interval,
+        retention: retention::Retention {
+            raw: Some(u.retention).filter(|d| !d.is_zero()),
+            rollups: u.rollup_retention.filter(|d| !d.is_zero()),
+        },
     };
     match &u.store {
         None => Ok(None),
@@ -186,14 +192,22 @@ pub fn store_password(u: &config::UsageConfig) -> anyhow::Result<Option<String>>
 }
 
 /// Totals per user and model from the store `u` names (for `firstgate usage`): records since
-/// `since_ms`, optionally of one user or model; `loadtest` as in `report::totals`.
+/// `since_ms`, optionally of one user or model; `loadtest` as in `report::totals`. Also says
+/// whether they were read from raw records or, beyond the retention, from hourly rollups.
 pub fn read_totals(
     u: &config::UsageConfig,
     since_ms: i64,
     user: Option<&str>,
     model: Option<&str>,
     loadtest: Option<bool>,
-) -> anyhow::Result<Vec<Totals>> {
+) -> anyhow::Result<(Vec<Totals>, report::Source)> {
+    let (mut db, name) = read_store(u)?;
+    report::totals_from(&mut db, since_ms, user, model, loadtest)
+        .map_err(|e| anyhow::anyhow!("usage.store {name}: {e}"))
+}
+
+/// A connection for reading the store `u` names (a SQLite file read-only), and its name.
+fn read_store(u: &config::UsageConfig) -> anyhow::Result<(crate::sql::Db, String)> {
     match &u.store {
         None => anyhow::bail!("usage.store is null: no records are kept"),
         Some(UsageStore::File(path)) => {
@@ -207,13 +221,56 @@ pub fn read_totals(
                 path,
                 rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
             )?;
-            let mut db = crate::sql::Db::Sqlite(conn);
-            Ok(report::totals(&mut db, since_ms, user, model, loadtest)?)
+            Ok((crate::sql::Db::Sqlite(conn), path.display().to_string()))
         }
         Some(UsageStore::Postgres(url)) => {
-            let mut db = postgres::reader(url, store_password(u)?)?;
-            report::totals(&mut db, since_ms, user, model, loadtest)
-                .map_err(|e| anyhow::anyhow!("usage.store {url}: {e}"))
+            Ok((postgres::open(url, store_password(u)?)?, url.clone()))
+        }
+    }
+}
+
+/// Gives the space retention freed back to the file system (`firstgate usage --vacuum`): a
+/// SQLite file from before `auto_vacuum=incremental` is rebuilt with it (the writer waits
+/// meanwhile; no record is lost), a newer one is trimmed, and its write-ahead log emptied;
+/// PostgreSQL's tables are vacuumed. Returns what was done, in words.
+pub fn vacuum_store(u: &config::UsageConfig) -> anyhow::Result<String> {
+    match &u.store {
+        None => anyhow::bail!("usage.store is null: no records are kept"),
+        Some(UsageStore::File(path)) => {
+            let size = || {
+                std::fs::metadata(path).map_or(0, |m| m.len())
+                    + std::fs::metadata(path.with_extension("db-wal")).map_or(0, |m| m.len())
+            };
+            let before = size();
+            let conn = sink::open(path).with_context(|| path.display().to_string())?;
+            // A rebuild waits for the writer's transactions for as long as it takes.
+            conn.busy_timeout(std::time::Duration::from_secs(60))?;
+            let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+            if mode == 2 {
+                conn.execute_batch("PRAGMA incremental_vacuum;")?;
+            } else {
+                conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
+            }
+            conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
+            Ok(format!(
+                "{}: {} -> {} bytes{}",
+                path.display(),
+                before,
+                size(),
+                if mode == 2 {
+                    ""
+                } else {
+                    " (rebuilt with auto_vacuum=incremental)"
+                }
+            ))
+        }
+        Some(UsageStore::Postgres(url)) => {
+            let mut db = postgres::open(url, store_password(u)?)?;
+            for table in ["usage", "usage_hourly"] {
+                db.execute(&format!("VACUUM {table}"), &[])
+                    .map_err(|e| anyhow::anyhow!("usage.store {url}: {e}"))?;
+            }
+            Ok(format!("{url}: usage and usage_hourly vacuumed"))
         }
     }
 }

@@ -16,10 +16,10 @@
 //! records wait in the bounded queue; only what overflows the queue, or is still unwritten
 //! when a flush's time runs out at shutdown, is dropped, logged and counted.
 
-use super::postgres::Postgres;
-use super::UsageRecord;
+use super::retention::{Retention, Upkeep};
+use super::{rollup, UsageRecord};
 use crate::metrics::Metrics;
-use crate::sql::Db;
+use crate::sql::{Db, Tx};
 use rusqlite::{params, Connection};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,22 +73,39 @@ impl Reader {
 
 /// A database the writer thread inserts batches of records into.
 pub trait RecordStore: Send + 'static {
-    /// Inserts the records in one transaction (or statement).
+    /// Inserts the records and adds them into their hours' rollups, in one transaction.
     fn insert(&mut self, records: &[UsageRecord]) -> Result<(), String>;
+    /// One step of the background work (retention, backfill), between batches.
+    fn upkeep(&mut self, upkeep: &mut Upkeep, metrics: &Metrics) -> Result<(), String>;
+    /// Called when a flush (shutdown) has been written: SQLite empties its write-ahead log.
+    fn checkpoint(&mut self) {}
 }
 
-/// The SQLite store: a file, for one process.
-struct SqliteStore(Connection);
-
-impl RecordStore for SqliteStore {
+impl RecordStore for Db {
     fn insert(&mut self, records: &[UsageRecord]) -> Result<(), String> {
-        insert(&mut self.0, records).map_err(|e| e.to_string())
+        self.transaction(|tx| {
+            // Only what this transaction inserted is rolled up: a record already there (a
+            // retried batch whose commit was not acknowledged) was added then.
+            let inserted = match tx {
+                Tx::Sqlite(t) => insert(t, records)?,
+                Tx::Postgres(t) => super::postgres::insert(t, records)?,
+            };
+            rollup::add(tx, inserted.into_iter().map(|i| &records[i]))
+        })
+        .map_err(|e| e.to_string())
     }
-}
 
-impl RecordStore for Postgres {
-    fn insert(&mut self, records: &[UsageRecord]) -> Result<(), String> {
-        Postgres::insert(self, records).map_err(|e| e.to_string())
+    fn upkeep(&mut self, upkeep: &mut Upkeep, metrics: &Metrics) -> Result<(), String> {
+        upkeep.step(self, metrics).map_err(|e| e.to_string())
+    }
+
+    fn checkpoint(&mut self) {
+        if let Db::Sqlite(c) = self {
+            // A stopped gateway leaves a database file and no write-ahead log to replay.
+            if let Err(e) = c.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+                log::warn!("usage: cannot checkpoint the write-ahead log at shutdown: {e}");
+            }
+        }
     }
 }
 
@@ -169,6 +186,38 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE usage ADD COLUMN loadtest INTEGER NOT NULL DEFAULT 0;",
     // 5: the batch a request was a line of.
     "ALTER TABLE usage ADD COLUMN batch_id TEXT;",
+    // 6: hourly rollups, kept beyond the raw records' retention (`usage/rollup.rs`). Rows of
+    // earlier versions are not rolled up yet: the writer adds them in batches while serving.
+    // The time index lets retention find the oldest rows without reading the table.
+    "ALTER TABLE usage ADD COLUMN rolled INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX IF NOT EXISTS usage_unrolled ON usage (time_ms) WHERE NOT rolled;
+    CREATE INDEX IF NOT EXISTS usage_time ON usage (time_ms);
+    CREATE TABLE IF NOT EXISTS usage_hourly (
+        hour_ms INTEGER NOT NULL,
+        username TEXT NOT NULL,
+        cluster TEXT NOT NULL,
+        framework TEXT NOT NULL,
+        model TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        status_class INTEGER NOT NULL,
+        loadtest INTEGER NOT NULL,
+        batch INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        total_tokens INTEGER NOT NULL,
+        failed INTEGER NOT NULL,
+        cancelled INTEGER NOT NULL,
+        tokens_unknown INTEGER NOT NULL,
+        duration_ms INTEGER NOT NULL,
+        ttft_ms INTEGER NOT NULL,
+        ttft_count INTEGER NOT NULL,
+        bytes_in INTEGER NOT NULL,
+        bytes_out INTEGER NOT NULL,
+        PRIMARY KEY (hour_ms, username, cluster, framework, model, endpoint, status_class,
+                     loadtest, batch)
+    );
+    CREATE TABLE IF NOT EXISTS usage_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
 ];
 
 /// Opens (creating if needed) the usage database, at the current schema version.
@@ -176,7 +225,15 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     let mut conn = Connection::open(path)?;
     // Another process's lock is waited for briefly; longer ones are retried by the writer.
     conn.busy_timeout(Duration::from_millis(500))?;
+    // A new file reuses and gives back the pages retention frees (an old one keeps them for
+    // reuse; `firstgate usage --vacuum` converts it). Only settable before the first table.
+    let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+    if pages == 0 {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
+    // A write-ahead log grown by a burst is cut back to 16 MiB at the next checkpoint.
+    conn.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     // Index pages stay cached between batches instead of being read back (16 MiB).
     conn.pragma_update(None, "cache_size", -16 * 1024)?;
@@ -197,12 +254,14 @@ pub fn migrate(conn: &mut Connection, steps: &[&str]) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// How the writer batches: queue capacity, records per batch, longest wait.
+/// How the writer batches (queue capacity, records per batch, longest wait) and how long the
+/// store keeps what.
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
     pub queue: usize,
     pub batch: usize,
     pub flush_interval: Duration,
+    pub retention: Retention,
 }
 
 impl WriterSink {
@@ -220,7 +279,7 @@ impl WriterSink {
         })?;
         let name = path.display().to_string();
         let reader = Reader::File(path.to_path_buf());
-        Self::start(Box::new(SqliteStore(conn)), name, reader, batching, metrics)
+        Self::start(Box::new(Db::Sqlite(conn)), name, reader, batching, metrics)
     }
 
     /// Starts the writer thread for PostgreSQL (`url` without its password). A database that
@@ -231,14 +290,14 @@ impl WriterSink {
         batching: Batching,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<WriterSink>> {
-        let mut writer = Postgres::new(url, password.clone())?;
-        if let Err(e) = writer.check() {
+        let mut writer = super::postgres::open(url, password.clone())?;
+        if let Err(e) = writer.connect() {
             log::error!(
                 "usage.store {url}: cannot reach PostgreSQL yet ({e}); records wait in the queue \
                  and are written once it answers"
             );
         }
-        let reader = Reader::Shared(Mutex::new(super::postgres::reader(url, password)?));
+        let reader = Reader::Shared(Mutex::new(super::postgres::open(url, password)?));
         Self::start(Box::new(writer), url.to_string(), reader, batching, metrics)
     }
 
@@ -250,6 +309,7 @@ impl WriterSink {
             queue,
             batch,
             flush_interval,
+            retention,
         }: Batching,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<WriterSink>> {
@@ -266,6 +326,7 @@ impl WriterSink {
             flush_interval,
             metrics: metrics.clone(),
             name: name.clone(),
+            upkeep: Upkeep::new(retention),
         };
         std::thread::Builder::new()
             .name("usage-writer".into())
@@ -362,6 +423,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// The store, as named in messages.
     name: String,
+    /// Retention and rollup backfill, done between batches.
+    upkeep: Upkeep,
 }
 
 /// What the writer takes from the queue in one go.
@@ -387,11 +450,20 @@ impl Writer {
                 );
             }
             if let Some((ticket, _)) = taken.flush {
+                // Flushes come at shutdown: the process may end before the writer does.
+                self.store.checkpoint();
                 self.queue.lock().flushes_done = ticket;
                 self.queue.flushed.notify_all();
             }
             if taken.closed {
+                self.store.checkpoint();
                 return;
+            }
+            if self.upkeep.due() {
+                if let Err(e) = self.store.upkeep(&mut self.upkeep, &self.metrics) {
+                    // Tried again at the next check; records keep being written meanwhile.
+                    log::warn!("usage: retention and rollups of {}: {e}", self.name);
+                }
             }
         }
     }
@@ -399,7 +471,8 @@ impl Writer {
     /// Waits until a batch is ready, a flush is asked, the sink is closed or `flush_interval`
     /// has passed, and takes what is waiting.
     fn take(&self) -> Taken {
-        let deadline = Instant::now() + self.flush_interval;
+        // Background work that is due cuts the wait short (records waiting are taken first).
+        let deadline = Instant::now() + self.flush_interval.min(self.upkeep.wait());
         let mut state = self.queue.lock();
         loop {
             let flush_asked = state.flushes_asked > state.flushes_done;
@@ -481,18 +554,20 @@ fn write_batch(
         .inc();
 }
 
-fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+/// Inserts the records into SQLite (in the writer's transaction); the indexes of those it
+/// inserted (a request id already there is left as it is).
+fn insert(tx: &rusqlite::Transaction<'_>, records: &[UsageRecord]) -> rusqlite::Result<Vec<usize>> {
+    let mut inserted = Vec::with_capacity(records.len());
     {
         let mut stmt = tx.prepare_cached(
-            "INSERT OR REPLACE INTO usage (request_id, time_ms, user_id, username, cluster, \
+            "INSERT OR IGNORE INTO usage (request_id, time_ms, user_id, username, cluster, \
              framework, model, endpoint, route, status, prompt_tokens, completion_tokens, \
              total_tokens, ttft_ms, duration_ms, bytes_in, bytes_out, instance, cancelled, failed, \
-             tokens_unknown, trace_id, loadtest, batch_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, \
-             ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+             tokens_unknown, trace_id, loadtest, batch_id, rolled) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, \
+             ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, 1)",
         )?;
-        for r in records {
-            stmt.execute(params![
+        for (i, r) in records.iter().enumerate() {
+            let n = stmt.execute(params![
                 r.request_id,
                 r.time_ms,
                 r.user_id,
@@ -518,9 +593,12 @@ fn insert(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()
                 r.loadtest,
                 r.batch_id,
             ])?;
+            if n == 1 {
+                inserted.push(i);
+            }
         }
     }
-    tx.commit()
+    Ok(inserted)
 }
 
 /// SQLite integers are signed: counts beyond `i64::MAX` (only a broken backend reports them)
