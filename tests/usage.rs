@@ -509,7 +509,7 @@ async fn raw_records_past_the_retention_are_deleted_and_their_hours_still_count(
     wait_for("every raw record to be deleted", || async {
         let m = gw.metrics().await;
         let deleted = metric(&m, "firstgate_usage_rows_deleted_total{table=\"usage\"}");
-        (deleted == n as f64 && count(&gw, "1") == 0).then_some(())
+        (deleted == n as f64 && usage_rows(&gw, "1") == 0).then_some(())
     })
     .await;
     // ... while their hours stay, with exactly what was sent.
