@@ -546,4 +546,16 @@ async fn postgres_keeps_hourly_rollups_of_raw_records_past_the_retention() {
         summary["source"]["raw_from_ms"].as_i64() > summary["source"]["since_ms"].as_i64(),
         "{summary}"
     );
+    // `firstgate usage --vacuum` vacuums PostgreSQL's tables while the replica writes; the
+    // totals stay.
+    let config = a.config_path();
+    let (ok, out, err) = firstgate(&[
+        "usage".as_ref(),
+        "--vacuum".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]);
+    assert!(ok && out.contains("usage_hourly"), "{out}{err}");
+    let report = usage_report(&a);
+    assert_eq!(report[0]["total_tokens"], sent, "{report}");
 }
