@@ -226,7 +226,11 @@ impl Parts {
         let compute = match &config.compute {
             Some(c) => {
                 let secret = secret_from(&c.client_secret_env, "compute.client_secret_env")?;
-                Some(Arc::new(ComputeClient::new(c, secret).context("compute")?))
+                let mut client = ComputeClient::new(c, secret).context("compute")?;
+                if let Some(state) = &state {
+                    client.share_starts(state.clone());
+                }
+                Some(Arc::new(client))
             }
             None => None,
         };

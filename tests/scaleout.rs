@@ -559,3 +559,76 @@ async fn postgres_keeps_hourly_rollups_of_raw_records_past_the_retention() {
     let report = usage_report(&a);
     assert_eq!(report[0]["total_tokens"], sent, "{report}");
 }
+
+/// FIRST's readiness rule across replicas: a cold endpoint (no managers) gets one task that
+/// starts its node, whichever replica a request reaches; the other replica answers 503
+/// `endpoint_not_ready` instead of sending a second one (the mark is shared through Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_starting_task_for_a_cold_endpoint_whichever_replica_is_asked() {
+    use firstgate::sim::globus::{ComputeSeed, FakeEndpoint, FakeFunction};
+    const EP: &str = "2b5f3c1a-7d4e-4f8a-9c0b-1e2d3c4b5a62";
+    const F_INFER: &str = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e62";
+    let servers = StateServers::start();
+    let globus = GlobusSim::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Seed {
+            clients: vec![FakeClient {
+                id: CLIENT.into(),
+                secret: SECRET.into(),
+            }],
+            users: vec![FakeUser::new("tok-alice", "alice@anl.gov")],
+            compute: ComputeSeed {
+                endpoints: vec![FakeEndpoint {
+                    id: EP.into(),
+                    name: "sophia".into(),
+                    cold: true,
+                }],
+                functions: vec![FakeFunction {
+                    id: F_INFER.into(),
+                    kind: "inference".into(),
+                }],
+                queue_wait: Duration::from_secs(30),
+                ..ComputeSeed::default()
+            },
+            ..Seed::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = format!(
+        "{}compute:\n  url: {url}\n  auth_url: {url}\n  client_id: {CLIENT}\n  \
+         client_secret_env: {GLOBUS_SECRET_ENV}\n  poll_interval: 100ms\n\
+         clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n\
+         \x20         - name: {LLAMA}\n            backends: []\n\
+         \x20           compute: {{endpoint: {EP}, function: {F_INFER}}}\n",
+        redis_state(&servers.redis, "open"),
+        url = globus.url(),
+    );
+    let env = [(GLOBUS_SECRET_ENV, SECRET)];
+    let auth = globus_auth(&globus.url(), CLIENT, "", "");
+    let a = Gateway::start_with(&auth, &config, &env).await;
+    let b = Gateway::start_with(&auth, &config, &env).await;
+    let first = tokio::spawn(
+        a.post("/v1/chat/completions")
+            .bearer_auth("tok-alice")
+            .json(&chat_body(LLAMA, false))
+            .send(),
+    );
+    let compute = globus.compute();
+    wait_for("the starting task from replica A", || async {
+        (compute.stats.tasks_inference.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let (status, v) = status_json(chat(&b, "tok-alice", LLAMA).await).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("endpoint_not_ready")),
+        "{v}"
+    );
+    assert_eq!(compute.stats.tasks_inference.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        servers.redis_keys("firstgate:endpoint_triggered:*").len(),
+        1
+    );
+    first.abort();
+}

@@ -9,7 +9,7 @@ use crate::config::ComputeConfig;
 use crate::outbound::describe;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
@@ -105,6 +105,9 @@ pub struct ComputeClient {
     /// that already got one is starting a node, and is not sent another (FIRST's
     /// `endpoint_triggered`).
     triggered: Mutex<HashMap<String, Instant>>,
+    /// With `state.redis`, the replicas share the marks (FIRST keeps `endpoint_triggered` in
+    /// Redis): one starting task per endpoint, whichever replica sends it.
+    shared_starts: Option<Arc<crate::state::SharedState>>,
 }
 
 /// One task to submit, and where its id goes.
@@ -139,6 +142,7 @@ impl ComputeClient {
             wake_submitter: Notify::new(),
             task_groups: Mutex::new(HashMap::new()),
             triggered: Mutex::new(HashMap::new()),
+            shared_starts: None,
         })
     }
 
@@ -412,24 +416,61 @@ impl ComputeClient {
             .insert(endpoint.to_string(), Instant::now());
     }
 
+    /// Shares the starting marks with the other replicas through Redis.
+    pub fn share_starts(&mut self, state: Arc<crate::state::SharedState>) {
+        self.shared_starts = Some(state);
+    }
+
     /// Claims the task that starts `endpoint`'s node: false when an inference task went there
     /// within `within` (it may be starting one already), else marks it as sent now. Checked
-    /// and marked at once, so a burst of cold requests sends one starting task, not one each.
-    pub fn claim_start(&self, endpoint: &str, within: Duration) -> bool {
-        let mut triggered = self.lock_triggered();
-        if triggered
-            .get(endpoint)
-            .is_some_and(|at| at.elapsed() < within)
+    /// and marked at once (in this process, then with `SET NX` in Redis when shared), so a
+    /// burst of cold requests sends one starting task, not one each. Redis failing leaves
+    /// this process's claim standing.
+    pub async fn claim_start(&self, endpoint: &str, within: Duration) -> bool {
         {
-            return false;
+            let mut triggered = self.lock_triggered();
+            if triggered
+                .get(endpoint)
+                .is_some_and(|at| at.elapsed() < within)
+            {
+                return false;
+            }
+            triggered.insert(endpoint.to_string(), Instant::now());
         }
-        triggered.insert(endpoint.to_string(), Instant::now());
-        true
+        let Some(state) = &self.shared_starts else {
+            return true;
+        };
+        let (key, ms) = (start_key(state, endpoint), within.as_millis() as u64);
+        let claimed = state
+            .call("compute_start_claim", |mut conn| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async::<Option<String>>(&mut conn)
+                    .await
+            })
+            .await;
+        // Another replica's claim: this process keeps its mark too (a task is starting).
+        !matches!(claimed, Ok(None))
     }
 
     /// Gives up a claim whose task could not be sent.
-    pub fn release_start(&self, endpoint: &str) {
+    pub async fn release_start(&self, endpoint: &str) {
         self.lock_triggered().remove(endpoint);
+        if let Some(state) = &self.shared_starts {
+            let key = start_key(state, endpoint);
+            let _ = state
+                .call("compute_start_release", |mut conn| async move {
+                    redis::cmd("DEL")
+                        .arg(&key)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                })
+                .await;
+        }
     }
 
     /// Sends queued submissions as they come, gathering those made within a few milliseconds.
@@ -601,4 +642,9 @@ pub fn uuid_from_bits(bits: u128) -> String {
         &h[17..20],
         &h[20..32]
     )
+}
+
+/// The Redis key of `endpoint`'s starting mark (FIRST's `endpoint_triggered`).
+fn start_key(state: &crate::state::SharedState, endpoint: &str) -> String {
+    state.key(&format!("endpoint_triggered:{endpoint}"))
 }

@@ -153,7 +153,7 @@ async fn submit(
     let starts_node = match cold.client.endpoint_status(&c.endpoint).await {
         Ok(s) if !s.online => return Err(errors::endpoint_offline(d)),
         Ok(s) if s.without_managers() => {
-            if !cold.client.claim_start(&c.endpoint, STARTING) {
+            if !cold.client.claim_start(&c.endpoint, STARTING).await {
                 return Err(errors::endpoint_not_ready(d));
             }
             true
@@ -163,7 +163,7 @@ async fn submit(
     };
     let task = submit_task(cold, d, c, endpoint, body, relay).await;
     if task.is_err() && starts_node {
-        cold.client.release_start(&c.endpoint);
+        cold.client.release_start(&c.endpoint).await;
     }
     task
 }
