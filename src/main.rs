@@ -86,8 +86,9 @@ enum Command {
         /// Print JSON instead of a table (where the totals were read from goes to stderr).
         #[arg(long)]
         json: bool,
-        /// Give the space that retention freed back to the file system (SQLite: rebuilds a
-        /// file from before auto_vacuum=incremental once, trims a newer one), then exit.
+        /// Give the space that retention freed back (SQLite: rebuilds a file from before
+        /// auto_vacuum=incremental once, trims a newer one; PostgreSQL: VACUUM, which keeps
+        /// the space for reuse), then exit.
         #[arg(long)]
         vacuum: bool,
         /// Requests sent by load tests (`x-firstgate-loadtest`): left out (`exclude`, the

@@ -538,14 +538,25 @@ async fn raw_records_past_the_retention_are_deleted_and_their_hours_still_count(
     .await;
     assert_eq!(mine["total"]["total_tokens"], sent_tokens, "{mine}");
 
-    // A graceful stop leaves no write-ahead log behind.
-    gw.signal("TERM");
+    // A graceful stop empties the write-ahead log (a reader kept open keeps SQLite from
+    // deleting the file, so its size shows the checkpoint).
+    let reader = usage_store(&gw);
+    let _: i64 = reader
+        .query_row("SELECT COUNT(*) FROM usage_hourly", [], |r| r.get(0))
+        .unwrap();
     let wal = gw.config_path().with_file_name("firstgate-usage.db-wal");
+    assert!(
+        std::fs::metadata(&wal).unwrap().len() > 0,
+        "records were written"
+    );
+    gw.signal("TERM");
     wait_for("the gateway to stop and empty its log", || {
-        let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
-        async move { (size == 0 && std::net::TcpStream::connect(gw.addr).is_err()).then_some(()) }
+        let size = std::fs::metadata(&wal).map(|m| m.len());
+        let stopped = std::net::TcpStream::connect(gw.addr).is_err();
+        async move { (matches!(size, Ok(0)) && stopped).then_some(()) }
     })
     .await;
+    drop(reader);
 }
 
 /// A usage store as the gateway left it before rollups (schema version 5), with `rows` records

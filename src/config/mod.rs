@@ -1095,6 +1095,17 @@ fn validate(config: &Config) -> Result<(), error::Invalid> {
             .near("allowed_hosts"));
         }
     }
+    let u = &config.usage;
+    if let Some(rollups) = u.rollup_retention.filter(|r| !r.is_zero()) {
+        if u.retention.is_zero() || rollups < u.retention {
+            return Err(Invalid::new(
+                "usage.rollup_retention",
+                "must be at least `usage.retention` (raw records are deleted only once rolled \
+                 up: shorter rollups would lose usage the raw records no longer hold)",
+            )
+            .near("rollup_retention"));
+        }
+    }
     if config.listen == config.admin_listen {
         return Err(Invalid::new("admin_listen", "must differ from `listen`").near("admin_listen"));
     }
@@ -1343,6 +1354,16 @@ clusters:
             aliases: [llama3-8b]
             backends: [127.0.0.1:8001, "http://127.0.0.1:8002"]
 "#;
+
+    #[test]
+    fn rollups_cannot_be_kept_shorter_than_raw_records() {
+        let with = |usage: &str| parse_str(&format!("usage:\n{usage}{GOOD}"));
+        let e = with("  retention: 30d\n  rollup_retention: 7d\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("usage.rollup_retention"), "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(with("  retention: 0\n  rollup_retention: 365d\n").is_err());
+        assert!(with("  retention: 30d\n  rollup_retention: 365d\n").is_ok());
+    }
 
     #[test]
     fn good_config_gets_defaults() {

@@ -245,23 +245,27 @@ pub fn vacuum_store(u: &config::UsageConfig) -> anyhow::Result<String> {
             let conn = sink::open(path).with_context(|| path.display().to_string())?;
             // A rebuild waits for the writer's transactions for as long as it takes.
             conn.busy_timeout(std::time::Duration::from_secs(60))?;
-            let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+            let auto_vacuum = |c: &rusqlite::Connection| -> rusqlite::Result<i64> {
+                c.pragma_query_value(None, "auto_vacuum", |r| r.get(0))
+            };
+            let mode = auto_vacuum(&conn)?;
             if mode == 2 {
                 conn.execute_batch("PRAGMA incremental_vacuum;")?;
             } else {
                 conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
             }
             conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
+            // Said as it is after the rebuild (a rebuild that could not convert says so).
+            let rebuilt = match (mode, auto_vacuum(&conn)?) {
+                (2, _) => "",
+                (_, 2) => " (rebuilt with auto_vacuum=incremental)",
+                _ => " (rebuilt; auto_vacuum could not be turned on)",
+            };
             Ok(format!(
-                "{}: {} -> {} bytes{}",
+                "{}: {} -> {} bytes{rebuilt}",
                 path.display(),
                 before,
-                size(),
-                if mode == 2 {
-                    ""
-                } else {
-                    " (rebuilt with auto_vacuum=incremental)"
-                }
+                size()
             ))
         }
         Some(UsageStore::Postgres(url)) => {

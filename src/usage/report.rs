@@ -48,7 +48,14 @@ impl Source {
 /// there (after `retention::raw_since`), otherwise the rollups of whole hours up to the first
 /// hour whose raw records are complete, and raw records from then on.
 pub fn plan(db: &mut Db, since_ms: i64) -> Result<Source> {
-    let complete_from = super::retention::raw_since(db)?;
+    let complete_from = super::retention::raw_since(db).map_err(|e| {
+        // A store written by a gateway from before retention has no rollup tables yet: the
+        // gateway adds them when it opens the store (reports only read it).
+        crate::sql::StoreError::new(format!(
+            "{e}; if an older gateway wrote this store, start the new gateway once: it adds \
+             the rollup tables"
+        ))
+    })?;
     if since_ms >= complete_from {
         return Ok(Source {
             since_ms,

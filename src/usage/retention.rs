@@ -64,6 +64,8 @@ pub struct Upkeep {
     /// When to look for work again while there is none.
     next_check: Instant,
     every: Duration,
+    /// Steps failed in a row (the database refused): the next try waits longer, up to 5 s.
+    failures: u32,
 }
 
 impl Upkeep {
@@ -78,6 +80,7 @@ impl Upkeep {
             retention,
             next_check: Instant::now(),
             every,
+            failures: 0,
         }
     }
 
@@ -92,8 +95,26 @@ impl Upkeep {
     }
 
     /// Does one step of each kind of work that is waiting; when some is left the next step is
-    /// due at once, otherwise after the check interval.
+    /// due at once, otherwise after the check interval. A step that fails is tried again after
+    /// a back-off (100 ms doubling up to 5 s), not at once: a refusing database must not keep
+    /// the writer thread spinning.
     pub fn step(&mut self, db: &mut Db, metrics: &Metrics) -> Result<()> {
+        let backoff =
+            Duration::from_millis(100u64 << self.failures.min(6)).min(Duration::from_secs(5));
+        self.next_check = Instant::now() + backoff;
+        self.failures = self.failures.saturating_add(1);
+        let more = self.work(db, metrics)?;
+        self.failures = 0;
+        self.next_check = if more {
+            Instant::now()
+        } else {
+            Instant::now() + self.every
+        };
+        Ok(())
+    }
+
+    /// One step of each kind of work; whether some is left.
+    fn work(&mut self, db: &mut Db, metrics: &Metrics) -> Result<bool> {
         let mut more = false;
         let rolled = db.transaction(|tx| rollup::backfill(tx, STEP_ROWS))?;
         if rolled > 0 {
@@ -142,12 +163,7 @@ impl Upkeep {
         if let Db::Sqlite(c) = db {
             more |= give_back_pages(c)?;
         }
-        self.next_check = if more {
-            Instant::now()
-        } else {
-            Instant::now() + self.every
-        };
-        Ok(())
+        Ok(more)
     }
 }
 

@@ -183,7 +183,7 @@ pub fn backfill(tx: &mut Tx<'_>, limit: i64) -> Result<u64> {
     let parts = tx.query(
         concat!(
             "UPDATE usage SET rolled = TRUE WHERE NOT rolled AND request_id IN \
-             (SELECT request_id FROM usage WHERE NOT rolled LIMIT ?1) RETURNING time_ms, \
+             (SELECT request_id FROM usage WHERE NOT rolled ORDER BY time_ms LIMIT ?1) RETURNING time_ms, \
              username, cluster, framework, model, endpoint, CAST(status AS BIGINT), ",
             flag!("loadtest"),
             ", CAST(CASE WHEN batch_id IS NULL THEN 0 ELSE 1 END AS BIGINT), prompt_tokens, \

@@ -1,6 +1,7 @@
 //! Where usage records go: a bounded queue in front of a writer thread that inserts them in
-//! batches (one transaction per batch) into SQLite in WAL mode, or into PostgreSQL (one
-//! multi-row statement per batch) when replicas share the store. Nothing on the request path
+//! batches into SQLite in WAL mode, or into PostgreSQL when replicas share the store; one
+//! transaction per batch adds the records and their hours' rollups, and between batches the
+//! same thread does the retention and backfill steps (`retention.rs`). Nothing on the request path
 //! waits on the database: handing a record over is a short lock and a push; the writer is woken
 //! once per batch (when `batch` records wait, for a flush, or every `flush_interval`), not per
 //! record. A full queue drops the record, counts it and logs it.
