@@ -179,15 +179,7 @@ impl Db {
         read: fn(&dyn Cols) -> Result<T>,
     ) -> Result<Vec<T>> {
         match self {
-            Db::Sqlite(c) => {
-                let mut stmt = c.prepare_cached(sql)?;
-                let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
-                let mut out = Vec::new();
-                while let Some(row) = rows.next()? {
-                    out.push(read(row)?);
-                }
-                Ok(out)
-            }
+            Db::Sqlite(c) => sqlite_query(c, sql, params, read),
             Db::Postgres(pg) => {
                 let rows = pg.with(|c| c.query(&dollars(sql), &pg_params(params)))?;
                 rows.iter().map(|r| read(r)).collect()
@@ -256,15 +248,7 @@ impl Tx<'_> {
         read: fn(&dyn Cols) -> Result<T>,
     ) -> Result<Vec<T>> {
         match self {
-            Tx::Sqlite(t) => {
-                let mut stmt = t.prepare_cached(sql)?;
-                let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
-                let mut out = Vec::new();
-                while let Some(row) = rows.next()? {
-                    out.push(read(row)?);
-                }
-                Ok(out)
-            }
+            Tx::Sqlite(t) => sqlite_query(t, sql, params, read),
             Tx::Postgres(t) => {
                 let rows = t.query(&dollars(sql), &pg_params(params))?;
                 rows.iter().map(|r| read(r)).collect()
@@ -323,4 +307,20 @@ impl Db {
             Db::Postgres(pg) => Ok(pg.with(|_| Ok(()))?),
         }
     }
+}
+
+/// A query on SQLite (a connection or a transaction), each row read with `read`.
+fn sqlite_query<T>(
+    c: &Connection,
+    sql: &str,
+    params: &[Val],
+    read: fn(&dyn Cols) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut stmt = c.prepare_cached(sql)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(read(row)?);
+    }
+    Ok(out)
 }

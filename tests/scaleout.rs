@@ -379,57 +379,81 @@ async fn both_replicas_write_usage_to_postgres_and_a_killed_one_keeps_its_commit
     .await;
 }
 
+/// The Compute endpoint and inference function of the cold-path tests.
+const COLD_EP: &str = "2b5f3c1a-7d4e-4f8a-9c0b-1e2d3c4b5a61";
+const COLD_FN: &str = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e61";
+
+/// Globus with alice and a Compute service whose endpoint `sophia` runs the inference
+/// function; `tweak` adjusts the Compute seed.
+async fn compute_facility(
+    tweak: impl FnOnce(&mut firstgate::sim::globus::ComputeSeed),
+) -> GlobusSim {
+    use firstgate::sim::globus::{ComputeSeed, FakeEndpoint, FakeFunction};
+    let mut compute = ComputeSeed {
+        endpoints: vec![FakeEndpoint {
+            id: COLD_EP.into(),
+            name: "sophia".into(),
+            cold: false,
+        }],
+        functions: vec![FakeFunction {
+            id: COLD_FN.into(),
+            kind: "inference".into(),
+        }],
+        ..ComputeSeed::default()
+    };
+    tweak(&mut compute);
+    let seed = Seed {
+        clients: vec![FakeClient {
+            id: CLIENT.into(),
+            secret: SECRET.into(),
+        }],
+        users: vec![FakeUser::new("tok-alice", "alice@anl.gov")],
+        compute,
+        ..Seed::default()
+    };
+    GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
+        .await
+        .unwrap()
+}
+
+/// A replica's configuration: shared state in `servers`' Redis, Compute at `globus` (with
+/// `compute_extra` lines), and Llama cold on sophia (no backends; through Compute).
+fn cold_model_config(servers: &StateServers, globus: &GlobusSim, compute_extra: &str) -> String {
+    format!(
+        "{}compute:\n  url: {url}\n  auth_url: {url}\n  client_id: {CLIENT}\n  \
+         client_secret_env: {GLOBUS_SECRET_ENV}\n  poll_interval: 100ms\n{compute_extra}\
+         clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n\
+         \x20         - name: {LLAMA}\n            backends: []\n\
+         \x20           compute: {{endpoint: {COLD_EP}, function: {COLD_FN}}}\n",
+        redis_state(&servers.redis, "open"),
+        url = globus.url(),
+    )
+}
+
 /// A cold stream relayed across replicas: compute nodes post a stream's lines to the one
 /// advertised host, which may send them to either replica. Here every post lands on replica B
 /// while the client waits on replica A; with Redis between them the client gets every line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_streams_lines_posted_to_the_other_replica_reach_the_client() {
-    use firstgate::sim::globus::{ComputeSeed, FakeEndpoint, FakeFunction};
-    const EP: &str = "2b5f3c1a-7d4e-4f8a-9c0b-1e2d3c4b5a61";
-    const F_INFER: &str = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e61";
     const RELAY_SECRET: &str = "scaleout-relay-secret";
     let servers = StateServers::start();
-    let globus = GlobusSim::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Seed {
-            clients: vec![FakeClient {
-                id: CLIENT.into(),
-                secret: SECRET.into(),
-            }],
-            users: vec![FakeUser::new("tok-alice", "alice@anl.gov")],
-            compute: ComputeSeed {
-                endpoints: vec![FakeEndpoint {
-                    id: EP.into(),
-                    name: "sophia".into(),
-                    cold: false,
-                }],
-                functions: vec![FakeFunction {
-                    id: F_INFER.into(),
-                    kind: "inference".into(),
-                }],
-                ttft: Duration::from_millis(5),
-                itl: Duration::from_millis(40),
-                streaming_secret: Some(RELAY_SECRET.into()),
-                ..ComputeSeed::default()
-            },
-            ..Seed::default()
-        },
-    )
-    .await
-    .unwrap();
+    let globus = compute_facility(|c| {
+        c.ttft = Duration::from_millis(5);
+        c.itl = Duration::from_millis(40);
+        c.streaming_secret = Some(RELAY_SECRET.into());
+    })
+    .await;
     // A node runs the model; neither replica knows of it, so the stream is cold.
     globus.start_job(LLAMA, 8000);
     let config = |advertise_port: &str| {
-        format!(
-            "{}compute:\n  url: {url}\n  auth_url: {url}\n  client_id: {CLIENT}\n  \
-             client_secret_env: {GLOBUS_SECRET_ENV}\n  poll_interval: 100ms\n  keepalive: 100ms\n  \
-             streaming:\n    advertise_host: 127.0.0.1\n    advertise_port: {advertise_port}\n    \
-             protocol: http\n    secret_env: FG_TEST_RELAY_SECRET\n\
-             clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n\
-             \x20         - name: {LLAMA}\n            backends: []\n\
-             \x20           compute: {{endpoint: {EP}, function: {F_INFER}}}\n",
-            redis_state(&servers.redis, "open"),
-            url = globus.url(),
+        cold_model_config(
+            &servers,
+            &globus,
+            &format!(
+                "  keepalive: 100ms\n  streaming:\n    advertise_host: 127.0.0.1\n    \
+                 advertise_port: {advertise_port}\n    protocol: http\n    \
+                 secret_env: FG_TEST_RELAY_SECRET\n"
+            ),
         )
     };
     let env = [
@@ -565,45 +589,13 @@ async fn postgres_keeps_hourly_rollups_of_raw_records_past_the_retention() {
 /// `endpoint_not_ready` instead of sending a second one (the mark is shared through Redis).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_starting_task_for_a_cold_endpoint_whichever_replica_is_asked() {
-    use firstgate::sim::globus::{ComputeSeed, FakeEndpoint, FakeFunction};
-    const EP: &str = "2b5f3c1a-7d4e-4f8a-9c0b-1e2d3c4b5a62";
-    const F_INFER: &str = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e62";
     let servers = StateServers::start();
-    let globus = GlobusSim::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Seed {
-            clients: vec![FakeClient {
-                id: CLIENT.into(),
-                secret: SECRET.into(),
-            }],
-            users: vec![FakeUser::new("tok-alice", "alice@anl.gov")],
-            compute: ComputeSeed {
-                endpoints: vec![FakeEndpoint {
-                    id: EP.into(),
-                    name: "sophia".into(),
-                    cold: true,
-                }],
-                functions: vec![FakeFunction {
-                    id: F_INFER.into(),
-                    kind: "inference".into(),
-                }],
-                queue_wait: Duration::from_secs(30),
-                ..ComputeSeed::default()
-            },
-            ..Seed::default()
-        },
-    )
-    .await
-    .unwrap();
-    let config = format!(
-        "{}compute:\n  url: {url}\n  auth_url: {url}\n  client_id: {CLIENT}\n  \
-         client_secret_env: {GLOBUS_SECRET_ENV}\n  poll_interval: 100ms\n\
-         clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n\
-         \x20         - name: {LLAMA}\n            backends: []\n\
-         \x20           compute: {{endpoint: {EP}, function: {F_INFER}}}\n",
-        redis_state(&servers.redis, "open"),
-        url = globus.url(),
-    );
+    let globus = compute_facility(|c| {
+        c.endpoints[0].cold = true;
+        c.queue_wait = Duration::from_secs(30);
+    })
+    .await;
+    let config = cold_model_config(&servers, &globus, "");
     let env = [(GLOBUS_SECRET_ENV, SECRET)];
     let auth = globus_auth(&globus.url(), CLIENT, "", "");
     let a = Gateway::start_with(&auth, &config, &env).await;

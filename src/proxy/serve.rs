@@ -150,9 +150,9 @@ impl Gateway {
         let header = headers.get(http::header::AUTHORIZATION);
         // Anthropic clients may send the token as `x-api-key` instead.
         let anthropic = ctx.request.envelope == crate::openai::Envelope::Anthropic;
-        let api_key = headers
-            .get("x-api-key")
-            .filter(|_| anthropic && header.is_none());
+        let api_key = (anthropic && header.is_none())
+            .then(|| headers.get("x-api-key"))
+            .flatten();
         let (result, outcome) = match api_key {
             Some(key) => self.auth.authenticate_api_key(key.as_bytes()).await,
             None => self.auth.authenticate(header.map(|h| h.as_bytes())).await,
