@@ -131,6 +131,9 @@ pub struct Instance {
     admitted: AtomicBool,
     /// Gets no new requests (its job ends soon); requests in flight finish.
     draining: AtomicBool,
+    /// The scale policy released it and its stop is under way: like draining, and out of the
+    /// scale policy's view, so it is not stopped twice.
+    stopping: AtomicBool,
 }
 
 impl Instance {
@@ -151,20 +154,32 @@ impl Instance {
             since: Instant::now(),
             admitted: AtomicBool::new(admitted),
             draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         }
     }
 
     /// Whether new requests may go here (given its health).
     fn serves(&self, healthy: bool) -> bool {
-        healthy && self.admitted.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+        healthy && self.admitted.load(Ordering::Relaxed) && !self.is_draining()
     }
 
     pub fn set_draining(&self, draining: bool) {
         self.draining.store(draining, Ordering::Relaxed);
     }
 
+    /// Whether it takes no new requests because its job ends soon or it is being stopped.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.draining.load(Ordering::Relaxed) || self.is_stopping()
+    }
+
+    /// Marks it as being stopped (or, `false`, no longer: the stop failed). Returns whether
+    /// that changed anything.
+    pub fn set_stopping(&self, stopping: bool) -> bool {
+        self.stopping.swap(stopping, Ordering::Relaxed) != stopping
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// Recent request duration (moving average), if any request finished yet.

@@ -430,6 +430,19 @@ impl crate::policy::ScaleActuator for ScaleExecutor {
             );
             return;
         };
+        let Some(target) = d
+            .pool
+            .instances()
+            .into_iter()
+            .find(|(i, _)| i.id() == instance)
+        else {
+            return;
+        };
+        let target = target.0;
+        // New requests go elsewhere at once; one stop task per instance.
+        if !target.set_stopping(true) {
+            return;
+        }
         let (client, endpoint) = (self.client.clone(), lc.endpoint.clone());
         let instance = instance.to_string();
         tokio::spawn(async move {
@@ -438,7 +451,11 @@ impl crate::policy::ScaleActuator for ScaleExecutor {
                 .await
             {
                 Ok(_) => log::info!("stopped {instance} (job {job})"),
-                Err(e) => log::error!("stopping {instance} (job {job}) failed: {e}"),
+                Err(e) => {
+                    // It serves again, and the scale policy may try again.
+                    target.set_stopping(false);
+                    log::error!("stopping {instance} (job {job}) failed: {e}");
+                }
             }
         });
     }
