@@ -10,11 +10,19 @@
 # `scripts/bench.sh --soak [RECORDS RATE RETENTION_SECS]` runs the usage store's retention soak
 # instead (examples/usage_soak.rs; default 2,000,000 records at 20,000/s, 20 s retention): file
 # size every 5 s, then rollup totals against what was sent, and drops (must be 0).
+#
+# `scripts/bench.sh --replay [REQUESTS]` times `firstgate policy replay` instead
+# (examples/replay_bench.rs; default a week of 1,000,000 requests, live and candidate policies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--soak" ]; then
     shift
     exec cargo run --release --example usage_soak -- "$@"
+fi
+if [ "${1:-}" = "--replay" ]; then
+    shift
+    scripts/install-deps.sh
+    exec cargo run --release --example replay_bench -- "$@"
 fi
 scripts/install-deps.sh --servers
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then

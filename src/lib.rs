@@ -46,5 +46,6 @@ pub mod server;
 pub mod sim;
 pub mod sql;
 pub mod state;
+pub mod svg;
 pub mod trace_context;
 pub mod usage;

@@ -216,6 +216,56 @@ enum PolicyCommand {
         #[arg(long)]
         scale: Option<PathBuf>,
     },
+    /// Replay the recorded requests of a period (from the usage store) in simulated time
+    /// through the policies in force and candidate ones (`--route`, `--scale`): requests
+    /// served hot, through Compute or refused, cold starts, time to first token, node-hours,
+    /// and how far the live policies agree with the recorded routes.
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The period: since this long ago (e.g. 7d) or this Unix time in seconds.
+        #[arg(long, conflicts_with = "from", default_value = "7d")]
+        since: String,
+        /// The period's start (RFC 3339, e.g. 2026-12-01T00:00:00Z, or Unix seconds).
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// The period's end (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// A candidate route policy (default: the one in force).
+        #[arg(long)]
+        route: Option<PathBuf>,
+        /// A candidate scale policy (default: the one in force).
+        #[arg(long)]
+        scale: Option<PathBuf>,
+        /// Replay the arrivals this many times as dense (2: twice the demand).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Print JSON instead of the Markdown table.
+        #[arg(long)]
+        json: bool,
+        /// Also draw instances over time against demand, for both policies, as SVG, here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Batch-queue wait before a node starts (default: fitted from the recorded cold
+        /// starts, else 60s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        queue_wait: Option<Duration>,
+        /// Time the model takes to load once its node runs (default: fitted with the queue
+        /// wait, else 120s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        load_time: Option<Duration>,
+        /// Instances sharing one node, for node-hours.
+        #[arg(long)]
+        instances_per_node: Option<u32>,
+        /// Output tokens per second of one request on an instance (default: fitted from the
+        /// requests served hot).
+        #[arg(long)]
+        tokens_per_second: Option<f64>,
+        /// Time until an answer through Compute (default: the recorded median).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        compute_latency: Option<Duration>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -335,6 +385,56 @@ fn main() -> ExitCode {
             state.as_deref(),
             scale.as_deref(),
         ),
+        Command::Policy {
+            command:
+                PolicyCommand::Replay {
+                    config,
+                    since,
+                    from,
+                    to,
+                    route,
+                    scale,
+                    speed,
+                    json,
+                    plot,
+                    queue_wait,
+                    load_time,
+                    instances_per_node,
+                    tokens_per_second,
+                    compute_latency,
+                },
+        } => (|| {
+            let now = unix_ms_now();
+            let to_ms = match &to {
+                Some(t) => time_arg("--to", t)?,
+                None => now,
+            };
+            let from_ms = match &from {
+                Some(f) => time_arg("--from", f)?,
+                None => since_ms(&since, now)?,
+            };
+            if from_ms >= to_ms {
+                anyhow::bail!("the period is empty: --from must come before --to");
+            }
+            if !speed.is_finite() || speed <= 0.0 {
+                anyhow::bail!("--speed {speed}: give a number above 0");
+            }
+            let opts = firstgate::policy::replay::ReplayOptions {
+                from_ms,
+                to_ms,
+                route,
+                scale,
+                speed,
+                cluster: firstgate::policy::replay::ClusterOverrides {
+                    queue_wait,
+                    load_time,
+                    instances_per_node,
+                    tokens_per_second,
+                    compute_latency,
+                },
+            };
+            policy_replay(&config, &opts, json, plot.as_deref())
+        })(),
         #[cfg(feature = "sim")]
         Command::Demo {
             config,
@@ -525,16 +625,7 @@ fn usage_report(
     let usage = &loaded.config.usage;
     let since_ms = match since {
         None => 0,
-        Some(s) => match s.parse::<i64>() {
-            Ok(unix) => unix * 1000,
-            Err(_) => {
-                let ago = humantime::parse_duration(s).map_err(|e| {
-                    anyhow::anyhow!("--since {s:?}: {e} (use e.g. 1h, 7d, or Unix seconds)")
-                })?;
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-                now.saturating_sub(ago).as_millis() as i64
-            }
-        },
+        Some(s) => since_ms(s, unix_ms_now())?,
     };
     let only = match loadtest {
         LoadTests::Exclude => Some(false),
@@ -624,6 +715,57 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> anyhow:
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("{}: cannot read the {what}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {what}: {e}", path.display()))
+}
+
+fn policy_replay(
+    config_path: &Path,
+    opts: &firstgate::policy::replay::ReplayOptions,
+    json: bool,
+    plot: Option<&Path>,
+) -> anyhow::Result<()> {
+    let loaded = config::load(config_path)?;
+    let report = firstgate::policy::replay::replay(&loaded.config, opts)
+        .with_context(|| config_path.display().to_string())?;
+    if let Some(plot) = plot {
+        std::fs::write(plot, report.svg())
+            .map_err(|e| anyhow::anyhow!("--plot {}: {e}", plot.display()))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `--since`: this long ago (e.g. 1h, 7d) or this Unix time in seconds, as Unix milliseconds.
+fn since_ms(s: &str, now_ms: i64) -> anyhow::Result<i64> {
+    match s.parse::<i64>() {
+        Ok(unix) => Ok(unix * 1000),
+        Err(_) => {
+            let ago = humantime::parse_duration(s).map_err(|e| {
+                anyhow::anyhow!("--since {s:?}: {e} (use e.g. 1h, 7d, or Unix seconds)")
+            })?;
+            Ok(now_ms - ago.as_millis() as i64)
+        }
+    }
+}
+
+/// A point in time given as RFC 3339 or Unix seconds, as Unix milliseconds.
+fn time_arg(flag: &str, s: &str) -> anyhow::Result<i64> {
+    if let Ok(unix) = s.parse::<i64>() {
+        return Ok(unix * 1000);
+    }
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
+        anyhow::anyhow!("{flag} {s:?}: {e} (use e.g. 2026-12-01T00:00:00Z or Unix seconds)")
+    })?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64)
 }
 
 fn policy_test(

@@ -78,6 +78,12 @@ fn every_example_policy_answers_a_dry_run() {
     );
     assert_eq!(a.as_array().unwrap().len(), 1, "keeps min_instances: {a}");
     assert_eq!(a[0]["action"], "stop");
+    // Idle an hour, under six times idle_release (30 minutes): kept.
+    let a = dry_run(
+        "scale-keep-warm",
+        &["--scale", "conf/policies/examples/scale-idle.json"],
+    );
+    assert_eq!(a, serde_json::json!([]));
 }
 
 #[test]

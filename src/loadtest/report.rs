@@ -2,6 +2,7 @@
 //! concurrency, tokens/s, requests/s) with more columns, as JSON, and as an SVG chart.
 
 use super::request::Sample;
+use crate::svg::{escape, nice_max, short};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -300,35 +301,6 @@ impl Report {
 
 /// A figure of a level that a chart draws.
 type Metric = fn(&LevelResult) -> f64;
-
-/// A round upper bound for an axis (1, 2 or 5 times a power of ten).
-fn nice_max(v: f64) -> f64 {
-    if v <= 0.0 {
-        return 1.0;
-    }
-    let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * p)
-        .find(|m| *m >= v)
-        .unwrap_or(10.0 * p)
-}
-
-fn short(v: f64) -> String {
-    if v >= 10_000.0 {
-        format!("{:.0}k", v / 1000.0)
-    } else if v >= 10.0 || v == 0.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.1}")
-    }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
 
 #[cfg(test)]
 mod tests {

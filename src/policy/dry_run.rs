@@ -85,7 +85,7 @@ pub fn scale(
     Ok(load(&path, SCALE)?.scale(input)?)
 }
 
-fn load(path: &Path, hook: (&'static str, usize)) -> Result<Script, PolicyError> {
+pub(super) fn load(path: &Path, hook: (&'static str, usize)) -> Result<Script, PolicyError> {
     let source = std::fs::read_to_string(path).map_err(|e| PolicyError::unreadable(path, &e))?;
     Script::compile(path, &source, hook)
 }

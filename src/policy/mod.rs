@@ -5,6 +5,7 @@
 
 pub mod dry_run;
 mod engine;
+pub mod replay;
 mod scale;
 mod script;
 mod service;

@@ -2,6 +2,7 @@
 //! request path; per-user totals for `GET /resource_server/usage`; rate limits.
 
 mod access_log;
+pub mod history;
 mod limits;
 mod postgres;
 mod record;
@@ -203,6 +204,18 @@ pub fn read_totals(
 ) -> anyhow::Result<(Vec<Totals>, report::Source)> {
     let (mut db, name) = read_store(u)?;
     report::totals_from(&mut db, since_ms, user, model, loadtest)
+        .map_err(|e| anyhow::anyhow!("usage.store {name}: {e}"))
+}
+
+/// The requests recorded in `[from_ms, to_ms)` in the store `u` names (for
+/// `firstgate policy replay`), and from when its raw records are complete.
+pub fn read_requests(
+    u: &config::UsageConfig,
+    from_ms: i64,
+    to_ms: i64,
+) -> anyhow::Result<(Vec<history::RecordedRequest>, i64)> {
+    let (mut db, name) = read_store(u)?;
+    history::requests_between(&mut db, from_ms, to_ms)
         .map_err(|e| anyhow::anyhow!("usage.store {name}: {e}"))
 }
 
