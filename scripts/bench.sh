@@ -7,6 +7,11 @@
 # e.g. `scripts/bench.sh --duration 2s --rates 1000 --streams 100` for a quick run.
 # Prints a table; JSON goes to target/bench/results.json.
 #
+# `scripts/bench.sh --light` measures with a light generator instead (wrk and h2load from
+# Debian, one thread; nginx, the bare Pingora proxy and firstgate each on one thread, in front
+# of a static nginx backend): CPU per 1,000 requests, and streams' time to first byte and
+# memory; JSON to target/bench/light.json. E.g. `scripts/bench.sh --light --streams 1000,5000`.
+#
 # `scripts/bench.sh --soak [RECORDS RATE RETENTION_SECS]` runs the usage store's retention soak
 # instead (examples/usage_soak.rs; default 2,000,000 records at 20,000/s, 20 s retention): file
 # size every 5 s, then rollup totals against what was sent, and drops (must be 0).
@@ -28,6 +33,11 @@ scripts/install-deps.sh --servers
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get install -y -q nginx-light || $SUDO apt-get install -y -q nginx
+fi
+# The light generator (--light): Debian's wrk and h2load.
+if [[ " $* " == *" --light "* ]] && ! { command -v wrk && command -v h2load; } >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get install -y -q wrk nghttp2-client
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release --bins --example bare-proxy --example bare-proxy-tuned

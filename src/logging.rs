@@ -15,6 +15,7 @@ use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
@@ -65,12 +66,27 @@ pub fn init(format: LogFormat, tracing: &Tracing) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let filter = filter.add_directive(format!("{SPAN_TARGET}=info").parse()?);
+    let most = filter.max_level_hint();
     tracing_subscriber::registry()
-        .with(filter.add_directive(format!("{SPAN_TARGET}=info").parse()?))
+        .with(filter)
         .with(text)
         .with(json)
         .with(export)
         .try_init()?;
+    // The `log` bridge lets every record through when the layers give no hint (the
+    // `filter_fn` ones do not): Pingora's debug records were each built and then dropped, on
+    // every request. The filter's own most verbose level stops them at the macro.
+    if let Some(most) = most {
+        log::set_max_level(match most {
+            l if l == LevelFilter::OFF => log::LevelFilter::Off,
+            l if l == LevelFilter::ERROR => log::LevelFilter::Error,
+            l if l == LevelFilter::WARN => log::LevelFilter::Warn,
+            l if l == LevelFilter::INFO => log::LevelFilter::Info,
+            l if l == LevelFilter::DEBUG => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        });
+    }
     Ok(())
 }
 

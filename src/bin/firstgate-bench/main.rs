@@ -10,6 +10,8 @@
 //! (10,000 where it can), to count what each target fails when descriptors run short. Prints a
 //! table and writes JSON under `target/bench/`.
 
+mod light;
+
 use clap::Parser;
 use firstgate::sim::globus::{FakeClient, FakeUser, GlobusSim, Seed};
 use futures_util::StreamExt;
@@ -32,6 +34,10 @@ struct Cli {
     /// nginx executable.
     #[arg(long, default_value = "nginx")]
     nginx: String,
+    /// The light generator instead (wrk and h2load, one thread; every proxy on one thread):
+    /// CPU per request where the generator costs little. See `light.rs`.
+    #[arg(long)]
+    light: bool,
     /// Length of each fixed-rate and saturation run.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -83,7 +89,19 @@ struct Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that nginx's master takes its workers down with it (killed outright
+    /// it leaves them running, holding whatever descriptors they inherited), then SIGKILL.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -557,12 +575,23 @@ fn start_gateway(
     body: &str,
     env: &[(&str, &str)],
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
+    start_gateway_on(bin, dir, name, body, env, 2)
+}
+
+fn start_gateway_on(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    body: &str,
+    env: &[(&str, &str)],
+    threads: usize,
+) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
     let addr = free_addr();
     let admin = free_addr();
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &config,
-        format!("listen: {addr}\nadmin_listen: {admin}\nthreads: 2\n{body}"),
+        format!("listen: {addr}\nadmin_listen: {admin}\nthreads: {threads}\n{body}"),
     )?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let child = Command::new(bin.join("firstgate"))
@@ -583,6 +612,7 @@ fn start_bare(
     fast: SocketAddr,
     real: SocketAddr,
     tuned: bool,
+    threads: usize,
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr = free_addr();
     let (example, flag) = match tuned {
@@ -594,7 +624,7 @@ fn start_bare(
             addr.to_string(),
             fast.to_string(),
             real.to_string(),
-            "2".into(),
+            threads.to_string(),
         ])
         .args(flag)
         .stdout(Stdio::null())
@@ -608,13 +638,14 @@ fn start_nginx(
     dir: &Path,
     fast: SocketAddr,
     real: SocketAddr,
+    workers: usize,
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr = free_addr();
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
-            "worker_processes 2;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
+            "worker_processes {workers};\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
              events {{ worker_connections 20000; }}\nworker_rlimit_nofile 40000;\n\
              http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
              \x20 upstream fast {{ server {fast}; keepalive 256; }}\n  upstream real {{ server {real}; keepalive 256; }}\n\
@@ -639,6 +670,9 @@ fn start_nginx(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.light {
+        return light::run(&cli).await;
+    }
     let dir = tempfile_dir()?;
     let bin = cli.bin_dir.clone();
     let (fast, real) = (free_addr(), free_addr());
@@ -716,9 +750,9 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
-    let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, fast, real)?;
-    let (bare, bare_addr) = start_bare(&bin, fast, real, false)?;
-    let (tuned, tuned_addr) = start_bare(&bin, fast, real, true)?;
+    let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, fast, real, 2)?;
+    let (bare, bare_addr) = start_bare(&bin, fast, real, false, 2)?;
+    let (tuned, tuned_addr) = start_bare(&bin, fast, real, true, 2)?;
     for (a, what) in [
         (full_addr, "firstgate (full)"),
         (lite_addr, "firstgate (lite)"),

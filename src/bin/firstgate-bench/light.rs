@@ -1,0 +1,443 @@
+//! `firstgate-bench --light` (`scripts/bench.sh --light`): what each proxy costs per request,
+//! measured with a generator that costs little itself. The default harness's reqwest client
+//! shares the two cores with two-thread proxies; here wrk (one thread, a Lua script for the
+//! POST) and h2load (streams) load proxies that each run on one thread or worker, in front of
+//! the same static nginx backend (a canned chat completion), so the proxy's own CPU per 1,000
+//! requests, read from /proc, is what differs. Each run reports whether the proxy was the
+//! bottleneck (its one thread busy) or the generator or backend was.
+
+use super::*;
+
+/// What the static backend answers every request with: a non-streamed chat completion with
+/// usage, as vLLM's is shaped.
+const CANNED: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1764979200,"model":"fast","choices":[{"index":0,"message":{"role":"assistant","content":"tok0 tok1 tok2 tok3 tok4 "},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#;
+
+/// Tokens of each stream: long enough (10 ms apart) that all of a run's streams are open at
+/// once.
+const STREAM_TOKENS: u32 = 400;
+
+#[derive(Debug, Default, Clone, Serialize)]
+struct LightRun {
+    target: String,
+    scenario: String,
+    requests: u64,
+    errors: u64,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_s_per_1k: Option<f64>,
+    /// Share of one core the proxy, the generator and the backend used.
+    proxy_busy: f64,
+    generator_busy: f64,
+    backend_busy: f64,
+    /// Streams: mean time to first byte, and resident memory added per open stream.
+    ttfb_mean_ms: Option<f64>,
+    kib_per_stream: Option<f64>,
+}
+
+pub async fn run(cli: &Cli) -> anyhow::Result<()> {
+    for tool in ["wrk", "h2load"] {
+        anyhow::ensure!(
+            Command::new(tool).arg("--version").output().is_ok(),
+            "{tool} is missing: scripts/bench.sh --light installs it (Debian's wrk and \
+             nghttp2-client)"
+        );
+    }
+    let dir = tempfile_dir()?;
+    let bin = cli.bin_dir.clone();
+    let (backend_proc, backend) = start_static_backend(&cli.nginx, &dir)?;
+    let real = free_addr();
+    let _sim_real = start_sim(&bin, real, "real", 50, 10)?;
+    wait_listening(backend, "the static backend").await?;
+    wait_listening(real, "the streaming simulator").await?;
+    let globus = GlobusSim::start(
+        "127.0.0.1:0".parse()?,
+        Seed {
+            clients: vec![FakeClient {
+                id: "bench".into(),
+                secret: "bench-secret".into(),
+            }],
+            users: vec![FakeUser::new("bench-token", "bench@anl.gov")],
+            ..Seed::default()
+        },
+    )
+    .await?;
+    // As in the default harness: caps lifted so that the proxying itself is compared.
+    let models = format!(
+        "upstream:\n  max_concurrent_per_backend: 1000000\n  connect_timeout: 60s\n\
+         clusters:\n  local:\n    frameworks:\n      vllm:\n        models:\n\
+         \x20         - name: fast\n            backends: [{backend}]\n\
+         \x20         - name: real\n            backends: [{real}]\n"
+    );
+    let policy = std::fs::canonicalize("conf/policies/prefer-hot.rhai")?;
+    let full = format!(
+        "auth:\n  mode: globus\n  globus:\n    client_id: bench\n    client_secret_env: FG_BENCH_SECRET\n\
+         \x20   auth_url: {u}\n    groups_url: {u}\n  rules:\n    allowed_domains: [anl.gov]\n\
+         limits:\n  requests_per_second: 1000000\n  ip_requests_per_second: 0\n  max_concurrent_per_user: 1000000\n\
+         policies:\n  route: {policy}\nusage:\n  store: {store}\n{models}",
+        u = globus.url(),
+        policy = policy.display(),
+        store = dir.join("usage-light.db").display()
+    );
+    let lite = format!(
+        "auth:\n  mode: none\nlimits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n  \
+         max_concurrent_per_user: 0\nusage:\n  store: null\naccess_log:\n  enabled: false\n{models}"
+    );
+    let env = [("FG_BENCH_SECRET", "bench-secret")];
+    let (gw_full, full_addr, _) = start_gateway_on(&bin, &dir, "light-full", &full, &env, 1)?;
+    let (gw_lite, lite_addr, _) = start_gateway_on(&bin, &dir, "light-lite", &lite, &[], 1)?;
+    let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, backend, real, 1)?;
+    let (bare, bare_addr) = start_bare(&bin, backend, real, false, 1)?;
+    for (a, what) in [
+        (full_addr, "firstgate (full)"),
+        (lite_addr, "firstgate (lite)"),
+        (ngx_addr, "nginx"),
+        (bare_addr, "the bare Pingora proxy"),
+    ] {
+        wait_listening(a, what).await?;
+    }
+    let target = |name, addr: SocketAddr, prefixed: bool, pid, token| Target {
+        name,
+        base: format!("http://{addr}"),
+        fast: ("fast", if prefixed { "/fast" } else { "" }),
+        real: ("real", if prefixed { "/real" } else { "" }),
+        pid: Some(pid),
+        token,
+        admin: None,
+    };
+    let targets = [
+        target("nginx", ngx_addr, true, ngx.pid(), None),
+        target("pingora-bare", bare_addr, true, bare.pid(), None),
+        target("firstgate-lite", lite_addr, false, gw_lite.pid(), None),
+        target(
+            "firstgate-full",
+            full_addr,
+            false,
+            gw_full.pid(),
+            Some("bench-token"),
+        ),
+    ];
+    let chosen: Vec<&Target> = targets
+        .iter()
+        .filter(|t| cli.targets.is_empty() || cli.targets.iter().any(|n| n == t.name))
+        .collect();
+    let client = reqwest::Client::new();
+    for t in &chosen {
+        for _ in 0..50 {
+            let r = request(&client, t, false, false, 4).send().await?;
+            anyhow::ensure!(
+                r.status().is_success(),
+                "{} answered {}",
+                t.name,
+                r.status()
+            );
+        }
+    }
+
+    let mut runs: Vec<LightRun> = Vec::new();
+    for round in 1..=cli.rounds.max(1) {
+        eprintln!("light round {round} of {}", cli.rounds.max(1));
+        for t in &chosen {
+            runs.push(wrk(
+                &dir,
+                t,
+                cli.concurrency,
+                cli.duration,
+                backend_proc.pid(),
+            )?);
+        }
+    }
+    let mut results: Vec<LightRun> = chosen
+        .iter()
+        .filter_map(|t| {
+            let mut of: Vec<&LightRun> = runs.iter().filter(|r| r.target == t.name).collect();
+            of.sort_by(|a, b| a.cpu_s_per_1k.partial_cmp(&b.cpu_s_per_1k).unwrap());
+            of.get(of.len() / 2).map(|r| (*r).clone())
+        })
+        .collect();
+    for n in cli.streams.iter().filter(|n| **n > 0) {
+        for t in &chosen {
+            results.push(h2load(&dir, t, *n).await?);
+        }
+    }
+    print_table(&results);
+    std::fs::create_dir_all(&cli.out)?;
+    let json = cli.out.join("light.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
+    println!("JSON: {}", json.display());
+    drop((gw_full, gw_lite, ngx, bare, backend_proc));
+    if !cli.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// nginx, one worker, answering every request with [`CANNED`].
+fn start_static_backend(nginx: &str, dir: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr = free_addr();
+    let conf = dir.join("backend.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\ndaemon off;\npid {dir}/backend.pid;\n\
+             error_log {dir}/backend-error.log warn;\nevents {{ worker_connections 20000; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  keepalive_requests 1000000;\n\
+             \x20 server {{\n    listen {addr};\n    location / {{ default_type application/json; \
+             return 200 '{CANNED}'; }}\n  }}\n}}\n",
+            dir = dir.display()
+        ),
+    )?;
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok((Proc { child }, addr))
+}
+
+/// CPU seconds of the child processes this process has waited for (wrk, h2load).
+fn waited_children_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // cutime and cstime, in USER_HZ (100 on Linux).
+    (f.get(13).unwrap_or(&0.0) + f.get(14).unwrap_or(&0.0)) / 100.0
+}
+
+/// One wrk run of non-streamed chats against `t`: `connections` kept-alive connections on one
+/// thread for `duration`.
+fn wrk(
+    dir: &Path,
+    t: &Target,
+    connections: usize,
+    duration: Duration,
+    backend_pid: u32,
+) -> anyhow::Result<LightRun> {
+    let script = dir.join(format!("{}.lua", t.name));
+    let auth = t.token.map_or(String::new(), |tok| {
+        format!("wrk.headers[\"Authorization\"] = \"Bearer {tok}\"\n")
+    });
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{}'\n\
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n{auth}",
+            body(t.model(false), false, 5)
+        ),
+    )?;
+    let pid = t.pid.expect("a proxy target");
+    let (cpu0, gen0, back0) = (
+        cpu_seconds(pid),
+        waited_children_cpu(),
+        cpu_seconds(backend_pid),
+    );
+    let start = Instant::now();
+    let out = Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}")])
+        .arg(format!("-d{}s", duration.as_secs().max(1)))
+        .arg("--latency")
+        .arg("-s")
+        .arg(&script)
+        .arg(t.url(false))
+        .output()?;
+    let wall = start.elapsed().as_secs_f64();
+    let (cpu, generator, backend) = (
+        cpu_seconds(pid) - cpu0,
+        waited_children_cpu() - gen0,
+        cpu_seconds(backend_pid) - back0,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(out.status.success(), "wrk against {}: {text}", t.name);
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    let field = |label: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .and_then(|l| l.split_whitespace().nth(label.split_whitespace().count()))
+            .map(str::to_string)
+    };
+    let errors = field("Non-2xx or 3xx responses:").map_or(0, |n| n.parse().unwrap_or(0))
+        + text
+            .lines()
+            .find(|l| l.contains("Socket errors:"))
+            .map_or(0, |l| {
+                l.split(|c: char| !c.is_ascii_digit())
+                    .filter_map(|n| n.parse::<u64>().ok())
+                    .sum()
+            });
+    Ok(LightRun {
+        target: t.name.into(),
+        scenario: format!("wrk, {connections} connections"),
+        requests,
+        errors,
+        rps: requests as f64 / wall,
+        p50_ms: field("50%").map_or(0.0, |v| millis(&v)),
+        p99_ms: field("99%").map_or(0.0, |v| millis(&v)),
+        cpu_s_per_1k: (requests > 0).then(|| cpu / requests as f64 * 1000.0),
+        proxy_busy: cpu / wall,
+        generator_busy: generator / wall,
+        backend_busy: backend / wall,
+        ..LightRun::default()
+    })
+}
+
+/// wrk's and h2load's durations (`850.00us`, `1.20ms`, `2.00s`) in milliseconds.
+fn millis(v: &str) -> f64 {
+    let (num, factor) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (v, 1.0)
+    };
+    num.parse::<f64>().unwrap_or(0.0) * factor
+}
+
+/// `n` streams opened at once, one connection each (h2load over HTTP/1.1), to the streaming
+/// simulator through `t`: mean time to first byte, and the proxy's resident memory per open
+/// stream (its peak during the run over its resident memory before).
+async fn h2load(dir: &Path, t: &Target, n: usize) -> anyhow::Result<LightRun> {
+    let data = dir.join("stream.json");
+    std::fs::write(&data, body(t.model(true), true, STREAM_TOKENS))?;
+    let pid = t.pid.expect("a proxy target");
+    let (rss0, _) = rss_kib(pid);
+    let gen0 = waited_children_cpu();
+    let cpu0 = cpu_seconds(pid);
+    let start = Instant::now();
+    let mut cmd = tokio::process::Command::new("h2load");
+    cmd.args([
+        "--h1",
+        "-n",
+        &n.to_string(),
+        "-c",
+        &n.to_string(),
+        "-m",
+        "1",
+    ])
+    .arg("-d")
+    .arg(&data)
+    .args(["-H", "content-type: application/json"]);
+    if let Some(tok) = t.token {
+        cmd.args(["-H", &format!("authorization: Bearer {tok}")]);
+    }
+    let child = cmd.arg(t.url(true)).stdout(Stdio::piped()).spawn()?;
+    let output = tokio::spawn(child.wait_with_output());
+    let mut peak = rss0;
+    while !output.is_finished() {
+        peak = peak.max(rss_kib(pid).0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = output.await??;
+    let wall = start.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let numbers = |label: &str| -> Vec<String> {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .map(|l| {
+                l[l.find(label).unwrap_or(0) + label.len()..]
+                    .split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // "requests: 1000 total, 1000 started, 1000 done, 1000 succeeded, 0 failed, 0 errored,
+    // 0 timeout": the number before each word.
+    let requests = numbers("requests:");
+    let count = |word: &str| {
+        requests
+            .iter()
+            .position(|w| w == word)
+            .and_then(|i| requests.get(i.checked_sub(1)?))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (succeeded, failed) = (
+        count("succeeded"),
+        count("failed") + count("errored") + count("timeout"),
+    );
+    // "time to 1st byte:  min  max  mean  sd  +/- sd"
+    let ttfb = numbers("time to 1st byte:").get(2).map(|v| millis(v));
+    let cpu = cpu_seconds(pid) - cpu0;
+    Ok(LightRun {
+        target: t.name.into(),
+        scenario: format!("{n} streams (h2load)"),
+        requests: succeeded,
+        errors: failed,
+        rps: succeeded as f64 / wall,
+        cpu_s_per_1k: (succeeded > 0).then(|| cpu / succeeded as f64 * 1000.0),
+        proxy_busy: cpu / wall,
+        generator_busy: (waited_children_cpu() - gen0) / wall,
+        ttfb_mean_ms: ttfb,
+        kib_per_stream: Some(peak.saturating_sub(rss0) as f64 / n as f64),
+        ..LightRun::default()
+    })
+}
+
+fn print_table(results: &[LightRun]) {
+    println!(
+        "\n{:<16} {:<22} {:>9} {:>6} {:>9} {:>8} {:>8} {:>11} {:>8} {:>7} {:>9} {:>9} {:>10}",
+        "target",
+        "scenario",
+        "requests",
+        "errors",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU s/1k",
+        "vs bare",
+        "proxy",
+        "generator",
+        "TTFB ms",
+        "KiB/stream"
+    );
+    for r in results {
+        let bare = results
+            .iter()
+            .find(|b| b.target == "pingora-bare" && b.scenario == r.scenario);
+        let ratio = |f: fn(&LightRun) -> Option<f64>| match (f(r), bare.and_then(f)) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+        let versus = if r.ttfb_mean_ms.is_some() {
+            ratio(|r| r.ttfb_mean_ms)
+        } else {
+            ratio(|r| r.cpu_s_per_1k)
+        };
+        println!(
+            "{:<16} {:<22} {:>9} {:>6} {:>9.0} {:>8.2} {:>8.2} {:>11} {:>8} {:>6.0}% {:>8.0}% {:>9} {:>10}",
+            r.target,
+            r.scenario,
+            r.requests,
+            r.errors,
+            r.rps,
+            r.p50_ms,
+            r.p99_ms,
+            opt(r.cpu_s_per_1k, 4),
+            versus,
+            r.proxy_busy * 100.0,
+            r.generator_busy * 100.0,
+            opt(r.ttfb_mean_ms, 1),
+            opt(r.kib_per_stream, 1)
+        );
+    }
+    println!(
+        "\n\"vs bare\": CPU per request (wrk rows) or mean time to first byte (stream rows) over \
+         pingora-bare's. A proxy whose one thread is not near 100% busy in a wrk row was not the \
+         bottleneck: the generator or the backend was, and its figure is not a cost."
+    );
+}
