@@ -6,65 +6,19 @@
 
 mod common;
 
+use common::compute_ids::*;
 use common::*;
-use firstgate::sim::globus::{
-    ComputeSeed, FakeClient, FakeEndpoint, FakeFunction, GlobusSim, Seed,
-};
+use firstgate::sim::globus::GlobusSim;
 use futures_util::future::join_all;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const MODEL: &str = "meta-llama/Llama-3.3-70B-Instruct";
-const EP: &str = "2b5f3c1a-7d4e-4f8a-9c0b-1e2d3c4b5a60";
-const F_INFER: &str = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e60";
-const F_STATUS: &str = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c50";
-const F_START: &str = "2c3d4e5f-6a7b-4c8d-9e0f-1a2b3c4d5e60";
-const F_STOP: &str = "3d4e5f6a-7b8c-4d9e-8f0a-1b2c3d4e5f70";
 const RELAY_SECRET: &str = "relay-secret";
 
 async fn facility(queue_wait_ms: u64, load_ms: u64) -> GlobusSim {
-    facility_with(queue_wait_ms, load_ms, |_| {}).await
-}
-
-async fn facility_with(
-    queue_wait_ms: u64,
-    load_ms: u64,
-    tweak: impl FnOnce(&mut ComputeSeed),
-) -> GlobusSim {
-    let f = |id: &str, kind: &str| FakeFunction {
-        id: id.into(),
-        kind: kind.into(),
-    };
-    let mut seed = Seed {
-        clients: vec![FakeClient {
-            id: "svc".into(),
-            secret: "svc-secret".into(),
-        }],
-        compute: ComputeSeed {
-            endpoints: vec![FakeEndpoint {
-                id: EP.into(),
-                name: "sophia".into(),
-                cold: false,
-            }],
-            functions: vec![
-                f(F_INFER, "inference"),
-                f(F_STATUS, "status"),
-                f(F_START, "start"),
-                f(F_STOP, "stop"),
-            ],
-            queue_wait: Duration::from_millis(queue_wait_ms),
-            load_time: Duration::from_millis(load_ms),
-            ttft: Duration::from_millis(5),
-            itl: Duration::from_millis(5),
-            ..ComputeSeed::default()
-        },
-        ..Seed::default()
-    };
-    tweak(&mut seed.compute);
-    GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
-        .await
-        .unwrap()
+    lifecycle_facility(queue_wait_ms, load_ms, |_| {}).await
 }
 
 struct Opts {
@@ -532,7 +486,7 @@ fn relay_credentials(globus: &GlobusSim, n: usize) -> Option<(String, String)> {
 /// token; and a refused request becomes an error event in the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_stream_arrives_as_it_is_generated_through_the_relay() {
-    let globus = facility_with(300, 300, |c| {
+    let globus = lifecycle_facility(300, 300, |c| {
         c.itl = Duration::from_millis(60);
         c.streaming_secret = Some(RELAY_SECRET.into());
     })
@@ -641,7 +595,7 @@ async fn a_cold_stream_arrives_as_it_is_generated_through_the_relay() {
 /// request reaches the client with vLLM's status and message, as a direct one would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_requests_share_the_services_task_group_and_show_vllms_refusals() {
-    let globus = facility_with(50, 50, |c| {
+    let globus = lifecycle_facility(50, 50, |c| {
         c.streaming_secret = Some(RELAY_SECRET.into());
     })
     .await;
@@ -786,7 +740,7 @@ async fn a_cold_model_answers_the_messages_api_through_compute() {
 /// that starts its node, is refused with 503 "not ready" rather than sent a second one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_starting_endpoint_is_not_sent_a_second_task() {
-    let globus = facility_with(300, 300, |c| c.endpoints[0].cold = true).await;
+    let globus = lifecycle_facility(300, 300, |c| c.endpoints[0].cold = true).await;
     let gw = gateway(&globus, DEFAULT).await;
     let first = tokio::spawn(
         gw.post("/v1/chat/completions")

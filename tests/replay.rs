@@ -8,55 +8,14 @@
 
 mod common;
 
+use common::compute_ids::*;
 use common::*;
-use firstgate::sim::globus::{
-    ComputeSeed, FakeClient, FakeEndpoint, FakeFunction, GlobusSim, Seed,
-};
+use firstgate::sim::globus::GlobusSim;
 use serde_json::Value;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const MODEL: &str = "meta-llama/Llama-3.3-70B-Instruct";
-const EP: &str = "2b5f3c1a-7d4e-4f8a-9c0b-1e2d3c4b5a60";
-const F_INFER: &str = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e60";
-const F_STATUS: &str = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c50";
-const F_START: &str = "2c3d4e5f-6a7b-4c8d-9e0f-1a2b3c4d5e60";
-const F_STOP: &str = "3d4e5f6a-7b8c-4d9e-8f0a-1b2c3d4e5f70";
 const BURSTS: usize = 3;
-
-async fn facility() -> GlobusSim {
-    let f = |id: &str, kind: &str| FakeFunction {
-        id: id.into(),
-        kind: kind.into(),
-    };
-    let seed = Seed {
-        clients: vec![FakeClient {
-            id: "svc".into(),
-            secret: "svc-secret".into(),
-        }],
-        compute: ComputeSeed {
-            endpoints: vec![FakeEndpoint {
-                id: EP.into(),
-                name: "sophia".into(),
-                cold: false,
-            }],
-            functions: vec![
-                f(F_INFER, "inference"),
-                f(F_STATUS, "status"),
-                f(F_START, "start"),
-                f(F_STOP, "stop"),
-            ],
-            queue_wait: Duration::from_millis(300),
-            load_time: Duration::from_millis(300),
-            ttft: Duration::from_millis(5),
-            itl: Duration::from_millis(5),
-            ..ComputeSeed::default()
-        },
-        ..Seed::default()
-    };
-    GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
-        .await
-        .unwrap()
-}
 
 /// The demo's cold model and policies, with the clock turned up: the scale policy every
 /// 200 ms, an instance released after a second idle.
@@ -129,7 +88,7 @@ fn replay(gw: &Gateway, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_recorded_traffic_agrees_with_it_and_shows_what_a_longer_keep_alive_costs() {
-    let globus = facility().await;
+    let globus = lifecycle_facility(300, 300, |_| {}).await;
     let gw = gateway(&globus).await;
 
     // Three bursts: the first request finds the model cold (through Compute) and wakes the scale

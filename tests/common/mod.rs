@@ -504,3 +504,57 @@ impl Drop for StateServers {
             .status();
     }
 }
+
+/// The Globus Compute stand-in's cluster `sophia` as the cold-path tests use it: one endpoint
+/// running FIRST's inference, status (qstat), start and stop functions, client `svc`.
+pub mod compute_ids {
+    pub const EP: &str = "2b5f3c1a-7d4e-4f8a-9c0b-1e2d3c4b5a60";
+    pub const F_INFER: &str = "0f9e8d7c-6b5a-4c3d-8e2f-1a0b9c8d7e60";
+    pub const F_STATUS: &str = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c50";
+    pub const F_START: &str = "2c3d4e5f-6a7b-4c8d-9e0f-1a2b3c4d5e60";
+    pub const F_STOP: &str = "3d4e5f6a-7b8c-4d9e-8f0a-1b2c3d4e5f70";
+}
+
+/// [`compute_ids`]' facility: a started job waits `queue_wait_ms` in the batch queue and loads
+/// its model for `load_ms`; `tweak` adjusts the rest.
+pub async fn lifecycle_facility(
+    queue_wait_ms: u64,
+    load_ms: u64,
+    tweak: impl FnOnce(&mut firstgate::sim::globus::ComputeSeed),
+) -> firstgate::sim::globus::GlobusSim {
+    use compute_ids::*;
+    use firstgate::sim::globus::{ComputeSeed, FakeClient, FakeEndpoint, FakeFunction, Seed};
+    let f = |id: &str, kind: &str| FakeFunction {
+        id: id.into(),
+        kind: kind.into(),
+    };
+    let mut seed = Seed {
+        clients: vec![FakeClient {
+            id: "svc".into(),
+            secret: "svc-secret".into(),
+        }],
+        compute: ComputeSeed {
+            endpoints: vec![FakeEndpoint {
+                id: EP.into(),
+                name: "sophia".into(),
+                cold: false,
+            }],
+            functions: vec![
+                f(F_INFER, "inference"),
+                f(F_STATUS, "status"),
+                f(F_START, "start"),
+                f(F_STOP, "stop"),
+            ],
+            queue_wait: Duration::from_millis(queue_wait_ms),
+            load_time: Duration::from_millis(load_ms),
+            ttft: Duration::from_millis(5),
+            itl: Duration::from_millis(5),
+            ..ComputeSeed::default()
+        },
+        ..Seed::default()
+    };
+    tweak(&mut seed.compute);
+    firstgate::sim::globus::GlobusSim::start("127.0.0.1:0".parse().unwrap(), seed)
+        .await
+        .unwrap()
+}

@@ -50,38 +50,13 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     let _sim_real = start_sim(&bin, real, "real", 50, 10)?;
     wait_listening(backend, "the static backend").await?;
     wait_listening(real, "the streaming simulator").await?;
-    let globus = GlobusSim::start(
-        "127.0.0.1:0".parse()?,
-        Seed {
-            clients: vec![FakeClient {
-                id: "bench".into(),
-                secret: "bench-secret".into(),
-            }],
-            users: vec![FakeUser::new("bench-token", "bench@anl.gov")],
-            ..Seed::default()
-        },
-    )
-    .await?;
-    // As in the default harness: caps lifted so that the proxying itself is compared.
-    let models = format!(
-        "upstream:\n  max_concurrent_per_backend: 1000000\n  connect_timeout: 60s\n\
-         clusters:\n  local:\n    frameworks:\n      vllm:\n        models:\n\
-         \x20         - name: fast\n            backends: [{backend}]\n\
-         \x20         - name: real\n            backends: [{real}]\n"
-    );
-    let policy = std::fs::canonicalize("conf/policies/prefer-hot.rhai")?;
-    let full = format!(
-        "auth:\n  mode: globus\n  globus:\n    client_id: bench\n    client_secret_env: FG_BENCH_SECRET\n\
-         \x20   auth_url: {u}\n    groups_url: {u}\n  rules:\n    allowed_domains: [anl.gov]\n\
-         limits:\n  requests_per_second: 1000000\n  ip_requests_per_second: 0\n  max_concurrent_per_user: 1000000\n\
-         policies:\n  route: {policy}\nusage:\n  store: {store}\n{models}",
-        u = globus.url(),
-        policy = policy.display(),
-        store = dir.join("usage-light.db").display()
-    );
-    let lite = format!(
-        "auth:\n  mode: none\nlimits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n  \
-         max_concurrent_per_user: 0\nusage:\n  store: null\naccess_log:\n  enabled: false\n{models}"
+    let globus = bench_globus().await?;
+    let (full, lite) = gateway_configs(&globus, &dir.join("usage-light.db"), backend, real)?;
+    // Everything on includes per-user limits, far above the load so that none refuses.
+    let full = full.replace(
+        LIMITS_OFF,
+        "limits:\n  requests_per_second: 1000000\n  ip_requests_per_second: 0\n  \
+         max_concurrent_per_user: 1000000\n",
     );
     let env = [("FG_BENCH_SECRET", "bench-secret")];
     let (gw_full, full_addr, _) = start_gateway_on(&bin, &dir, "light-full", &full, &env, 1)?;

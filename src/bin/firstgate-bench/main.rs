@@ -552,6 +552,62 @@ fn error_kind(e: &reqwest::Error) -> String {
     last.chars().take(60).collect()
 }
 
+/// The Globus stand-in the "full" gateways introspect the bench token against.
+async fn bench_globus() -> anyhow::Result<GlobusSim> {
+    Ok(GlobusSim::start(
+        "127.0.0.1:0".parse()?,
+        Seed {
+            clients: vec![FakeClient {
+                id: "bench".into(),
+                secret: "bench-secret".into(),
+            }],
+            users: vec![FakeUser::new("bench-token", "bench@anl.gov")],
+            ..Seed::default()
+        },
+    )
+    .await?)
+}
+
+/// The configurations (without listeners) of firstgate with everything on ("full": Globus,
+/// the example route policy, the usage store at `store`, the access log; limits off) and with
+/// auth, usage, access log and limits off ("lite"), models `fast` and `real` on those backends.
+fn gateway_configs(
+    globus: &GlobusSim,
+    store: &Path,
+    fast: SocketAddr,
+    real: SocketAddr,
+) -> anyhow::Result<(String, String)> {
+    // The per-instance cap defaults to vLLM's own (256 sequences); the simulator takes any
+    // number, and nginx has no cap, so it is lifted here to compare the proxying itself. The
+    // connect timeout is nginx's default (`proxy_connect_timeout 60s`; the bare proxy has
+    // none): thousands of connects at once overflow the simulator's SYN queue
+    // (`tcp_max_syn_backlog`), and a connect whose SYN is retried after 1 s and 3 s would miss
+    // the gateway's 2 s default, a difference of settings rather than of proxying.
+    let models = format!(
+        "upstream:\n  max_concurrent_per_backend: 1000000\n  connect_timeout: 60s\n\
+         clusters:\n  local:\n    frameworks:\n      vllm:\n        models:\n\
+         \x20         - name: fast\n            backends: [{fast}]\n\
+         \x20         - name: real\n            backends: [{real}]\n"
+    );
+    let policy = std::fs::canonicalize("conf/policies/prefer-hot.rhai")?;
+    let full = format!(
+        "auth:\n  mode: globus\n  globus:\n    client_id: bench\n    client_secret_env: FG_BENCH_SECRET\n\
+         \x20   auth_url: {u}\n    groups_url: {u}\n  rules:\n    allowed_domains: [anl.gov]\n\
+         {LIMITS_OFF}policies:\n  route: {policy}\nusage:\n  store: {store}\n{models}",
+        u = globus.url(),
+        policy = policy.display(),
+        store = store.display()
+    );
+    let lite = format!(
+        "auth:\n  mode: none\n{LIMITS_OFF}usage:\n  store: null\naccess_log:\n  enabled: false\n{models}"
+    );
+    Ok((full, lite))
+}
+
+/// Per-user and per-address limits off.
+const LIMITS_OFF: &str =
+    "limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n  max_concurrent_per_user: 0\n";
+
 fn start_sim(
     bin: &Path,
     addr: SocketAddr,
@@ -681,44 +737,8 @@ async fn main() -> anyhow::Result<()> {
     wait_listening(fast, "the fast simulator").await?;
     wait_listening(real, "the realistic simulator").await?;
 
-    let globus = GlobusSim::start(
-        "127.0.0.1:0".parse()?,
-        Seed {
-            clients: vec![FakeClient {
-                id: "bench".into(),
-                secret: "bench-secret".into(),
-            }],
-            users: vec![FakeUser::new("bench-token", "bench@anl.gov")],
-            ..Seed::default()
-        },
-    )
-    .await?;
-    // The per-instance cap defaults to vLLM's own (256 sequences); the simulator takes any
-    // number, and nginx has no cap, so it is lifted here to compare the proxying itself. The
-    // connect timeout is nginx's default (`proxy_connect_timeout 60s`; the bare proxy has
-    // none): thousands of connects at once overflow the simulator's SYN queue
-    // (`tcp_max_syn_backlog`), and a connect whose SYN is retried after 1 s and 3 s would miss
-    // the gateway's 2 s default, a difference of settings rather than of proxying.
-    let models = format!(
-        "upstream:\n  max_concurrent_per_backend: 1000000\n  connect_timeout: 60s\n\
-         clusters:\n  local:\n    frameworks:\n      vllm:\n        models:\n\
-         \x20         - name: fast\n            backends: [{fast}]\n\
-         \x20         - name: real\n            backends: [{real}]\n"
-    );
-    let policy = std::fs::canonicalize("conf/policies/prefer-hot.rhai")?;
-    let full = format!(
-        "auth:\n  mode: globus\n  globus:\n    client_id: bench\n    client_secret_env: FG_BENCH_SECRET\n\
-         \x20   auth_url: {u}\n    groups_url: {u}\n  rules:\n    allowed_domains: [anl.gov]\n\
-         limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n  max_concurrent_per_user: 0\n\
-         policies:\n  route: {policy}\nusage:\n  store: {store}\n{models}",
-        u = globus.url(),
-        policy = policy.display(),
-        store = dir.join("usage.db").display()
-    );
-    let lite = format!(
-        "auth:\n  mode: none\nlimits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n\
-         usage:\n  store: null\naccess_log:\n  enabled: false\n{models}"
-    );
+    let globus = bench_globus().await?;
+    let (full, lite) = gateway_configs(&globus, &dir.join("usage.db"), fast, real)?;
     let (gw_full, full_addr, full_admin) = start_gateway(
         &bin,
         &dir,
@@ -732,7 +752,7 @@ async fn main() -> anyhow::Result<()> {
     let redis_gw = match &cli.redis {
         Some(url) => {
             let shared = full.replace(
-                "limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n  max_concurrent_per_user: 0\n",
+                LIMITS_OFF,
                 &format!(
                     "limits:\n  requests_per_second: 1000000\n  ip_requests_per_second: 0\n  \
                      max_concurrent_per_user: 1000000\nstate:\n  redis:\n    url: {url}\n"
