@@ -53,7 +53,8 @@ impl Policies {
 }
 
 /// The built-in rule: the requested cluster if the URL names one, then prefer deployments with
-/// a healthy instance, and the instance with the fewest requests in flight.
+/// a healthy instance, and the instance with the fewest requests in flight (or, for models
+/// routed by `prefix_affinity`, the prompt's instance on the ring).
 pub fn builtin_route(req: &RouteRequest, candidates: &[Arc<Candidate>]) -> Decision {
     let requested = candidates.iter().map(|c| &**c).filter(|c| {
         req.cluster.is_empty() || (c.cluster == req.cluster && c.framework == req.framework)
@@ -61,7 +62,7 @@ pub fn builtin_route(req: &RouteRequest, candidates: &[Arc<Candidate>]) -> Decis
     if view::least_in_flight(requested.clone()).is_none() && requested.clone().any(|c| c.compute) {
         view::compute_among(requested, &req.model)
     } else {
-        view::direct_among(requested, &req.model)
+        view::direct_routed(requested, &req.model, req.prefix)
     }
 }
 
@@ -250,10 +251,13 @@ mod tests {
                     latency_ms: 0,
                     ends_in: None,
                     socket: None,
+                    ..Default::default()
                 })
                 .collect(),
             compute: state != DeploymentState::Hot,
             index,
+            routing: Default::default(),
+            affinity_slack: 0.5,
         })
     }
 
