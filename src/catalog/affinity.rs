@@ -3,9 +3,10 @@
 //!
 //! The instance is found by consistent hashing (a ketama ring, `pingora-ketama`) of the prompt
 //! key, so an instance joining or leaving moves only its own share of the keys. Load is bounded
-//! ("consistent hashing with bounded loads", Mirrokni et al.): an instance with more than
-//! `⌈(1 + slack) × average⌉` requests in flight, or whose vLLM reports a queue, is passed over
-//! for the next one on the ring, so a hot prefix cannot overload one node.
+//! ("consistent hashing with bounded loads", Mirrokni et al.): an instance with
+//! `⌈(1 + slack) × average⌉` requests in flight or more (the average counting the new one), or
+//! whose vLLM reports a queue, is passed over for the next one on the ring, so a hot prefix
+//! cannot overload one node.
 //!
 //! The key is a hash of the prompt's first bytes (see `openai::ControlFields::prefix_key`);
 //! no prompt text is kept.
@@ -110,15 +111,23 @@ fn ring_of(members: &[Member<'_>]) -> Rc<Ring> {
     })
 }
 
+/// The bound never goes below this many requests in flight: at low load a single request in
+/// flight (one that has just ended, even: its slot is freed after the answer's last byte)
+/// would otherwise be over ⌈(1 + slack) × average⌉ and move the prefix, while vLLM batches
+/// far more than that at no cost.
+const MIN_BOUND: f64 = 2.0;
+
 /// The index in `members` of the instance for `key`: the first on the ring from the key that
-/// has fewer than `⌈(1 + slack) × (in flight + 1) / members⌉` requests in flight and no queue
-/// reported. `None` when every instance is over the bound (or there is none).
+/// has fewer than `⌈(1 + slack) × (in flight + 1) / members⌉` (at least 2) requests in flight
+/// and no queue reported. `None` when every instance is over the bound (or there is none).
 pub fn pick(key: u64, members: &[Member<'_>], slack: f64) -> Option<usize> {
     if members.is_empty() {
         return None;
     }
     let total: i64 = members.iter().map(|m| m.in_flight.max(0)).sum();
-    let bound = ((1.0 + slack.max(0.0)) * (total + 1) as f64 / members.len() as f64).ceil();
+    let bound = ((1.0 + slack.max(0.0)) * (total + 1) as f64 / members.len() as f64)
+        .ceil()
+        .max(MIN_BOUND);
     let ring = ring_of(members);
     for id in ring.walk(key) {
         let Some(i) = members.iter().position(|m| m.id == id) else {
