@@ -334,6 +334,58 @@ mod tests {
     }
 
     #[test]
+    fn scripts_read_backend_figures_and_route_by_prefix() {
+        let mut sophia = Candidate::clone(&fixture()[1]);
+        sophia.index = 0;
+        sophia.instances[0].waiting = 3;
+        sophia.instances[0].kv_cache = Some(0.5);
+        sophia.instances[1].kv_cache = Some(0.25);
+        sophia.instances[1].metrics_age_ms = Some(120);
+        let c: Candidates = Arc::new(vec![Arc::new(sophia)]);
+        let s = script(
+            r#"fn route(req, c) {
+                let d = c.first();
+                if d.waiting != 3 || d.kv_cache != 0.375 || d.metrics_age_ms != 120
+                    || d.prefix_hit_rate != -1.0 { return reject(500, "bad figures"); }
+                direct(c.without_queue())
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            instance(&s.route(&req(""), &c).unwrap()),
+            Some("sophia-1:8000")
+        );
+        // By prefix: the same key, the same instance, whatever the loads below the bound.
+        let mut with_key = RouteRequest::clone(&req(""));
+        with_key.prefix = Some(42);
+        let with_key = Arc::new(with_key);
+        let s = script("fn route(req, c) { direct_by_prefix(c) }").unwrap();
+        let first = s.route(&with_key, &c).unwrap();
+        assert!(
+            matches!(
+                first,
+                Decision::Direct {
+                    by_prefix: true,
+                    ..
+                }
+            ),
+            "{first:?}"
+        );
+        // Without a prompt key it is the least-loaded instance.
+        let d = s.route(&req(""), &c).unwrap();
+        assert!(
+            matches!(
+                d,
+                Decision::Direct {
+                    by_prefix: false,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+    }
+
+    #[test]
     fn bad_decisions_and_runaway_scripts_are_errors() {
         let c = fixture();
         let e = script("fn route(req, c) { reject(200, \"fine\") }")
