@@ -2,6 +2,8 @@
 //! framed) and the JSON it reads, which scripts may read too. The page in a real browser is
 //! checked by `scripts/admin-page.sh` (headless Chromium, run by `.ci/run`).
 
+#![cfg(feature = "sim")] // against the simulators
+
 mod common;
 
 use common::*;

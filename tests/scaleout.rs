@@ -2,6 +2,8 @@
 //! real Redis and write their usage to one real PostgreSQL (Debian's servers, started on
 //! loopback by `scripts/state-servers.sh`; `scripts/install-deps.sh --servers` installs them).
 
+#![cfg(feature = "sim")] // against the simulators
+
 mod common;
 
 use common::*;

@@ -323,6 +323,46 @@ mod tests {
         parse_control_fields(body.as_bytes(), Endpoint::ChatCompletions)
     }
 
+    fn key(body: &str, endpoint: Endpoint, budget: usize) -> Option<u64> {
+        parse_control_fields(body.as_bytes(), endpoint)
+            .unwrap()
+            .prefix_key(body.as_bytes(), budget)
+    }
+
+    #[test]
+    fn prompts_that_start_alike_share_a_prefix_key() {
+        let system = r#"{"role":"system","content":"You are a careful assistant."}"#;
+        let a = format!(r#"{{"model":"m","messages":[{system},{{"role":"user","content":"a"}}]}}"#);
+        let b = format!(
+            "{{\"messages\": [ {system},\n {{\"role\": \"user\", \"content\": \"b\"}}], \"model\": \"x\"}}"
+        );
+        let chat = Endpoint::ChatCompletions;
+        // The first 60 bytes are the system message: same key whatever follows, the model,
+        // field order and the client's white space.
+        assert_eq!(key(&a, chat, 60), key(&b, chat, 60));
+        assert!(key(&a, chat, 60).is_some());
+        // With the whole prompt in the key they differ.
+        assert_ne!(key(&a, chat, 10_000), key(&b, chat, 10_000));
+        // The Messages API: `system` and then `messages`, kept apart.
+        let m = |system: &str, first: &str| {
+            format!(
+                r#"{{"model":"m","max_tokens":5,"system":"{system}","messages":[{{"role":"user","content":"{first}"}}]}}"#
+            )
+        };
+        let messages = Endpoint::Messages;
+        assert_eq!(
+            key(&m("s", "x"), messages, 8),
+            key(&m("s", "y"), messages, 8)
+        );
+        assert_ne!(
+            key(&m("ab", "c"), messages, 100),
+            key(&m("a", "bc"), messages, 100)
+        );
+        // No prompt, no key.
+        let e = r#"{"model":"m","input":"text"}"#;
+        assert_eq!(key(e, Endpoint::Embeddings, 100), None);
+    }
+
     #[test]
     fn reads_model_and_stream() {
         let c = chat(r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#)

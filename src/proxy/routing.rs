@@ -99,10 +99,16 @@ pub fn route(
         },
         prompt_bytes: asked.body_len as i64,
         batch: asked.batch,
-        prefix: {
+        // Hashed only when something may route by it: a script, or a model set to.
+        prefix: (scripted
+            || allowed
+                .iter()
+                .any(|d| d.pool.settings.routing == crate::config::Routing::PrefixAffinity))
+        .then(|| {
             let (control, body) = asked.prompt;
             control.prefix_key(body, allowed[0].pool.settings.prefix_bytes)
-        },
+        })
+        .flatten(),
         headers: if scripted {
             header
                 .headers
