@@ -7,6 +7,9 @@
 # e.g. `scripts/bench.sh --duration 2s --rates 1000 --streams 100` for a quick run.
 # Prints a table; JSON goes to target/bench/results.json.
 #
+# `scripts/bench.sh --prefix [--requests N --concurrency C ...]` compares routing policies on a
+# prefix-sharing workload instead (scripts/bench-prefix.py).
+#
 # `scripts/bench.sh --soak [RECORDS RATE RETENTION_SECS]` runs the usage store's retention soak
 # instead (examples/usage_soak.rs; default 2,000,000 records at 20,000/s, 20 s retention): file
 # size every 5 s, then rollup totals against what was sent, and drops (must be 0).
@@ -15,6 +18,17 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--soak" ]; then
     shift
     exec cargo run --release --example usage_soak -- "$@"
+fi
+if [ "${1:-}" = "--prefix" ]; then
+    # Prefix affinity against least-in-flight and the SGLang router's cache_aware policy
+    # (`pip install sglang-router`; skipped when missing) on 4 simulators with prefix caches
+    # (scripts/bench-prefix.py --help). FG_BIN_DIR: use binaries built elsewhere.
+    shift
+    if [ -z "${FG_BIN_DIR:-}" ]; then
+        cargo build --release --bin firstgate --bin firstgate-sim
+        FG_BIN_DIR=target/release
+    fi
+    exec python3 scripts/bench-prefix.py "$FG_BIN_DIR" "$@"
 fi
 scripts/install-deps.sh --servers
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
