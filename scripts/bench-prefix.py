@@ -84,7 +84,7 @@ class Sims:
             p.wait()
 
 
-def start_gateway(bin_dir, sims, routing, workdir):
+def start_gateway(bin_dir, sims, routing, workdir, slack):
     port, admin = free_port(), free_port()
     backends = ", ".join(f"127.0.0.1:{p}" for p in sims.ports)
     config = os.path.join(workdir, f"gateway-{routing}.yaml")
@@ -93,7 +93,9 @@ def start_gateway(bin_dir, sims, routing, workdir):
             f"listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nthreads: 2\n"
             f"server:\n  upgrade_sock: {workdir}/{routing}.sock\n  pid_file: {workdir}/{routing}.pid\n"
             "auth:\n  mode: none\naccess_log:\n  enabled: false\n"
+            "limits:\n  requests_per_second: 0\n  ip_requests_per_second: 0\n"
             f"upstream:\n  routing: {routing}\n  metrics_interval: 500ms\n"
+            f"  affinity_slack: {slack}\n"
             "clusters:\n  sophia:\n    frameworks:\n      vllm:\n        models:\n"
             f"          - name: {MODEL}\n            backends: [{backends}]\n")
     proc = subprocess.Popen([os.path.join(bin_dir, "firstgate"), "serve", "--config", config],
@@ -216,6 +218,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--cache-blocks", type=int, default=160)
     ap.add_argument("--prefill-us", type=int, default=200)
+    ap.add_argument("--slack", type=float, default=0.5, help="upstream.affinity_slack")
+    ap.add_argument("--no-sglang", action="store_true")
     ap.add_argument("--out", default="target/bench/prefix.json")
     args = ap.parse_args()
     bodies = workload(args.requests, args.prompts)
@@ -223,9 +227,12 @@ def main():
     results = []
     for routing in ["least_in_flight", "prefix_affinity"]:
         results.append(measure(f"firstgate {routing}",
-                               lambda sims, r=routing: start_gateway(args.bin_dir, sims, r, workdir),
+                               lambda sims, r=routing: start_gateway(args.bin_dir, sims, r, workdir,
+                                                                     args.slack),
                                args, bodies))
     try:
+        if args.no_sglang:
+            raise RuntimeError("--no-sglang")
         import sglang_router  # noqa: F401
         results.append(measure("sglang-router cache_aware", start_sglang, args, bodies))
     except Exception as e:  # noqa: BLE001 - the table says why it is missing
@@ -233,7 +240,7 @@ def main():
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"{args.requests} requests, {args.concurrency} clients, {args.prompts} system prompts "
           f"of ~1000 tokens, 4 instances of {args.cache_blocks} blocks, "
-          f"{args.prefill_us} us prefill per uncached token")
+          f"{args.prefill_us} us prefill per uncached token, affinity_slack {args.slack}")
     print("| router | hit rate | TTFT mean | TTFT p99 | spread (max/mean) | errors |")
     print("|---|---|---|---|---|---|")
     for r in results:
