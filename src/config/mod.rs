@@ -1432,6 +1432,27 @@ clusters:
     }
 
     #[test]
+    fn routing_settings_are_checked_and_a_model_may_override_them() {
+        let with = |upstream: &str| parse_str(&format!("upstream:\n{upstream}{GOOD}"));
+        let c = with("  routing: prefix_affinity\n  metrics_interval: 250ms\n").unwrap();
+        assert_eq!(c.upstream.routing, Routing::PrefixAffinity);
+        assert_eq!(c.upstream.metrics_interval, Duration::from_millis(250));
+        assert_eq!(c.upstream.prefix_tokens, 256);
+        let e = with("  affinity_slack: -1\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("upstream.affinity_slack"), "{e}");
+        assert!(with("  prefix_tokens: 0\n").is_err());
+        assert!(with("  metrics_path: metrics\n").is_err());
+        assert!(with("  routing: round_robin\n").is_err());
+        let model = parse_str(&GOOD.replace(
+            "aliases: [llama3-8b]",
+            "aliases: [llama3-8b]\n            routing: prefix_affinity",
+        ))
+        .unwrap();
+        let m = &model.clusters["sophia"].frameworks["vllm"].models[0];
+        assert_eq!(m.routing, Some(Routing::PrefixAffinity));
+    }
+
+    #[test]
     fn good_config_gets_defaults() {
         let c = parse_str(GOOD).unwrap();
         assert_eq!(c.listen.port(), 8080);
