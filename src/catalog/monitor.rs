@@ -149,19 +149,8 @@ impl BackendMonitor {
             .with_label_values(&["health_check"])
             .inc();
     }
-}
 
-#[async_trait]
-impl BackgroundService for BackendMonitor {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        tokio::join!(
-            self.scrape_loop(shutdown.clone()),
-            self.health_loop(shutdown)
-        );
-    }
-}
-
-impl BackendMonitor {
+    /// Health checks each interval, host names resolved again less often.
     async fn health_loop(&self, mut shutdown: ShutdownWatch) {
         let mut health = tokio::time::interval(self.health_interval);
         let mut resolve = tokio::time::interval(self.resolve_interval);
@@ -178,5 +167,16 @@ impl BackendMonitor {
                 }
             }
         }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for BackendMonitor {
+    /// Health checks and metric reads run side by side, each on its own interval.
+    async fn start(&self, shutdown: ShutdownWatch) {
+        tokio::join!(
+            self.scrape_loop(shutdown.clone()),
+            self.health_loop(shutdown)
+        );
     }
 }
