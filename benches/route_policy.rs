@@ -32,10 +32,13 @@ fn candidates() -> Arc<Vec<Arc<Candidate>>> {
                             latency_ms: 100 + (i * 13 % 50) as i64,
                             ends_in: Some(3600),
                             socket: None,
+                            ..Default::default()
                         })
                         .collect(),
                     compute: true,
                     index: i,
+                    routing: Default::default(),
+                    affinity_slack: 0.5,
                 })
             })
             .collect(),

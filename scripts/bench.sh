@@ -12,6 +12,9 @@
 # of a static nginx backend): CPU per 1,000 requests, and streams' time to first byte and
 # memory; JSON to target/bench/light.json. E.g. `scripts/bench.sh --light --streams 1000,5000`.
 #
+# `scripts/bench.sh --prefix [--requests N --concurrency C ...]` compares routing policies on a
+# prefix-sharing workload instead (scripts/bench-prefix.py).
+#
 # `scripts/bench.sh --soak [RECORDS RATE RETENTION_SECS]` runs the usage store's retention soak
 # instead (examples/usage_soak.rs; default 2,000,000 records at 20,000/s, 20 s retention): file
 # size every 5 s, then rollup totals against what was sent, and drops (must be 0).
@@ -28,6 +31,17 @@ if [ "${1:-}" = "--replay" ]; then
     shift
     scripts/install-deps.sh
     exec cargo run --release --example replay_bench -- "$@"
+fi
+if [ "${1:-}" = "--prefix" ]; then
+    # Prefix affinity against least-in-flight and the SGLang router's cache_aware policy
+    # (`pip install sglang-router`; skipped when missing) on 4 simulators with prefix caches
+    # (scripts/bench-prefix.py --help). FG_BIN_DIR: use binaries built elsewhere.
+    shift
+    if [ -z "${FG_BIN_DIR:-}" ]; then
+        cargo build --release --bin firstgate --bin firstgate-sim
+        FG_BIN_DIR=target/release
+    fi
+    exec python3 scripts/bench-prefix.py "$FG_BIN_DIR" "$@"
 fi
 scripts/install-deps.sh --servers
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then

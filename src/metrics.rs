@@ -3,7 +3,7 @@
 //! so cardinality stays bounded; tokens never appear in labels.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -34,6 +34,12 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     /// 1 when a backend instance passes its health check.
     pub backend_healthy: IntGaugeVec,
+    /// What each instance reports itself (vLLM's `/metrics`, last successful read).
+    pub backend_waiting: IntGaugeVec,
+    pub backend_running: IntGaugeVec,
+    pub backend_kv_cache: GaugeVec,
+    pub backend_prefix_hit_rate: GaugeVec,
+    pub backend_metrics_age: GaugeVec,
     /// Time the gateway itself spent on a request (parsing, lookup, selection, filters).
     pub overhead: HistogramVec,
     /// Upstream attempts retried on another backend.
@@ -124,6 +130,9 @@ impl Metrics {
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             registered(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
+        let float_gauge = |name: &str, help: &str, labels: &[&str]| {
+            registered(&registry, GaugeVec::new(Opts::new(name, help), labels))
+        };
         let cm = &["cluster", "model"];
         let overhead = hist(
             "firstgate_gateway_overhead_seconds",
@@ -167,6 +176,31 @@ impl Metrics {
             backend_healthy: gauge(
                 "firstgate_backend_healthy",
                 "1 when the backend instance passes its health check, else 0.",
+                &["cluster", "model", "backend"],
+            ),
+            backend_waiting: gauge(
+                "firstgate_backend_waiting",
+                "Requests waiting in the backend instance's own queue (vllm:num_requests_waiting), as last read.",
+                &["cluster", "model", "backend"],
+            ),
+            backend_running: gauge(
+                "firstgate_backend_running",
+                "Requests the backend instance is running (vllm:num_requests_running), as last read.",
+                &["cluster", "model", "backend"],
+            ),
+            backend_kv_cache: float_gauge(
+                "firstgate_backend_kv_cache_usage",
+                "KV-cache use of the backend instance, 0 to 1 (vllm:kv_cache_usage_perc), as last read.",
+                &["cluster", "model", "backend"],
+            ),
+            backend_prefix_hit_rate: float_gauge(
+                "firstgate_backend_prefix_cache_hit_rate",
+                "Share of prompt tokens the backend instance found in its prefix cache between its last two reads.",
+                &["cluster", "model", "backend"],
+            ),
+            backend_metrics_age: float_gauge(
+                "firstgate_backend_metrics_age_seconds",
+                "Time since the backend instance's metrics were last read successfully (grows while reads fail).",
                 &["cluster", "model", "backend"],
             ),
             retries: counter(

@@ -483,6 +483,7 @@ fn add_background_services(
             metrics.clone(),
             config.health_check.interval,
             config.health_check.resolve_interval,
+            config.upstream.metrics_interval,
         ),
     ));
     server.add_service(background_service(

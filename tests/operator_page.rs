@@ -58,6 +58,15 @@ async fn the_page_and_its_json_show_models_usage_refusals_and_versions() {
     assert_eq!(model["model"], LLAMA, "{state}");
     assert_eq!(model["state"], "hot", "{state}");
     assert_eq!(model["instances"][0]["healthy"], true, "{state}");
+    assert_eq!(model["routing"], "least_in_flight", "{state}");
+    // What the instance reports itself (vLLM's /metrics), once the monitor has read it.
+    wait_for("the backend's own figures on the page", || async {
+        let (_, state) = admin_json(&gw, "/api/state").await;
+        let model = &state["clusters"][0]["frameworks"][0]["models"][0];
+        let reported = &model["instances"][0]["backend"];
+        (reported["waiting"] == 0 && reported["age_ms"].is_u64()).then_some(())
+    })
+    .await;
     assert!(model["cap"].as_u64().unwrap() > 0);
     assert_eq!(state["gateway"]["ready"], true);
     let recent = &state["errors"]["recent"][0];

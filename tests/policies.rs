@@ -64,6 +64,19 @@ fn every_example_policy_answers_a_dry_run() {
     let d = dry_run("reserved-group", &["--request", OUTSIDER, "--state", busy]);
     assert_eq!(d["instance"], "127.0.0.1:18001");
 
+    // Prefix affinity, and vLLM's own queue: the first instance reports 20 waiting.
+    let queued = "conf/policies/examples/state-queued.json";
+    let prefixed = "conf/policies/examples/request-prefix.json";
+    let d = dry_run(
+        "prefix-affinity",
+        &["--request", prefixed, "--state", queued],
+    );
+    assert_eq!(
+        (d["instance"].as_str(), d["by_prefix"].as_bool()),
+        (Some("127.0.0.1:18002"), Some(true)),
+        "{d}"
+    );
+
     let a = dry_run(
         "scale-on-demand",
         &["--scale", "conf/policies/examples/scale-waiting.json"],

@@ -3,7 +3,8 @@
 //! too:
 //!
 //! - `GET /api/state`: readiness, maintenance, clusters → frameworks → models → instances
-//!   (state, health, requests in flight, the per-instance cap, recent latency, walltime left)
+//!   (state, health, requests in flight, the per-instance cap, recent latency, what the
+//!   backend reports itself (vLLM's queue, KV cache, prefix-cache hits), walltime left)
 //!   and each cluster's jobs by list,
 //!   Globus Compute tasks and recent scale actions with the policy's inputs, refusals and
 //!   errors by kind with the recent ones, and the configuration's and policies' versions.
@@ -118,10 +119,16 @@ impl OperatorPage {
                                         json!({"id": v.id, "healthy": v.healthy,
                                                "draining": i.is_draining(), "in_flight": v.in_flight,
                                                "latency_ms": i.recent_latency().map(|l| l.as_millis() as u64),
-                                               "walltime_left_s": v.ends_in})
+                                               "walltime_left_s": v.ends_in,
+                                               "backend": v.metrics_age_ms.map(|age| json!({
+                                                   "waiting": v.waiting, "running": v.running,
+                                                   "kv_cache": v.kv_cache,
+                                                   "prefix_hit_rate": v.prefix_hit_rate,
+                                                   "age_ms": age}))})
                                     })
                                     .collect();
                                 json!({"model": d.model, "state": state,
+                                       "routing": d.pool.settings.routing.as_str(),
                                        "in_flight": view.instances.iter().map(|i| i.in_flight).sum::<i64>(),
                                        "cap": d.pool.settings.max_concurrent, "instances": instances})
                             })

@@ -41,6 +41,13 @@ enum Command {
         /// Time between tokens, in milliseconds.
         #[arg(long, default_value_t = 20)]
         itl_ms: u64,
+        /// Prefill time per prompt token not found in the prefix cache, in microseconds
+        /// (added to the time to first token).
+        #[arg(long, default_value_t = 0)]
+        prefill_us_per_token: u64,
+        /// KV-cache blocks of 16 tokens the prefix cache holds (0: no prefix caching).
+        #[arg(long, default_value_t = 4096)]
+        prefix_cache_blocks: usize,
     },
     /// Globus Auth (introspection, token grants) and Groups (`my_groups`) on one port; set it
     /// as both `auth.globus.auth_url` and `groups_url`.
@@ -64,6 +71,8 @@ async fn main() -> anyhow::Result<()> {
             api_key,
             ttft_ms,
             itl_ms,
+            prefill_us_per_token,
+            prefix_cache_blocks,
         } => {
             if models.is_empty() && embedding_models.is_empty() {
                 anyhow::bail!("name at least one --model or --embedding-model to serve");
@@ -75,6 +84,8 @@ async fn main() -> anyhow::Result<()> {
                 api_key,
                 ttft: Duration::from_millis(ttft_ms),
                 itl: Duration::from_millis(itl_ms),
+                prefill_per_token: Duration::from_micros(prefill_us_per_token),
+                prefix_cache_blocks,
                 ..VllmSimConfig::default()
             };
             let sim = VllmSim::start(listen, cfg)

@@ -4,6 +4,8 @@
 //! It is built once from the validated configuration and answers name lookups without
 //! allocating beyond the normalized key. "Which backend now" lives in [`pool`].
 
+pub mod affinity;
+pub mod backend_metrics;
 mod discovery;
 mod monitor;
 mod pool;
@@ -397,7 +399,7 @@ impl Catalog {
 fn pool_key(config: &Config, m: &crate::config::Model, api_key: Option<&str>) -> String {
     use sha2::{Digest, Sha256};
     let text = format!(
-        "{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        "{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
         m.backends,
         m.tls,
         m.tls_ca,
@@ -408,6 +410,7 @@ fn pool_key(config: &Config, m: &crate::config::Model, api_key: Option<&str>) ->
         m.connect_timeout,
         m.read_timeout,
         m.max_concurrent_per_backend,
+        m.routing,
         config.upstream,
         config.health_check,
     );

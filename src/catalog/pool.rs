@@ -2,6 +2,7 @@
 //! least-in-flight choice, and admission control (a cap on concurrent requests per instance,
 //! with a bounded wait when every healthy instance is full).
 
+use super::backend_metrics::{BackendLoad, BackendMetrics};
 use super::discovery::ResolvingDiscovery;
 use super::selection::LeastInFlight;
 use crate::config::{self, BackendAddr};
@@ -22,6 +23,8 @@ use tokio::sync::Notify;
 pub struct UpstreamTls {
     ca: Option<Arc<pingora::protocols::tls::CaType>>,
     client: Option<Arc<CertKey>>,
+    /// An HTTP client with the same trust and client certificate, for the backends' metrics.
+    pub scraper: reqwest::Client,
 }
 
 impl UpstreamTls {
@@ -41,15 +44,31 @@ impl UpstreamTls {
             }
             None => None,
         };
+        let mut scraper = reqwest::Client::builder()
+            .use_rustls_tls()
+            .pool_max_idle_per_host(1);
+        if let Some(path) = &m.tls_ca {
+            for cert in crate::pem::read_certificates(path)? {
+                scraper = scraper.add_root_certificate(reqwest::Certificate::from_der(&cert)?);
+            }
+        }
         let client = match (&m.tls_client_cert, &m.tls_client_key) {
             (Some(cert), Some(key)) => {
+                let mut pem = std::fs::read(cert)?;
+                pem.push(b'\n');
+                pem.extend(std::fs::read(key)?);
+                scraper = scraper.identity(reqwest::Identity::from_pem(&pem)?);
                 let chain = der(crate::pem::read_certificates(cert)?);
                 let key = crate::pem::read_private_key(key)?;
                 Some(Arc::new(CertKey::new(chain, key.secret_der().to_vec())))
             }
             _ => None,
         };
-        Ok(UpstreamTls { ca, client })
+        Ok(UpstreamTls {
+            ca,
+            client,
+            scraper: scraper.build()?,
+        })
     }
 
     fn apply(&self, peer: &mut HttpPeer) {
@@ -70,6 +89,15 @@ pub struct UpstreamSettings {
     /// `Bearer <key>` for direct APIs; marked sensitive so it is never printed.
     pub authorization: Option<http::HeaderValue>,
     pub tls: UpstreamTls,
+    /// How requests spread over the instances (the model's override, else the default).
+    pub routing: config::Routing,
+    /// Prefix affinity: bytes of the prompt's start that make its key (tokens × 4).
+    pub prefix_bytes: usize,
+    /// Prefix affinity: the load bound's slack over the average.
+    pub affinity_slack: f64,
+    /// Where the instances serve their metrics, and the per-scrape timeout.
+    pub metrics_path: String,
+    pub metrics_timeout: Duration,
 }
 
 impl UpstreamSettings {
@@ -95,6 +123,11 @@ impl UpstreamSettings {
             admission_wait: d.admission_wait,
             authorization,
             tls,
+            routing: m.routing.unwrap_or(d.routing),
+            prefix_bytes: d.prefix_tokens.saturating_mul(4),
+            affinity_slack: d.affinity_slack,
+            metrics_path: d.metrics_path.clone(),
+            metrics_timeout: d.metrics_timeout,
         }
     }
 }
@@ -104,6 +137,7 @@ impl fmt::Debug for UpstreamSettings {
         f.debug_struct("UpstreamSettings")
             .field("read_timeout", &self.read_timeout)
             .field("max_concurrent", &self.max_concurrent)
+            .field("routing", &self.routing)
             .field("has_api_key", &self.authorization.is_some())
             .field("tls_ca", &self.tls.ca.is_some())
             .field("tls_client_cert", &self.tls.client.is_some())
@@ -134,6 +168,8 @@ pub struct Instance {
     /// The scale policy released it and its stop is under way: like draining, and out of the
     /// scale policy's view, so it is not stopped twice.
     stopping: AtomicBool,
+    /// What the instance reports about itself (vLLM's `/metrics`), read by the monitor.
+    pub backend: BackendMetrics,
 }
 
 impl Instance {
@@ -155,6 +191,7 @@ impl Instance {
             admitted: AtomicBool::new(admitted),
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            backend: BackendMetrics::default(),
         }
     }
 
@@ -220,6 +257,18 @@ impl Instance {
         self.latency_ewma_us.store(new.max(1), Ordering::Relaxed);
         let at = self.since.elapsed().as_micros().max(1) as u64;
         self.last_active.store(at, Ordering::Relaxed);
+    }
+
+    /// The instance's own figures (vLLM's queue, KV cache, prefix-cache hits) from its last
+    /// successful scrape, if any.
+    pub fn reported(&self) -> Option<BackendLoad> {
+        self.backend.load()
+    }
+
+    /// The URL of the instance's metrics.
+    pub fn metrics_url(&self, path: &str) -> String {
+        let scheme = if self.addr.tls() { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.id)
     }
 
     /// Requests the gateway has sent to this instance that have not finished.

@@ -552,6 +552,46 @@ pub struct UpstreamDefaults {
     /// `max_concurrent_per_backend`, before it is answered 503. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub admission_wait: Duration,
+    /// How a model's requests are spread over its instances (the built-in route rule, and
+    /// `direct(...)` in a route policy); a model may override it. Default `least_in_flight`.
+    pub routing: Routing,
+    /// Prefix affinity: how many tokens' worth of the prompt's start (system prompt and leading
+    /// messages, about 4 bytes a token) decide the instance. Default 256.
+    pub prefix_tokens: usize,
+    /// Prefix affinity's bound on load: an instance with more than `1 + affinity_slack` times
+    /// the average requests in flight (or reporting a vLLM queue) is passed over for the next
+    /// one on the ring. Default 0.5.
+    pub affinity_slack: f64,
+    /// How often each instance's own Prometheus metrics (vLLM's queue, KV-cache use and
+    /// prefix-cache hits) are read, off the request path; `0s` turns scraping off. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub metrics_interval: Duration,
+    /// Where an instance serves its metrics. Default `/metrics`.
+    pub metrics_path: String,
+    /// Per-scrape timeout. Default 500 ms.
+    #[serde(with = "humantime_serde")]
+    pub metrics_timeout: Duration,
+}
+
+/// How requests are spread over a model's instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    /// The instance with the fewest requests in flight at this gateway.
+    #[default]
+    LeastInFlight,
+    /// Requests whose prompts start alike go to the same instance (its prefix cache holds
+    /// them), by consistent hashing with bounded load.
+    PrefixAffinity,
+}
+
+impl Routing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Routing::LeastInFlight => "least_in_flight",
+            Routing::PrefixAffinity => "prefix_affinity",
+        }
+    }
 }
 
 impl Default for UpstreamDefaults {
@@ -563,6 +603,12 @@ impl Default for UpstreamDefaults {
             idle_timeout: Duration::from_secs(4),
             max_concurrent_per_backend: 256,
             admission_wait: Duration::from_secs(10),
+            routing: Routing::LeastInFlight,
+            prefix_tokens: 256,
+            affinity_slack: 0.5,
+            metrics_interval: Duration::from_secs(1),
+            metrics_path: "/metrics".into(),
+            metrics_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -854,6 +900,9 @@ pub struct Model {
     /// Overrides of the `upstream:` defaults for this model.
     #[serde(default)]
     pub max_concurrent_per_backend: Option<usize>,
+    /// `least_in_flight` or `prefix_affinity` for this model (default: `upstream.routing`).
+    #[serde(default)]
+    pub routing: Option<Routing>,
     /// What the scale policy may do with this model.
     #[serde(default)]
     pub scaling: Scaling,
@@ -1178,6 +1227,23 @@ fn validate(config: &Config) -> Result<(), error::Invalid> {
                 .near("max_concurrent_per_backend"),
         );
     }
+    if config.upstream.prefix_tokens == 0 {
+        return Err(
+            Invalid::new("upstream.prefix_tokens", "must be at least 1").near("prefix_tokens")
+        );
+    }
+    if !(config.upstream.affinity_slack.is_finite() && config.upstream.affinity_slack >= 0.0) {
+        return Err(Invalid::new(
+            "upstream.affinity_slack",
+            "must be a number of at least 0 (0.5: up to 1.5 times the average load)",
+        )
+        .near("affinity_slack"));
+    }
+    if !config.upstream.metrics_path.starts_with('/') {
+        return Err(
+            Invalid::new("upstream.metrics_path", "must start with '/'").near("metrics_path")
+        );
+    }
     for (cluster_name, cluster) in &config.clusters {
         check_name(&format!("clusters.{cluster_name}"), cluster_name)?;
         for (fw_name, fw) in &cluster.frameworks {
@@ -1363,6 +1429,27 @@ clusters:
         assert_eq!(e.line, Some(3), "{e}");
         assert!(with("  retention: 0\n  rollup_retention: 365d\n").is_err());
         assert!(with("  retention: 30d\n  rollup_retention: 365d\n").is_ok());
+    }
+
+    #[test]
+    fn routing_settings_are_checked_and_a_model_may_override_them() {
+        let with = |upstream: &str| parse_str(&format!("upstream:\n{upstream}{GOOD}"));
+        let c = with("  routing: prefix_affinity\n  metrics_interval: 250ms\n").unwrap();
+        assert_eq!(c.upstream.routing, Routing::PrefixAffinity);
+        assert_eq!(c.upstream.metrics_interval, Duration::from_millis(250));
+        assert_eq!(c.upstream.prefix_tokens, 256);
+        let e = with("  affinity_slack: -1\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("upstream.affinity_slack"), "{e}");
+        assert!(with("  prefix_tokens: 0\n").is_err());
+        assert!(with("  metrics_path: metrics\n").is_err());
+        assert!(with("  routing: round_robin\n").is_err());
+        let model = parse_str(&GOOD.replace(
+            "aliases: [llama3-8b]",
+            "aliases: [llama3-8b]\n            routing: prefix_affinity",
+        ))
+        .unwrap();
+        let m = &model.clusters["sophia"].frameworks["vllm"].models[0];
+        assert_eq!(m.routing, Some(Routing::PrefixAffinity));
     }
 
     #[test]

@@ -42,9 +42,40 @@ pub struct ControlFields {
     /// The most tokens the answer may have, as the client set it (`max_completion_tokens`,
     /// else `max_tokens`).
     pub max_tokens: Option<u64>,
+    /// Where the prompt's leading fields sit, in prompt order (`system` then `messages` for
+    /// the Messages API, `instructions` then `input` for Responses, else `messages` or
+    /// `prompt`): the start of the prompt for prefix affinity.
+    prompt_spans: [Option<Range<usize>>; 2],
 }
 
 impl ControlFields {
+    /// A key for the start of the prompt: a hash of the first `budget` bytes of its leading
+    /// fields' JSON text (ASCII white space skipped, so the client's formatting does not
+    /// matter), or `None` when the request has no prompt. Prompts that start alike share it;
+    /// the text itself is not kept.
+    pub fn prefix_key(&self, body: &[u8], budget: usize) -> Option<u64> {
+        let mut left = budget;
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
+        let mut any = false;
+        for span in self.prompt_spans.iter().flatten() {
+            for &b in body.get(span.clone())? {
+                if left == 0 {
+                    break;
+                }
+                if b.is_ascii_whitespace() {
+                    continue;
+                }
+                hash = (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+                left -= 1;
+                any = true;
+            }
+            // Fields are kept apart: `system: "ab"` and `messages` starting "c" differ from
+            // `system: "a"` and "bc".
+            hash = (hash ^ 0xff).wrapping_mul(0x100_0000_01b3);
+        }
+        any.then_some(hash)
+    }
+
     /// The body with `model` replaced (if `name` is given) and, with `ask_usage`,
     /// `stream_options.include_usage` set to true (the member added to the client's
     /// `stream_options`, or `"stream_options":{"include_usage":true}` added in front); every
@@ -186,6 +217,14 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
     let max_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .iter()
         .find_map(|f| fields.get(*f)?.get().parse::<u64>().ok());
+    let prompt_fields: [&str; 2] = match endpoint {
+        Endpoint::ChatCompletions => ["messages", ""],
+        Endpoint::Completions => ["prompt", ""],
+        Endpoint::Messages => ["system", "messages"],
+        Endpoint::Responses => ["instructions", "input"],
+        Endpoint::Embeddings | Endpoint::CountTokens => ["", ""],
+    };
+    let prompt_spans = prompt_fields.map(|f| fields.get(f).map(|v| span_of(v)));
     Ok(ControlFields {
         model,
         stream,
@@ -193,6 +232,7 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         stream_options_span: stream_options.map(|v| span_of(v)),
         include_usage,
         max_tokens,
+        prompt_spans,
     })
 }
 
@@ -281,6 +321,46 @@ mod tests {
 
     fn chat(body: &str) -> Result<ControlFields, ApiError> {
         parse_control_fields(body.as_bytes(), Endpoint::ChatCompletions)
+    }
+
+    fn key(body: &str, endpoint: Endpoint, budget: usize) -> Option<u64> {
+        parse_control_fields(body.as_bytes(), endpoint)
+            .unwrap()
+            .prefix_key(body.as_bytes(), budget)
+    }
+
+    #[test]
+    fn prompts_that_start_alike_share_a_prefix_key() {
+        let system = r#"{"role":"system","content":"You are a careful assistant."}"#;
+        let a = format!(r#"{{"model":"m","messages":[{system},{{"role":"user","content":"a"}}]}}"#);
+        let b = format!(
+            "{{\"messages\": [ {system},\n {{\"role\": \"user\", \"content\": \"b\"}}], \"model\": \"x\"}}"
+        );
+        let chat = Endpoint::ChatCompletions;
+        // The first 60 bytes are the system message: same key whatever follows, the model,
+        // field order and the client's white space.
+        assert_eq!(key(&a, chat, 60), key(&b, chat, 60));
+        assert!(key(&a, chat, 60).is_some());
+        // With the whole prompt in the key they differ.
+        assert_ne!(key(&a, chat, 10_000), key(&b, chat, 10_000));
+        // The Messages API: `system` and then `messages`, kept apart.
+        let m = |system: &str, first: &str| {
+            format!(
+                r#"{{"model":"m","max_tokens":5,"system":"{system}","messages":[{{"role":"user","content":"{first}"}}]}}"#
+            )
+        };
+        let messages = Endpoint::Messages;
+        assert_eq!(
+            key(&m("s", "x"), messages, 8),
+            key(&m("s", "y"), messages, 8)
+        );
+        assert_ne!(
+            key(&m("ab", "c"), messages, 100),
+            key(&m("a", "bc"), messages, 100)
+        );
+        // No prompt, no key.
+        let e = r#"{"model":"m","input":"text"}"#;
+        assert_eq!(key(e, Endpoint::Embeddings, 100), None);
     }
 
     #[test]

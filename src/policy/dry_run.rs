@@ -153,6 +153,8 @@ fn candidates(
                         instances: d.instances.clone(),
                         compute: d.compute,
                         index: out.len(),
+                        routing: m.routing.unwrap_or(config.upstream.routing),
+                        affinity_slack: config.upstream.affinity_slack,
                     },
                     None => Candidate {
                         cluster: cluster_name.clone(),
@@ -169,10 +171,13 @@ fn candidates(
                                 latency_ms: 0,
                                 ends_in: None,
                                 socket: None,
+                                ..Default::default()
                             })
                             .collect(),
                         compute: false,
                         index: out.len(),
+                        routing: m.routing.unwrap_or(config.upstream.routing),
+                        affinity_slack: config.upstream.affinity_slack,
                     },
                 };
                 out.push(candidate);

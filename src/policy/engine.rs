@@ -22,6 +22,8 @@ pub struct Req(pub Arc<RouteRequest>);
 pub struct CandidateList {
     pub model: Arc<str>,
     pub items: Candidates,
+    /// The request's prompt key (prefix affinity), if it has a prompt.
+    pub prefix: Option<u64>,
 }
 
 impl CandidateList {
@@ -29,6 +31,7 @@ impl CandidateList {
         CandidateList {
             model: self.model.clone(),
             items: Arc::new(self.items.iter().filter(|c| keep(c)).cloned().collect()),
+            prefix: self.prefix,
         }
     }
 
@@ -49,6 +52,7 @@ impl CandidateList {
         CandidateList {
             model: self.model.clone(),
             items: Arc::new(items),
+            prefix: self.prefix,
         }
     }
 }
@@ -176,6 +180,12 @@ fn register_candidates(e: &mut Engine) {
         .register_fn("avoid_ending_within", |c: &mut CandidateList, secs: i64| {
             c.with_instances(|i| i.ends_in.is_none_or(|left| left > secs))
         })
+        .register_fn("without_queue", |c: &mut CandidateList| {
+            c.with_instances(|i| i.waiting <= 0)
+        })
+        .register_fn("max_waiting", |c: &mut CandidateList, n: i64| {
+            c.with_instances(|i| i.waiting <= n)
+        })
         .register_fn(
             "with_instance",
             |c: &mut CandidateList, id: ImmutableString| c.with_instances(|i| i.id == id.as_str()),
@@ -202,6 +212,19 @@ fn register_candidates(e: &mut Engine) {
         })
         .register_get("in_flight", |c: &mut Candidate| {
             c.instances.iter().map(|i| i.in_flight).sum::<i64>()
+        })
+        // What the backends report themselves (vLLM's /metrics); -1 where nothing is known.
+        .register_get("waiting", |c: &mut Candidate| c.waiting())
+        .register_get("running", |c: &mut Candidate| c.running())
+        .register_get("kv_cache", |c: &mut Candidate| c.kv_cache().unwrap_or(-1.0))
+        .register_get("prefix_hit_rate", |c: &mut Candidate| {
+            c.prefix_hit_rate().unwrap_or(-1.0)
+        })
+        .register_get("metrics_age_ms", |c: &mut Candidate| {
+            c.metrics_age_ms().unwrap_or(-1)
+        })
+        .register_get("routing", |c: &mut Candidate| {
+            c.routing.as_str().to_string()
         });
 }
 
@@ -209,13 +232,18 @@ fn one(c: &Candidate, model: &str) -> CandidateList {
     CandidateList {
         model: model.into(),
         items: Arc::new(vec![Arc::new(c.clone())]),
+        prefix: None,
     }
 }
 
 fn register_decisions(e: &mut Engine) {
     e.register_type_with_name::<Decision>("Decision")
         .register_fn("direct", |c: CandidateList| {
-            view::direct(&c.items, &c.model)
+            view::direct_routed(c.items.iter().map(|c| &**c), &c.model, c.prefix)
+        })
+        .register_fn("direct_by_prefix", |c: CandidateList| match c.prefix {
+            Some(key) => view::direct_by_prefix(c.items.iter().map(|c| &**c), &c.model, key),
+            None => view::direct(&c.items, &c.model),
         })
         .register_fn("compute", |c: CandidateList| {
             view::compute(&c.items, &c.model)
@@ -263,6 +291,8 @@ fn register_scale(e: &mut Engine) {
         .register_get("waiting", |m: &mut ScaleInput| m.waiting)
         .register_get("cold_waiting", |m: &mut ScaleInput| m.cold_waiting)
         .register_get("in_flight", |m: &mut ScaleInput| m.in_flight)
+        .register_get("backend_waiting", |m: &mut ScaleInput| m.backend_waiting)
+        .register_get("backend_running", |m: &mut ScaleInput| m.backend_running)
         .register_get("min", |m: &mut ScaleInput| m.min_instances)
         .register_get("max", |m: &mut ScaleInput| m.max_instances)
         .register_get("keep_hot", |m: &mut ScaleInput| m.keep_hot)

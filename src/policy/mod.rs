@@ -54,7 +54,8 @@ impl Policies {
 }
 
 /// The built-in rule: the requested cluster if the URL names one, then prefer deployments with
-/// a healthy instance, and the instance with the fewest requests in flight.
+/// a healthy instance, and the instance with the fewest requests in flight (or, for models
+/// routed by `prefix_affinity`, the prompt's instance on the ring).
 pub fn builtin_route(req: &RouteRequest, candidates: &[Arc<Candidate>]) -> Decision {
     let requested = candidates.iter().map(|c| &**c).filter(|c| {
         req.cluster.is_empty() || (c.cluster == req.cluster && c.framework == req.framework)
@@ -62,7 +63,7 @@ pub fn builtin_route(req: &RouteRequest, candidates: &[Arc<Candidate>]) -> Decis
     if view::least_in_flight(requested.clone()).is_none() && requested.clone().any(|c| c.compute) {
         view::compute_among(requested, &req.model)
     } else {
-        view::direct_among(requested, &req.model)
+        view::direct_routed(requested, &req.model, req.prefix)
     }
 }
 
@@ -251,10 +252,13 @@ mod tests {
                     latency_ms: 0,
                     ends_in: None,
                     socket: None,
+                    ..Default::default()
                 })
                 .collect(),
             compute: state != DeploymentState::Hot,
             index,
+            routing: Default::default(),
+            affinity_slack: 0.5,
         })
     }
 
@@ -328,6 +332,58 @@ mod tests {
             s.route(&req(""), &c).unwrap(),
             Decision::Reject { status: 503, .. }
         ));
+    }
+
+    #[test]
+    fn scripts_read_backend_figures_and_route_by_prefix() {
+        let mut sophia = Candidate::clone(&fixture()[1]);
+        sophia.index = 0;
+        sophia.instances[0].waiting = 3;
+        sophia.instances[0].kv_cache = Some(0.5);
+        sophia.instances[1].kv_cache = Some(0.25);
+        sophia.instances[1].metrics_age_ms = Some(120);
+        let c: Candidates = Arc::new(vec![Arc::new(sophia)]);
+        let s = script(
+            r#"fn route(req, c) {
+                let d = c.first();
+                if d.waiting != 3 || d.kv_cache != 0.375 || d.metrics_age_ms != 120
+                    || d.prefix_hit_rate != -1.0 { return reject(500, "bad figures"); }
+                direct(c.without_queue())
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            instance(&s.route(&req(""), &c).unwrap()),
+            Some("sophia-1:8000")
+        );
+        // By prefix: the same key, the same instance, whatever the loads below the bound.
+        let mut with_key = RouteRequest::clone(&req(""));
+        with_key.prefix = Some(42);
+        let with_key = Arc::new(with_key);
+        let s = script("fn route(req, c) { direct_by_prefix(c) }").unwrap();
+        let first = s.route(&with_key, &c).unwrap();
+        assert!(
+            matches!(
+                first,
+                Decision::Direct {
+                    by_prefix: true,
+                    ..
+                }
+            ),
+            "{first:?}"
+        );
+        // Without a prompt key it is the least-loaded instance.
+        let d = s.route(&req(""), &c).unwrap();
+        assert!(
+            matches!(
+                d,
+                Decision::Direct {
+                    by_prefix: false,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub struct ScaleInput {
     /// Requests running through Globus Compute now (no instance was hot).
     pub cold_waiting: i64,
     pub in_flight: i64,
+    /// Requests waiting in the hot instances' own queues, and running there, as vLLM last
+    /// reported them (`/metrics`; includes requests that did not come through this gateway).
+    pub backend_waiting: i64,
+    pub backend_running: i64,
     pub min_instances: i64,
     pub max_instances: i64,
     /// Seconds a started instance runs (its job's walltime).

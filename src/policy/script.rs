@@ -139,6 +139,7 @@ impl Script {
         let list = CandidateList {
             model: req.model.as_str().into(),
             items: candidates.clone(),
+            prefix: req.prefix,
         };
         let out = self.call((Req(req.clone()), list))?;
         engine::expect::<Decision>(

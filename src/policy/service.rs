@@ -29,11 +29,17 @@ pub fn candidates_of(deployments: &[Arc<Deployment>]) -> Candidates {
                     .into_iter()
                     .map(|(i, healthy)| {
                         let ends_in = live.ends_in(i.id());
+                        let reported = i.reported();
                         InstanceView {
                             healthy,
                             in_flight: i.in_flight() as i64,
                             latency_ms: i.recent_latency().map_or(0, |l| l.as_millis() as i64),
                             ends_in,
+                            waiting: reported.map_or(0, |r| r.waiting),
+                            running: reported.map_or(0, |r| r.running),
+                            kv_cache: reported.and_then(|r| r.kv_cache),
+                            prefix_hit_rate: reported.and_then(|r| r.prefix_hit_rate),
+                            metrics_age_ms: reported.map(|r| r.age.as_millis() as i64),
                             socket: Some(i.socket),
                             id: i.id().to_owned(),
                         }
@@ -48,6 +54,8 @@ pub fn candidates_of(deployments: &[Arc<Deployment>]) -> Candidates {
                     instances,
                     compute,
                     index,
+                    routing: d.pool.settings.routing,
+                    affinity_slack: d.pool.settings.affinity_slack,
                 })
             })
             .collect(),
@@ -233,6 +241,10 @@ impl ScaleRunner {
             input.starting += starting as i64;
             for (i, healthy) in d.pool.instances() {
                 input.in_flight += i.in_flight() as i64;
+                if let Some(r) = i.reported().filter(|_| healthy) {
+                    input.backend_waiting += r.waiting;
+                    input.backend_running += r.running;
+                }
                 // Draining instances are on their way out: the policy may replace them.
                 if i.is_draining() {
                     continue;
@@ -262,11 +274,12 @@ impl ScaleRunner {
             // What the policy saw, for the operator's page.
             let why = format!(
                 "{:.1} requests/min, {} waiting for a slot, {} through Compute, {} in flight, \
-                 instances {}..{}",
+                 {} queued in the backends, instances {}..{}",
                 input.requests_per_minute,
                 input.waiting,
                 input.cold_waiting,
                 input.in_flight,
+                input.backend_waiting,
                 input.min_instances,
                 input.max_instances
             );

@@ -1,6 +1,8 @@
 //! What a route policy sees: the request and the candidate deployments, as plain data the
 //! gateway builds per request (or `firstgate policy test` reads from JSON).
 
+use crate::catalog::affinity;
+pub use crate::config::Routing;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +27,9 @@ pub struct RouteRequest {
     pub batch: bool,
     /// Request headers named `x-*` (lower-case), other than credentials.
     pub headers: BTreeMap<String, String>,
+    /// A hash of the prompt's start (system prompt and leading messages, `upstream.prefix_tokens`
+    /// tokens' worth): equal for prompts that start alike. Absent without a prompt.
+    pub prefix: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -83,6 +88,19 @@ pub struct InstanceView {
     /// Seconds until the instance's batch job ends; absent for static backends.
     #[serde(default)]
     pub ends_in: Option<i64>,
+    /// What the instance itself last reported (vLLM's `/metrics`): requests in its queue and
+    /// running, KV-cache use (0..1), prefix-cache hit rate (0..1), and how old the figures are
+    /// in milliseconds (absent: never read).
+    #[serde(default)]
+    pub waiting: i64,
+    #[serde(default)]
+    pub running: i64,
+    #[serde(default)]
+    pub kv_cache: Option<f64>,
+    #[serde(default)]
+    pub prefix_hit_rate: Option<f64>,
+    #[serde(default)]
+    pub metrics_age_ms: Option<i64>,
     /// The address the gateway connects to (not in policy-test JSON).
     #[serde(skip)]
     pub socket: Option<SocketAddr>,
@@ -90,6 +108,29 @@ pub struct InstanceView {
 
 fn healthy() -> bool {
     true
+}
+
+impl Default for InstanceView {
+    /// A healthy instance with nothing known about its load.
+    fn default() -> Self {
+        InstanceView {
+            id: String::new(),
+            healthy: true,
+            in_flight: 0,
+            latency_ms: 0,
+            ends_in: None,
+            waiting: 0,
+            running: 0,
+            kv_cache: None,
+            prefix_hit_rate: None,
+            metrics_age_ms: None,
+            socket: None,
+        }
+    }
+}
+
+fn default_slack() -> f64 {
+    0.5
 }
 
 /// One deployment of the requested model the user may use.
@@ -104,6 +145,12 @@ pub struct Candidate {
     /// Whether the model can also run through Globus Compute on this cluster.
     #[serde(default)]
     pub compute: bool,
+    /// How `direct(...)` spreads requests over its instances (`upstream.routing`).
+    #[serde(default)]
+    pub routing: Routing,
+    /// Prefix affinity's load slack (`upstream.affinity_slack`).
+    #[serde(default = "default_slack")]
+    pub affinity_slack: f64,
     /// Position in the list the gateway built (not in policy-test JSON).
     #[serde(skip)]
     pub index: usize,
@@ -113,6 +160,38 @@ impl Candidate {
     pub fn healthy_instances(&self) -> impl Iterator<Item = &InstanceView> {
         self.instances.iter().filter(|i| i.healthy)
     }
+
+    /// Requests in the healthy instances' own queues (as they last reported).
+    pub fn waiting(&self) -> i64 {
+        self.healthy_instances().map(|i| i.waiting).sum()
+    }
+
+    /// Requests the healthy instances run (as they last reported).
+    pub fn running(&self) -> i64 {
+        self.healthy_instances().map(|i| i.running).sum()
+    }
+
+    /// Mean KV-cache use of the healthy instances that report it.
+    pub fn kv_cache(&self) -> Option<f64> {
+        mean(self.healthy_instances().filter_map(|i| i.kv_cache))
+    }
+
+    /// Mean prefix-cache hit rate of the healthy instances that report one.
+    pub fn prefix_hit_rate(&self) -> Option<f64> {
+        mean(self.healthy_instances().filter_map(|i| i.prefix_hit_rate))
+    }
+
+    /// Age of the oldest figures among the healthy instances (absent: none ever read).
+    pub fn metrics_age_ms(&self) -> Option<i64> {
+        self.healthy_instances()
+            .filter_map(|i| i.metrics_age_ms)
+            .max()
+    }
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0u32), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / f64::from(n))
 }
 
 /// A list of candidates, cheap to clone and narrow in a script.
@@ -129,6 +208,9 @@ pub enum Decision {
         cluster: String,
         framework: String,
         instance: Option<String>,
+        /// The instance was chosen by prefix affinity (else: fewest in flight).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        by_prefix: bool,
     },
     /// Run through Globus Compute on this deployment's cluster.
     Compute {
@@ -169,6 +251,7 @@ pub fn direct_among<'a>(
             cluster: c.cluster.clone(),
             framework: c.framework.clone(),
             instance: Some(i.id.clone()),
+            by_prefix: false,
         };
     }
     match candidates.clone().next() {
@@ -177,8 +260,62 @@ pub fn direct_among<'a>(
             cluster: c.cluster.clone(),
             framework: c.framework.clone(),
             instance: None,
+            by_prefix: false,
         },
         None => no_candidate(model),
+    }
+}
+
+/// `direct(...)` as the candidates are configured: by prefix affinity when the first of them
+/// uses it (`upstream.routing`) and the request has a prompt, else the least-loaded instance.
+pub fn direct_routed<'a>(
+    candidates: impl Iterator<Item = &'a Candidate> + Clone,
+    model: &str,
+    prefix: Option<u64>,
+) -> Decision {
+    let by_prefix = candidates
+        .clone()
+        .next()
+        .is_some_and(|c| c.routing == Routing::PrefixAffinity);
+    match prefix {
+        Some(key) if by_prefix => direct_by_prefix(candidates, model, key),
+        _ => direct_among(candidates, model),
+    }
+}
+
+/// `direct_by_prefix(...)`: the healthy instance for the prompt key `key` by consistent hashing
+/// with bounded load (see `catalog::affinity`); when every instance is over the bound or
+/// queueing, the least-loaded one.
+pub fn direct_by_prefix<'a>(
+    candidates: impl Iterator<Item = &'a Candidate> + Clone,
+    model: &str,
+    key: u64,
+) -> Decision {
+    let healthy: Vec<(&Candidate, &InstanceView)> = candidates
+        .clone()
+        .flat_map(|c| c.healthy_instances().map(move |i| (c, i)))
+        .collect();
+    let members: Vec<affinity::Member<'_>> = healthy
+        .iter()
+        .map(|(_, i)| affinity::Member {
+            id: &i.id,
+            in_flight: i.in_flight,
+            queued: i.waiting > 0,
+        })
+        .collect();
+    let slack = healthy.first().map_or(0.5, |(c, _)| c.affinity_slack);
+    match affinity::pick(key, &members, slack) {
+        Some(k) => {
+            let (c, i) = healthy[k];
+            Decision::Direct {
+                index: c.index,
+                cluster: c.cluster.clone(),
+                framework: c.framework.clone(),
+                instance: Some(i.id.clone()),
+                by_prefix: true,
+            }
+        }
+        None => direct_among(candidates, model),
     }
 }
 

@@ -51,6 +51,7 @@ impl Gateway {
                 stream: control.stream,
                 body_len: body.len(),
                 batch: ctx.request.batch_id.is_some(),
+                prompt: (&control, &body),
             },
         )?;
         drop(routing_span);

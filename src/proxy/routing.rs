@@ -5,8 +5,8 @@ use super::errors;
 use crate::auth::{rules, Identity};
 use crate::catalog::{Catalog, Deployment};
 use crate::metrics::Metrics;
-use crate::openai::ApiError;
 use crate::openai::Endpoint;
+use crate::openai::{ApiError, ControlFields};
 use crate::policy::{self, Decision, Policies, RouteRequest, UserView};
 use pingora::http::RequestHeader;
 use std::net::SocketAddr;
@@ -31,6 +31,9 @@ pub struct Asked<'a> {
     pub body_len: usize,
     /// A line of a batch (background priority).
     pub batch: bool,
+    /// The body and its control fields: the start of the prompt makes the prefix-affinity
+    /// key.
+    pub prompt: (&'a ControlFields, &'a [u8]),
 }
 
 /// Whether `identity` may use `d`; the error names the rule that failed.
@@ -96,6 +99,16 @@ pub fn route(
         },
         prompt_bytes: asked.body_len as i64,
         batch: asked.batch,
+        // Hashed only when something may route by it: a script, or a model set to.
+        prefix: (scripted
+            || allowed
+                .iter()
+                .any(|d| d.pool.settings.routing == crate::config::Routing::PrefixAffinity))
+        .then(|| {
+            let (control, body) = asked.prompt;
+            control.prefix_key(body, allowed[0].pool.settings.prefix_bytes)
+        })
+        .flatten(),
         headers: if scripted {
             header
                 .headers

@@ -4,6 +4,7 @@
 //! knobs let a test observe what reached the backend and make it misbehave.
 
 mod messages;
+pub mod prefix_cache;
 mod responses;
 
 use super::listener::Listening;
@@ -44,6 +45,11 @@ pub struct VllmSimConfig {
     pub embedding_dim: usize,
     /// Serve HTTPS with this configuration (it may require client certificates).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Prefill time per prompt token not found in the prefix cache, added to `ttft`: a prompt
+    /// whose start is cached answers sooner.
+    pub prefill_per_token: Duration,
+    /// KV-cache blocks (16 tokens each) the prefix cache holds (0: no prefix caching).
+    pub prefix_cache_blocks: usize,
 }
 
 impl Default for VllmSimConfig {
@@ -59,6 +65,8 @@ impl Default for VllmSimConfig {
             max_model_len: 8192,
             embedding_dim: 16,
             tls: None,
+            prefill_per_token: Duration::ZERO,
+            prefix_cache_blocks: 4096,
         }
     }
 }
@@ -83,6 +91,11 @@ pub struct SimStats {
     pub health_checks: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
+    /// Prompt tokens looked up in the prefix cache, and found there.
+    pub prefix_cache_queries: AtomicU64,
+    pub prefix_cache_hits: AtomicU64,
+    /// KV-cache blocks held by the generations running now.
+    pub kv_blocks_in_use: AtomicU64,
 }
 
 impl SimStats {
@@ -103,6 +116,8 @@ impl SimStats {
             "health_checks": g(&self.health_checks),
             "prompt_tokens": g(&self.prompt_tokens),
             "generation_tokens": g(&self.generation_tokens),
+            "prefix_cache_queries": g(&self.prefix_cache_queries),
+            "prefix_cache_hits": g(&self.prefix_cache_hits),
         })
     }
 }
@@ -125,6 +140,11 @@ pub struct SimFaults {
     /// When non-zero, a stream sends one event of this many bytes before its blank line (a
     /// stream that never lets a reader find an event's end), then ends normally.
     pub oversized_event_bytes: AtomicU64,
+    /// Requests `/metrics` reports waiting in the scheduler's queue (`vllm:num_requests_waiting`),
+    /// as a server past its batch capacity does.
+    pub reported_waiting: AtomicU64,
+    /// `/metrics` answers 500 (a scrape that fails).
+    pub metrics_down: AtomicBool,
 }
 
 impl SimFaults {
@@ -147,6 +167,8 @@ impl SimFaults {
             "stall_after_chunks": self.stall_after_chunks.load(Ordering::Relaxed),
             "sse_line_ends": self.sse_line_ends.load(Ordering::Relaxed),
             "oversized_event_bytes": self.oversized_event_bytes.load(Ordering::Relaxed),
+            "reported_waiting": self.reported_waiting.load(Ordering::Relaxed),
+            "metrics_down": self.metrics_down.load(Ordering::Relaxed),
         })
     }
 }
@@ -157,6 +179,7 @@ struct Shared {
     faults: SimFaults,
     last_request: Mutex<Option<(HeaderMap, Bytes)>>,
     started: u64,
+    prefix_cache: Mutex<prefix_cache::PrefixCache>,
 }
 
 /// A running simulator. Dropping it stops it.
@@ -169,11 +192,12 @@ impl VllmSim {
     /// Binds `addr` (port 0 picks one) and serves until dropped.
     pub async fn start(addr: SocketAddr, cfg: VllmSimConfig) -> std::io::Result<VllmSim> {
         let shared = Arc::new(Shared {
-            cfg,
             stats: SimStats::default(),
             faults: SimFaults::default(),
             last_request: Mutex::new(None),
             started: unix_now(),
+            prefix_cache: Mutex::new(prefix_cache::PrefixCache::new(cfg.prefix_cache_blocks)),
+            cfg,
         });
         let tls = shared.cfg.tls.clone();
         let listening = Listening::bind_tls(addr, router(shared.clone()), tls).await?;
@@ -261,21 +285,79 @@ async fn health(State(s): State<Arc<Shared>>) -> StatusCode {
     }
 }
 
-/// A few of vLLM's own Prometheus series, enough for load-aware policies.
+/// vLLM's own Prometheus series that routers read, in the shape vLLM 0.11 serves them
+/// (`reference/vllm-transcripts/metrics-excerpt.txt`: `# HELP`/`# TYPE` lines, `engine` and
+/// `model_name` labels, counters named `..._total`, values as floats).
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    let mut out = String::new();
-    let running = s.stats.running.load(Ordering::Relaxed);
-    let prompt = s.stats.prompt_tokens.load(Ordering::Relaxed);
-    let generated = s.stats.generation_tokens.load(Ordering::Relaxed);
-    for name in s.cfg.models.iter().chain(&s.cfg.embedding_models) {
-        out.push_str(&format!(
-            "vllm:num_requests_running{{model_name=\"{name}\"}} {running}\n\
-             vllm:num_requests_waiting{{model_name=\"{name}\"}} 0\n\
-             vllm:prompt_tokens_total{{model_name=\"{name}\"}} {prompt}\n\
-             vllm:generation_tokens_total{{model_name=\"{name}\"}} {generated}\n"
-        ));
+    if s.faults.metrics_down.load(Ordering::Relaxed) {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let g = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+    let running = g(&s.stats.running);
+    let waiting = g(&s.faults.reported_waiting);
+    let capacity = s.cfg.prefix_cache_blocks.max(1) as f64;
+    let kv = (g(&s.stats.kv_blocks_in_use) / capacity).min(1.0);
+    let series: [(&str, &str, &str, f64); 7] = [
+        (
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            running,
+        ),
+        (
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            waiting,
+        ),
+        (
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            kv,
+        ),
+        (
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            g(&s.stats.prefix_cache_queries),
+        ),
+        (
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            g(&s.stats.prefix_cache_hits),
+        ),
+        (
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Number of prefill tokens processed.",
+            g(&s.stats.prompt_tokens),
+        ),
+        (
+            "vllm:generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            g(&s.stats.generation_tokens),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in series {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for model in s.cfg.models.iter().chain(&s.cfg.embedding_models) {
+            out.push_str(&format!(
+                "{name}{{engine=\"0\",model_name=\"{model}\"}} {value:?}\n"
+            ));
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 async fn models(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
@@ -324,6 +406,12 @@ async fn set_faults(State(s): State<Arc<Shared>>, Json(v): Json<Value>) -> Json<
     }
     if let Some(n) = v["oversized_event_bytes"].as_u64() {
         s.faults.oversized_event_bytes.store(n, Ordering::Relaxed);
+    }
+    if let Some(n) = v["reported_waiting"].as_u64() {
+        s.faults.reported_waiting.store(n, Ordering::Relaxed);
+    }
+    if let Some(b) = v["metrics_down"].as_bool() {
+        s.faults.metrics_down.store(b, Ordering::Relaxed);
     }
     Json(s.faults.snapshot())
 }
@@ -404,6 +492,11 @@ struct Accepted {
     body: Value,
     model: String,
     prompt_tokens: u64,
+    /// Time to the first token: the configured `ttft` plus the prefill of the prompt tokens
+    /// the prefix cache did not hold.
+    ttft: Duration,
+    /// KV-cache blocks the prompt occupies while it runs.
+    blocks: u64,
 }
 
 fn accept(s: &Shared, api: Api, headers: HeaderMap, raw: Bytes) -> Result<Accepted, Refusal> {
@@ -493,10 +586,28 @@ fn accept(s: &Shared, api: Api, headers: HeaderMap, raw: Bytes) -> Result<Accept
     s.stats
         .prompt_tokens
         .fetch_add(prompt_tokens, Ordering::Relaxed);
+    let mut ttft = s.cfg.ttft;
+    if api != Api::Embeddings {
+        let cached = s
+            .prefix_cache
+            .lock()
+            .unwrap()
+            .lookup_and_insert(text.split_whitespace()) as u64;
+        s.stats
+            .prefix_cache_queries
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
+        s.stats
+            .prefix_cache_hits
+            .fetch_add(cached, Ordering::Relaxed);
+        let uncached = u32::try_from(prompt_tokens - cached).unwrap_or(u32::MAX);
+        ttft += s.cfg.prefill_per_token * uncached;
+    }
     Ok(Accepted {
         body,
         model,
         prompt_tokens,
+        ttft,
+        blocks: prompt_tokens.div_ceil(prefix_cache::BLOCK_TOKENS as u64),
     })
 }
 
@@ -590,11 +701,11 @@ async fn generate(s: Arc<Shared>, api: Api, headers: HeaderMap, raw: Bytes) -> R
         return stream(s, api, id, req, tokens, finish, include_usage);
     }
 
-    let _running = Running::new(&s);
+    let _running = Running::new(&s, req.blocks);
     if s.faults.stall_after_chunks.load(Ordering::Relaxed) != 0 {
         std::future::pending::<()>().await;
     }
-    tokio::time::sleep(s.cfg.ttft + s.cfg.itl * tokens.saturating_sub(1)).await;
+    tokio::time::sleep(req.ttft + s.cfg.itl * tokens.saturating_sub(1)).await;
     s.stats
         .generation_tokens
         .fetch_add(u64::from(tokens), Ordering::Relaxed);
@@ -624,19 +735,27 @@ async fn generate(s: Arc<Shared>, api: Api, headers: HeaderMap, raw: Bytes) -> R
     .into_response()
 }
 
-/// Counts a generation as running for as long as it lives.
-struct Running(Arc<Shared>);
+/// Counts a generation as running, holding its prompt's KV-cache blocks, for as long as it
+/// lives.
+struct Running(Arc<Shared>, u64);
 
 impl Running {
-    fn new(s: &Arc<Shared>) -> Running {
+    fn new(s: &Arc<Shared>, blocks: u64) -> Running {
         s.stats.running.fetch_add(1, Ordering::Relaxed);
-        Running(s.clone())
+        s.stats
+            .kv_blocks_in_use
+            .fetch_add(blocks, Ordering::Relaxed);
+        Running(s.clone(), blocks)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.stats.running.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .stats
+            .kv_blocks_in_use
+            .fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
@@ -651,6 +770,8 @@ struct StreamState {
     tokens: u32,
     finish: &'static str,
     include_usage: bool,
+    /// Time to the first token (after the prefill of the uncached prompt).
+    ttft: Duration,
     /// Chunks sent so far (the role chunk of a chat counts as one).
     sent: u32,
     /// Tokens generated so far.
@@ -721,7 +842,7 @@ impl StreamState {
             self.chunk(self.choice("", None, true), Value::Null)
         } else if self.next < self.tokens {
             let delay = if self.next == 0 {
-                self.s.cfg.ttft
+                self.ttft
             } else {
                 self.s.cfg.itl
             };
@@ -782,7 +903,8 @@ fn stream(
 ) -> Response {
     s.stats.streams_started.fetch_add(1, Ordering::Relaxed);
     let state = StreamState {
-        _running: Running::new(&s),
+        _running: Running::new(&s, req.blocks),
+        ttft: req.ttft,
         s,
         api,
         id,
@@ -820,7 +942,7 @@ async fn embeddings(State(s): State<Arc<Shared>>, headers: HeaderMap, raw: Bytes
         other => vec![other.to_string()],
     };
     let base64 = req.body["encoding_format"].as_str() == Some("base64");
-    let _running = Running::new(&s);
+    let _running = Running::new(&s, 0);
     tokio::time::sleep(s.cfg.ttft).await;
     let data: Vec<Value> = inputs
         .iter()

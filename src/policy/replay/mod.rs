@@ -14,7 +14,7 @@ pub use report::{ModelResult, PolicyResult, Report};
 
 use super::dry_run;
 use super::script::{Script, ROUTE, SCALE};
-use crate::config::{BackendAddr, Config};
+use crate::config::{BackendAddr, Config, Routing};
 use crate::model_name::normalize;
 use crate::openai::Endpoint;
 use crate::usage::history::RecordedRequest;
@@ -84,6 +84,8 @@ struct DeploymentSpec {
     /// The cluster can start instances (a lifecycle with a start function).
     startable: bool,
     slots: usize,
+    routing: Routing,
+    affinity_slack: f64,
     walltime_ms: i64,
     drain_before_ms: i64,
 }
@@ -253,6 +255,8 @@ fn facility(config: &Config, o: &ClusterOverrides) -> Facility {
                         .max_concurrent_per_backend
                         .unwrap_or(config.upstream.max_concurrent_per_backend)
                         .max(1),
+                    routing: m.routing.unwrap_or(config.upstream.routing),
+                    affinity_slack: config.upstream.affinity_slack,
                     walltime_ms: lifecycle
                         .and_then(|l| l.job_walltime)
                         .unwrap_or(m.scaling.keep_hot)

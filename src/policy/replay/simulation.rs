@@ -388,10 +388,12 @@ impl<'a> ModelSim<'a> {
                     in_flight: i.in_flight.iter().filter(|Reverse(e)| *e > now).count() as i64,
                     latency_ms: 0,
                     ends_in: i.job_end.map(|e| (e - now) / 1000),
-                    socket: None,
+                    ..InstanceView::default()
                 })
                 .collect(),
             compute: d.spec.compute,
+            routing: d.spec.routing,
+            affinity_slack: d.spec.affinity_slack,
             index,
         }
     }

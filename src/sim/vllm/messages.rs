@@ -37,6 +37,8 @@ pub(super) async fn messages(
         id: format!("chatcmpl-{:016x}", fastrand::u64(..)),
         model: req.model,
         prompt_tokens: req.prompt_tokens,
+        ttft: req.ttft,
+        blocks: req.blocks,
         tokens,
         stop_reason: if finish == "length" {
             "max_tokens"
@@ -47,8 +49,8 @@ pub(super) async fn messages(
     if req.body["stream"].as_bool() == Some(true) {
         return stream(s, answer);
     }
-    let _running = Running::new(&s);
-    tokio::time::sleep(s.cfg.ttft + s.cfg.itl * tokens.saturating_sub(1)).await;
+    let _running = Running::new(&s, answer.blocks);
+    tokio::time::sleep(answer.ttft + s.cfg.itl * tokens.saturating_sub(1)).await;
     s.stats
         .generation_tokens
         .fetch_add(u64::from(tokens), Ordering::Relaxed);
@@ -77,6 +79,9 @@ struct Answer {
     id: String,
     model: String,
     prompt_tokens: u64,
+    /// Time to the first token, and the KV-cache blocks held meanwhile.
+    ttft: std::time::Duration,
+    blocks: u64,
     tokens: u32,
     stop_reason: &'static str,
 }
@@ -90,7 +95,7 @@ impl Answer {
 /// The events, one delta per token, at the simulator's pace.
 fn stream(s: Arc<Shared>, answer: Answer) -> Response {
     s.stats.streams_started.fetch_add(1, Ordering::Relaxed);
-    let running = Running::new(&s);
+    let running = Running::new(&s, answer.blocks);
     let events = futures_util::stream::unfold(
         (s, answer, 0u32, Some(running)),
         |(s, a, step, running)| async move {
@@ -110,7 +115,7 @@ fn stream(s: Arc<Shared>, answer: Answer) -> Response {
                 ),
                 n if n < 2 + a.tokens => {
                     let i = n - 2;
-                    let delay = if i == 0 { s.cfg.ttft } else { s.cfg.itl };
+                    let delay = if i == 0 { a.ttft } else { s.cfg.itl };
                     tokio::time::sleep(delay).await;
                     s.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
                     (

@@ -33,14 +33,16 @@ pub(super) async fn responses(
         created: unix_now(),
         max_output_tokens: req.body["max_output_tokens"].clone(),
         prompt_tokens: req.prompt_tokens,
+        ttft: req.ttft,
+        blocks: req.blocks,
         tokens,
         cut: finish == "length",
     };
     if req.body["stream"].as_bool() == Some(true) {
         return stream(s, answer);
     }
-    let _running = Running::new(&s);
-    tokio::time::sleep(s.cfg.ttft + s.cfg.itl * tokens.saturating_sub(1)).await;
+    let _running = Running::new(&s, answer.blocks);
+    tokio::time::sleep(answer.ttft + s.cfg.itl * tokens.saturating_sub(1)).await;
     s.stats
         .generation_tokens
         .fetch_add(u64::from(tokens), Ordering::Relaxed);
@@ -55,6 +57,9 @@ struct Answer {
     created: u64,
     max_output_tokens: Value,
     prompt_tokens: u64,
+    /// Time to the first token, and the KV-cache blocks held meanwhile.
+    ttft: std::time::Duration,
+    blocks: u64,
     tokens: u32,
     /// Ended by `max_output_tokens` (status `incomplete`).
     cut: bool,
@@ -115,7 +120,7 @@ impl Answer {
 /// The typed events, one per token for the text, at the simulator's pace.
 fn stream(s: Arc<Shared>, answer: Answer) -> Response {
     s.stats.streams_started.fetch_add(1, Ordering::Relaxed);
-    let running = Running::new(&s);
+    let running = Running::new(&s, answer.blocks);
     let events = futures_util::stream::unfold(
         (s, answer, 0u32, 0u64, Some(running)),
         |(s, a, step, seq, running)| async move {
@@ -152,7 +157,7 @@ fn stream(s: Arc<Shared>, answer: Answer) -> Response {
                 ),
                 n if n < 4 + a.tokens => {
                     let i = n - 4;
-                    let delay = if i == 0 { s.cfg.ttft } else { s.cfg.itl };
+                    let delay = if i == 0 { a.ttft } else { s.cfg.itl };
                     tokio::time::sleep(delay).await;
                     s.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
                     (
