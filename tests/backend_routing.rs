@@ -78,6 +78,16 @@ fn delta(after: &[u64], before: &[u64]) -> Vec<u64> {
     after.iter().zip(before).map(|(a, b)| a - b).collect()
 }
 
+/// The instance a first request with `prompt` goes to.
+async fn home_of(gw: &Gateway, sims: &[VllmSim], prompt: &Value) -> usize {
+    let before = served(sims);
+    send(gw, prompt).await;
+    delta(&served(sims), &before)
+        .iter()
+        .position(|n| *n > 0)
+        .expect("one instance served it")
+}
+
 /// A `firstgate_backend_*` gauge of one instance, if published.
 fn backend_gauge(metrics: &str, name: &str, instance: &VllmSim) -> Option<f64> {
     let label = format!("backend=\"{}\"", instance.addr());
@@ -152,12 +162,7 @@ async fn an_instance_reporting_a_queue_sheds_new_prefixes() {
     let sims = sims(3).await;
     let gw = gateway(&sims, "  routing: prefix_affinity\n", "").await;
     let prompt = chat(&system_prompt(7), "question");
-    let before = served(&sims);
-    send(&gw, &prompt).await;
-    let home = delta(&served(&sims), &before)
-        .iter()
-        .position(|n| *n > 0)
-        .unwrap();
+    let home = home_of(&gw, &sims, &prompt).await;
 
     // vLLM on the home instance reports a queue; once the gateway has read it, the prefix
     // goes to the next instance on the ring, and stays there.
@@ -322,12 +327,7 @@ async fn a_prefix_moves_on_when_its_instance_is_above_the_load_bound() {
     let sims = sims(3).await;
     let gw = gateway(&sims, "  routing: prefix_affinity\n", "").await;
     let prompt = chat(&system_prompt(3), "question");
-    let before = served(&sims);
-    send(&gw, &prompt).await;
-    let home = delta(&served(&sims), &before)
-        .iter()
-        .position(|n| *n > 0)
-        .unwrap();
+    let home = home_of(&gw, &sims, &prompt).await;
 
     // Two streams of the prefix hang on its instance: with 2 requests in flight of 2, the
     // bound (⌈1.5 × 3 / 3⌉ = 2) is reached and the next request of the prefix goes on.
