@@ -232,9 +232,22 @@ impl Instance {
         self.since.elapsed()
     }
 
-    /// How long since a request last finished here (or since the instance appeared).
+    /// Lets requests come here (its health check passed); it is idle from now, unless a request
+    /// already finished here.
+    fn admit(&self) {
+        if !self.admitted.swap(true, Ordering::Relaxed) {
+            let now = self.since.elapsed().as_micros().max(1) as u64;
+            let _ = self
+                .last_active
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// How long since a request last finished here, or since it was admitted. An instance still
+    /// loading its model is not idle: counted from its appearance, a load longer than the
+    /// model's `idle_release` had it released before it served anything.
     pub fn idle(&self) -> Duration {
-        if self.in_flight() > 0 {
+        if self.in_flight() > 0 || !self.admitted.load(Ordering::Relaxed) {
             return Duration::ZERO;
         }
         let last = self.last_active.load(Ordering::Relaxed);
@@ -398,7 +411,7 @@ impl BackendPool {
         self.lb.backends().run_health_check(true).await;
         for (i, healthy) in self.all_instances() {
             if healthy && before.contains(&i.socket) {
-                i.admitted.store(true, Ordering::Relaxed);
+                i.admit();
             }
         }
     }
@@ -527,5 +540,38 @@ impl BackendPool {
         peer.options.write_timeout = Some(s.write_timeout);
         peer.options.idle_timeout = Some(s.idle_timeout);
         peer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_is_idle_from_its_admission_not_while_it_loads() {
+        let addr = BackendAddr::parse("127.0.0.1:9", false).unwrap();
+        let i = Instance::new(
+            addr,
+            "127.0.0.1:9".parse().unwrap(),
+            Arc::new(Notify::new()),
+            false,
+        );
+        // Loading (health check not passed yet): not idle, however long it takes.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(i.idle(), Duration::ZERO);
+        i.admit();
+        assert!(
+            i.idle() < i.age(),
+            "idle counts from the admission, not the appearance"
+        );
+        // A configured backend is admitted from the start.
+        let fixed = Instance::new(
+            BackendAddr::parse("127.0.0.1:10", false).unwrap(),
+            "127.0.0.1:10".parse().unwrap(),
+            Arc::new(Notify::new()),
+            true,
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(fixed.idle() > Duration::ZERO);
     }
 }
