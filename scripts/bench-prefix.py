@@ -11,7 +11,8 @@ each on fresh simulators. Prints, per router: the simulators' prefix-cache hit r
 client, and load spread (max / mean requests per instance). Run by `scripts/bench.sh --prefix`;
 standard library only (threads and http.client).
 
-Usage: bench-prefix.py BIN_DIR [--requests N] [--concurrency C] [--prompts P] [--out FILE]
+Usage: bench-prefix.py BIN_DIR [--requests N] [--rate R] [--concurrency C] [--prompts P]
+                        [--cache-blocks B] [--prefill-us U] [--slack S] [--no-sglang] [--out FILE]
 """
 
 import argparse
@@ -139,10 +140,45 @@ def workload(n, prompts, seed=1):
     return out
 
 
-def run(port, bodies, concurrency):
-    """Sends the bodies with `concurrency` clients; returns times to first token (s)."""
+def send(conn, body):
+    """One streamed chat; returns (connection to reuse, when its first token came)."""
+    try:
+        conn.request("POST", "/v1/chat/completions", body,
+                     {"content-type": "application/json", "authorization": "Bearer bench"})
+        resp = conn.getresponse()
+        first = None
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            if first is None and b'"content":"tok' in line.replace(b" ", b""):
+                first = time.perf_counter()
+        if resp.status != 200 or first is None:
+            raise RuntimeError(f"status {resp.status}")
+        return conn, first
+    except Exception:
+        conn.close()
+        raise
+
+
+def run(port, bodies, concurrency, rate):
+    """Sends the bodies and returns times to first token (s) and errors.
+
+    With `rate` > 0 (open loop, the default) requests are due at Poisson arrival times of that
+    many per second, and each time is counted from when its request was due, so waiting for a
+    free client is not hidden; `concurrency` only caps the clients. With `rate` 0 (closed loop)
+    `concurrency` clients send back to back, which keeps every instance saturated whatever the
+    router.
+    """
     ttfts, errors, lock = [], [], threading.Lock()
-    queue = list(enumerate(bodies))
+    rng = random.Random(2)
+    due, t = [], 0.0
+    for _ in bodies:
+        due.append(t)
+        if rate > 0:
+            t += rng.expovariate(rate)
+    queue = list(zip(due, bodies))
+    origin = time.perf_counter() + 0.1
 
     def client():
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -150,27 +186,18 @@ def run(port, bodies, concurrency):
             with lock:
                 if not queue:
                     return
-                _, body = queue.pop(0)
-            start = time.perf_counter()
+                at, body = queue.pop(0)
+            start = origin + at if rate > 0 else time.perf_counter()
+            wait = start - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
             try:
-                conn.request("POST", "/v1/chat/completions", body,
-                             {"content-type": "application/json", "authorization": "Bearer bench"})
-                resp = conn.getresponse()
-                first = None
-                while True:
-                    line = resp.readline()
-                    if not line:
-                        break
-                    if first is None and b'"content":"tok' in line.replace(b" ", b""):
-                        first = time.perf_counter() - start
-                if resp.status != 200 or first is None:
-                    raise RuntimeError(f"status {resp.status}")
+                conn, first = send(conn, body)
                 with lock:
-                    ttfts.append(first)
+                    ttfts.append(first - start)
             except Exception as e:  # noqa: BLE001 - counted and reported
                 with lock:
                     errors.append(str(e))
-                conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -188,7 +215,7 @@ def measure(name, start_router, args, bodies):
         router, port = start_router(sims)
         before = sims.stats()
         t0 = time.time()
-        ttfts, errors = run(port, bodies, args.concurrency)
+        ttfts, errors = run(port, bodies, args.concurrency, args.rate)
         took = time.time() - t0
         after = sims.stats()
     finally:
@@ -214,11 +241,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bin_dir")
     ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=64, help="clients (at most)")
+    ap.add_argument("--rate", type=float, default=20.0,
+                    help="requests per second, Poisson arrivals (0: closed loop)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--cache-blocks", type=int, default=160)
     ap.add_argument("--prefill-us", type=int, default=200)
-    ap.add_argument("--slack", type=float, default=0.5, help="upstream.affinity_slack")
+    ap.add_argument("--slack", type=float, default=2.0, help="upstream.affinity_slack")
     ap.add_argument("--no-sglang", action="store_true")
     ap.add_argument("--out", default="target/bench/prefix.json")
     args = ap.parse_args()
@@ -238,7 +267,8 @@ def main():
     except Exception as e:  # noqa: BLE001 - the table says why it is missing
         print(f"sglang-router not measured: {e}", file=sys.stderr)
     shutil.rmtree(workdir, ignore_errors=True)
-    print(f"{args.requests} requests, {args.concurrency} clients, {args.prompts} system prompts "
+    load = f"{args.rate:g} requests/s (Poisson)" if args.rate > 0 else "closed loop"
+    print(f"{args.requests} requests, {load}, {args.concurrency} clients, {args.prompts} system prompts "
           f"of ~1000 tokens, 4 instances of {args.cache_blocks} blocks, "
           f"{args.prefill_us} us prefill per uncached token, affinity_slack {args.slack}")
     print("| router | hit rate | TTFT mean | TTFT p99 | spread (max/mean) | errors |")

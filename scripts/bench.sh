@@ -12,8 +12,8 @@
 # of a static nginx backend): CPU per 1,000 requests, and streams' time to first byte and
 # memory; JSON to target/bench/light.json. E.g. `scripts/bench.sh --light --streams 1000,5000`.
 #
-# `scripts/bench.sh --prefix [--requests N --concurrency C ...]` compares routing policies on a
-# prefix-sharing workload instead (scripts/bench-prefix.py).
+# `scripts/bench.sh --prefix [--rate R --requests N --slack S ...]` compares routing policies
+# on a prefix-sharing workload instead (scripts/bench-prefix.py; Poisson arrivals, 20/s).
 #
 # `scripts/bench.sh --soak [RECORDS RATE RETENTION_SECS]` runs the usage store's retention soak
 # instead (examples/usage_soak.rs; default 2,000,000 records at 20,000/s, 20 s retention): file

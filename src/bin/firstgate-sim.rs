@@ -42,7 +42,8 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         itl_ms: u64,
         /// Prefill time per prompt token not found in the prefix cache, in microseconds
-        /// (added to the time to first token).
+        /// (added to the time to first token; prefills are computed one after another, and
+        /// those not started are reported as vLLM's waiting requests).
         #[arg(long, default_value_t = 0)]
         prefill_us_per_token: u64,
         /// KV-cache blocks of 16 tokens the prefix cache holds (0: no prefix caching).

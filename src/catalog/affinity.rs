@@ -3,10 +3,19 @@
 //!
 //! The instance is found by consistent hashing (a ketama ring, `pingora-ketama`) of the prompt
 //! key, so an instance joining or leaving moves only its own share of the keys. Load is bounded
-//! ("consistent hashing with bounded loads", Mirrokni et al.): an instance with
-//! `⌈(1 + slack) × average⌉` requests in flight or more (the average counting the new one), or
-//! whose vLLM reports a queue, is passed over for the next one on the ring, so a hot prefix
-//! cannot overload one node.
+//! (after "consistent hashing with bounded loads", Mirrokni et al.): an instance with
+//! `⌈(1 + slack) × (the others' average + 1)⌉` requests in flight or more, or whose vLLM reports
+//! a queue well above the others' (at least 2 waiting and `1 + slack` times their average), is
+//! passed over for the next one on the ring, so a hot prefix cannot overload one node. The
+//! queue test is relative: under load every vLLM queues a little, and passing over any queue
+//! would pass over every instance and lose the affinity.
+//!
+//! A ring places a handful of keys unevenly (8 system prompts over 4 instances often put 3 on
+//! one, whose cache then cannot hold them), so the gateway also remembers where it placed each
+//! key ([`Placements`]): a key seen for the first time goes to the instance holding the fewest
+//! keys (the first such on the ring from the key), as SGLang's `cache_aware` router sends an
+//! unmatched prompt to the worker with the smallest tree, and stays there while that instance
+//! serves. Keys idle for [`FORGET_AFTER`] are forgotten.
 //!
 //! The key is a hash of the prompt's first bytes (see `openai::ControlFields::prefix_key`);
 //! no prompt text is kept.
@@ -17,6 +26,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::rc::Rc;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 
 /// One instance as prefix affinity weighs it.
 #[derive(Debug, Clone, Copy)]
@@ -25,8 +36,8 @@ pub struct Member<'a> {
     pub id: &'a str,
     /// Requests this gateway has in flight there.
     pub in_flight: i64,
-    /// vLLM reports requests waiting in its own queue.
-    pub queued: bool,
+    /// Requests vLLM reports waiting in its own queue (`vllm:num_requests_waiting`).
+    pub waiting: i64,
 }
 
 /// A ring of instance ids. Points are placed by the id alone (hashed into an address for
@@ -113,45 +124,138 @@ fn ring_of(members: &[Member<'_>]) -> Rc<Ring> {
 
 /// The bound never goes below this many requests in flight: at low load a single request in
 /// flight (one that has just ended, even: its slot is freed after the answer's last byte)
-/// would otherwise be over ⌈(1 + slack) × average⌉ and move the prefix, while vLLM batches
-/// far more than that at no cost.
+/// would otherwise be over a bound of small slack and move the prefix, while vLLM batches
+/// far more than that at no cost. Likewise a vLLM queue of one request is passing, not a sign
+/// of overload.
 const MIN_BOUND: f64 = 2.0;
 
-/// The index in `members` of the instance for `key`: the first on the ring from the key that
-/// has fewer than `⌈(1 + slack) × (in flight + 1) / members⌉` (at least 2) requests in flight
-/// and no queue reported. `None` when every instance is over the bound (or there is none).
-pub fn pick(key: u64, members: &[Member<'_>], slack: f64) -> Option<usize> {
-    if members.is_empty() {
-        return None;
-    }
-    let total: i64 = members.iter().map(|m| m.in_flight.max(0)).sum();
-    let bound = ((1.0 + slack.max(0.0)) * (total + 1) as f64 / members.len() as f64)
-        .ceil()
-        .max(MIN_BOUND);
-    let ring = ring_of(members);
-    for id in ring.walk(key) {
-        let Some(i) = members.iter().position(|m| m.id == id) else {
-            continue;
-        };
-        let m = &members[i];
-        if !m.queued && (m.in_flight as f64) < bound {
-            return Some(i);
-        }
-    }
-    None
+/// Prefix affinity's two load bounds over a set of members. Each instance is measured against
+/// the average of the *others*: against an average counting itself, an instance holding all
+/// the load would never be over `1 + slack` times it once `slack` reaches the number of other
+/// instances (with 2 or 3 instances, a slack of 2 would bound nothing).
+struct Bounds {
+    factor: f64,
+    others: f64,
+    in_flight: i64,
+    waiting: i64,
 }
 
-/// The instance for `key` ignoring load: the first on the ring.
-pub fn owner<'a>(key: u64, ids: &[&'a str]) -> Option<&'a str> {
-    let members: Vec<Member<'_>> = ids
-        .iter()
-        .map(|id| Member {
-            id,
-            in_flight: 0,
-            queued: false,
-        })
-        .collect();
-    pick(key, &members, f64::INFINITY).map(|i| ids[i])
+impl Bounds {
+    fn of(members: &[Member<'_>], slack: f64) -> Bounds {
+        Bounds {
+            factor: 1.0 + slack.max(0.0),
+            others: (members.len().max(2) - 1) as f64,
+            in_flight: members.iter().map(|m| m.in_flight.max(0)).sum(),
+            waiting: members.iter().map(|m| m.waiting.max(0)).sum(),
+        }
+    }
+
+    /// Within both bounds: fewer than `⌈(1 + slack) × (others' average in flight + 1)⌉`
+    /// requests in flight, and fewer than `(1 + slack) × others' average` waiting in vLLM's
+    /// queue, both bounds at least 2.
+    fn admit(&self, m: &Member<'_>) -> bool {
+        let in_flight = m.in_flight.max(0);
+        let waiting = m.waiting.max(0);
+        let others_in_flight = (self.in_flight - in_flight) as f64 / self.others;
+        let others_waiting = (self.waiting - waiting) as f64 / self.others;
+        let in_flight_bound = (self.factor * (others_in_flight + 1.0))
+            .ceil()
+            .max(MIN_BOUND);
+        let waiting_bound = (self.factor * others_waiting).max(MIN_BOUND);
+        (in_flight as f64) < in_flight_bound && (waiting as f64) < waiting_bound
+    }
+}
+
+/// The index of the first member on the ring from `key` that `ok` accepts.
+fn first_on_ring(
+    key: u64,
+    members: &[Member<'_>],
+    ok: impl Fn(&Member<'_>) -> bool,
+) -> Option<usize> {
+    let ring = ring_of(members);
+    let found = ring
+        .walk(key)
+        .filter_map(|id| members.iter().position(|m| m.id == id))
+        .find(|i| ok(&members[*i]));
+    found
+}
+
+/// How long a key that no request used is remembered where it was placed.
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// Where this gateway placed each prompt key, and how many keys each instance holds.
+pub struct Placements {
+    homes: moka::sync::Cache<u64, Arc<str>>,
+    keys_held: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+}
+
+/// The process's placements, shared by every thread that routes.
+pub static PLACEMENTS: LazyLock<Placements> = LazyLock::new(Placements::new);
+
+impl Placements {
+    /// No key placed yet.
+    pub fn new() -> Placements {
+        let keys_held: Arc<Mutex<HashMap<Arc<str>, usize>>> = Arc::default();
+        let held = keys_held.clone();
+        let homes = moka::sync::Cache::builder()
+            .max_capacity(1 << 16)
+            .time_to_idle(FORGET_AFTER)
+            // Forgotten or moved: the instance holds one key fewer.
+            .eviction_listener(move |_key, home: Arc<str>, _cause| {
+                let mut held = held.lock().unwrap();
+                if let Some(n) = held.get_mut(&home) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        held.remove(&home);
+                    }
+                }
+            })
+            .build();
+        Placements { homes, keys_held }
+    }
+
+    /// The index in `members` of the instance for `key`: its home if it has one among the
+    /// members and that home is within both load bounds; the next on the ring from the key
+    /// within them if the home is over one (the key comes home when the load passes); and
+    /// for a key without a home, the instance within the bounds that holds the fewest keys,
+    /// the first such on the ring, which becomes its home. `None` when every instance is over
+    /// a bound.
+    pub fn pick(&self, key: u64, members: &[Member<'_>], slack: f64) -> Option<usize> {
+        if members.is_empty() {
+            return None;
+        }
+        let bounds = Bounds::of(members, slack);
+        if let Some(home) = self.homes.get(&key) {
+            if let Some(i) = members.iter().position(|m| *m.id == *home) {
+                if bounds.admit(&members[i]) {
+                    return Some(i);
+                }
+                return first_on_ring(key, members, |m| bounds.admit(m));
+            }
+        }
+        let home = {
+            let mut held = self.keys_held.lock().unwrap();
+            let count = |m: &Member<'_>| held.get(m.id).copied().unwrap_or(0);
+            let fewest = members
+                .iter()
+                .filter(|m| bounds.admit(m))
+                .map(count)
+                .min()?;
+            let i = first_on_ring(key, members, |m| bounds.admit(m) && count(m) == fewest)?;
+            let id: Arc<str> = Arc::from(members[i].id);
+            *held.entry(id.clone()).or_default() += 1;
+            (i, id)
+        };
+        // Inserted after the count's lock is let go: the listener takes it.
+        self.homes.insert(key, home.1);
+        Some(home.0)
+    }
+}
+
+impl Default for Placements {
+    fn default() -> Self {
+        Placements::new()
+    }
 }
 
 #[cfg(test)]
@@ -162,10 +266,11 @@ mod tests {
         (0..n).map(|i| format!("10.0.0.{}:8000", i + 1)).collect()
     }
 
+    /// The first instance on the ring from each key.
     fn owners(keys: &[u64], ids: &[String]) -> Vec<String> {
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let members = idle(ids);
         keys.iter()
-            .map(|k| owner(*k, &refs).unwrap().to_string())
+            .map(|k| ids[first_on_ring(*k, &members, |_| true).unwrap()].clone())
             .collect()
     }
 
@@ -215,41 +320,108 @@ mod tests {
     }
 
     #[test]
-    fn an_instance_over_the_bound_or_queueing_is_passed_over() {
+    fn an_instance_over_the_bound_or_queueing_well_above_the_others_is_passed_over() {
         let four = ids(4);
         let key = keys()[0];
-        let members = |loads: [i64; 4], queued: Option<usize>| -> Vec<Member<'_>> {
+        let members = |loads: [i64; 4], waiting: [i64; 4]| -> Vec<Member<'_>> {
             four.iter()
                 .enumerate()
                 .map(|(i, id)| Member {
                     id,
                     in_flight: loads[i],
-                    queued: queued == Some(i),
+                    waiting: waiting[i],
                 })
                 .collect()
         };
-        let home = pick(key, &members([0; 4], None), 0.5).unwrap();
+        let p = Placements::new();
+        let pick = |key, members: &[Member<'_>], slack| p.pick(key, members, slack);
+        let home = pick(key, &members([0; 4], [0; 4]), 0.5).unwrap();
+        let with = |i: usize, v: i64, rest: i64| {
+            let mut a = [rest; 4];
+            a[i] = v;
+            a
+        };
         // Its next on the ring when it is busy.
-        let mut loads = [0; 4];
-        loads[home] = 4;
-        let next = pick(key, &members(loads, None), 0.5).unwrap();
+        let next = pick(key, &members(with(home, 4, 0), [0; 4]), 0.5).unwrap();
         assert_ne!(next, home);
-        // Below the bound it keeps the key: 2 in flight of 6 total, bound ⌈1.5 × 7 / 4⌉ = 3.
-        let mut loads = [1; 4];
-        loads[home] = 2;
+        // Below the bound it keeps the key: 2 in flight, the others 4 / 3 on average, bound
+        // ⌈1.5 × (4 / 3 + 1)⌉ = 4.
+        let mut loads = with(home, 2, 1);
         loads[(home + 1) % 4] = 2;
-        assert_eq!(pick(key, &members(loads, None), 0.5), Some(home));
-        // A reported queue sends the key on too.
-        assert_ne!(pick(key, &members([0; 4], Some(home)), 0.5), Some(home));
-        // Everyone queueing: no pick (the caller falls back to least in flight).
-        let all: Vec<Member<'_>> = four
-            .iter()
+        assert_eq!(pick(key, &members(loads, [0; 4]), 0.5), Some(home));
+        // A queue well above the others' sends the key on ...
+        assert_ne!(
+            pick(key, &members([0; 4], with(home, 4, 0)), 0.5),
+            Some(home)
+        );
+        // ... one waiting request does not, nor a queue every instance has.
+        assert_eq!(
+            pick(key, &members([0; 4], with(home, 1, 0)), 0.5),
+            Some(home)
+        );
+        assert_eq!(pick(key, &members([0; 4], [3; 4]), 0.5), Some(home));
+        assert_eq!(
+            pick(key, &members([0; 4], with(home, 4, 3)), 0.5),
+            Some(home)
+        );
+        // Every instance over one bound or the other: no pick (the caller falls back to least
+        // in flight).
+        assert_eq!(
+            pick(key, &members([10, 10, 0, 0], [0, 0, 10, 10]), 0.5),
+            None
+        );
+    }
+
+    fn idle(ids: &[String]) -> Vec<Member<'_>> {
+        ids.iter()
             .map(|id| Member {
                 id,
                 in_flight: 0,
-                queued: true,
+                waiting: 0,
             })
+            .collect()
+    }
+
+    #[test]
+    fn new_keys_are_placed_evenly_and_stay() {
+        let four = ids(4);
+        let p = Placements::new();
+        let keys = &keys()[..8];
+        let homes: Vec<usize> = keys
+            .iter()
+            .map(|k| p.pick(*k, &idle(&four), 0.5).unwrap())
             .collect();
-        assert_eq!(pick(key, &all, 0.5), None);
+        for i in 0..4 {
+            let held = homes.iter().filter(|h| **h == i).count();
+            assert_eq!(held, 2, "two of eight keys on each of four: {homes:?}");
+        }
+        // Asked again, in another order, each key goes home.
+        for (k, home) in keys.iter().zip(&homes).rev() {
+            assert_eq!(p.pick(*k, &idle(&four), 0.5), Some(*home));
+        }
+    }
+
+    #[test]
+    fn a_busy_home_spills_the_key_until_its_load_passes_and_a_gone_one_loses_it() {
+        let four = ids(4);
+        let p = Placements::new();
+        let key = keys()[0];
+        let home = p.pick(key, &idle(&four), 0.5).unwrap();
+        let mut busy = idle(&four);
+        busy[home].in_flight = 4;
+        let spill = p.pick(key, &busy, 0.5).unwrap();
+        assert_ne!(spill, home);
+        assert_eq!(p.pick(key, &idle(&four), 0.5), Some(home), "home again");
+        // Its home gone, the key is placed again, and stays there.
+        let three: Vec<String> = four.iter().filter(|i| **i != four[home]).cloned().collect();
+        let new_home = three[p.pick(key, &idle(&three), 0.5).unwrap()].clone();
+        for _ in 0..3 {
+            assert_eq!(three[p.pick(key, &idle(&three), 0.5).unwrap()], new_home);
+        }
+        // A queue well above the others' is a bound too.
+        let mut queued = idle(&three);
+        let at = three.iter().position(|i| *i == new_home).unwrap();
+        queued[at].waiting = 4;
+        assert_ne!(p.pick(key, &queued, 0.5), Some(at));
     }
 }

@@ -558,9 +558,10 @@ pub struct UpstreamDefaults {
     /// Prefix affinity: how many tokens' worth of the prompt's start (system prompt and leading
     /// messages, about 4 bytes a token) decide the instance. Default 256.
     pub prefix_tokens: usize,
-    /// Prefix affinity's bound on load: an instance with more than `1 + affinity_slack` times
-    /// the average requests in flight (or reporting a vLLM queue) is passed over for the next
-    /// one on the ring. Default 0.5.
+    /// Prefix affinity's bound on load: an instance with `1 + affinity_slack` times the other
+    /// instances' average requests in flight (plus one), or a vLLM queue of at least 2 and
+    /// `1 + affinity_slack` times theirs, is passed over for the next one on the ring. Default 2 (see
+    /// `docs/benchmarks.md`: moving a prompt off its cache costs a whole prefill).
     pub affinity_slack: f64,
     /// How often each instance's own Prometheus metrics (vLLM's queue, KV-cache use and
     /// prefix-cache hits) are read, off the request path; `0s` turns scraping off. Default 1 s.
@@ -605,7 +606,7 @@ impl Default for UpstreamDefaults {
             admission_wait: Duration::from_secs(10),
             routing: Routing::LeastInFlight,
             prefix_tokens: 256,
-            affinity_slack: 0.5,
+            affinity_slack: 2.0,
             metrics_interval: Duration::from_secs(1),
             metrics_path: "/metrics".into(),
             metrics_timeout: Duration::from_millis(500),

@@ -283,9 +283,9 @@ pub fn direct_routed<'a>(
     }
 }
 
-/// `direct_by_prefix(...)`: the healthy instance for the prompt key `key` by consistent hashing
-/// with bounded load (see `catalog::affinity`); when every instance is over the bound or
-/// queueing, the least-loaded one.
+/// `direct_by_prefix(...)`: the healthy instance for the prompt key `key`: where the key was
+/// placed, within bounded load (see `catalog::affinity`); when every instance is over a bound,
+/// the least-loaded one.
 pub fn direct_by_prefix<'a>(
     candidates: impl Iterator<Item = &'a Candidate> + Clone,
     model: &str,
@@ -300,11 +300,15 @@ pub fn direct_by_prefix<'a>(
         .map(|(_, i)| affinity::Member {
             id: &i.id,
             in_flight: i.in_flight,
-            queued: i.waiting > 0,
+            waiting: i.waiting,
         })
         .collect();
-    let slack = healthy.first().map_or(0.5, |(c, _)| c.affinity_slack);
-    match affinity::pick(key, &members, slack) {
+    let slack = healthy.first().map_or(2.0, |(c, _)| c.affinity_slack);
+    // Two models with the same prompt have their own homes.
+    let key = model
+        .bytes()
+        .fold(key, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    match affinity::PLACEMENTS.pick(key, &members, slack) {
         Some(k) => {
             let (c, i) = healthy[k];
             Decision::Direct {

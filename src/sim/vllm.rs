@@ -17,10 +17,11 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use futures_util::StreamExt as _;
 use serde_json::{json, Value};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What a simulated server serves and how fast it "generates".
 #[derive(Debug, Clone)]
@@ -46,7 +47,9 @@ pub struct VllmSimConfig {
     /// Serve HTTPS with this configuration (it may require client certificates).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Prefill time per prompt token not found in the prefix cache, added to `ttft`: a prompt
-    /// whose start is cached answers sooner.
+    /// whose start is cached answers sooner. Prefills are computed one after another (the
+    /// GPU's compute is shared), so a prefill waits for those before it, and the requests
+    /// waiting are reported as `vllm:num_requests_waiting`.
     pub prefill_per_token: Duration,
     /// KV-cache blocks (16 tokens each) the prefix cache holds (0: no prefix caching).
     pub prefix_cache_blocks: usize,
@@ -180,6 +183,40 @@ struct Shared {
     last_request: Mutex<Option<(HeaderMap, Bytes)>>,
     started: u64,
     prefix_cache: Mutex<prefix_cache::PrefixCache>,
+    prefill_queue: Mutex<PrefillQueue>,
+}
+
+/// The instance's prefills, computed one after another. vLLM schedules prefills under a token
+/// budget per step and a step's time grows with the tokens it computes, so on one GPU the
+/// prefill work of concurrent requests adds up: a request whose prompt must be computed waits
+/// for the prefills admitted before it, and so does a cached one behind it.
+#[derive(Debug, Default)]
+struct PrefillQueue {
+    /// When the last admitted prefill ends.
+    busy_until: Option<Instant>,
+    /// When each prefill not yet started starts, oldest first: vLLM's waiting requests.
+    starts: VecDeque<Instant>,
+}
+
+impl PrefillQueue {
+    /// Admits a prefill of `work`; returns how long until it is done.
+    fn admit(&mut self, now: Instant, work: Duration) -> Duration {
+        let start = self.busy_until.map_or(now, |b| b.max(now));
+        if start > now {
+            self.starts.push_back(start);
+        }
+        let end = start + work;
+        self.busy_until = Some(end);
+        end - now
+    }
+
+    /// Requests whose prefill has not started at `now`.
+    fn waiting(&mut self, now: Instant) -> u64 {
+        while self.starts.front().is_some_and(|s| *s <= now) {
+            self.starts.pop_front();
+        }
+        self.starts.len() as u64
+    }
 }
 
 /// A running simulator. Dropping it stops it.
@@ -197,6 +234,7 @@ impl VllmSim {
             last_request: Mutex::new(None),
             started: unix_now(),
             prefix_cache: Mutex::new(prefix_cache::PrefixCache::new(cfg.prefix_cache_blocks)),
+            prefill_queue: Mutex::default(),
             cfg,
         });
         let tls = shared.cfg.tls.clone();
@@ -293,8 +331,13 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     let g = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
-    let running = g(&s.stats.running);
-    let waiting = g(&s.faults.reported_waiting);
+    let queued = s.prefill_queue.lock().unwrap().waiting(Instant::now());
+    let running = s
+        .stats
+        .running
+        .load(Ordering::Relaxed)
+        .saturating_sub(queued) as f64;
+    let waiting = (queued + s.faults.reported_waiting.load(Ordering::Relaxed)) as f64;
     let capacity = s.cfg.prefix_cache_blocks.max(1) as f64;
     let kv = (g(&s.stats.kv_blocks_in_use) / capacity).min(1.0);
     let series: [(&str, &str, &str, f64); 7] = [
@@ -493,7 +536,7 @@ struct Accepted {
     model: String,
     prompt_tokens: u64,
     /// Time to the first token: the configured `ttft` plus the prefill of the prompt tokens
-    /// the prefix cache did not hold.
+    /// the prefix cache did not hold, after the prefills admitted before it.
     ttft: Duration,
     /// KV-cache blocks the prompt occupies while it runs.
     blocks: u64,
@@ -600,7 +643,10 @@ fn accept(s: &Shared, api: Api, headers: HeaderMap, raw: Bytes) -> Result<Accept
             .prefix_cache_hits
             .fetch_add(cached, Ordering::Relaxed);
         let uncached = u32::try_from(prompt_tokens - cached).unwrap_or(u32::MAX);
-        ttft += s.cfg.prefill_per_token * uncached;
+        let work = s.cfg.prefill_per_token * uncached;
+        if !work.is_zero() {
+            ttft += s.prefill_queue.lock().unwrap().admit(Instant::now(), work);
+        }
     }
     Ok(Accepted {
         body,
@@ -987,4 +1033,26 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PrefillQueue;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn prefills_wait_for_those_admitted_before_them() {
+        let mut q = PrefillQueue::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(q.admit(t0, ms(200)), ms(200), "an idle GPU starts at once");
+        assert_eq!(q.admit(t0, ms(10)), ms(210), "behind the first");
+        assert_eq!(q.admit(t0 + ms(5), ms(10)), ms(215));
+        assert_eq!(q.waiting(t0 + ms(5)), 2);
+        assert_eq!(q.waiting(t0 + ms(200)), 1, "the second has started");
+        assert_eq!(q.waiting(t0 + ms(210)), 0);
+        // Idle again: no wait.
+        assert_eq!(q.admit(t0 + ms(300), ms(10)), ms(10));
+        assert_eq!(q.waiting(t0 + ms(300)), 0);
+    }
 }
