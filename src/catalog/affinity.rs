@@ -144,7 +144,7 @@ impl Bounds {
     fn of(members: &[Member<'_>], slack: f64) -> Bounds {
         Bounds {
             factor: 1.0 + slack.max(0.0),
-            others: (members.len().max(2) - 1) as f64,
+            others: members.len().saturating_sub(1) as f64,
             in_flight: members.iter().map(|m| m.in_flight.max(0)).sum(),
             waiting: members.iter().map(|m| m.waiting.max(0)).sum(),
         }
@@ -154,6 +154,10 @@ impl Bounds {
     /// requests in flight, and fewer than `(1 + slack) × others' average` waiting in vLLM's
     /// queue, both bounds at least 2.
     fn admit(&self, m: &Member<'_>) -> bool {
+        if self.others == 0.0 {
+            // The only instance: there is nowhere to spill to.
+            return true;
+        }
         let in_flight = m.in_flight.max(0);
         let waiting = m.waiting.max(0);
         let others_in_flight = (self.in_flight - in_flight) as f64 / self.others;
@@ -364,6 +368,14 @@ mod tests {
             pick(key, &members([0; 4], with(home, 4, 3)), 0.5),
             Some(home)
         );
+        // The only instance takes the key however busy it is.
+        let one = &four[..1];
+        let busy_one = [Member {
+            id: &one[0],
+            in_flight: 50,
+            waiting: 50,
+        }];
+        assert_eq!(pick(key, &busy_one, 0.5), Some(0));
         // Every instance over one bound or the other: no pick (the caller falls back to least
         // in flight).
         assert_eq!(
