@@ -147,12 +147,16 @@ impl TokenCache {
         }
     }
 
-    /// The cached verdict, or the one `verify` reaches (shared by every concurrent caller
-    /// with the same key). An `Err` from `verify` is returned to all of them and not cached.
+    /// The cached verdict, or the one `verify()` reaches (shared by every concurrent caller
+    /// with the same key). An `Err` from it is returned to all of them and not cached.
+    ///
+    /// `verify` is called only on a miss, and the miss runs boxed: an introspection's future
+    /// is several KiB, and held inline it would make every request's future (moved and copied
+    /// on each request) that much larger for the cache hit nearly all of them are.
     pub async fn get_or_verify<F>(
         &self,
         key: TokenKey,
-        verify: F,
+        verify: impl FnOnce() -> F,
     ) -> (Result<Verdict, AuthError>, CacheOutcome)
     where
         F: Future<Output = Result<Verdict, AuthError>>,
@@ -160,6 +164,17 @@ impl TokenCache {
         if let Some(c) = self.cache.get(&key).await {
             return (Ok(c.verdict), CacheOutcome::Hit);
         }
+        Box::pin(self.verify_missing(key, verify)).await
+    }
+
+    async fn verify_missing<F>(
+        &self,
+        key: TokenKey,
+        verify: impl FnOnce() -> F,
+    ) -> (Result<Verdict, AuthError>, CacheOutcome)
+    where
+        F: Future<Output = Result<Verdict, AuthError>>,
+    {
         let from_shared = AtomicBool::new(false);
         // Only the request whose lookup runs is a miss; the others waiting on it joined it.
         let ran = AtomicBool::new(false);
@@ -173,7 +188,7 @@ impl TokenCache {
                         return Ok(cached);
                     }
                 }
-                let verdict = verify.await?;
+                let verdict = verify().await?;
                 let until = self.until(&verdict);
                 let cached = Cached { verdict, until };
                 if let Some(state) = &self.shared {

@@ -154,7 +154,7 @@ impl Authenticator {
             };
         let (verdict, outcome) = self
             .cache
-            .get_or_verify(token_key(token), self.verify(token))
+            .get_or_verify(token_key(token), || self.verify(token))
             .await;
         let result = match verdict {
             Ok(Verdict::Admitted(identity)) if identity.expires_at <= unix_now() => {

@@ -77,6 +77,8 @@ pub async fn read_body(
 
     let mut buf = BytesMut::with_capacity(length.unwrap_or(16 * 1024).min(max));
     let mut armed = false;
+    // Bytes read since the retry buffer was armed: what it holds unless it overflowed.
+    let mut tail = 0;
     loop {
         if !armed && length.is_none_or(|n| n - buf.len() <= RETRY_BUFFER_LIMIT) {
             session.enable_retry_buffering();
@@ -99,11 +101,16 @@ pub async fn read_body(
                     return Err(errors::body_too_large(max));
                 }
                 buf.extend_from_slice(&chunk);
+                if armed {
+                    tail += chunk.len();
+                }
             }
             None => break,
         }
     }
-    if !buf.is_empty() && session.get_retry_buffer().is_none() {
+    // (Not `get_retry_buffer()`: it copies the buffer to answer.)
+    let replayable = armed && tail > 0 && !session.retry_buffer_truncated();
+    if !buf.is_empty() && !replayable {
         return Err(errors::length_required(RETRY_BUFFER_LIMIT));
     }
     Ok(buf.freeze())

@@ -80,7 +80,9 @@ impl Gateway {
             ctx.target.deployment = Some(deployment.clone());
             ctx.charge(t);
             let cold = ColdRequest::new(deployment, endpoint, &control, body);
-            return self.answer_cold(session, ctx, cold).await;
+            // Boxed: the cold path's future (Compute's calls) is several KiB, and held inline
+            // it would make every hot request's future that much larger to build and move.
+            return Box::pin(self.answer_cold(session, ctx, cold)).await;
         };
         ctx.target.route = "direct";
         forward(ctx, endpoint, &control, body, &deployment);

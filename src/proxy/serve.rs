@@ -116,7 +116,9 @@ impl Gateway {
                 let asked = (cluster.as_deref(), framework.as_deref(), endpoint);
                 self.inference(session, ctx, asked, &identity).await
             }
-            Route::Batch(call) => self.batch_api(session, ctx, call, &identity).await,
+            // Boxed, as the cold path is: rare, and its future would otherwise make every
+            // request's several KiB larger.
+            Route::Batch(call) => Box::pin(self.batch_api(session, ctx, call, &identity)).await,
             Route::Preflight { .. } | Route::Relay(_) => {
                 unreachable!("answered before authentication")
             }
