@@ -369,9 +369,8 @@ mod tests {
             Some(home)
         );
         // The only instance takes the key however busy it is.
-        let one = &four[..1];
         let busy_one = [Member {
-            id: &one[0],
+            id: &four[0],
             in_flight: 50,
             waiting: 50,
         }];
