@@ -164,49 +164,41 @@ impl TokenCache {
         if let Some(c) = self.cache.get(&key).await {
             return (Ok(c.verdict), CacheOutcome::Hit);
         }
-        Box::pin(self.verify_missing(key, verify)).await
-    }
-
-    async fn verify_missing<F>(
-        &self,
-        key: TokenKey,
-        verify: impl FnOnce() -> F,
-    ) -> (Result<Verdict, AuthError>, CacheOutcome)
-    where
-        F: Future<Output = Result<Verdict, AuthError>>,
-    {
-        let from_shared = AtomicBool::new(false);
-        // Only the request whose lookup runs is a miss; the others waiting on it joined it.
-        let ran = AtomicBool::new(false);
-        let result = self
-            .cache
-            .try_get_with(key, async {
-                ran.store(true, Ordering::Relaxed);
-                if let Some(state) = &self.shared {
-                    if let Some(cached) = self.shared_verdict(state, &key).await {
-                        from_shared.store(true, Ordering::Relaxed);
-                        return Ok(cached);
+        Box::pin(async move {
+            let from_shared = AtomicBool::new(false);
+            // Only the request whose lookup runs is a miss; the others waiting on it joined it.
+            let ran = AtomicBool::new(false);
+            let result = self
+                .cache
+                .try_get_with(key, async {
+                    ran.store(true, Ordering::Relaxed);
+                    if let Some(state) = &self.shared {
+                        if let Some(cached) = self.shared_verdict(state, &key).await {
+                            from_shared.store(true, Ordering::Relaxed);
+                            return Ok(cached);
+                        }
                     }
-                }
-                let verdict = verify().await?;
-                let until = self.until(&verdict);
-                let cached = Cached { verdict, until };
-                if let Some(state) = &self.shared {
-                    self.publish(state, &key, &cached);
-                }
-                Ok(cached)
-            })
-            .await
-            .map(|c| c.verdict)
-            .map_err(|e: Arc<AuthError>| (*e).clone());
-        let outcome = if !ran.load(Ordering::Relaxed) {
-            CacheOutcome::Joined
-        } else if from_shared.load(Ordering::Relaxed) {
-            CacheOutcome::Shared
-        } else {
-            CacheOutcome::Miss
-        };
-        (result, outcome)
+                    let verdict = verify().await?;
+                    let until = self.until(&verdict);
+                    let cached = Cached { verdict, until };
+                    if let Some(state) = &self.shared {
+                        self.publish(state, &key, &cached);
+                    }
+                    Ok(cached)
+                })
+                .await
+                .map(|c| c.verdict)
+                .map_err(|e: Arc<AuthError>| (*e).clone());
+            let outcome = if !ran.load(Ordering::Relaxed) {
+                CacheOutcome::Joined
+            } else if from_shared.load(Ordering::Relaxed) {
+                CacheOutcome::Shared
+            } else {
+                CacheOutcome::Miss
+            };
+            (result, outcome)
+        })
+        .await
     }
 
     /// Every verdict still holding.
