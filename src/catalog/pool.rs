@@ -6,6 +6,7 @@ use super::backend_metrics::{BackendLoad, BackendMetrics};
 use super::discovery::ResolvingDiscovery;
 use super::selection::LeastInFlight;
 use crate::config::{self, BackendAddr};
+use crate::openai::Endpoint;
 use pingora::lb::health_check::HttpHealthCheck;
 use pingora::lb::{Backends, LoadBalancer};
 use pingora::prelude::HttpPeer;
@@ -152,6 +153,10 @@ pub struct Instance {
     pub socket: SocketAddr,
     /// `host:port` (the policy's instance id, and the `Host` of its requests).
     id: String,
+    /// The request path of each endpoint here (by `Endpoint as usize`), and the `Host` value:
+    /// made once, not per request.
+    paths: [Option<http::Uri>; Endpoint::ALL.len()],
+    host: Option<http::HeaderValue>,
     in_flight: AtomicUsize,
     released: Arc<Notify>,
     /// Moving average of request durations on this instance, in microseconds (0: none yet).
@@ -179,8 +184,16 @@ impl Instance {
         released: Arc<Notify>,
         admitted: bool,
     ) -> Self {
+        let mut paths = [const { None }; Endpoint::ALL.len()];
+        for e in Endpoint::ALL {
+            paths[e as usize] =
+                http::Uri::try_from(format!("{}/{}", addr.base_path, e.path())).ok();
+        }
+        let id = addr.authority();
         Instance {
-            id: addr.authority(),
+            host: http::HeaderValue::try_from(id.as_str()).ok(),
+            id,
+            paths,
             addr,
             socket,
             in_flight: AtomicUsize::new(0),
@@ -193,6 +206,16 @@ impl Instance {
             stopping: AtomicBool::new(false),
             backend: BackendMetrics::default(),
         }
+    }
+
+    /// The path of `endpoint`'s requests here (none if the base path makes no valid one).
+    pub fn path(&self, endpoint: Endpoint) -> Option<http::Uri> {
+        self.paths[endpoint as usize].clone()
+    }
+
+    /// The `Host` of its requests (none if its address is no valid header value).
+    pub fn host(&self) -> Option<http::HeaderValue> {
+        self.host.clone()
     }
 
     /// Whether new requests may go here (given its health).

@@ -170,33 +170,50 @@ impl<A: HttpServerApp + Send + Sync + 'static> EdgeApp<A> {
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut buf = BytesMut::with_capacity(4096);
         let mut rules = HeadRules {
-            first_byte: self.timeouts.header,
             total: self.timeouts.header,
             start: Instant::now(),
-            new_connection: true,
             h2c,
             max_bytes: self.timeouts.max_header_bytes,
         };
+        // The wait for a head's first byte: the header timeout on a new connection (silence is
+        // then a timeout), the keep-alive time on a kept-alive one (silence is its end).
+        let mut first_byte = self.timeouts.header;
+        let mut new_connection = true;
+        let mut stopping = shutdown.clone();
         loop {
-            let mut stopping = shutdown.clone();
             let idle = async {
-                if !*stopping.borrow() {
-                    // Not at once: a client that reuses a connection does so right after
-                    // its answer, and must not race its close.
-                    let (wait, reason) = if rules.new_connection {
-                        (RECLAIM_AFTER_SILENT, "reclaimed_silent")
-                    } else {
-                        (RECLAIM_AFTER_IDLE, "reclaimed_idle")
-                    };
-                    let reclaimed = async {
-                        tokio::time::sleep(wait).await;
-                        permit.reclaimed().await;
-                        self.closed(reason);
-                    };
-                    tokio::select! {
-                        _ = stopping.changed() => {}
-                        _ = reclaimed => {}
-                    }
+                let timed_out = || match new_connection {
+                    true => Head::TimedOut { http1: false },
+                    false => Head::Closed,
+                };
+                if *stopping.borrow() {
+                    return Head::Closed;
+                }
+                // Not at once: a client that reuses a connection does so right after its
+                // answer, and must not race its close.
+                let (wait, reason) = if new_connection {
+                    (RECLAIM_AFTER_SILENT, "reclaimed_silent")
+                } else {
+                    (RECLAIM_AFTER_IDLE, "reclaimed_idle")
+                };
+                // Most heads come sooner: until then one timer is all the wait holds (a
+                // shutdown meanwhile closes the connection when it ends, at most `wait` late).
+                let limit = rules.start + first_byte;
+                tokio::time::sleep_until(limit.min(rules.start + wait)).await;
+                if Instant::now() >= limit {
+                    return timed_out();
+                }
+                if *stopping.borrow() {
+                    return Head::Closed;
+                }
+                let reclaimed = async {
+                    permit.reclaimed().await;
+                    self.closed(reason);
+                };
+                tokio::select! {
+                    _ = stopping.changed() => Head::Closed,
+                    () = reclaimed => Head::Closed,
+                    () = tokio::time::sleep_until(limit) => timed_out(),
                 }
             };
             match read_head(&mut stream, &mut buf, &rules, idle).await {
@@ -241,12 +258,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> EdgeApp<A> {
             (stream, settings) = reused.consume();
             buf.reserve(4096);
             rules = HeadRules {
-                first_byte: self.timeouts.keepalive,
                 start: Instant::now(),
-                new_connection: false,
                 h2c: false,
                 ..rules
             };
+            first_byte = self.timeouts.keepalive;
+            new_connection = false;
         }
     }
 }

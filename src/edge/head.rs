@@ -28,13 +28,9 @@ pub enum Head {
 
 /// How one head is read.
 pub struct HeadRules {
-    /// Longest wait for the head's first byte.
-    pub first_byte: Duration,
     /// Longest time for the whole head, from `start`.
     pub total: Duration,
     pub start: Instant,
-    /// The connection's first request (silence is then a timeout, not the end of keep-alive).
-    pub new_connection: bool,
     /// Whether an HTTP/2 preface may come instead (first request on the plain listener).
     pub h2c: bool,
     pub max_bytes: usize,
@@ -67,14 +63,14 @@ impl HeadScan {
     }
 }
 
-/// Reads into `buf` (which may already hold bytes) until one of [`Head`]'s outcomes. The first
-/// byte may take `rules.first_byte`; `idle` resolves when the connection should give up waiting
-/// for it (shutdown, or room is needed for new connections).
+/// Reads into `buf` (which may already hold bytes) until one of [`Head`]'s outcomes. `idle`
+/// ends the wait for the first byte with its outcome (the wait's time limit, a shutdown, room
+/// needed for new connections).
 pub async fn read_head(
     stream: &mut Stream,
     buf: &mut BytesMut,
     rules: &HeadRules,
-    idle: impl std::future::Future<Output = ()>,
+    idle: impl std::future::Future<Output = Head>,
 ) -> Head {
     if buf.is_empty() {
         tokio::select! {
@@ -84,14 +80,7 @@ pub async fn read_head(
                     return Head::Closed;
                 }
             }
-            _ = tokio::time::sleep(rules.first_byte) => {
-                return if rules.new_connection {
-                    Head::TimedOut { http1: false }
-                } else {
-                    Head::Closed
-                };
-            }
-            _ = idle => return Head::Closed,
+            outcome = idle => return outcome,
         }
     }
     let deadline = rules.start + rules.total;

@@ -11,7 +11,6 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::ops::Range;
 
 /// Top-level fields FIRST uses internally; a client may not set them (422).
@@ -119,9 +118,94 @@ impl ControlFields {
     }
 }
 
+/// The top-level members the gateway reads, as borrowed raw JSON, and the FIRST-reserved ones
+/// present; read in one pass, every other member skipped (still checked to be valid JSON). A
+/// member given twice counts as its last value.
+#[derive(Default)]
+struct TopLevel<'a> {
+    model: Option<&'a RawValue>,
+    stream: Option<&'a RawValue>,
+    stream_options: Option<&'a RawValue>,
+    messages: Option<&'a RawValue>,
+    prompt: Option<&'a RawValue>,
+    input: Option<&'a RawValue>,
+    system: Option<&'a RawValue>,
+    instructions: Option<&'a RawValue>,
+    max_completion_tokens: Option<&'a RawValue>,
+    max_tokens: Option<&'a RawValue>,
+    max_output_tokens: Option<&'a RawValue>,
+    /// Bit `i`: `RESERVED_FIELDS[i]` is present.
+    reserved: u8,
+}
+
+impl<'a> TopLevel<'a> {
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        match name {
+            "model" => self.model,
+            "stream" => self.stream,
+            "stream_options" => self.stream_options,
+            "messages" => self.messages,
+            "prompt" => self.prompt,
+            "input" => self.input,
+            "system" => self.system,
+            "instructions" => self.instructions,
+            "max_completion_tokens" => self.max_completion_tokens,
+            "max_tokens" => self.max_tokens,
+            "max_output_tokens" => self.max_output_tokens,
+            _ => None,
+        }
+    }
+}
+
+/// A member's name, borrowed from the body unless it has escapes.
 #[derive(Deserialize)]
 #[serde(transparent)]
-struct TopLevel<'a>(#[serde(borrow)] HashMap<Cow<'a, str>, &'a RawValue>);
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Members<'a> {
+            type Value = TopLevel<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut top = TopLevel::default();
+                while let Some(Key(name)) = map.next_key()? {
+                    let slot = match name.as_ref() {
+                        "model" => &mut top.model,
+                        "stream" => &mut top.stream,
+                        "stream_options" => &mut top.stream_options,
+                        "messages" => &mut top.messages,
+                        "prompt" => &mut top.prompt,
+                        "input" => &mut top.input,
+                        "system" => &mut top.system,
+                        "instructions" => &mut top.instructions,
+                        "max_completion_tokens" => &mut top.max_completion_tokens,
+                        "max_tokens" => &mut top.max_tokens,
+                        "max_output_tokens" => &mut top.max_output_tokens,
+                        other => {
+                            if let Some(i) = RESERVED_FIELDS.iter().position(|r| *r == other) {
+                                top.reserved |= 1 << i;
+                            }
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(top)
+            }
+        }
+        d.deserialize_map(Members(std::marker::PhantomData))
+    }
+}
 
 /// Checks the control fields of a request body for `endpoint`.
 pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFields, ApiError> {
@@ -132,7 +216,7 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         ));
     }
     let fields = match serde_json::from_slice::<TopLevel>(body) {
-        Ok(f) => f.0,
+        Ok(f) => f,
         Err(e) if e.classify() == serde_json::error::Category::Data => {
             return Err(ApiError::invalid_request(
                 "The request body must be a JSON object.",
@@ -145,10 +229,9 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         }
     };
 
-    let mut reserved: Vec<&str> = RESERVED_FIELDS
-        .iter()
-        .copied()
-        .filter(|f| fields.contains_key(*f))
+    let mut reserved: Vec<&str> = (0..RESERVED_FIELDS.len())
+        .filter(|i| fields.reserved & (1 << i) != 0)
+        .map(|i| RESERVED_FIELDS[i])
         .collect();
     if !reserved.is_empty() {
         reserved.sort_unstable();
@@ -188,15 +271,15 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
     };
 
     match endpoint {
-        Endpoint::ChatCompletions => check_messages(fields.get("messages").copied())?,
-        Endpoint::Completions => check_prompt("prompt", fields.get("prompt").copied())?,
-        Endpoint::Responses => check_response_input(fields.get("input").copied())?,
-        Endpoint::Embeddings => check_prompt("input", fields.get("input").copied())?,
+        Endpoint::ChatCompletions => check_messages(fields.get("messages"))?,
+        Endpoint::Completions => check_prompt("prompt", fields.get("prompt"))?,
+        Endpoint::Responses => check_response_input(fields.get("input"))?,
+        Endpoint::Embeddings => check_prompt("input", fields.get("input"))?,
         Endpoint::Messages => {
-            check_messages(fields.get("messages").copied())?;
-            check_max_tokens(fields.get("max_tokens").copied())?;
+            check_messages(fields.get("messages"))?;
+            check_max_tokens(fields.get("max_tokens"))?;
         }
-        Endpoint::CountTokens => check_messages(fields.get("messages").copied())?,
+        Endpoint::CountTokens => check_messages(fields.get("messages"))?,
     }
     if stream && endpoint.framing() == super::Framing::None {
         return Err(ApiError::invalid_request(format!(
@@ -216,7 +299,7 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         .is_some_and(|v| v["include_usage"] == true);
     let max_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .iter()
-        .find_map(|f| fields.get(*f)?.get().parse::<u64>().ok());
+        .find_map(|f| fields.get(f)?.get().parse::<u64>().ok());
     let prompt_fields: [&str; 2] = match endpoint {
         Endpoint::ChatCompletions => ["messages", ""],
         Endpoint::Completions => ["prompt", ""],
@@ -224,12 +307,12 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         Endpoint::Responses => ["instructions", "input"],
         Endpoint::Embeddings | Endpoint::CountTokens => ["", ""],
     };
-    let prompt_spans = prompt_fields.map(|f| fields.get(f).map(|v| span_of(v)));
+    let prompt_spans = prompt_fields.map(|f| fields.get(f).map(span_of));
     Ok(ControlFields {
         model,
         stream,
         model_span,
-        stream_options_span: stream_options.map(|v| span_of(v)),
+        stream_options_span: stream_options.map(span_of),
         include_usage,
         max_tokens,
         prompt_spans,

@@ -180,7 +180,8 @@ impl ProxyHttp for Gateway {
             ctx.meter.first_byte.get_or_insert_with(Instant::now);
             trace::close_between(ctx);
             response.insert_header("x-firstgate-route", "direct")?;
-            let overhead = format!("{:.3}", ctx.overhead.as_secs_f64() * 1000.0);
+            let us = ctx.overhead.as_micros();
+            let overhead = format!("{}.{:03}", us / 1000, us % 1000);
             response.insert_header("x-firstgate-overhead-ms", overhead)?;
             if ctx.meter.scanner.as_ref().is_some_and(|u| u.strips()) {
                 // The body changes length when the usage chunk is removed.

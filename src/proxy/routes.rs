@@ -117,14 +117,26 @@ pub enum RouteError {
 
 /// Matches a request line.
 pub fn match_route(method: &Method, path: &str) -> Result<Route, RouteError> {
-    if let Some(call) = batch_call(method, path) {
+    // Most requests: an OpenAI endpoint at `/v1/...` (no Files or Batch path is one).
+    let direct = path.strip_prefix("/v1/").and_then(Endpoint::from_path);
+    let found = direct.map(|endpoint| {
+        let route = Route::Inference {
+            cluster: None,
+            framework: None,
+            endpoint,
+        };
+        (Method::POST, route)
+    });
+    if let Some(call) = found.is_none().then(|| batch_call(method, path)).flatten() {
         return match call {
             Ok(call) => Ok(Route::Batch(call)),
             Err(allow) if *method == Method::OPTIONS => Ok(Route::Preflight { allow }),
             Err(allow) => Err(RouteError::MethodNotAllowed { allow }),
         };
     }
-    let (expected, route) = match_path(path).ok_or(RouteError::NotFound)?;
+    let (expected, route) = found
+        .or_else(|| match_path(path))
+        .ok_or(RouteError::NotFound)?;
     let allow = if expected == Method::GET {
         "GET"
     } else {

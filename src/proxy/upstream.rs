@@ -76,11 +76,12 @@ pub fn rewrite_request(upstream: &mut RequestHeader, ctx: &RequestCtx) -> pingor
             "upstream request without a target",
         ));
     };
-    let addr = &slot.instance().addr;
-    let path = format!("{}/{}", addr.base_path, endpoint.path());
+    let instance = slot.instance();
+    let bad = |what| Error::explain(ErrorType::InternalError, what);
     upstream.set_uri(
-        http::Uri::try_from(path)
-            .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?,
+        instance
+            .path(endpoint)
+            .ok_or_else(|| bad("bad upstream path"))?,
     );
     // One pass over the (few) headers the client sent, instead of a lookup per stripped name.
     let stripped: Vec<http::HeaderName> = upstream
@@ -92,7 +93,10 @@ pub fn rewrite_request(upstream: &mut RequestHeader, ctx: &RequestCtx) -> pingor
     for name in &stripped {
         upstream.remove_header(name);
     }
-    upstream.insert_header(http::header::HOST, slot.instance().id())?;
+    upstream.insert_header(
+        http::header::HOST,
+        instance.host().ok_or_else(|| bad("bad upstream host"))?,
+    )?;
     if let Some(client) = &ctx.request.client {
         upstream.insert_header("x-forwarded-for", client.forwarded_for.as_str())?;
         upstream.insert_header("x-forwarded-proto", client.proto)?;
@@ -108,7 +112,24 @@ pub fn rewrite_request(upstream: &mut RequestHeader, ctx: &RequestCtx) -> pingor
         }
     }
     let len = ctx.request.body.as_ref().map_or(0, Bytes::len);
-    upstream.insert_header("content-length", len.to_string())
+    // The client's length stands when the body kept it (the model name unchanged): one header
+    // write less on most requests.
+    let mut lengths = upstream
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter();
+    match (lengths.next(), lengths.next()) {
+        (Some(sent), None) if is_decimal(sent.as_bytes(), len) => Ok(()),
+        _ => upstream.insert_header(http::header::CONTENT_LENGTH, http::HeaderValue::from(len)),
+    }
+}
+
+/// `text` is `n` written in decimal, as a `Content-Length` is (no sign, no leading zero).
+fn is_decimal(text: &[u8], n: usize) -> bool {
+    let canonical = text.first() != Some(&b'0') || text.len() == 1;
+    canonical
+        && text.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(text).is_ok_and(|t| t.parse() == Ok(n))
 }
 
 /// Uses the request's one retry, if it is left; `stale` when only a pooled connection failed
@@ -121,4 +142,20 @@ pub fn retry(ctx: &mut RequestCtx, stale: bool) -> bool {
     t.retries_left -= 1;
     t.stale_connection = stale;
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_decimal;
+
+    #[test]
+    fn only_the_plain_decimal_form_of_the_length_is_kept() {
+        assert!(is_decimal(b"120", 120));
+        assert!(is_decimal(b"0", 0));
+        assert!(!is_decimal(b"121", 120));
+        assert!(!is_decimal(b"0120", 120));
+        assert!(!is_decimal(b"+120", 120));
+        assert!(!is_decimal(b"", 0));
+        assert!(!is_decimal(b"99999999999999999999999", 0));
+    }
 }

@@ -286,16 +286,35 @@ impl UsageScanner {
     }
 }
 
-/// The `usage` of a whole JSON answer. Only `usage` is built; the rest (the generated text) is
-/// skipped over without being copied.
+/// The `usage` of a whole JSON answer. Only `usage` is built, into plain counters (no map); the
+/// rest (the generated text) is skipped over without being copied. A `usage` whose counts are
+/// not all unsigned integers is read again as any JSON, as a stream's usage event is.
 fn usage_of_answer(body: &[u8]) -> Option<Tokens> {
     #[derive(serde::Deserialize)]
-    struct Answer {
-        #[serde(default)]
-        usage: Value,
+    struct Answer<U> {
+        usage: Option<U>,
     }
-    let answer: Answer = serde_json::from_slice(body).ok()?;
-    tokens_of(&answer.usage)
+    #[derive(serde::Deserialize)]
+    struct Counts {
+        prompt_tokens: Option<u64>,
+        input_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        output_tokens: Option<u64>,
+        total_tokens: Option<u64>,
+    }
+    match serde_json::from_slice::<Answer<Counts>>(body) {
+        Ok(answer) => {
+            let c = answer.usage?;
+            let prompt = c.prompt_tokens.or(c.input_tokens)?;
+            let completion = c.completion_tokens.or(c.output_tokens).unwrap_or(0);
+            Some(Tokens {
+                prompt,
+                completion,
+                total: c.total_tokens.unwrap_or(prompt.saturating_add(completion)),
+            })
+        }
+        Err(_) => tokens_of(&serde_json::from_slice::<Answer<Value>>(body).ok()?.usage?),
+    }
 }
 
 /// OpenAI's `prompt_tokens`/`completion_tokens`, or `/v1/responses`' `input_tokens`/
@@ -350,6 +369,37 @@ mod tests {
         assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
         assert_eq!(s.tokens().total, 5);
         assert!(s.completed());
+    }
+
+    #[test]
+    fn a_json_answers_usage_is_read_whatever_form_its_counts_take() {
+        let tokens = |body: &'static str| {
+            let mut s = UsageScanner::new(false, false);
+            s.feed(&Bytes::from_static(body.as_bytes()), true);
+            s.tokens_known().then(|| s.tokens())
+        };
+        let t = |prompt, completion, total| {
+            Some(Tokens {
+                prompt,
+                completion,
+                total,
+            })
+        };
+        let chat = r#"{"choices":[{"message":{"content":"\"usage\": 1"}}],
+            "usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,"prompt_tokens_details":null}}"#;
+        assert_eq!(tokens(chat), t(12, 5, 17));
+        assert_eq!(
+            tokens(r#"{"usage":{"input_tokens":3,"output_tokens":4}}"#),
+            t(3, 4, 7)
+        );
+        // A count that is no whole number is read as missing, as in a stream's usage event.
+        assert_eq!(
+            tokens(r#"{"usage":{"prompt_tokens":2,"completion_tokens":1.5}}"#),
+            t(2, 0, 2)
+        );
+        assert_eq!(tokens(r#"{"usage":{"prompt_tokens":-1}}"#), None);
+        assert_eq!(tokens(r#"{"usage":null,"choices":[]}"#), None);
+        assert_eq!(tokens(r#"{"choices":[]}"#), None);
     }
 
     #[test]
