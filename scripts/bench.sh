@@ -11,6 +11,9 @@
 # Debian, one thread; nginx, the bare Pingora proxy and firstgate each on one thread, in front
 # of a static nginx backend): CPU per 1,000 requests, and streams' time to first byte and
 # memory; JSON to target/bench/light.json. E.g. `scripts/bench.sh --light --streams 1000,5000`.
+# `--light-rates 8000` adds runs at that offered rate (every proxy with time to spare);
+# `--light --callgrind --streams 0` runs the proxies under valgrind (Debian's) and reports the
+# instructions per request, steady enough to compare two builds where CPU time is not.
 #
 # `scripts/bench.sh --prefix [--rate R --requests N --slack S ...]` compares routing policies
 # on a prefix-sharing workload instead (scripts/bench-prefix.py; Poisson arrivals, 20/s).
@@ -52,6 +55,10 @@ fi
 if [[ " $* " == *" --light "* ]] && ! { command -v wrk && command -v h2load; } >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get install -y -q wrk nghttp2-client
+fi
+if [[ " $* " == *" --callgrind "* ]] && ! command -v valgrind >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get install -y -q valgrind
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release --bins --example bare-proxy --example bare-proxy-tuned

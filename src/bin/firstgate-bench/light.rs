@@ -26,6 +26,8 @@ struct LightRun {
     p50_ms: f64,
     p99_ms: f64,
     cpu_s_per_1k: Option<f64>,
+    /// With --callgrind: instructions the proxy ran per request (user space).
+    instructions_per_request: Option<f64>,
     /// Share of one core the proxy, the generator and the backend used.
     proxy_busy: f64,
     generator_busy: f64,
@@ -58,11 +60,40 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         "limits:\n  requests_per_second: 1000000\n  ip_requests_per_second: 0\n  \
          max_concurrent_per_user: 1000000\n",
     );
+    if cli.callgrind {
+        anyhow::ensure!(
+            Command::new("valgrind").arg("--version").output().is_ok(),
+            "valgrind is missing (Debian's valgrind): --callgrind runs the proxies under it"
+        );
+    }
+    // Where each proxy's callgrind counts go, with --callgrind.
+    let counts = |name: &str| cli.callgrind.then(|| dir.join(format!("{name}.callgrind")));
+    let (full_counts, lite_counts, bare_counts) = (
+        counts("firstgate-full"),
+        counts("firstgate-lite"),
+        counts("pingora-bare"),
+    );
     let env = [("FG_BENCH_SECRET", "bench-secret")];
-    let (gw_full, full_addr, _) = start_gateway_on(&bin, &dir, "light-full", &full, &env, 1)?;
-    let (gw_lite, lite_addr, _) = start_gateway_on(&bin, &dir, "light-lite", &lite, &[], 1)?;
+    let (gw_full, full_addr, _) = start_gateway_on(
+        &bin,
+        &dir,
+        "light-full",
+        &full,
+        &env,
+        1,
+        full_counts.as_deref(),
+    )?;
+    let (gw_lite, lite_addr, _) = start_gateway_on(
+        &bin,
+        &dir,
+        "light-lite",
+        &lite,
+        &[],
+        1,
+        lite_counts.as_deref(),
+    )?;
     let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, backend, real, 1)?;
-    let (bare, bare_addr) = start_bare(&bin, backend, real, false, 1)?;
+    let (bare, bare_addr) = start_bare(&bin, backend, real, false, 1, bare_counts.as_deref())?;
     for (a, what) in [
         (full_addr, "firstgate (full)"),
         (lite_addr, "firstgate (lite)"),
@@ -79,6 +110,12 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         pid: Some(pid),
         token,
         admin: None,
+    };
+    let callgrind_of = |name: &str| match name {
+        "firstgate-full" => full_counts.as_deref(),
+        "firstgate-lite" => lite_counts.as_deref(),
+        "pingora-bare" => bare_counts.as_deref(),
+        _ => None,
     };
     let targets = [
         target("nginx", ngx_addr, true, ngx.pid(), None),
@@ -113,21 +150,39 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     for round in 1..=cli.rounds.max(1) {
         eprintln!("light round {round} of {}", cli.rounds.max(1));
         for t in &chosen {
-            runs.push(wrk(
-                &dir,
-                t,
-                cli.concurrency,
-                cli.duration,
-                backend_proc.pid(),
-            )?);
+            // Closed loop (as fast as the proxy goes), then each offered rate.
+            let rates = std::iter::once(None).chain(cli.light_rates.iter().copied().map(Some));
+            for rate in rates {
+                runs.push(wrk(
+                    &dir,
+                    t,
+                    cli.concurrency,
+                    cli.duration,
+                    backend_proc.pid(),
+                    rate,
+                    callgrind_of(t.name),
+                )?);
+            }
         }
     }
     let mut results: Vec<LightRun> = chosen
         .iter()
-        .filter_map(|t| {
-            let mut of: Vec<&LightRun> = runs.iter().filter(|r| r.target == t.name).collect();
-            of.sort_by(|a, b| a.cpu_s_per_1k.partial_cmp(&b.cpu_s_per_1k).unwrap());
-            of.get(of.len() / 2).map(|r| (*r).clone())
+        .flat_map(|t| {
+            let mut scenarios: Vec<&String> = Vec::new();
+            for r in runs.iter().filter(|r| r.target == t.name) {
+                if !scenarios.contains(&&r.scenario) {
+                    scenarios.push(&r.scenario);
+                }
+            }
+            let median = |scenario: &String| {
+                let mut of: Vec<&LightRun> = runs
+                    .iter()
+                    .filter(|r| r.target == t.name && &r.scenario == scenario)
+                    .collect();
+                of.sort_by(|a, b| a.cpu_s_per_1k.partial_cmp(&b.cpu_s_per_1k).unwrap());
+                of.get(of.len() / 2).map(|r| (*r).clone())
+            };
+            scenarios.into_iter().filter_map(median).collect::<Vec<_>>()
         })
         .collect();
     for n in cli.streams.iter().filter(|n| **n > 0) {
@@ -193,8 +248,18 @@ fn wrk(
     connections: usize,
     duration: Duration,
     backend_pid: u32,
+    rate: Option<u64>,
+    callgrind: Option<&Path>,
 ) -> anyhow::Result<LightRun> {
     let script = dir.join(format!("{}.lua", t.name));
+    // wrk waits `delay()` ms before each request of a connection: `connections` of them
+    // offer about `rate` requests per second (less the time each answer takes).
+    let delay = rate.map_or(String::new(), |r| {
+        format!(
+            "function delay() return {} end\n",
+            (connections as u64 * 1000 / r.max(1)).max(1)
+        )
+    });
     let auth = t.token.map_or(String::new(), |tok| {
         format!("wrk.headers[\"Authorization\"] = \"Bearer {tok}\"\n")
     });
@@ -202,7 +267,7 @@ fn wrk(
         &script,
         format!(
             "wrk.method = \"POST\"\nwrk.body = '{}'\n\
-             wrk.headers[\"Content-Type\"] = \"application/json\"\n{auth}",
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n{auth}{delay}",
             body(t.model(false), false, 5)
         ),
     )?;
@@ -212,6 +277,9 @@ fn wrk(
         waited_children_cpu(),
         cpu_seconds(backend_pid),
     );
+    if callgrind.is_some() {
+        callgrind_control("-z", pid)?;
+    }
     let start = Instant::now();
     let out = Command::new("wrk")
         .args(["-t1", &format!("-c{connections}")])
@@ -227,6 +295,10 @@ fn wrk(
         waited_children_cpu() - gen0,
         cpu_seconds(backend_pid) - back0,
     );
+    let instructions = match callgrind {
+        Some(file) => Some(callgrind_total(file, pid)?),
+        None => None,
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "wrk against {}: {text}", t.name);
     let requests = text
@@ -252,18 +324,68 @@ fn wrk(
             });
     Ok(LightRun {
         target: t.name.into(),
-        scenario: format!("wrk, {connections} connections"),
+        scenario: match rate {
+            Some(r) => format!("wrk, ~{r}/s"),
+            None => format!("wrk, {connections} connections"),
+        },
         requests,
         errors,
         rps: requests as f64 / wall,
         p50_ms: field("50%").map_or(0.0, |v| millis(&v)),
         p99_ms: field("99%").map_or(0.0, |v| millis(&v)),
         cpu_s_per_1k: (requests > 0).then(|| cpu / requests as f64 * 1000.0),
+        instructions_per_request: instructions
+            .filter(|_| requests > 0)
+            .map(|n| n as f64 / requests as f64),
         proxy_busy: cpu / wall,
         generator_busy: generator / wall,
         backend_busy: backend / wall,
         ..LightRun::default()
     })
+}
+
+/// Asks the callgrind of process `pid` to zero (`-z`) or dump (`-d`) its counts.
+fn callgrind_control(what: &str, pid: u32) -> anyhow::Result<()> {
+    let status = Command::new("callgrind_control")
+        .args([what, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "callgrind_control {what} {pid} failed");
+    Ok(())
+}
+
+/// Dumps the counts of process `pid` (written to `file.N`, N counting up from 1) and reads the
+/// instructions of the newest dump: what ran since the last zeroing.
+fn callgrind_total(file: &Path, pid: u32) -> anyhow::Result<u64> {
+    callgrind_control("-d", pid)?;
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let newest = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let n: u32 = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix(name)?
+                .strip_prefix('.')?
+                .parse()
+                .ok()?;
+            Some((n, path))
+        })
+        .max()
+        .map(|(_, path)| path)
+        .ok_or_else(|| anyhow::anyhow!("no callgrind dump beside {}", file.display()))?;
+    let text = std::fs::read_to_string(&newest)?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no instruction total in {}", newest.display()))
 }
 
 /// wrk's and h2load's durations (`850.00us`, `1.20ms`, `2.00s`) in milliseconds.
@@ -364,7 +486,7 @@ async fn h2load(dir: &Path, t: &Target, n: usize) -> anyhow::Result<LightRun> {
 
 fn print_table(results: &[LightRun]) {
     println!(
-        "\n{:<16} {:<22} {:>9} {:>6} {:>9} {:>8} {:>8} {:>11} {:>8} {:>7} {:>9} {:>9} {:>10}",
+        "\n{:<16} {:<22} {:>9} {:>6} {:>9} {:>8} {:>8} {:>11} {:>9} {:>8} {:>7} {:>9} {:>9} {:>10}",
         "target",
         "scenario",
         "requests",
@@ -373,6 +495,7 @@ fn print_table(results: &[LightRun]) {
         "p50 ms",
         "p99 ms",
         "CPU s/1k",
+        "instr/req",
         "vs bare",
         "proxy",
         "generator",
@@ -390,11 +513,13 @@ fn print_table(results: &[LightRun]) {
         let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
         let versus = if r.ttfb_mean_ms.is_some() {
             ratio(|r| r.ttfb_mean_ms)
+        } else if r.instructions_per_request.is_some() {
+            ratio(|r| r.instructions_per_request)
         } else {
             ratio(|r| r.cpu_s_per_1k)
         };
         println!(
-            "{:<16} {:<22} {:>9} {:>6} {:>9.0} {:>8.2} {:>8.2} {:>11} {:>8} {:>6.0}% {:>8.0}% {:>9} {:>10}",
+            "{:<16} {:<22} {:>9} {:>6} {:>9.0} {:>8.2} {:>8.2} {:>11} {:>9} {:>8} {:>6.0}% {:>8.0}% {:>9} {:>10}",
             r.target,
             r.scenario,
             r.requests,
@@ -403,6 +528,7 @@ fn print_table(results: &[LightRun]) {
             r.p50_ms,
             r.p99_ms,
             opt(r.cpu_s_per_1k, 4),
+            opt(r.instructions_per_request, 0),
             versus,
             r.proxy_busy * 100.0,
             r.generator_busy * 100.0,
@@ -411,8 +537,8 @@ fn print_table(results: &[LightRun]) {
         );
     }
     println!(
-        "\n\"vs bare\": CPU per request (wrk rows) or mean time to first byte (stream rows) over \
-         pingora-bare's. A proxy whose one thread is not near 100% busy in a wrk row was not the \
+        "\n\"vs bare\": CPU per request (wrk rows; instructions per request with --callgrind) or \
+         mean time to first byte (stream rows) over pingora-bare's. A proxy whose one thread is not near 100% busy in a wrk row was not the \
          bottleneck: the generator or the backend was, and its figure is not a cost."
     );
 }

@@ -44,6 +44,16 @@ struct Cli {
     /// Offered rates (requests per second) of the fixed-rate runs.
     #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000")]
     rates: Vec<u64>,
+    /// Light generator: run firstgate and the bare Pingora proxy under valgrind's callgrind
+    /// and report the instructions each spends per request (user space only; as steady as CPU
+    /// time on a shared machine is not, for comparing two builds). Each runs some 50 times
+    /// slower there: the CPU and rate columns are then not costs.
+    #[arg(long)]
+    callgrind: bool,
+    /// Light generator: also offer these rates (requests per second, paced by wrk's
+    /// `delay()`), where every proxy has time to spare.
+    #[arg(long, value_delimiter = ',')]
+    light_rates: Vec<u64>,
     /// Concurrent streams (realistic profile).
     #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
     streams: Vec<usize>,
@@ -631,7 +641,7 @@ fn start_gateway(
     body: &str,
     env: &[(&str, &str)],
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
-    start_gateway_on(bin, dir, name, body, env, 2)
+    start_gateway_on(bin, dir, name, body, env, 2, None)
 }
 
 fn start_gateway_on(
@@ -641,6 +651,7 @@ fn start_gateway_on(
     body: &str,
     env: &[(&str, &str)],
     threads: usize,
+    callgrind: Option<&Path>,
 ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
     let addr = free_addr();
     let admin = free_addr();
@@ -650,7 +661,7 @@ fn start_gateway_on(
         format!("listen: {addr}\nadmin_listen: {admin}\nthreads: {threads}\n{body}"),
     )?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let child = Command::new(bin.join("firstgate"))
+    let child = program(bin.join("firstgate"), callgrind)
         .args(["serve", "--config"])
         .arg(&config)
         .envs(env.iter().copied())
@@ -669,13 +680,14 @@ fn start_bare(
     real: SocketAddr,
     tuned: bool,
     threads: usize,
+    callgrind: Option<&Path>,
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr = free_addr();
     let (example, flag) = match tuned {
         true => ("examples/bare-proxy-tuned", Some("--tuned")),
         false => ("examples/bare-proxy", None),
     };
-    let child = Command::new(bin.join(example))
+    let child = program(bin.join(example), callgrind)
         .args([
             addr.to_string(),
             fast.to_string(),
@@ -687,6 +699,20 @@ fn start_bare(
         .stderr(Stdio::null())
         .spawn()?;
     Ok((Proc { child }, addr))
+}
+
+/// `path`, or with `callgrind` (its output file) `path` under valgrind's callgrind.
+fn program(path: PathBuf, callgrind: Option<&Path>) -> Command {
+    match callgrind {
+        Some(out) => {
+            let mut cmd = Command::new("valgrind");
+            cmd.arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", out.display()))
+                .arg(path);
+            cmd
+        }
+        None => Command::new(path),
+    }
 }
 
 fn start_nginx(
@@ -771,8 +797,8 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, fast, real, 2)?;
-    let (bare, bare_addr) = start_bare(&bin, fast, real, false, 2)?;
-    let (tuned, tuned_addr) = start_bare(&bin, fast, real, true, 2)?;
+    let (bare, bare_addr) = start_bare(&bin, fast, real, false, 2, None)?;
+    let (tuned, tuned_addr) = start_bare(&bin, fast, real, true, 2, None)?;
     for (a, what) in [
         (full_addr, "firstgate (full)"),
         (lite_addr, "firstgate (lite)"),
