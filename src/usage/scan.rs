@@ -286,35 +286,74 @@ impl UsageScanner {
     }
 }
 
-/// The `usage` of a whole JSON answer. Only `usage` is built, into plain counters (no map); the
-/// rest (the generated text) is skipped over without being copied. A `usage` whose counts are
-/// not all unsigned integers is read again as any JSON, as a stream's usage event is.
+/// A `usage` object read into plain counters (no map).
+#[derive(serde::Deserialize)]
+struct Counts {
+    prompt_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl Counts {
+    fn tokens(&self) -> Option<Tokens> {
+        let prompt = self.prompt_tokens.or(self.input_tokens)?;
+        let completion = self.completion_tokens.or(self.output_tokens).unwrap_or(0);
+        Some(Tokens {
+            prompt,
+            completion,
+            total: self
+                .total_tokens
+                .unwrap_or(prompt.saturating_add(completion)),
+        })
+    }
+}
+
+/// The `usage` of a whole JSON answer. Where it is the answer's last member, as vLLM and OpenAI
+/// write it, it is read from the end without going over the generated text before it;
+/// otherwise the answer is read once, only `usage` built (the rest skipped without being
+/// copied). A `usage` whose counts are not all unsigned integers is read again as any JSON, as
+/// a stream's usage event is.
 fn usage_of_answer(body: &[u8]) -> Option<Tokens> {
     #[derive(serde::Deserialize)]
     struct Answer<U> {
         usage: Option<U>,
     }
-    #[derive(serde::Deserialize)]
-    struct Counts {
-        prompt_tokens: Option<u64>,
-        input_tokens: Option<u64>,
-        completion_tokens: Option<u64>,
-        output_tokens: Option<u64>,
-        total_tokens: Option<u64>,
+    if let Some(counts) = usage_at_end(body) {
+        return counts.tokens();
     }
     match serde_json::from_slice::<Answer<Counts>>(body) {
-        Ok(answer) => {
-            let c = answer.usage?;
-            let prompt = c.prompt_tokens.or(c.input_tokens)?;
-            let completion = c.completion_tokens.or(c.output_tokens).unwrap_or(0);
-            Some(Tokens {
-                prompt,
-                completion,
-                total: c.total_tokens.unwrap_or(prompt.saturating_add(completion)),
-            })
-        }
+        Ok(answer) => answer.usage?.tokens(),
         Err(_) => tokens_of(&serde_json::from_slice::<Answer<Value>>(body).ok()?.usage?),
     }
+}
+
+/// The counts of `..., "usage": {...}}` at the end of `body`. The last `"usage"` there is a
+/// key (a string's own quotes are escaped, so its opening quote must not be, and a `:` must
+/// follow), and only the object's closing brace may come after its value: then it is the
+/// outermost object's last member.
+fn usage_at_end(body: &[u8]) -> Option<Counts> {
+    const KEY: &[u8] = b"\"usage\"";
+    let inner = body.trim_ascii_end().strip_suffix(b"}")?;
+    let at = inner.windows(KEY.len()).rposition(|w| w == KEY)?;
+    let backslashes = inner[..at]
+        .iter()
+        .rev()
+        .take_while(|b| **b == b'\\')
+        .count();
+    let value = inner[at + KEY.len()..]
+        .trim_ascii_start()
+        .strip_prefix(b":")?;
+    if backslashes % 2 == 1 {
+        return None;
+    }
+    let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Counts>();
+    let counts = values.next()?.ok()?;
+    value[values.byte_offset()..]
+        .trim_ascii()
+        .is_empty()
+        .then_some(counts)
 }
 
 /// OpenAI's `prompt_tokens`/`completion_tokens`, or `/v1/responses`' `input_tokens`/
@@ -392,6 +431,12 @@ mod tests {
             tokens(r#"{"usage":{"input_tokens":3,"output_tokens":4}}"#),
             t(3, 4, 7)
         );
+        // Only the outermost object's `usage` counts, wherever it stands.
+        let first = r#"{"usage":{"prompt_tokens":1},"x":{"usage":{"prompt_tokens":9}}}"#;
+        assert_eq!(tokens(first), t(1, 0, 1));
+        let last = r#"{"x":{"usage":{"prompt_tokens":9}},"usage":{"prompt_tokens":1}} "#;
+        assert_eq!(tokens(last), t(1, 0, 1));
+        assert_eq!(tokens(r#"{"x":{"usage":{"prompt_tokens":9}}}"#), None);
         // A count that is no whole number is read as missing, as in a stream's usage event.
         assert_eq!(
             tokens(r#"{"usage":{"prompt_tokens":2,"completion_tokens":1.5}}"#),
