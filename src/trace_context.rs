@@ -57,7 +57,7 @@ impl TraceContext {
     pub fn trace_id_hex(&self) -> String {
         let mut out = [0; 32];
         hex::encode_to_slice(self.trace_id, &mut out).expect("32 digits for 16 bytes");
-        String::from_utf8_lossy(&out).into_owned()
+        String::from_utf8(out.to_vec()).expect("hex digits are ASCII")
     }
 
     /// The `traceparent` naming the gateway's span.
@@ -68,7 +68,7 @@ impl TraceContext {
             .and_then(|()| hex::encode_to_slice(self.span_id, &mut out[36..52]))
             .and_then(|()| hex::encode_to_slice([self.flags], &mut out[53..55]));
         digits.expect("the lengths match");
-        String::from_utf8_lossy(&out).into_owned()
+        String::from_utf8(out.to_vec()).expect("hex digits are ASCII")
     }
 }
 
