@@ -196,7 +196,9 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
     println!("JSON: {}", json.display());
     drop((gw_full, gw_lite, ngx, bare, backend_proc));
-    if !cli.keep {
+    if cli.keep {
+        println!("working directory kept: {}", dir.display());
+    } else {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
