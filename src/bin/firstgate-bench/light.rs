@@ -66,13 +66,10 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             "valgrind is missing (Debian's valgrind): --callgrind runs the proxies under it"
         );
     }
-    // Where each proxy's callgrind counts go, with --callgrind.
-    let counts = |name: &str| cli.callgrind.then(|| dir.join(format!("{name}.callgrind")));
-    let (full_counts, lite_counts, bare_counts) = (
-        counts("firstgate-full"),
-        counts("firstgate-lite"),
-        counts("pingora-bare"),
-    );
+    // With --callgrind, where a proxy's counts go (nginx, several processes, runs as it is).
+    let counts = |name: &str| {
+        (cli.callgrind && name != "nginx").then(|| dir.join(format!("{name}.callgrind")))
+    };
     let env = [("FG_BENCH_SECRET", "bench-secret")];
     let (gw_full, full_addr, _) = start_gateway_on(
         &bin,
@@ -81,7 +78,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         &full,
         &env,
         1,
-        full_counts.as_deref(),
+        counts("firstgate-full").as_deref(),
     )?;
     let (gw_lite, lite_addr, _) = start_gateway_on(
         &bin,
@@ -90,10 +87,17 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         &lite,
         &[],
         1,
-        lite_counts.as_deref(),
+        counts("firstgate-lite").as_deref(),
     )?;
     let (ngx, ngx_addr) = start_nginx(&cli.nginx, &dir, backend, real, 1)?;
-    let (bare, bare_addr) = start_bare(&bin, backend, real, false, 1, bare_counts.as_deref())?;
+    let (bare, bare_addr) = start_bare(
+        &bin,
+        backend,
+        real,
+        false,
+        1,
+        counts("pingora-bare").as_deref(),
+    )?;
     for (a, what) in [
         (full_addr, "firstgate (full)"),
         (lite_addr, "firstgate (lite)"),
@@ -110,12 +114,6 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         pid: Some(pid),
         token,
         admin: None,
-    };
-    let callgrind_of = |name: &str| match name {
-        "firstgate-full" => full_counts.as_deref(),
-        "firstgate-lite" => lite_counts.as_deref(),
-        "pingora-bare" => bare_counts.as_deref(),
-        _ => None,
     };
     let targets = [
         target("nginx", ngx_addr, true, ngx.pid(), None),
@@ -160,7 +158,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                     cli.duration,
                     backend_proc.pid(),
                     rate,
-                    callgrind_of(t.name),
+                    counts(t.name).as_deref(),
                 )?);
             }
         }
@@ -179,7 +177,8 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                     .iter()
                     .filter(|r| r.target == t.name && &r.scenario == scenario)
                     .collect();
-                of.sort_by(|a, b| a.cpu_s_per_1k.partial_cmp(&b.cpu_s_per_1k).unwrap());
+                let cost = |r: &LightRun| r.instructions_per_request.or(r.cpu_s_per_1k);
+                of.sort_by(|a, b| cost(a).partial_cmp(&cost(b)).unwrap());
                 of.get(of.len() / 2).map(|r| (*r).clone())
             };
             scenarios.into_iter().filter_map(median).collect::<Vec<_>>()
