@@ -118,42 +118,37 @@ impl ControlFields {
     }
 }
 
-/// The top-level members the gateway reads, as borrowed raw JSON, and the FIRST-reserved ones
-/// present; read in one pass, every other member skipped (still checked to be valid JSON). A
-/// member given twice counts as its last value.
+/// The top-level members the gateway reads.
+const READ_FIELDS: [&str; 11] = [
+    "model",
+    "stream",
+    "stream_options",
+    "messages",
+    "prompt",
+    "input",
+    "system",
+    "instructions",
+    "max_completion_tokens",
+    "max_tokens",
+    "max_output_tokens",
+];
+
+/// The members of [`READ_FIELDS`] as borrowed raw JSON, and the FIRST-reserved ones present;
+/// read in one pass, every other member skipped (still checked to be valid JSON). A member
+/// given twice counts as its last value.
 #[derive(Default)]
 struct TopLevel<'a> {
-    model: Option<&'a RawValue>,
-    stream: Option<&'a RawValue>,
-    stream_options: Option<&'a RawValue>,
-    messages: Option<&'a RawValue>,
-    prompt: Option<&'a RawValue>,
-    input: Option<&'a RawValue>,
-    system: Option<&'a RawValue>,
-    instructions: Option<&'a RawValue>,
-    max_completion_tokens: Option<&'a RawValue>,
-    max_tokens: Option<&'a RawValue>,
-    max_output_tokens: Option<&'a RawValue>,
+    values: [Option<&'a RawValue>; READ_FIELDS.len()],
     /// Bit `i`: `RESERVED_FIELDS[i]` is present.
     reserved: u8,
 }
 
 impl<'a> TopLevel<'a> {
     fn get(&self, name: &str) -> Option<&'a RawValue> {
-        match name {
-            "model" => self.model,
-            "stream" => self.stream,
-            "stream_options" => self.stream_options,
-            "messages" => self.messages,
-            "prompt" => self.prompt,
-            "input" => self.input,
-            "system" => self.system,
-            "instructions" => self.instructions,
-            "max_completion_tokens" => self.max_completion_tokens,
-            "max_tokens" => self.max_tokens,
-            "max_output_tokens" => self.max_output_tokens,
-            _ => None,
-        }
+        READ_FIELDS
+            .iter()
+            .position(|f| *f == name)
+            .and_then(|i| self.values[i])
     }
 }
 
@@ -178,27 +173,15 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
             ) -> Result<Self::Value, M::Error> {
                 let mut top = TopLevel::default();
                 while let Some(Key(name)) = map.next_key()? {
-                    let slot = match name.as_ref() {
-                        "model" => &mut top.model,
-                        "stream" => &mut top.stream,
-                        "stream_options" => &mut top.stream_options,
-                        "messages" => &mut top.messages,
-                        "prompt" => &mut top.prompt,
-                        "input" => &mut top.input,
-                        "system" => &mut top.system,
-                        "instructions" => &mut top.instructions,
-                        "max_completion_tokens" => &mut top.max_completion_tokens,
-                        "max_tokens" => &mut top.max_tokens,
-                        "max_output_tokens" => &mut top.max_output_tokens,
-                        other => {
-                            if let Some(i) = RESERVED_FIELDS.iter().position(|r| *r == other) {
-                                top.reserved |= 1 << i;
-                            }
-                            map.next_value::<serde::de::IgnoredAny>()?;
-                            continue;
-                        }
-                    };
-                    *slot = Some(map.next_value()?);
+                    let name = name.as_ref();
+                    if let Some(i) = READ_FIELDS.iter().position(|f| *f == name) {
+                        top.values[i] = Some(map.next_value()?);
+                        continue;
+                    }
+                    if let Some(i) = RESERVED_FIELDS.iter().position(|r| *r == name) {
+                        top.reserved |= 1 << i;
+                    }
+                    map.next_value::<serde::de::IgnoredAny>()?;
                 }
                 Ok(top)
             }
