@@ -63,7 +63,7 @@ impl TrustedProxies {
                 break;
             }
         }
-        let mut forwarded_for: Vec<String> = chain.iter().rev().map(IpAddr::to_string).collect();
+        let mut forwarded_for: Vec<String> = chain.iter().rev().map(|ip| ip_text(*ip)).collect();
         forwarded_for.push(ip_text(peer));
         // One entry per proxy, the client's first: the one `chain.len()` from the right was
         // written by the trusted proxy the client connected to.

@@ -357,18 +357,16 @@ fn usage_at_end(body: &[u8]) -> Option<Counts> {
 }
 
 /// OpenAI's `prompt_tokens`/`completion_tokens`, or `/v1/responses`' `input_tokens`/
-/// `output_tokens`.
+/// `output_tokens`, of any JSON `usage` (counts that are not unsigned integers are missing).
 fn tokens_of(v: &Value) -> Option<Tokens> {
-    let count = |a: &str, b: &str| v[a].as_u64().or_else(|| v[b].as_u64());
-    let prompt = count("prompt_tokens", "input_tokens")?;
-    let completion = count("completion_tokens", "output_tokens").unwrap_or(0);
-    Some(Tokens {
-        prompt,
-        completion,
-        total: v["total_tokens"]
-            .as_u64()
-            .unwrap_or(prompt.saturating_add(completion)),
-    })
+    Counts {
+        prompt_tokens: v["prompt_tokens"].as_u64(),
+        input_tokens: v["input_tokens"].as_u64(),
+        completion_tokens: v["completion_tokens"].as_u64(),
+        output_tokens: v["output_tokens"].as_u64(),
+        total_tokens: v["total_tokens"].as_u64(),
+    }
+    .tokens()
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
