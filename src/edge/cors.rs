@@ -6,7 +6,7 @@
 //! not already hold.
 
 use crate::config::CorsConfig;
-use http::header::HeaderValue;
+use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ enum Origins {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Preflight {
     /// 204 with these headers.
-    Allowed(Vec<(&'static str, HeaderValue)>),
+    Allowed(Vec<(HeaderName, HeaderValue)>),
     /// The origin is not allowed (or there is no `Origin`).
     Refused,
 }
@@ -87,23 +87,23 @@ impl Cors {
             return Preflight::Refused;
         };
         let asked_headers = headers
-            .get(http::header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
             .cloned()
             .unwrap_or(HeaderValue::from_static(ALLOWED_HEADERS));
         let mut out = vec![
-            ("access-control-allow-origin", allowed.value),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed.value),
             (
-                "access-control-allow-methods",
+                header::ACCESS_CONTROL_ALLOW_METHODS,
                 HeaderValue::from_static(allow),
             ),
-            ("access-control-allow-headers", asked_headers),
+            (header::ACCESS_CONTROL_ALLOW_HEADERS, asked_headers),
             (
-                "access-control-max-age",
+                header::ACCESS_CONTROL_MAX_AGE,
                 HeaderValue::from(self.max_age.as_secs()),
             ),
         ];
         if allowed.varies {
-            out.push(("vary", HeaderValue::from_static("Origin")));
+            out.push((header::VARY, HeaderValue::from_static("Origin")));
         }
         Preflight::Allowed(out)
     }
@@ -119,14 +119,14 @@ pub struct AllowedOrigin {
 
 impl AllowedOrigin {
     /// `(name, value)` pairs to add to the answer.
-    pub fn headers(&self) -> impl Iterator<Item = (&'static str, HeaderValue)> + '_ {
+    pub fn headers(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
         let vary = self
             .varies
-            .then(|| ("vary", HeaderValue::from_static("Origin")));
+            .then(|| (header::VARY, HeaderValue::from_static("Origin")));
         [
-            ("access-control-allow-origin", self.value.clone()),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, self.value.clone()),
             (
-                "access-control-expose-headers",
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
                 HeaderValue::from_static(EXPOSED_HEADERS),
             ),
         ]
@@ -148,7 +148,7 @@ mod tests {
 
     fn from(origin: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(http::header::ORIGIN, origin.parse().unwrap());
+        h.insert(header::ORIGIN, origin.parse().unwrap());
         h
     }
 
@@ -177,7 +177,7 @@ mod tests {
         let any = cors(&["*"]).unwrap();
         let mut h = from("https://x.org");
         h.insert(
-            http::header::ACCESS_CONTROL_REQUEST_HEADERS,
+            header::ACCESS_CONTROL_REQUEST_HEADERS,
             "authorization, content-type".parse().unwrap(),
         );
         let Preflight::Allowed(headers) = any.preflight(&h, "POST") else {

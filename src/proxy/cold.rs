@@ -6,7 +6,7 @@
 
 use super::serve::Outcome;
 use super::trace::phase_span;
-use super::{errors, respond, Gateway, RequestCtx};
+use super::{errors, headers, respond, Gateway, RequestCtx};
 use crate::catalog::Deployment;
 use crate::compute::relay::{RelayTicket, StreamRelay};
 use crate::compute::{serialize::unwrap_json_string, ComputeClient, ComputeError};
@@ -14,7 +14,8 @@ use crate::config::ComputeStreaming;
 use crate::openai::{completion_events, ApiError, ControlFields, Endpoint, Framing, END};
 use crate::usage::Tokens;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderValue};
 use pingora::proxy::Session;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -120,12 +121,12 @@ impl Gateway {
             let completion = completion(cold, d, &task).await?;
             ctx.target.answered = true;
             ctx.meter.answered = Some(Tokens::of_completion(&completion));
-            let headers = [
-                ("x-firstgate-route", "compute".to_string()),
-                ("x-firstgate-task", task.clone()),
+            let extra = [
+                (headers::ROUTE, "compute".to_string()),
+                (headers::TASK, task.clone()),
             ];
             let body = Bytes::from(completion.to_string());
-            respond::send_json(session, ctx, 200, body, &headers).await
+            respond::send_json(session, ctx, 200, body, &extra).await
         };
         if let Err(e) = written {
             // The client went away while the task ran.
@@ -299,13 +300,19 @@ pub(super) async fn write_stream_head(
     session: &mut Session,
     a: &StreamAnswer<'_>,
 ) -> pingora::Result<()> {
-    let mut resp = ResponseHeader::build(200, Some(10))?;
-    respond::tag(&mut resp, a.ctx)?;
-    resp.insert_header("content-type", "text/event-stream; charset=utf-8")?;
-    resp.insert_header("cache-control", "no-cache")?;
-    resp.insert_header("transfer-encoding", "chunked")?;
-    resp.insert_header("x-firstgate-route", "compute")?;
-    resp.insert_header("x-firstgate-task", a.task)?;
+    let mut h = HeaderMap::with_capacity(10);
+    respond::tag(&mut h, a.ctx)?;
+    let fixed = [
+        (CONTENT_TYPE, "text/event-stream; charset=utf-8"),
+        (CACHE_CONTROL, "no-cache"),
+        (TRANSFER_ENCODING, "chunked"),
+        (headers::ROUTE, "compute"),
+    ];
+    for (name, value) in fixed {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    h.insert(headers::TASK, headers::value(a.task)?);
+    let resp = headers::response(200, h)?;
     session.write_response_header(Box::new(resp), false).await
 }
 

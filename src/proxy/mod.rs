@@ -21,6 +21,7 @@ mod cold;
 mod ctx;
 mod errors;
 mod finish;
+mod headers;
 mod inference;
 mod reads;
 mod relay;
@@ -43,6 +44,7 @@ use crate::policy::PolicyStore;
 use crate::usage::Accounting;
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -176,19 +178,24 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        if ctx.target.deployment.is_some() {
+        let direct = ctx.target.deployment.is_some();
+        if direct {
             ctx.meter.first_byte.get_or_insert_with(Instant::now);
             trace::close_between(ctx);
-            response.insert_header("x-firstgate-route", "direct")?;
-            let us = ctx.overhead.as_micros();
-            let overhead = format!("{}.{:03}", us / 1000, us % 1000);
-            response.insert_header("x-firstgate-overhead-ms", overhead)?;
-            if ctx.meter.scanner.as_ref().is_some_and(|u| u.strips()) {
-                // The body changes length when the usage chunk is removed.
-                response.remove_header("content-length");
-            }
         }
-        respond::tag(response, ctx)
+        headers::edit_response(response, |h| {
+            if direct {
+                h.insert(headers::ROUTE, HeaderValue::from_static("direct"));
+                let us = ctx.overhead.as_micros();
+                let overhead = format!("{}.{:03}", us / 1000, us % 1000);
+                h.insert(headers::OVERHEAD, headers::value(overhead)?);
+                if ctx.meter.scanner.as_ref().is_some_and(|u| u.strips()) {
+                    // The body changes length when the usage chunk is removed.
+                    h.remove(http::header::CONTENT_LENGTH);
+                }
+            }
+            respond::tag(h, ctx)
+        })
     }
 
     fn fail_to_connect(

@@ -1,9 +1,10 @@
 //! Writing responses the gateway answers itself (errors and listings).
 
+use super::headers::{self, REQUEST_ID, TRACEPARENT};
 use super::RequestCtx;
 use crate::openai::ApiError;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora::proxy::Session;
 
 /// Sends a complete JSON response, with the request's id and trace.
@@ -12,7 +13,7 @@ pub async fn send_json(
     ctx: &RequestCtx,
     status: u16,
     body: Bytes,
-    headers: &[(&'static str, String)],
+    headers: &[(HeaderName, String)],
 ) -> pingora::Result<()> {
     send_body(session, ctx, status, "application/json", body, headers).await
 }
@@ -22,31 +23,36 @@ pub async fn send_body(
     session: &mut Session,
     ctx: &RequestCtx,
     status: u16,
-    content_type: &str,
+    content_type: &'static str,
     body: Bytes,
-    headers: &[(&'static str, String)],
+    extra: &[(HeaderName, String)],
 ) -> pingora::Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(8 + headers.len()))?;
-    resp.insert_header("content-type", content_type)?;
-    resp.insert_header("content-length", body.len().to_string())?;
-    tag(&mut resp, ctx)?;
-    for (name, value) in headers {
-        resp.insert_header(*name, value.as_str())?;
+    let mut h = HeaderMap::with_capacity(8 + extra.len());
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    tag(&mut h, ctx)?;
+    for (name, value) in extra {
+        h.insert(name.clone(), headers::value(value.as_str())?);
     }
+    let resp = headers::response(status, h)?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
 
 /// Adds what every answer carries: the request's id, its trace context, and the CORS headers
 /// when a page of an allowed origin asked.
-pub fn tag(resp: &mut ResponseHeader, ctx: &RequestCtx) -> pingora::Result<()> {
-    resp.insert_header("x-request-id", ctx.request.id.as_str())?;
+pub fn tag(h: &mut HeaderMap, ctx: &RequestCtx) -> pingora::Result<()> {
+    h.insert(REQUEST_ID, headers::value(ctx.request.id.as_str())?);
     if let Some(t) = &ctx.request.trace {
-        resp.insert_header("traceparent", t.traceparent())?;
+        h.insert(TRACEPARENT, headers::value(t.traceparent())?);
     }
     if let Some(cors) = &ctx.request.cors {
+        // In place of a backend's own CORS headers, if it sent any.
         for (name, value) in cors.headers() {
-            resp.insert_header(name, value)?;
+            h.insert(name, value);
         }
     }
     Ok(())
@@ -56,13 +62,12 @@ pub fn tag(resp: &mut ResponseHeader, ctx: &RequestCtx) -> pingora::Result<()> {
 pub async fn send_preflight(
     session: &mut Session,
     ctx: &RequestCtx,
-    headers: Vec<(&'static str, http::HeaderValue)>,
+    cors: Vec<(HeaderName, HeaderValue)>,
 ) -> pingora::Result<()> {
-    let mut resp = ResponseHeader::build(204, Some(3 + headers.len()))?;
-    resp.insert_header("x-request-id", ctx.request.id.as_str())?;
-    for (name, value) in headers {
-        resp.insert_header(name, value)?;
-    }
+    let mut h = HeaderMap::with_capacity(1 + cors.len());
+    h.insert(REQUEST_ID, headers::value(ctx.request.id.as_str())?);
+    h.extend(cors);
+    let resp = headers::response(204, h)?;
     session.write_response_header(Box::new(resp), true).await
 }
 
@@ -73,10 +78,12 @@ pub async fn send_error(
     ctx: &RequestCtx,
     err: &ApiError,
 ) -> pingora::Result<()> {
-    let retry = err.retry_after.map(|s| ("retry-after", s.to_string()));
-    let allow = err.allow.map(|a| ("allow", a.to_string()));
-    let limit = err.limit.map(|l| ("x-firstgate-limit", l.to_string()));
-    let headers: Vec<_> = retry.into_iter().chain(allow).chain(limit).collect();
+    let retry = err
+        .retry_after
+        .map(|s| (http::header::RETRY_AFTER, s.to_string()));
+    let allow = err.allow.map(|a| (http::header::ALLOW, a.to_string()));
+    let limit = err.limit.map(|l| (headers::LIMIT, l.to_string()));
+    let extra: Vec<_> = retry.into_iter().chain(allow).chain(limit).collect();
     let body = err.body_for(ctx.request.envelope);
-    send_json(session, ctx, err.status, body, &headers).await
+    send_json(session, ctx, err.status, body, &extra).await
 }

@@ -24,7 +24,7 @@ pub enum Outcome {
     /// Proxy it: an instance is reserved in the context.
     Proxy,
     /// A CORS preflight's answer: 204 with these headers.
-    Preflight(Vec<(&'static str, http::HeaderValue)>),
+    Preflight(Vec<(http::HeaderName, http::HeaderValue)>),
 }
 
 impl Gateway {

@@ -1,8 +1,9 @@
 //! The backend side of a proxied request: which instance each attempt goes to, the request it
 //! receives, and when a failed attempt may be tried again.
 
-use super::{errors, RequestCtx};
+use super::{errors, headers, RequestCtx};
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use pingora::prelude::HttpPeer;
 use pingora::{Error, ErrorType};
@@ -78,50 +79,52 @@ pub fn rewrite_request(upstream: &mut RequestHeader, ctx: &RequestCtx) -> pingor
     };
     let instance = slot.instance();
     let bad = |what| Error::explain(ErrorType::InternalError, what);
-    upstream.set_uri(
-        instance
-            .path(endpoint)
-            .ok_or_else(|| bad("bad upstream path"))?,
-    );
-    // One pass over the (few) headers the client sent, instead of a lookup per stripped name.
-    let stripped: Vec<http::HeaderName> = upstream
-        .headers
-        .keys()
-        .filter(|k| STRIPPED_UPSTREAM_HEADERS.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    for name in &stripped {
-        upstream.remove_header(name);
-    }
-    upstream.insert_header(
-        http::header::HOST,
-        instance.host().ok_or_else(|| bad("bad upstream host"))?,
-    )?;
-    if let Some(client) = &ctx.request.client {
-        upstream.insert_header("x-forwarded-for", client.forwarded_for.as_str())?;
-        upstream.insert_header("x-forwarded-proto", client.proto)?;
-    }
-    if let Some(auth) = &deployment.pool.settings.authorization {
-        upstream.insert_header("authorization", auth.clone())?;
-    }
-    // The backend continues the trace with the gateway as its parent.
-    if let Some(t) = &ctx.request.trace {
-        upstream.insert_header("traceparent", t.traceparent())?;
-        if let Some(state) = &t.state {
-            upstream.insert_header("tracestate", state.as_str())?;
+    let uri = instance
+        .path(endpoint)
+        .ok_or_else(|| bad("bad upstream path"))?;
+    let host = instance.host().ok_or_else(|| bad("bad upstream host"))?;
+    headers::edit_request(upstream, |parts| {
+        parts.uri = uri;
+        let h = &mut parts.headers;
+        // One pass over the (few) headers the client sent, instead of a lookup per stripped name.
+        let stripped: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| STRIPPED_UPSTREAM_HEADERS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        for name in &stripped {
+            h.remove(name);
         }
-    }
-    let len = ctx.request.body.as_ref().map_or(0, Bytes::len);
-    // The client's length stands when the body kept it (the model name unchanged): one header
-    // write less on most requests.
-    let mut lengths = upstream
-        .headers
-        .get_all(http::header::CONTENT_LENGTH)
-        .iter();
-    match (lengths.next(), lengths.next()) {
-        (Some(sent), None) if is_decimal(sent.as_bytes(), len) => Ok(()),
-        _ => upstream.insert_header(http::header::CONTENT_LENGTH, http::HeaderValue::from(len)),
-    }
+        h.insert(http::header::HOST, host);
+        if let Some(client) = &ctx.request.client {
+            h.insert(
+                headers::X_FORWARDED_FOR,
+                headers::value(client.forwarded_for.as_str())?,
+            );
+            h.insert(
+                headers::X_FORWARDED_PROTO,
+                HeaderValue::from_static(client.proto),
+            );
+        }
+        if let Some(auth) = &deployment.pool.settings.authorization {
+            h.insert(http::header::AUTHORIZATION, auth.clone());
+        }
+        // The backend continues the trace with the gateway as its parent.
+        if let Some(t) = &ctx.request.trace {
+            h.insert(headers::TRACEPARENT, headers::value(t.traceparent())?);
+            if let Some(state) = &t.state {
+                h.insert(headers::TRACESTATE, headers::value(state.as_str())?);
+            }
+        }
+        let len = ctx.request.body.as_ref().map_or(0, Bytes::len);
+        // The client's length stands when the body kept it (the model name unchanged).
+        let mut lengths = h.get_all(http::header::CONTENT_LENGTH).iter();
+        if !matches!((lengths.next(), lengths.next()), (Some(sent), None) if is_decimal(sent.as_bytes(), len))
+        {
+            h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        Ok(())
+    })
 }
 
 /// `text` is `n` written in decimal, as a `Content-Length` is (no sign, no leading zero).
