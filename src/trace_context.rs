@@ -2,7 +2,7 @@
 //! sent none (or a malformed one), passed to backends with the gateway as the parent, returned
 //! to the client, and written with the request's usage record and log lines.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 /// One request's place in a trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,16 +18,21 @@ pub struct TraceContext {
     pub state: Option<String>,
 }
 
+/// The W3C header of the trace and the span a request continues.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// The W3C header of vendors' own trace data, passed on unchanged.
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
 impl TraceContext {
     /// The trace the request's headers name, or a new one.
     pub fn from_headers(headers: &HeaderMap) -> TraceContext {
         let state = headers
-            .get("tracestate")
+            .get(TRACESTATE)
             .and_then(|v| v.to_str().ok())
             .filter(|s| s.len() <= 512)
             .map(str::to_owned);
         match headers
-            .get("traceparent")
+            .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse)
         {

@@ -471,6 +471,25 @@ impl BackendPool {
             .collect()
     }
 
+    /// The serving instance with the fewest requests in flight, then the lowest recent latency
+    /// in milliseconds (the first such, in the pool's order): the order of the built-in route
+    /// rule, read without copying the instances.
+    pub fn least_in_flight(&self) -> Option<((i64, i64), SocketAddr)> {
+        let backends = self.lb.backends();
+        backends
+            .get_backend()
+            .iter()
+            .filter_map(|b| {
+                let i = b.ext.get::<Arc<Instance>>()?;
+                let load = (
+                    i.in_flight() as i64,
+                    i.recent_latency().map_or(0, |l| l.as_millis() as i64),
+                );
+                i.serves(backends.ready(b)).then_some((load, i.socket))
+            })
+            .min_by_key(|&(load, _)| load)
+    }
+
     pub fn has_healthy(&self) -> bool {
         self.instances().iter().any(|(_, serves)| *serves)
     }

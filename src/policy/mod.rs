@@ -18,8 +18,10 @@ pub use view::{
     Candidate, Candidates, Decision, DeploymentState, InstanceView, RouteRequest, UserView,
 };
 
-use crate::config::PolicyFiles;
+use crate::catalog::Deployment;
+use crate::config::{PolicyFiles, Routing};
 use arc_swap::ArcSwap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -65,6 +67,35 @@ pub fn builtin_route(req: &RouteRequest, candidates: &[Arc<Candidate>]) -> Decis
     } else {
         view::direct_routed(requested, &req.model, req.prefix)
     }
+}
+
+/// The built-in rule's usual outcome, read straight from the deployments (`cluster` and
+/// `framework` empty on the federated routes): the healthy instance with the fewest requests
+/// in flight among the requested deployments, as `(index, instance)`. Saves the candidates'
+/// snapshot on most requests (some 3,000 instructions, docs/benchmarks.md). `None` where the
+/// rule needs the snapshot: a deployment routed by prefix, or no healthy instance (Globus
+/// Compute, or the first candidate and a 503).
+pub fn builtin_direct(
+    deployments: &[Arc<Deployment>],
+    cluster: &str,
+    framework: &str,
+) -> Option<(usize, SocketAddr)> {
+    if deployments
+        .iter()
+        .any(|d| d.pool.settings.routing == Routing::PrefixAffinity)
+    {
+        return None;
+    }
+    deployments
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| cluster.is_empty() || (d.cluster == cluster && d.framework == framework))
+        .filter_map(|(index, d)| {
+            let (load, socket) = d.pool.least_in_flight()?;
+            Some((load, index, socket))
+        })
+        .min_by_key(|&(load, ..)| load)
+        .map(|(_, index, socket)| (index, socket))
 }
 
 /// Which hook a file holds.
@@ -460,5 +491,96 @@ mod tests {
             first.route(&req(""), &fixture()).unwrap(),
             Decision::Direct { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn the_builtin_rule_reads_the_same_choice_without_a_snapshot() {
+        let cfg = crate::config::parse(
+            Path::new("t.yaml"),
+            r#"
+auth: {mode: none}
+clusters:
+  sophia:
+    frameworks:
+      vllm:
+        models:
+          - name: m
+            backends: [127.0.0.1:1, 127.0.0.1:2]
+            health_path: null
+  polaris:
+    frameworks:
+      vllm:
+        models:
+          - name: m
+            backends: [127.0.0.1:3, 127.0.0.1:4, 127.0.0.1:5]
+            health_path: null
+"#,
+        )
+        .unwrap();
+        let catalog = crate::catalog::Catalog::build(&cfg).unwrap();
+        let all = catalog.resolve_federated("m").unwrap();
+        for d in all {
+            d.pool.discover().await;
+        }
+        let instances: Vec<_> = all
+            .iter()
+            .flat_map(|d| d.pool.instances())
+            .map(|(i, _)| i)
+            .collect();
+        let with_snapshot = |cluster: &str, framework: &str| {
+            let req = RouteRequest {
+                model: "m".into(),
+                cluster: cluster.into(),
+                framework: framework.into(),
+                ..Default::default()
+            };
+            let candidates = candidates_of(all);
+            match builtin_route(&req, &candidates) {
+                Decision::Direct {
+                    index,
+                    instance: Some(id),
+                    ..
+                } => {
+                    let view = candidates[index].instances.iter().find(|i| i.id == id);
+                    Some((index, view?.socket?))
+                }
+                _ => None,
+            }
+        };
+        let agree = |step: &str| {
+            for (c, f) in [
+                ("", ""),
+                ("sophia", "vllm"),
+                ("polaris", "vllm"),
+                ("polaris", "x"),
+            ] {
+                let direct = builtin_direct(all, c, f);
+                assert_eq!(direct, with_snapshot(c, f), "{step}, cluster '{c}' '{f}'");
+            }
+        };
+        agree("idle");
+        // Loads that move the least-loaded instance around, ties included.
+        let mut held = Vec::new();
+        for (step, i) in [0, 2, 2, 1, 4, 3, 0, 1].into_iter().enumerate() {
+            let d = all.iter().find(|d| {
+                d.pool
+                    .instances()
+                    .iter()
+                    .any(|(x, _)| x.socket == instances[i].socket)
+            });
+            held.push(d.unwrap().pool.try_acquire_at(instances[i].socket).unwrap());
+            agree(&format!("load step {step}"));
+        }
+        let sophia = all.iter().filter(|d| d.cluster == "sophia");
+        for (i, _) in sophia.flat_map(|d| d.pool.instances()) {
+            i.set_draining(true);
+        }
+        agree("sophia draining");
+        assert_eq!(builtin_direct(all, "sophia", "vllm"), None);
+        for i in &instances {
+            i.set_draining(true);
+        }
+        agree("all draining");
+        assert_eq!(builtin_direct(all, "", ""), None);
     }
 }

@@ -104,6 +104,10 @@ pub async fn read_body(
                 if armed {
                     tail += chunk.len();
                 }
+                // Not one more read (and its timer) only to be told the body ended.
+                if session.is_body_done() {
+                    break;
+                }
             }
             None => break,
         }

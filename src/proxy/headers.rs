@@ -12,9 +12,9 @@ use http::{request, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType};
 
+pub use crate::trace_context::{TRACEPARENT, TRACESTATE};
+
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// How the gateway answered: `direct` (a backend) or `compute` (Globus Compute).
@@ -30,6 +30,26 @@ pub const LIMIT: HeaderName = HeaderName::from_static("x-firstgate-limit");
 pub fn value(text: impl TryInto<HeaderValue>) -> pingora::Result<HeaderValue> {
     text.try_into()
         .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "invalid header value"))
+}
+
+/// `us` microseconds as milliseconds with three decimals (`12.345`), without the formatting
+/// machinery (some 500 instructions less on every answer's overhead header).
+pub fn millis(us: u64) -> HeaderValue {
+    let mut text = [0u8; 24];
+    let (mut pos, mut n) = (text.len(), us);
+    for digit in 0.. {
+        if digit == 3 {
+            pos -= 1;
+            text[pos] = b'.';
+        }
+        pos -= 1;
+        text[pos] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 && digit >= 3 {
+            break;
+        }
+    }
+    HeaderValue::from_bytes(&text[pos..]).expect("digits and a point")
 }
 
 /// A head the gateway writes itself.
@@ -70,6 +90,20 @@ pub fn edit_request<R>(head: &mut RequestHeader, edit: impl FnOnce(&mut request:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overhead_is_written_in_milliseconds_with_three_decimals() {
+        for (us, text) in [
+            (0, "0.000"),
+            (5, "0.005"),
+            (999, "0.999"),
+            (1_000, "1.000"),
+            (12_345, "12.345"),
+            (u64::MAX, "18446744073709551.615"),
+        ] {
+            assert_eq!(millis(us), text);
+        }
+    }
 
     #[test]
     fn an_edited_response_keeps_status_reason_and_other_headers() {

@@ -186,9 +186,8 @@ impl ProxyHttp for Gateway {
         headers::edit_response(response, |h| {
             if direct {
                 h.insert(headers::ROUTE, HeaderValue::from_static("direct"));
-                let us = ctx.overhead.as_micros();
-                let overhead = format!("{}.{:03}", us / 1000, us % 1000);
-                h.insert(headers::OVERHEAD, headers::value(overhead)?);
+                let us = u64::try_from(ctx.overhead.as_micros()).unwrap_or(u64::MAX);
+                h.insert(headers::OVERHEAD, headers::millis(us));
                 if ctx.meter.scanner.as_ref().is_some_and(|u| u.strips()) {
                     // The body changes length when the usage chunk is removed.
                     h.remove(http::header::CONTENT_LENGTH);

@@ -79,14 +79,27 @@ pub fn route(
         check_access(identity, &all[0])?;
         return Err(errors::endpoint_not_offered(&all[0], asked.endpoint));
     }
-    // The user and the headers are copied only for a script; the built-in rule needs neither.
     let scripted = policies.route.is_some();
+    let (cluster, framework) = (
+        asked.cluster.unwrap_or_default(),
+        asked.framework.unwrap_or_default(),
+    );
+    if !scripted {
+        if let Some((index, socket)) = policy::builtin_direct(&allowed, cluster, framework) {
+            return Ok(Routed {
+                deployment: allowed[index].clone(),
+                instance: Some(socket),
+                via_compute: false,
+            });
+        }
+    }
+    // The user and the headers are copied only for a script; the built-in rule needs neither.
     let req = Arc::new(RouteRequest {
         model: all[0].model.clone(),
         endpoint: asked.endpoint.path().to_string(),
         stream: asked.stream,
-        cluster: asked.cluster.unwrap_or_default().to_string(),
-        framework: asked.framework.unwrap_or_default().to_string(),
+        cluster: cluster.to_string(),
+        framework: framework.to_string(),
         user: if scripted {
             UserView {
                 id: identity.id.clone(),

@@ -348,12 +348,8 @@ fn usage_at_end(body: &[u8]) -> Option<Counts> {
     if backslashes % 2 == 1 {
         return None;
     }
-    let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Counts>();
-    let counts = values.next()?.ok()?;
-    value[values.byte_offset()..]
-        .trim_ascii()
-        .is_empty()
-        .then_some(counts)
+    // Nothing but white space may follow the value (`from_slice` checks).
+    serde_json::from_slice(value).ok()
 }
 
 /// OpenAI's `prompt_tokens`/`completion_tokens`, or `/v1/responses`' `input_tokens`/
