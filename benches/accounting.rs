@@ -12,8 +12,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use firstgate::config::LogTarget;
 use firstgate::metrics::Metrics;
 use firstgate::usage::{
-    AccessLog, Accounting, Batching, LimitSettings, Limiter, Outputs, UsageRecord, UsageTotals,
-    WriterSink,
+    AccessLog, Accounting, Batching, LimitSettings, Limiter, Outputs, Tokens, UsageRecord,
+    UsageTotals, WriterSink,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,11 +73,22 @@ fn time_finishing(acc: &Accounting, iters: u64, next: &mut u64) -> Duration {
     while left > 0 {
         let run = left.min(RUN);
         let records: Vec<UsageRecord> = (0..run).map(|i| record(*next + i)).collect();
+        let counted: Vec<_> = records
+            .iter()
+            .map(|r| {
+                let tokens = Tokens {
+                    prompt: r.prompt_tokens,
+                    completion: r.completion_tokens,
+                    total: r.total_tokens,
+                };
+                (r.username.clone(), r.model.clone(), tokens)
+            })
+            .collect();
         *next += run;
         let client = Some("10.1.2.3".parse().unwrap());
         let t = Instant::now();
-        for r in records {
-            acc.finish(r, None, client);
+        for (r, (user, model, tokens)) in records.into_iter().zip(&counted) {
+            acc.finish((user, model, *tokens), || r, None, client);
         }
         timed += t.elapsed();
         acc.flush(Duration::from_secs(30));

@@ -1,6 +1,7 @@
 //! The end of a request: its usage record (with the access-log line) and its metrics.
 
 use super::{Gateway, RequestCtx};
+use crate::auth::Identity;
 use crate::catalog::Deployment;
 use crate::metrics::{status_label, DeploymentMetrics};
 use crate::usage::{Ending, UsageRecord};
@@ -24,10 +25,9 @@ impl Gateway {
         if ctx.meter.scanner.as_ref().is_some_and(|s| s.unscanned()) {
             self.metrics.usage_unscanned.inc();
         }
-        let record = usage_record(ctx, status, ending);
+        let tokens = ctx.meter.tokens();
         if let Some(reserved) = ctx.target.tokens.take() {
-            let used = record.as_ref().map_or(0, |r| r.total_tokens);
-            self.accounting.limits.settle_tokens(reserved, used);
+            self.accounting.limits.settle_tokens(reserved, tokens.total);
         }
         let m = &self.metrics;
         m.observe_overhead(ctx.target.route, ctx.overhead.as_secs_f64());
@@ -39,12 +39,17 @@ impl Gateway {
             return;
         };
         let series = self.series(d);
-        if let Some(record) = record {
-            series.prompt_tokens.inc_by(record.prompt_tokens);
-            series.completion_tokens.inc_by(record.completion_tokens);
+        if let Some(identity) = ctx.request.identity.as_deref() {
+            series.prompt_tokens.inc_by(tokens.prompt);
+            series.completion_tokens.inc_by(tokens.completion);
             let client = ctx.request.client.as_ref().map(|c| c.ip);
             let prompt = ctx.request.body.as_deref();
-            self.accounting.finish(record, prompt, client);
+            self.accounting.finish(
+                (&identity.username, &d.model, tokens),
+                || usage_record(ctx, d, identity, status, ending),
+                prompt,
+                client,
+            );
         }
         match status {
             200 => series.answered_ok.inc(),
@@ -91,19 +96,29 @@ pub(super) fn cut(ctx: &mut RequestCtx) {
     };
     let started = ctx.meter.first_byte.is_some() || ctx.target.answered;
     let status = if started { 200 } else { 0 };
-    if let Some(record) = usage_record(ctx, status, Ending::Failed) {
-        let client = ctx.request.client.as_ref().map(|c| c.ip);
-        accounting.finish(record, None, client);
-    }
+    let (Some(d), Some(identity)) = (&ctx.target.deployment, &ctx.request.identity) else {
+        return;
+    };
+    let client = ctx.request.client.as_ref().map(|c| c.ip);
+    accounting.finish(
+        (&identity.username, &d.model, ctx.meter.tokens()),
+        || usage_record(ctx, d, identity, status, Ending::Failed),
+        None,
+        client,
+    );
 }
 
 /// The usage record of a finished inference request: who asked, where it went, what it used.
-fn usage_record(ctx: &RequestCtx, status: u16, ending: Ending) -> Option<UsageRecord> {
-    let d = ctx.target.deployment.as_ref()?;
-    let identity = ctx.request.identity.as_ref()?;
+fn usage_record(
+    ctx: &RequestCtx,
+    d: &Deployment,
+    identity: &Identity,
+    status: u16,
+    ending: Ending,
+) -> UsageRecord {
     let meter = &ctx.meter;
     let tokens = meter.tokens();
-    Some(UsageRecord {
+    UsageRecord {
         request_id: ctx.request.id.clone(),
         trace_id: ctx
             .request
@@ -139,5 +154,5 @@ fn usage_record(ctx: &RequestCtx, status: u16, ending: Ending) -> Option<UsageRe
             && ctx.request.endpoint.is_some_and(|e| e.reports_usage()),
         loadtest: ctx.request.loadtest,
         batch_id: ctx.request.batch_id.clone(),
-    })
+    }
 }

@@ -26,6 +26,10 @@ pub const TASK: HeaderName = HeaderName::from_static("x-firstgate-task");
 /// Which limit refused a request.
 pub const LIMIT: HeaderName = HeaderName::from_static("x-firstgate-limit");
 
+/// Room made for the gateway's own headers before an edit: a parsed or cloned map is at its
+/// exact size, and growing it a header at a time reallocates it twice.
+const ROOM: usize = 8;
+
 /// `text` as a header value, or Pingora's error for a bad header.
 pub fn value(text: impl TryInto<HeaderValue>) -> pingora::Result<HeaderValue> {
     text.try_into()
@@ -69,6 +73,7 @@ pub fn edit_response<R>(head: &mut ResponseHeader, edit: impl FnOnce(&mut Header
         .map(str::to_owned);
     let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
     let mut parts = http::response::Parts::from(std::mem::replace(head, empty));
+    parts.headers.reserve(ROOM);
     let out = edit(&mut parts.headers);
     *head = ResponseHeader::from(parts);
     if reason.is_some() {
@@ -82,6 +87,7 @@ pub fn edit_response<R>(head: &mut ResponseHeader, edit: impl FnOnce(&mut Header
 pub fn edit_request<R>(head: &mut RequestHeader, edit: impl FnOnce(&mut request::Parts) -> R) -> R {
     let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
     let mut parts = request::Parts::from(std::mem::replace(head, empty));
+    parts.headers.reserve(ROOM);
     let out = edit(&mut parts);
     *head = RequestHeader::from(parts);
     out

@@ -80,10 +80,12 @@ pub struct Gateway {
 
 #[async_trait]
 impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
+    /// Boxed: Pingora keeps the context in its per-request future, which it moves into a box of
+    /// its own on every request (a 1 KiB context there is a 1 KiB copy more per request).
+    type CTX = Box<RequestCtx>;
 
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(self.drain.begin())
+    fn new_ctx(&self) -> Box<RequestCtx> {
+        Box::new(RequestCtx::new(self.drain.begin()))
     }
 
     /// Everything up to the choice of an instance; answers itself unless the request is
@@ -91,7 +93,7 @@ impl ProxyHttp for Gateway {
     async fn request_filter(
         &self,
         session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut Self::CTX,
     ) -> pingora::Result<bool> {
         let t = Instant::now();
         trace::start(ctx, session.req_header());
@@ -123,7 +125,7 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut Self::CTX,
     ) -> pingora::Result<Box<HttpPeer>> {
         let t = Instant::now();
         let peer = upstream::next_peer(ctx);
@@ -140,7 +142,7 @@ impl ProxyHttp for Gateway {
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         _digest: Option<&pingora::protocols::Digest>,
-        ctx: &mut RequestCtx,
+        ctx: &mut Self::CTX,
     ) -> pingora::Result<()> {
         trace::open_between(ctx, trace::phase_span!(ctx, "upstream_first_byte"));
         Ok(())
@@ -150,7 +152,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         upstream: &mut RequestHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Self::CTX,
     ) -> pingora::Result<()> {
         let t = Instant::now();
         let rewritten = upstream::rewrite_request(upstream, ctx);
@@ -163,7 +165,7 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Self::CTX,
     ) -> pingora::Result<()> {
         // Pingora replays only the buffered tail; put the whole (rewritten) body back.
         if let (Some(_), Some(full)) = (body.as_ref(), &ctx.request.body) {
@@ -176,7 +178,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Self::CTX,
     ) -> pingora::Result<()> {
         let direct = ctx.target.deployment.is_some();
         if direct {
@@ -201,7 +203,7 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        ctx: &mut RequestCtx,
+        ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the backend: safe to try another one.
@@ -217,7 +219,7 @@ impl ProxyHttp for Gateway {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        ctx: &mut RequestCtx,
+        ctx: &mut Self::CTX,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer {peer}"));
@@ -240,7 +242,7 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Self::CTX,
     ) -> pingora::Result<Option<std::time::Duration>> {
         let t = Instant::now();
         if let Some(scanner) = ctx.meter.scanner.as_mut() {
@@ -258,7 +260,7 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         e: &Error,
-        ctx: &mut RequestCtx,
+        ctx: &mut Self::CTX,
     ) -> FailToProxy {
         let err = ctx
             .target
@@ -284,12 +286,12 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, _error: &Error) -> bool {
         // `logging` says it, with the request's id and trace.
         true
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         // A client that hangs up mid-stream is normal for LLM traffic, not an error.
         if let Some(e) = e.filter(|e| e.esource() != &ErrorSource::Downstream) {

@@ -51,26 +51,27 @@ impl UsageTotals {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = map;
     }
 
-    pub fn add(&self, r: &UsageRecord) {
+    /// Counts one request of `username` on `model`.
+    pub fn add(&self, username: &str, model: &str, tokens: Tokens) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         // Keyed by user, then model: a known pair is found without building a key.
-        let t = match map.get_mut(&r.username) {
+        let t = match map.get_mut(username) {
             Some(models) => models,
-            None => map.entry(r.username.clone()).or_default(),
+            None => map.entry(username.to_owned()).or_default(),
         };
-        let t = match t.get_mut(&r.model) {
+        let t = match t.get_mut(model) {
             Some(t) => t,
-            None => t.entry(r.model.clone()).or_insert_with(|| Totals {
-                username: r.username.clone(),
-                model: r.model.clone(),
+            None => t.entry(model.to_owned()).or_insert_with(|| Totals {
+                username: username.to_owned(),
+                model: model.to_owned(),
                 ..Totals::default()
             }),
         };
         // Every request counts, with or without tokens; absurd counts saturate.
         t.requests += 1;
-        t.prompt_tokens = t.prompt_tokens.saturating_add(r.prompt_tokens);
-        t.completion_tokens = t.completion_tokens.saturating_add(r.completion_tokens);
-        t.total_tokens = t.total_tokens.saturating_add(r.total_tokens);
+        t.prompt_tokens = t.prompt_tokens.saturating_add(tokens.prompt);
+        t.completion_tokens = t.completion_tokens.saturating_add(tokens.completion);
+        t.total_tokens = t.total_tokens.saturating_add(tokens.total);
     }
 
     /// One user's totals per model.
@@ -362,11 +363,22 @@ impl Accounting {
         }
     }
 
-    /// Records a finished request: totals, the sink, the access log (which also names the
+    /// Records a finished request of `username` on `model`: its totals; and its record, built
+    /// only when something keeps it, for the sink and the access log (which also names the
     /// client's address, as resolved behind trusted proxies).
-    pub fn finish(&self, r: UsageRecord, prompt: Option<&[u8]>, client: Option<IpAddr>) {
-        self.totals.add(&r);
+    pub fn finish(
+        &self,
+        (username, model, tokens): (&str, &str, Tokens),
+        record: impl FnOnce() -> UsageRecord,
+        prompt: Option<&[u8]>,
+        client: Option<IpAddr>,
+    ) {
+        self.totals.add(username, model, tokens);
         let out = self.outputs.load();
+        if out.access_log.is_none() && out.sink.is_none() {
+            return;
+        }
+        let r = record();
         if let Some(log) = &out.access_log {
             let line = AccessLine {
                 record: &r,

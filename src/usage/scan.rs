@@ -287,7 +287,7 @@ impl UsageScanner {
 }
 
 /// A `usage` object read into plain counters (no map).
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Default, Debug, PartialEq)]
 struct Counts {
     prompt_tokens: Option<u64>,
     input_tokens: Option<u64>,
@@ -336,7 +336,16 @@ fn usage_of_answer(body: &[u8]) -> Option<Tokens> {
 fn usage_at_end(body: &[u8]) -> Option<Counts> {
     const KEY: &[u8] = b"\"usage\"";
     let inner = body.trim_ascii_end().strip_suffix(b"}")?;
-    let at = inner.windows(KEY.len()).rposition(|w| w == KEY)?;
+    // Back from the end, quote by quote (a `memmem` searcher costs more to set up than the
+    // few quotes after `usage` take to pass).
+    let mut end = inner.len();
+    let at = loop {
+        let quote = memchr::memrchr(b'"', &inner[..end])?;
+        if inner[quote..].starts_with(KEY) {
+            break quote;
+        }
+        end = quote;
+    };
     let backslashes = inner[..at]
         .iter()
         .rev()
@@ -348,8 +357,58 @@ fn usage_at_end(body: &[u8]) -> Option<Counts> {
     if backslashes % 2 == 1 {
         return None;
     }
-    // Nothing but white space may follow the value (`from_slice` checks).
-    serde_json::from_slice(value).ok()
+    // Nothing but white space may follow the value (both readers check).
+    flat_counts(value).or_else(|| serde_json::from_slice(value).ok())
+}
+
+/// The counts of a flat `usage` object, as vLLM and OpenAI write it (names without escapes,
+/// values unsigned integers or `null`), read without serde (a fifth of the instructions);
+/// `None` for any other shape, which serde then reads.
+fn flat_counts(value: &[u8]) -> Option<Counts> {
+    let mut counts = Counts::default();
+    let mut rest = value.trim_ascii().strip_prefix(b"{")?.trim_ascii_start();
+    if rest == b"}" {
+        return Some(counts);
+    }
+    loop {
+        rest = rest.strip_prefix(b"\"")?;
+        let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+        let name = &rest[..end];
+        rest = rest[end..].strip_prefix(b"\"")?;
+        rest = rest
+            .trim_ascii_start()
+            .strip_prefix(b":")?
+            .trim_ascii_start();
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let n = match digits {
+            0 => {
+                rest = rest.strip_prefix(b"null")?;
+                None
+            }
+            // JSON has no leading zeros.
+            _ if rest[0] == b'0' && digits > 1 => return None,
+            _ => {
+                let n = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+                rest = &rest[digits..];
+                Some(n)
+            }
+        };
+        let slot = match name {
+            b"prompt_tokens" => &mut counts.prompt_tokens,
+            b"input_tokens" => &mut counts.input_tokens,
+            b"completion_tokens" => &mut counts.completion_tokens,
+            b"output_tokens" => &mut counts.output_tokens,
+            b"total_tokens" => &mut counts.total_tokens,
+            _ => &mut None,
+        };
+        *slot = n;
+        rest = rest.trim_ascii_start();
+        match rest.split_first()? {
+            (b',', more) => rest = more.trim_ascii_start(),
+            (b'}', more) => return more.is_empty().then_some(counts),
+            _ => return None,
+        }
+    }
 }
 
 /// OpenAI's `prompt_tokens`/`completion_tokens`, or `/v1/responses`' `input_tokens`/
@@ -366,12 +425,44 @@ fn tokens_of(v: &Value) -> Option<Tokens> {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flat_usage_reads_as_serde_reads_it_and_other_shapes_go_to_serde() {
+        let flat = [
+            r#"{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}"#,
+            r#" { "prompt_tokens" : 12 , "total_tokens":17,"prompt_tokens_details":null } "#,
+            r#"{"input_tokens":3,"output_tokens":0,"other":7}"#,
+            r#"{}"#,
+            r#"{"prompt_tokens":18446744073709551615}"#,
+        ];
+        for text in flat {
+            let serde: Counts = serde_json::from_str(text).unwrap();
+            assert_eq!(flat_counts(text.as_bytes()), Some(serde), "{text}");
+        }
+        let other = [
+            r#"{"prompt_tokens":12,"prompt_tokens_details":{"cached_tokens":0}}"#,
+            r#"{"prompt_tokens":1.5}"#,
+            r#"{"prompt_tokens":-1}"#,
+            r#"{"prompt_tokens":012}"#,
+            r#"{"prompt_tokens":18446744073709551616}"#,
+            r#"{"prompt\u005ftokens":3}"#,
+            r#"{"prompt_tokens":3,}"#,
+            r#"{"prompt_tokens":3} x"#,
+            r#"{"prompt_tokens":nul}"#,
+            r#"{"prompt_tokens" 3}"#,
+            r#"[1]"#,
+            "",
+        ];
+        for text in other {
+            assert_eq!(flat_counts(text.as_bytes()), None, "{text}");
+        }
+    }
 
     fn feed_all(scanner: &mut UsageScanner, body: &str) -> String {
         let mut out = Vec::new();
