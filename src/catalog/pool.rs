@@ -474,7 +474,7 @@ impl BackendPool {
     /// The serving instance with the fewest requests in flight, then the lowest recent latency
     /// in milliseconds (the first such, in the pool's order): the order of the built-in route
     /// rule, read without copying the instances.
-    pub fn least_in_flight(&self) -> Option<((i64, i64), SocketAddr)> {
+    pub fn least_in_flight(&self) -> Option<((i64, i64), Arc<Instance>)> {
         let backends = self.lb.backends();
         backends
             .get_backend()
@@ -485,9 +485,16 @@ impl BackendPool {
                     i.in_flight() as i64,
                     i.recent_latency().map_or(0, |l| l.as_millis() as i64),
                 );
-                i.serves(backends.ready(b)).then_some((load, i.socket))
+                i.serves(backends.ready(b)).then(|| (load, i.clone()))
             })
-            .min_by_key(|&(load, _)| load)
+            .min_by_key(|(load, _)| *load)
+    }
+
+    /// Reserves a slot on `instance`, found serving just now, if it has one (its health is
+    /// not looked up a second time).
+    pub fn try_reserve(&self, instance: &Arc<Instance>) -> Option<InstanceGuard> {
+        (instance.serves(true) && instance.try_reserve(self.settings.max_concurrent))
+            .then(|| InstanceGuard::new(instance.clone()))
     }
 
     pub fn has_healthy(&self) -> bool {

@@ -315,11 +315,9 @@ fn check_response_input(raw: Option<&RawValue>) -> Result<(), ApiError> {
     if raw.starts_with('"') {
         return Ok(());
     }
-    let items: Vec<&RawValue> = serde_json::from_str(raw).map_err(|_| bad())?;
-    if items.iter().all(|m| m.get().starts_with('{')) {
-        Ok(())
-    } else {
-        Err(bad())
+    match serde_json::from_str(raw) {
+        Ok(ObjectList(true)) => Ok(()),
+        _ => Err(bad()),
     }
 }
 
@@ -347,12 +345,37 @@ fn check_messages(raw: Option<&RawValue>) -> Result<(), ApiError> {
         )
         .with_param("messages")
     };
-    let items: Vec<&RawValue> =
-        serde_json::from_str(raw.ok_or_else(bad)?.get()).map_err(|_| bad())?;
-    if items.iter().all(|m| m.get().starts_with('{')) {
-        Ok(())
-    } else {
-        Err(bad())
+    match serde_json::from_str(raw.ok_or_else(bad)?.get()) {
+        Ok(ObjectList(true)) => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+/// Whether a JSON list's items are all objects (each read as raw JSON, none collected).
+struct ObjectList(bool);
+
+impl<'de> Deserialize<'de> for ObjectList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Items;
+        impl<'de> serde::de::Visitor<'de> for Items {
+            type Value = ObjectList;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON list")
+            }
+
+            fn visit_seq<S: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: S,
+            ) -> Result<ObjectList, S::Error> {
+                let mut objects = true;
+                while let Some(item) = seq.next_element::<&RawValue>()? {
+                    objects &= item.get().starts_with('{');
+                }
+                Ok(ObjectList(objects))
+            }
+        }
+        d.deserialize_seq(Items)
     }
 }
 

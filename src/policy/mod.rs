@@ -18,10 +18,9 @@ pub use view::{
     Candidate, Candidates, Decision, DeploymentState, InstanceView, RouteRequest, UserView,
 };
 
-use crate::catalog::Deployment;
+use crate::catalog::{Deployment, Instance};
 use crate::config::{PolicyFiles, Routing};
 use arc_swap::ArcSwap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -71,7 +70,7 @@ pub fn builtin_route(req: &RouteRequest, candidates: &[Arc<Candidate>]) -> Decis
 
 /// The built-in rule's usual outcome, read straight from the deployments (`cluster` and
 /// `framework` empty on the federated routes): the healthy instance with the fewest requests
-/// in flight among the requested deployments, as `(index, instance)`. Saves the candidates'
+/// in flight among the requested deployments, and its deployment's index. Saves the candidates'
 /// snapshot on most requests (some 3,000 instructions, docs/benchmarks.md). `None` where the
 /// rule needs the snapshot: a deployment routed by prefix, or no healthy instance (Globus
 /// Compute, or the first candidate and a 503).
@@ -79,7 +78,7 @@ pub fn builtin_direct(
     deployments: &[Arc<Deployment>],
     cluster: &str,
     framework: &str,
-) -> Option<(usize, SocketAddr)> {
+) -> Option<(usize, Arc<Instance>)> {
     if deployments
         .iter()
         .any(|d| d.pool.settings.routing == Routing::PrefixAffinity)
@@ -91,11 +90,11 @@ pub fn builtin_direct(
         .enumerate()
         .filter(|(_, d)| cluster.is_empty() || (d.cluster == cluster && d.framework == framework))
         .filter_map(|(index, d)| {
-            let (load, socket) = d.pool.least_in_flight()?;
-            Some((load, index, socket))
+            let (load, instance) = d.pool.least_in_flight()?;
+            Some((load, index, instance))
         })
-        .min_by_key(|&(load, ..)| load)
-        .map(|(_, index, socket)| (index, socket))
+        .min_by_key(|(load, ..)| *load)
+        .map(|(_, index, instance)| (index, instance))
 }
 
 /// Which hook a file holds.
@@ -554,7 +553,7 @@ clusters:
                 ("polaris", "vllm"),
                 ("polaris", "x"),
             ] {
-                let direct = builtin_direct(all, c, f);
+                let direct = builtin_direct(all, c, f).map(|(d, i)| (d, i.socket));
                 assert_eq!(direct, with_snapshot(c, f), "{step}, cluster '{c}' '{f}'");
             }
         };
@@ -576,11 +575,11 @@ clusters:
             i.set_draining(true);
         }
         agree("sophia draining");
-        assert_eq!(builtin_direct(all, "sophia", "vllm"), None);
+        assert!(builtin_direct(all, "sophia", "vllm").is_none());
         for i in &instances {
             i.set_draining(true);
         }
         agree("all draining");
-        assert_eq!(builtin_direct(all, "", ""), None);
+        assert!(builtin_direct(all, "", "").is_none());
     }
 }

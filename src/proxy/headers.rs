@@ -26,9 +26,9 @@ pub const TASK: HeaderName = HeaderName::from_static("x-firstgate-task");
 /// Which limit refused a request.
 pub const LIMIT: HeaderName = HeaderName::from_static("x-firstgate-limit");
 
-/// Room made for the gateway's own headers before an edit: a parsed or cloned map is at its
-/// exact size, and growing it a header at a time reallocates it twice.
-const ROOM: usize = 8;
+/// Room made for the gateway's own headers before an edit (the usual four): a parsed or
+/// cloned map is at its exact size, and growing it a header at a time reallocates it twice.
+const ROOM: usize = 4;
 
 /// `text` as a header value, or Pingora's error for a bad header.
 pub fn value(text: impl TryInto<HeaderValue>) -> pingora::Result<HeaderValue> {

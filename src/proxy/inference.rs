@@ -3,6 +3,7 @@
 //! proxy to, or the cold path through Globus Compute.
 
 use super::cold::ColdRequest;
+use super::routing::Pick;
 use super::serve::Outcome;
 use super::trace::phase_span;
 use super::{body, errors, routing, Gateway, RequestCtx};
@@ -139,7 +140,11 @@ impl Gateway {
             return None;
         }
         let d = &routed.deployment;
-        let first = match routed.instance.and_then(|i| d.pool.try_acquire_at(i)) {
+        let picked = routed.instance.as_ref().and_then(|pick| match pick {
+            Pick::Named(socket) => d.pool.try_acquire_at(*socket),
+            Pick::Serving(instance) => d.pool.try_reserve(instance),
+        });
+        let first = match picked {
             Some(slot) => Ok(slot),
             None => d.pool.try_acquire(&[]),
         };

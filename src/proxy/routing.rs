@@ -3,7 +3,7 @@
 
 use super::errors;
 use crate::auth::{rules, Identity};
-use crate::catalog::{Catalog, Deployment};
+use crate::catalog::{Catalog, Deployment, Instance};
 use crate::metrics::Metrics;
 use crate::openai::Endpoint;
 use crate::openai::{ApiError, ControlFields};
@@ -15,10 +15,18 @@ use std::sync::Arc;
 /// Where a request goes.
 pub struct Routed {
     pub deployment: Arc<Deployment>,
-    /// The instance the policy named, if any (taken if it still has room).
-    pub instance: Option<SocketAddr>,
+    /// The instance the decision chose, if any (taken if it still has room).
+    pub instance: Option<Pick>,
     /// The policy chose Globus Compute on this deployment.
     pub via_compute: bool,
+}
+
+/// An instance a route decision chose.
+pub enum Pick {
+    /// Named by a script's decision (taken if it is still healthy).
+    Named(SocketAddr),
+    /// The built-in rule's, serving when it looked (its health not looked up again).
+    Serving(Arc<Instance>),
 }
 
 /// What the route needs to know about one request.
@@ -85,10 +93,10 @@ pub fn route(
         asked.framework.unwrap_or_default(),
     );
     if !scripted {
-        if let Some((index, socket)) = policy::builtin_direct(&allowed, cluster, framework) {
+        if let Some((index, instance)) = policy::builtin_direct(&allowed, cluster, framework) {
             return Ok(Routed {
                 deployment: allowed[index].clone(),
-                instance: Some(socket),
+                instance: Some(Pick::Serving(instance)),
                 via_compute: false,
             });
         }
@@ -157,6 +165,7 @@ pub fn route(
                     .iter()
                     .find(|i| i.id == id)
                     .and_then(|i| i.socket)
+                    .map(Pick::Named)
             });
             Ok(Routed {
                 deployment: deployment.clone(),

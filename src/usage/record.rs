@@ -52,7 +52,7 @@ pub struct UsageRecord {
 
 /// Marks a request as part of a load test (`firstgate loadtest` sends it): its usage record is
 /// tagged, and `firstgate usage` leaves it out unless asked.
-pub const LOADTEST_HEADER: &str = "x-firstgate-loadtest";
+pub const LOADTEST_HEADER: http::HeaderName = http::HeaderName::from_static("x-firstgate-loadtest");
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -372,14 +372,17 @@ fn flat_counts(value: &[u8]) -> Option<Counts> {
     }
     loop {
         rest = rest.strip_prefix(b"\"")?;
-        let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+        let end = memchr::memchr2(b'"', b'\\', rest)?;
         let name = &rest[..end];
         rest = rest[end..].strip_prefix(b"\"")?;
         rest = rest
             .trim_ascii_start()
             .strip_prefix(b":")?
             .trim_ascii_start();
-        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let digits = rest
+            .iter()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap_or(rest.len());
         let n = match digits {
             0 => {
                 rest = rest.strip_prefix(b"null")?;
@@ -388,7 +391,10 @@ fn flat_counts(value: &[u8]) -> Option<Counts> {
             // JSON has no leading zeros.
             _ if rest[0] == b'0' && digits > 1 => return None,
             _ => {
-                let n = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+                let mut n: u64 = 0;
+                for &d in &rest[..digits] {
+                    n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+                }
                 rest = &rest[digits..];
                 Some(n)
             }
