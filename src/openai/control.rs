@@ -233,8 +233,13 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         ApiError::invalid_request("The request has no `model`; say which model to use.")
             .with_param("model")
     })?;
-    let model: String = serde_json::from_str(raw_model.get())
-        .ok()
+    // A name without escapes is its raw text between the quotes (serde reads the rest).
+    let raw = raw_model.get();
+    let model = match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(text) if !text.contains('\\') => Some(text.to_owned()),
+        _ => serde_json::from_str::<String>(raw).ok(),
+    };
+    let model: String = model
         .filter(|m: &String| !m.trim().is_empty())
         .ok_or_else(|| {
             ApiError::invalid_request("`model` must be a non-empty string.").with_param("model")
@@ -459,6 +464,11 @@ mod tests {
         assert_eq!((c.model.as_str(), c.stream), ("m", true));
         let c = chat(r#"{"model":"m","stream":null,"messages":[]}"#).unwrap();
         assert!(!c.stream);
+        // Escapes are read as JSON has them.
+        let c = chat(r#"{"model":"a\"b\u00e9","messages":[]}"#).unwrap();
+        assert_eq!(c.model, "a\"bé");
+        assert!(chat(r#"{"model":"  ","messages":[]}"#).is_err());
+        assert!(chat(r#"{"model":7,"messages":[]}"#).is_err());
     }
 
     #[test]

@@ -75,12 +75,15 @@ pub async fn read_body(
             .map_err(|_| errors::body_incomplete())?;
     }
 
-    let mut buf = BytesMut::with_capacity(length.unwrap_or(16 * 1024).min(max));
+    // The usual body arrives in one read: that chunk is kept as it came; more are gathered.
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut read_len = 0;
     let mut armed = false;
     // Bytes read since the retry buffer was armed: what it holds unless it overflowed.
     let mut tail = 0;
     loop {
-        if !armed && length.is_none_or(|n| n - buf.len() <= RETRY_BUFFER_LIMIT) {
+        if !armed && length.is_none_or(|n| n - read_len <= RETRY_BUFFER_LIMIT) {
             session.enable_retry_buffering();
             armed = true;
         }
@@ -95,27 +98,33 @@ pub async fn read_body(
             ErrorType::ReadTimedout => errors::body_stalled(read_timeout),
             _ => errors::body_incomplete(),
         })?;
-        match chunk {
-            Some(chunk) => {
-                if buf.len() + chunk.len() > max {
-                    return Err(errors::body_too_large(max));
-                }
-                buf.extend_from_slice(&chunk);
-                if armed {
-                    tail += chunk.len();
-                }
-                // Not one more read (and its timer) only to be told the body ended.
-                if session.is_body_done() {
-                    break;
-                }
+        let Some(chunk) = chunk else { break };
+        read_len += chunk.len();
+        if read_len > max {
+            return Err(errors::body_too_large(max));
+        }
+        if armed {
+            tail += chunk.len();
+        }
+        if read_len == chunk.len() {
+            first = Some(chunk);
+        } else {
+            if let Some(first) = first.take() {
+                buf.reserve(length.unwrap_or(16 * 1024).min(max));
+                buf.extend_from_slice(&first);
             }
-            None => break,
+            buf.extend_from_slice(&chunk);
+        }
+        // Not one more read (and its timer) only to be told the body ended.
+        if session.is_body_done() {
+            break;
         }
     }
+    let body = first.unwrap_or_else(|| buf.freeze());
     // (Not `get_retry_buffer()`: it copies the buffer to answer.)
     let replayable = armed && tail > 0 && !session.retry_buffer_truncated();
-    if !buf.is_empty() && !replayable {
+    if !body.is_empty() && !replayable {
         return Err(errors::length_required(RETRY_BUFFER_LIMIT));
     }
-    Ok(buf.freeze())
+    Ok(body)
 }

@@ -40,6 +40,8 @@ pub struct Request {
     pub body: Option<Bytes>,
     /// The request's place in a trace (set as soon as its head is read).
     pub trace: Option<TraceContext>,
+    /// Its `traceparent`, naming the gateway's span.
+    pub traceparent: Option<http::HeaderValue>,
     /// Its exported spans, when spans are exported.
     pub spans: Option<Spans>,
     /// Sent by a load test (the `x-firstgate-loadtest` header) of an exempt user or group.
@@ -99,6 +101,7 @@ impl RequestCtx {
                 stream: false,
                 body: None,
                 trace: None,
+                traceparent: None,
                 spans: None,
                 loadtest: false,
                 batch_id: None,

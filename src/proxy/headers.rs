@@ -83,6 +83,13 @@ pub fn edit_response<R>(head: &mut ResponseHeader, edit: impl FnOnce(&mut Header
     out
 }
 
+/// Readies a client's request head for the copy Pingora makes of it for the backend: without
+/// its case map (the copy would clone it, and [`edit_request`] then drop it) and with room for
+/// the gateway's headers. Its target is then its URI, as the backend's is.
+pub fn ready_for_copy(head: &mut RequestHeader) {
+    edit_request(head, |_| ());
+}
+
 /// Edits a request's head; its target is then its URI (`edit` sets the one it needs).
 pub fn edit_request<R>(head: &mut RequestHeader, edit: impl FnOnce(&mut request::Parts) -> R) -> R {
     let empty = RequestHeader::from(http::Request::new(()).into_parts().0);

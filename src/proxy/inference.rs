@@ -6,7 +6,7 @@ use super::cold::ColdRequest;
 use super::routing::Pick;
 use super::serve::Outcome;
 use super::trace::phase_span;
-use super::{body, errors, routing, Gateway, RequestCtx};
+use super::{body, errors, headers, routing, Gateway, RequestCtx};
 use crate::auth::Identity;
 use crate::catalog::{Deployment, InstanceGuard, PoolError};
 use crate::openai::Endpoint;
@@ -86,6 +86,7 @@ impl Gateway {
             return Box::pin(self.answer_cold(session, ctx, cold)).await;
         };
         ctx.target.route = "direct";
+        headers::ready_for_copy(session.req_header_mut());
         forward(ctx, endpoint, &control, body, &deployment);
         ctx.charge(t);
         self.reserve_instance(ctx, &deployment, first_try).await?;

@@ -46,8 +46,8 @@ pub async fn send_body(
 /// when a page of an allowed origin asked.
 pub fn tag(h: &mut HeaderMap, ctx: &RequestCtx) -> pingora::Result<()> {
     h.insert(REQUEST_ID, headers::value(ctx.request.id.as_str())?);
-    if let Some(t) = &ctx.request.trace {
-        h.insert(TRACEPARENT, headers::value(t.traceparent())?);
+    if let Some(t) = &ctx.request.traceparent {
+        h.insert(TRACEPARENT, t.clone());
     }
     if let Some(cors) = &ctx.request.cors {
         // In place of a backend's own CORS headers, if it sent any.

@@ -65,6 +65,8 @@ pub fn start(ctx: &mut RequestCtx, req: &RequestHeader) {
             between: None,
         });
     }
+    // Made once: the backend's request and the answer both carry it.
+    ctx.request.traceparent = http::HeaderValue::try_from(trace.traceparent()).ok();
     ctx.request.trace = Some(trace);
 }
 

@@ -111,7 +111,9 @@ pub fn rewrite_request(upstream: &mut RequestHeader, ctx: &RequestCtx) -> pingor
         }
         // The backend continues the trace with the gateway as its parent.
         if let Some(t) = &ctx.request.trace {
-            h.insert(headers::TRACEPARENT, headers::value(t.traceparent())?);
+            if let Some(parent) = &ctx.request.traceparent {
+                h.insert(headers::TRACEPARENT, parent.clone());
+            }
             if let Some(state) = &t.state {
                 h.insert(headers::TRACESTATE, headers::value(state.as_str())?);
             }
