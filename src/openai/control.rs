@@ -212,11 +212,11 @@ pub fn parse_control_fields(body: &[u8], endpoint: Endpoint) -> Result<ControlFi
         }
     };
 
-    let mut reserved: Vec<&str> = (0..RESERVED_FIELDS.len())
-        .filter(|i| fields.reserved & (1 << i) != 0)
-        .map(|i| RESERVED_FIELDS[i])
-        .collect();
-    if !reserved.is_empty() {
+    if fields.reserved != 0 {
+        let mut reserved: Vec<&str> = (0..RESERVED_FIELDS.len())
+            .filter(|i| fields.reserved & (1 << i) != 0)
+            .map(|i| RESERVED_FIELDS[i])
+            .collect();
         reserved.sort_unstable();
         return Err(ApiError::new(
             422,
