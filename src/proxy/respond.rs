@@ -13,9 +13,9 @@ pub async fn send_json(
     ctx: &RequestCtx,
     status: u16,
     body: Bytes,
-    headers: &[(HeaderName, String)],
+    extra: &[(HeaderName, String)],
 ) -> pingora::Result<()> {
-    send_body(session, ctx, status, "application/json", body, headers).await
+    send_body(session, ctx, status, "application/json", body, extra).await
 }
 
 /// Sends a complete response of `content_type`, with the request's id and trace.
