@@ -84,17 +84,25 @@ pub fn edit_response<R>(head: &mut ResponseHeader, edit: impl FnOnce(&mut Header
 }
 
 /// Readies a client's request head for the copy Pingora makes of it for the backend: without
-/// its case map (the copy would clone it, and [`edit_request`] then drop it) and with room for
-/// the gateway's headers. Its target is then its URI, as the backend's is.
+/// its case map, which the copy would clone and [`edit_request`] then drop (and which the
+/// request would hold while it lasts). Its target is then its URI, as the backend's is.
 pub fn ready_for_copy(head: &mut RequestHeader) {
-    edit_request(head, |_| ());
+    as_parts(head, |_| ());
 }
 
-/// Edits a request's head; its target is then its URI (`edit` sets the one it needs).
+/// Edits a request's head, with room for the gateway's headers; its target is then its URI
+/// (`edit` sets the one it needs).
 pub fn edit_request<R>(head: &mut RequestHeader, edit: impl FnOnce(&mut request::Parts) -> R) -> R {
+    as_parts(head, |parts| {
+        parts.headers.reserve(ROOM);
+        edit(parts)
+    })
+}
+
+/// `head` taken apart for `edit`, and put back without its case map.
+fn as_parts<R>(head: &mut RequestHeader, edit: impl FnOnce(&mut request::Parts) -> R) -> R {
     let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
     let mut parts = request::Parts::from(std::mem::replace(head, empty));
-    parts.headers.reserve(ROOM);
     let out = edit(&mut parts);
     *head = RequestHeader::from(parts);
     out
