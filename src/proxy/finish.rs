@@ -4,7 +4,7 @@ use super::{Gateway, RequestCtx};
 use crate::auth::Identity;
 use crate::catalog::Deployment;
 use crate::metrics::{status_label, DeploymentMetrics};
-use crate::usage::{Ending, UsageRecord};
+use crate::usage::{Ending, Tokens, UsageRecord};
 use pingora::{Error, ErrorSource};
 
 impl Gateway {
@@ -46,7 +46,7 @@ impl Gateway {
             let prompt = ctx.request.body.as_deref();
             self.accounting.finish(
                 (&identity.username, &d.model, tokens),
-                || usage_record(ctx, d, identity, status, ending),
+                || usage_record(ctx, (d, identity, tokens), status, ending),
                 prompt,
                 client,
             );
@@ -100,24 +100,24 @@ pub(super) fn cut(ctx: &mut RequestCtx) {
         return;
     };
     let client = ctx.request.client.as_ref().map(|c| c.ip);
+    let tokens = ctx.meter.tokens();
     accounting.finish(
-        (&identity.username, &d.model, ctx.meter.tokens()),
-        || usage_record(ctx, d, identity, status, Ending::Failed),
+        (&identity.username, &d.model, tokens),
+        || usage_record(ctx, (d, identity, tokens), status, Ending::Failed),
         None,
         client,
     );
 }
 
-/// The usage record of a finished inference request: who asked, where it went, what it used.
+/// The usage record of a finished inference request: who asked, where it went, what it used
+/// (the tokens as the caller already counted them).
 fn usage_record(
     ctx: &RequestCtx,
-    d: &Deployment,
-    identity: &Identity,
+    (d, identity, tokens): (&Deployment, &Identity, Tokens),
     status: u16,
     ending: Ending,
 ) -> UsageRecord {
     let meter = &ctx.meter;
-    let tokens = meter.tokens();
     UsageRecord {
         request_id: ctx.request.id.clone(),
         trace_id: ctx

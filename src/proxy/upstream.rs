@@ -110,13 +110,11 @@ pub fn rewrite_request(upstream: &mut RequestHeader, ctx: &RequestCtx) -> pingor
             h.insert(http::header::AUTHORIZATION, auth.clone());
         }
         // The backend continues the trace with the gateway as its parent.
-        if let Some(t) = &ctx.request.trace {
-            if let Some(parent) = &ctx.request.traceparent {
-                h.insert(headers::TRACEPARENT, parent.clone());
-            }
-            if let Some(state) = &t.state {
-                h.insert(headers::TRACESTATE, headers::value(state.as_str())?);
-            }
+        if let Some(parent) = &ctx.request.traceparent {
+            h.insert(headers::TRACEPARENT, parent.clone());
+        }
+        if let Some(state) = ctx.request.trace.as_ref().and_then(|t| t.state.as_ref()) {
+            h.insert(headers::TRACESTATE, headers::value(state.as_str())?);
         }
         let len = ctx.request.body.as_ref().map_or(0, Bytes::len);
         // The client's length stands when the body kept it (the model name unchanged).
