@@ -20,13 +20,19 @@ use std::time::Duration;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read before `main`: its per-thread caches also keep blocks up to 64 KiB
-/// (default 32 KiB), the size of Pingora's body buffers (one per proxied request, for the
-/// backend's answer), which otherwise take the arena's path for large blocks (some 4,000
-/// instructions for the pair of calls, docs/benchmarks.md). jemalloc 5.3.0's limit is 8 MiB;
-/// the 5.3.1 of tikv-jemallocator 0.7 caps it at 32 KiB, hence 0.6.
+/// jemalloc's options, read before `main`:
+/// - its per-thread caches also keep blocks up to 64 KiB (default 32 KiB), the size of
+///   Pingora's body buffers (one per proxied request, for the backend's answer), which
+///   otherwise take the arena's path for large blocks (some 4,000 instructions for the pair of
+///   calls). jemalloc 5.3.0's limit is 8 MiB; the 5.3.1 of tikv-jemallocator 0.7 caps it at
+///   32 KiB, hence 0.6.
+/// - those caches are trimmed after every 16 MiB allocated (default 64 KiB): with a 64 KiB
+///   buffer per request the default trimmed them on every request, and refilling them from
+///   the arena (under its lock) cost some 0.7 µs per request.
+///
+/// See docs/benchmarks.md. `_RJEM_MALLOC_CONF` in the environment overrides them.
 #[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: &[u8; 17] = b"tcache_max:65536\0";
+static MALLOC_CONF: &[u8; 47] = b"tcache_max:65536,tcache_gc_incr_bytes:16777216\0";
 
 #[derive(Parser)]
 #[command(

@@ -95,7 +95,8 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> pingora::Result<bool> {
-        let t = Instant::now();
+        // From the context's creation, just before: one clock read less per request.
+        let t = ctx.meter.started;
         trace::start(ctx, session.req_header());
         ctx.request.client = self.take_connection(session);
         ctx.request.cors = self

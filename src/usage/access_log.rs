@@ -77,10 +77,10 @@ impl AccessLog {
         });
     }
 
-    /// Appends `value` as one JSON line, serialised straight into the waiting lines (no buffer
-    /// of its own). Never blocks on I/O.
-    pub fn write_json<T: serde::Serialize>(&self, value: &T) {
-        self.append(|lines| serde_json::to_writer(lines, value).map_err(|_| ()));
+    /// Appends one JSON line that `line` writes straight into the waiting lines (no buffer of
+    /// its own). Never blocks on I/O.
+    pub fn write_json(&self, line: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) {
+        self.append(|lines| line(lines).map_err(|_| ()));
     }
 
     fn append(&self, line: impl FnOnce(&mut Vec<u8>) -> Result<(), ()>) {

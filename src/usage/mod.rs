@@ -317,15 +317,30 @@ pub struct Accounting {
     exempt: ArcSwap<Exemptions>,
 }
 
-/// One access-log line: the record's fields, the client's address, and the body if asked.
-#[derive(serde::Serialize)]
-struct AccessLine<'a> {
-    #[serde(flatten)]
-    record: &'a UsageRecord,
-    #[serde(skip_serializing_if = "Option::is_none")]
+/// Writes one access-log line: the record's fields, then the client's address and the body if
+/// asked, added to the record's object (serde's `flatten` would write it through a map, some
+/// 2,000 instructions more per line).
+fn access_line(
+    out: &mut Vec<u8>,
+    record: &UsageRecord,
     client: Option<IpAddr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_body: Option<std::borrow::Cow<'a, str>>,
+    request_body: Option<std::borrow::Cow<'_, str>>,
+) -> serde_json::Result<()> {
+    serde_json::to_writer(&mut *out, record)?;
+    if client.is_none() && request_body.is_none() {
+        return Ok(());
+    }
+    out.pop(); // the record's closing brace
+    if let Some(client) = client {
+        out.extend_from_slice(b",\"client\":");
+        serde_json::to_writer(&mut *out, &client)?;
+    }
+    if let Some(body) = request_body {
+        out.extend_from_slice(b",\"request_body\":");
+        serde_json::to_writer(&mut *out, &body)?;
+    }
+    out.push(b'}');
+    Ok(())
 }
 
 impl Accounting {
@@ -380,14 +395,10 @@ impl Accounting {
         }
         let r = record();
         if let Some(log) = &out.access_log {
-            let line = AccessLine {
-                record: &r,
-                client,
-                request_body: prompt
-                    .filter(|_| out.log_prompts)
-                    .map(String::from_utf8_lossy),
-            };
-            log.write_json(&line);
+            let body = prompt
+                .filter(|_| out.log_prompts)
+                .map(String::from_utf8_lossy);
+            log.write_json(|line| access_line(line, &r, client, body));
         }
         if let Some(sink) = &out.sink {
             sink.record(r);
@@ -447,5 +458,38 @@ impl pingora::services::background::BackgroundService for SharedUpkeep {
             }
         };
         tokio::join!(renew, refresh);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_access_line_is_the_record_with_the_client_and_body_added() {
+        let record = UsageRecord {
+            request_id: "r1".into(),
+            username: "ada@anl.gov".into(),
+            prompt_tokens: 7,
+            batch_id: Some("batch_1".into()),
+            ..UsageRecord::default()
+        };
+        let line = |client, body: Option<&str>| {
+            let mut out = Vec::new();
+            access_line(&mut out, &record, client, body.map(Into::into)).unwrap();
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+        };
+        let bare = line(None, None);
+        assert_eq!(bare, serde_json::to_value(&record).unwrap());
+        let full = line(
+            Some("203.0.113.5".parse().unwrap()),
+            Some("{\"q\": \"a \\\"b\\\"\"}"),
+        );
+        let mut expected = serde_json::to_value(&record).unwrap();
+        expected["client"] = "203.0.113.5".into();
+        expected["request_body"] = "{\"q\": \"a \\\"b\\\"\"}".into();
+        assert_eq!(full, expected);
+        // Still the record, read back as one.
+        assert_eq!(serde_json::from_value::<UsageRecord>(full).unwrap(), record);
     }
 }
