@@ -67,6 +67,17 @@ impl PgConnection {
     }
 }
 
+impl PgConnection {
+    /// Ends a transaction begun through [`with`](Self::with) (`COMMIT` or `ROLLBACK`), if the
+    /// connection it began on is still there: a failure drops it, and the transaction with it.
+    pub fn end_transaction(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        match self.client {
+            Some(_) => self.with(|c| c.batch_execute(sql)),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Applies the steps of `schema` the database has not had, in one transaction under an
 /// advisory lock, so replicas starting together migrate once. Steps only add, so replicas of
 /// the previous version keep working during a rolling upgrade.

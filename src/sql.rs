@@ -300,6 +300,27 @@ impl Db {
         }
     }
 
+    /// Runs `f`'s reads on one snapshot of the database: what other connections commit
+    /// meanwhile (the writer's retention deleting raw records it has rolled up, say) is not
+    /// seen halfway, so the several queries of a report agree with each other.
+    pub fn snapshot<T>(&mut self, f: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
+        match self {
+            Db::Sqlite(c) => c.execute_batch("BEGIN")?,
+            Db::Postgres(pg) => {
+                pg.with(|c| c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"))?
+            }
+        }
+        let out = f(self);
+        let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let ended = match self {
+            Db::Sqlite(c) => c.execute_batch(end).map_err(StoreError::from),
+            Db::Postgres(pg) => pg.end_transaction(end).map_err(StoreError::from),
+        };
+        let value = out?;
+        ended?;
+        Ok(value)
+    }
+
     /// Connects now (PostgreSQL, bringing its schema up to date) rather than on first use.
     pub fn connect(&mut self) -> Result<()> {
         match self {
@@ -323,4 +344,44 @@ fn sqlite_query<T>(
         out.push(read(row)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_does_not_see_what_another_connection_commits_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; CREATE TABLE t (n INTEGER); \
+                 INSERT INTO t VALUES (1), (2), (3);",
+            )
+            .unwrap();
+        let reader =
+            Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let mut db = Db::Sqlite(reader);
+        let count = |db: &mut Db| -> Result<i64> {
+            Ok(db.query("SELECT count(*) FROM t", &[], |r| r.int(0))?[0])
+        };
+        let (before, during) = db
+            .snapshot(|db| {
+                let before = count(db)?;
+                writer.execute("DELETE FROM t WHERE n < 3", []).unwrap();
+                Ok((before, count(db)?))
+            })
+            .unwrap();
+        assert_eq!((before, during), (3, 3));
+        // Once it ends, the next read sees the deletion; and a failed snapshot ends too.
+        assert_eq!(count(&mut db).unwrap(), 1);
+        let failed = db.snapshot(|db| {
+            count(db)?;
+            Err::<(), _>(StoreError::new("the report failed".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(db.snapshot(count).unwrap(), 1);
+    }
 }

@@ -164,7 +164,9 @@ fn open_sink(
             let sink = WriterSink::sqlite(path, batching, metrics.clone())?;
             let totals = sink::open(path)
                 .map_err(crate::sql::StoreError::from)
-                .and_then(|c| report::totals(&mut crate::sql::Db::Sqlite(c), 0, None, None, None))
+                .and_then(|c| {
+                    crate::sql::Db::Sqlite(c).snapshot(|db| report::totals(db, 0, None, None, None))
+                })
                 .with_context(|| format!("usage.store {}", path.display()))?;
             Ok(Some((sink as Arc<dyn UsageSink>, totals)))
         }
@@ -204,7 +206,7 @@ pub fn read_totals(
     loadtest: Option<bool>,
 ) -> anyhow::Result<(Vec<Totals>, report::Source)> {
     let (mut db, name) = read_store(u)?;
-    report::totals_from(&mut db, since_ms, user, model, loadtest)
+    db.snapshot(|db| report::totals_from(db, since_ms, user, model, loadtest))
         .map_err(|e| anyhow::anyhow!("usage.store {name}: {e}"))
 }
 
@@ -216,7 +218,7 @@ pub fn read_requests(
     to_ms: i64,
 ) -> anyhow::Result<(Vec<history::RecordedRequest>, i64)> {
     let (mut db, name) = read_store(u)?;
-    history::requests_between(&mut db, from_ms, to_ms)
+    db.snapshot(|db| history::requests_between(db, from_ms, to_ms))
         .map_err(|e| anyhow::anyhow!("usage.store {name}: {e}"))
 }
 

@@ -65,9 +65,9 @@ impl Reader {
             Reader::File(path) => {
                 let conn =
                     Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-                Ok(f(&mut Db::Sqlite(conn))?)
+                Ok(Db::Sqlite(conn).snapshot(f)?)
             }
-            Reader::Shared(db) => Ok(f(&mut db.lock().unwrap_or_else(|e| e.into_inner()))?),
+            Reader::Shared(db) => Ok(db.lock().unwrap_or_else(|e| e.into_inner()).snapshot(f)?),
         }
     }
 }
