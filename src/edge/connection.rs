@@ -280,10 +280,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
             addr.and_then(|a| a.as_inet()).copied()
         };
         let peer = socket.as_ref().and_then(|d| inet(d.peer_addr()));
-        let local = socket.as_ref().and_then(|d| inet(d.local_addr()));
         let permit = self.admission.admit(peer.map(|p| p.ip())).await?;
+        // The address a connection arrived on is asked of the kernel only where it decides
+        // something: which listener, with TLS configured.
+        let local = || socket.as_ref().and_then(|d| inet(d.local_addr()));
         match &self.tls {
-            Some(tls) if local.is_some_and(|l| tls.serves(l)) => {
+            Some(tls) if local().is_some_and(|l| tls.serves(l)) => {
                 let stream = self.tls_handshake(stream, tls, &permit).await?;
                 if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
                     self.serve_h2(stream, BytesMut::new(), shutdown).await;
