@@ -65,9 +65,7 @@ impl PgConnection {
         }
         result
     }
-}
 
-impl PgConnection {
     /// Ends a transaction begun through [`with`](Self::with) (`COMMIT` or `ROLLBACK`), if the
     /// connection it began on is still there: a failure drops it, and the transaction with it.
     pub fn end_transaction(&mut self, sql: &str) -> Result<(), postgres::Error> {
