@@ -4,7 +4,7 @@ use super::{Gateway, RequestCtx};
 use crate::auth::Identity;
 use crate::catalog::Deployment;
 use crate::metrics::{status_label, DeploymentMetrics};
-use crate::usage::{Ending, Tokens, UsageRecord};
+use crate::usage::{Accounting, Ending, Tokens, UsageRecord};
 use pingora::{Error, ErrorSource};
 
 impl Gateway {
@@ -42,13 +42,13 @@ impl Gateway {
         if let Some(identity) = ctx.request.identity.as_deref() {
             series.prompt_tokens.inc_by(tokens.prompt);
             series.completion_tokens.inc_by(tokens.completion);
-            let client = ctx.request.client.as_ref().map(|c| c.ip);
             let prompt = ctx.request.body.as_deref();
-            self.accounting.finish(
-                (&identity.username, &d.model, tokens),
-                || usage_record(ctx, (d, identity, tokens), status, ending),
+            account(
+                &self.accounting,
+                ctx,
+                (d, identity, tokens),
+                (status, ending),
                 prompt,
-                client,
             );
         }
         match status {
@@ -99,12 +99,30 @@ pub(super) fn cut(ctx: &mut RequestCtx) {
     let (Some(d), Some(identity)) = (&ctx.target.deployment, &ctx.request.identity) else {
         return;
     };
-    let client = ctx.request.client.as_ref().map(|c| c.ip);
     let tokens = ctx.meter.tokens();
+    account(
+        &accounting,
+        ctx,
+        (d, identity, tokens),
+        (status, Ending::Failed),
+        None,
+    );
+}
+
+/// Hands a finished request to the usage accounting: its totals, and its record (built only
+/// if a store or the access log keeps it).
+fn account(
+    accounting: &Accounting,
+    ctx: &RequestCtx,
+    (d, identity, tokens): (&Deployment, &Identity, Tokens),
+    (status, ending): (u16, Ending),
+    prompt: Option<&[u8]>,
+) {
+    let client = ctx.request.client.as_ref().map(|c| c.ip);
     accounting.finish(
         (&identity.username, &d.model, tokens),
-        || usage_record(ctx, (d, identity, tokens), status, Ending::Failed),
-        None,
+        || usage_record(ctx, (d, identity, tokens), status, ending),
+        prompt,
         client,
     );
 }

@@ -205,9 +205,9 @@ pub fn read_totals(
     model: Option<&str>,
     loadtest: Option<bool>,
 ) -> anyhow::Result<(Vec<Totals>, report::Source)> {
-    let (mut db, name) = read_store(u)?;
-    db.snapshot(|db| report::totals_from(db, since_ms, user, model, loadtest))
-        .map_err(|e| anyhow::anyhow!("usage.store {name}: {e}"))
+    read_snapshot(u, |db| {
+        report::totals_from(db, since_ms, user, model, loadtest)
+    })
 }
 
 /// The requests recorded in `[from_ms, to_ms)` in the store `u` names (for
@@ -217,8 +217,16 @@ pub fn read_requests(
     from_ms: i64,
     to_ms: i64,
 ) -> anyhow::Result<(Vec<history::RecordedRequest>, i64)> {
+    read_snapshot(u, |db| history::requests_between(db, from_ms, to_ms))
+}
+
+/// Runs `f` on one snapshot of the store `u` names, with errors naming the store.
+fn read_snapshot<T>(
+    u: &config::UsageConfig,
+    f: impl FnOnce(&mut crate::sql::Db) -> crate::sql::Result<T>,
+) -> anyhow::Result<T> {
     let (mut db, name) = read_store(u)?;
-    db.snapshot(|db| history::requests_between(db, from_ms, to_ms))
+    db.snapshot(f)
         .map_err(|e| anyhow::anyhow!("usage.store {name}: {e}"))
 }
 
