@@ -238,3 +238,34 @@ pub fn summary(db: &mut Db, since_ms: i64, bucket_ms: i64) -> Result<Value> {
         "source": source,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report for one user or model reads the period's part of the records through the time
+    /// index, never the whole table (the store has no user or model index for it to miss).
+    #[test]
+    fn a_report_for_one_user_or_model_reads_only_its_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::usage::sink::open(&dir.path().join("usage.db")).unwrap();
+        let sql = format!("EXPLAIN QUERY PLAN SELECT username, model, SUM(requests) FROM {PERIOD}");
+        for (user, model) in [(Some("alice"), None), (None, Some("llama")), (None, None)] {
+            let params = rusqlite::params![0, user, model, Option::<i64>::None, 0, 0];
+            let mut stmt = conn.prepare(&sql).unwrap();
+            let steps: Vec<String> = stmt
+                .query_map(params, |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let reads: Vec<_> = steps.iter().filter(|s| s.contains(" usage ")).collect();
+            assert_eq!(reads.len(), 2, "{steps:?}");
+            for read in reads {
+                assert!(
+                    read.starts_with("SEARCH usage USING INDEX") && read.contains("time_ms>"),
+                    "{user:?} {model:?}: {steps:?}"
+                );
+            }
+        }
+    }
+}
