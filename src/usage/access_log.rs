@@ -69,39 +69,22 @@ impl AccessLog {
         Ok(AccessLog { shared })
     }
 
-    /// Appends one line (`line` without its newline). Never blocks on I/O.
-    pub fn write(&self, line: &[u8]) {
-        self.append(|lines| {
-            lines.extend_from_slice(line);
-            Ok(())
-        });
-    }
-
-    /// Appends one JSON line that `line` writes straight into the waiting lines (no buffer of
-    /// its own). Never blocks on I/O.
-    pub fn write_json(&self, line: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) {
-        self.append(|lines| line(lines).map_err(|_| ()));
-    }
-
-    fn append(&self, line: impl FnOnce(&mut Vec<u8>) -> Result<(), ()>) {
+    /// Appends one line, which `line` writes (without its newline) straight into the waiting
+    /// lines: no buffer of its own. Never blocks on I/O.
+    pub fn write(&self, line: impl FnOnce(&mut Vec<u8>)) {
         let mut p = self
             .shared
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let before = p.lines.len();
-        let refused = match line(&mut p.lines) {
-            Err(()) => Some("a line could not be serialised"),
-            Ok(()) if p.lines.len() + 1 > MAX_BUFFERED => Some("the writer is behind"),
-            Ok(()) => None,
-        };
-        match refused {
-            None => p.lines.push(b'\n'),
-            Some(why) => {
-                p.lines.truncate(before);
-                drop(p);
-                self.shared.dropped(1, why);
-            }
+        line(&mut p.lines);
+        if p.lines.len() < MAX_BUFFERED {
+            p.lines.push(b'\n');
+        } else {
+            p.lines.truncate(before);
+            drop(p);
+            self.shared.dropped(1, "the writer is behind");
         }
     }
 
@@ -298,14 +281,14 @@ mod tests {
         let path = dir.path().join("access.log");
         let dropped = IntCounter::new("dropped", "dropped").unwrap();
         let log = AccessLog::start(LogTarget::File(path.clone()), dropped.clone()).unwrap();
-        log.write(br#"{"a":1}"#);
+        log.write(|l| l.extend_from_slice(br#"{"a":1}"#));
         log.flush(Duration::from_secs(5));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n");
         // logrotate moves the file; the next lines go to a new one at the path.
         let rotated = dir.path().join("access.log.1");
         std::fs::rename(&path, &rotated).unwrap();
         log.reopen();
-        log.write(br#"{"a":2}"#);
+        log.write(|l| l.extend_from_slice(br#"{"a":2}"#));
         log.flush(Duration::from_secs(5));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":2}\n");
         assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "{\"a\":1}\n");

@@ -328,29 +328,25 @@ pub struct Accounting {
 }
 
 /// Writes one access-log line: the record's fields, then the client's address and the body if
-/// asked, added to the record's object (serde's `flatten` would write it through a map, some
-/// 2,000 instructions more per line).
+/// asked, in the record's object.
 fn access_line(
     out: &mut Vec<u8>,
     record: &UsageRecord,
     client: Option<IpAddr>,
     request_body: Option<std::borrow::Cow<'_, str>>,
-) -> serde_json::Result<()> {
-    serde_json::to_writer(&mut *out, record)?;
-    if client.is_none() && request_body.is_none() {
-        return Ok(());
-    }
-    out.pop(); // the record's closing brace
+) {
+    record.write_json_open(out);
     if let Some(client) = client {
-        out.extend_from_slice(b",\"client\":");
-        serde_json::to_writer(&mut *out, &client)?;
+        // An address has nothing to escape.
+        out.extend_from_slice(b",\"client\":\"");
+        std::io::Write::write_fmt(out, format_args!("{client}")).expect("a Vec takes it");
+        out.push(b'"');
     }
     if let Some(body) = request_body {
         out.extend_from_slice(b",\"request_body\":");
-        serde_json::to_writer(&mut *out, &body)?;
+        serde_json::to_writer(&mut *out, &body).expect("a string serialises");
     }
     out.push(b'}');
-    Ok(())
 }
 
 impl Accounting {
@@ -408,7 +404,7 @@ impl Accounting {
             let body = prompt
                 .filter(|_| out.log_prompts)
                 .map(String::from_utf8_lossy);
-            log.write_json(|line| access_line(line, &r, client, body));
+            log.write(|line| access_line(line, &r, client, body));
         }
         if let Some(sink) = &out.sink {
             sink.record(r);
@@ -486,7 +482,7 @@ mod tests {
         };
         let line = |client, body: Option<&str>| {
             let mut out = Vec::new();
-            access_line(&mut out, &record, client, body.map(Into::into)).unwrap();
+            access_line(&mut out, &record, client, body.map(Into::into));
             serde_json::from_slice::<serde_json::Value>(&out).unwrap()
         };
         let bare = line(None, None);
