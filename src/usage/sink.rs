@@ -639,3 +639,44 @@ impl UsageSink for MemorySink {
 
     fn flush(&self, _limit: Duration) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(ids: std::ops::Range<usize>, tokens: u64) -> Vec<UsageRecord> {
+        ids.map(|i| UsageRecord {
+            request_id: format!("r{i}"),
+            time_ms: 1_800_000_000_000 + i as i64,
+            username: "ada@anl.gov".into(),
+            total_tokens: tokens,
+            ..UsageRecord::default()
+        })
+        .collect()
+    }
+
+    /// A retried batch (some records already there)
+    /// (some of its records already stored) adds only the new ones: each record is stored, and
+    /// rolled up, once, as first written.
+    #[test]
+    fn a_batch_is_stored_once_even_when_part_of_it_was_already() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::Sqlite(open(&dir.path().join("usage.db")).unwrap());
+        db.insert(&records(0..90, 10)).unwrap();
+        db.insert(&records(45..120, 20)).unwrap();
+        let count = |db: &mut Db, sql: &str| db.query(sql, &[], |r| r.int(0)).unwrap()[0];
+        assert_eq!(count(&mut db, "SELECT count(*) FROM usage"), 120);
+        assert_eq!(
+            count(&mut db, "SELECT sum(total_tokens) FROM usage"),
+            90 * 10 + 30 * 20
+        );
+        assert_eq!(
+            count(&mut db, "SELECT sum(requests) FROM usage_hourly"),
+            120
+        );
+        assert_eq!(
+            count(&mut db, "SELECT sum(total_tokens) FROM usage_hourly"),
+            90 * 10 + 30 * 20
+        );
+    }
+}
