@@ -52,10 +52,10 @@ pub struct UsageRecord {
 
 impl UsageRecord {
     /// Writes the record as serde would (`{"request_id":...}`), without its closing brace, so
-    /// that the access log can add fields. By hand because it is once per request: the keys
-    /// are constants and the values rarely need escaping, where serde_json escapes every key
-    /// and value byte by byte (some 4,000 instructions per line, docs/benchmarks.md). The
-    /// unit tests hold it to serde's output.
+    /// that the access log can add fields. By hand because it runs once per request: the keys
+    /// are constants and the values rarely need escaping, where serde_json checked every byte
+    /// of both (half of a line's 7,500 instructions, docs/benchmarks.md). A unit test holds it
+    /// to serde's output.
     pub fn write_json_open(&self, out: &mut Vec<u8>) {
         let mut w = JsonFields(out);
         w.string("{\"request_id\":", &self.request_id);
