@@ -67,7 +67,8 @@ struct Cli {
     concurrency: usize,
     /// Rounds of every scenario, the targets taking turns within each (so that a slower
     /// moment of the shared machine does not fall on one target); each row reports the round
-    /// with the median CPU per request.
+    /// with the median CPU per request (with `--light`, the streams' rounds follow the wrk
+    /// rounds and report the median time to first byte).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Redis for the firstgate-redis target: firstgate-full with per-user limits counted in
