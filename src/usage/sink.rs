@@ -655,9 +655,8 @@ mod tests {
         .collect()
     }
 
-    /// A retried batch (some records already there)
-    /// (some of its records already stored) adds only the new ones: each record is stored, and
-    /// rolled up, once, as first written.
+    /// A retried batch (some of its records already stored) adds only the new ones: each
+    /// record is stored, and rolled up, once, as first written.
     #[test]
     fn a_batch_is_stored_once_even_when_part_of_it_was_already() {
         let dir = tempfile::tempdir().unwrap();
