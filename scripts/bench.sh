@@ -11,7 +11,8 @@
 # Debian, one thread; nginx, the bare Pingora proxy and firstgate each on one thread, in front
 # of a static nginx backend): CPU per 1,000 requests, and streams' time to first byte and
 # memory; JSON to target/bench/light.json. E.g. `scripts/bench.sh --light --streams 1000,5000`.
-# `--light-rates 8000` adds runs at that offered rate (every proxy with time to spare);
+# `--light-rates 8000` adds runs at that offered rate (every proxy with time to spare),
+# `--light-new-connections` a closed loop with a new connection per request;
 # `--light --callgrind --streams 0` runs the proxies under valgrind (Debian's) and reports the
 # instructions per request, steady enough to compare two builds where CPU time is not.
 #

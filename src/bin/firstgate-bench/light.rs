@@ -148,16 +148,18 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     for round in 1..=cli.rounds.max(1) {
         eprintln!("light round {round} of {}", cli.rounds.max(1));
         for t in &chosen {
-            // Closed loop (as fast as the proxy goes), then each offered rate.
-            let rates = std::iter::once(None).chain(cli.light_rates.iter().copied().map(Some));
-            for rate in rates {
+            // Closed loop (as fast as the proxy goes), each offered rate, new connections.
+            let paces = std::iter::once(Pace::ClosedLoop)
+                .chain(cli.light_rates.iter().map(|r| Pace::Rate(*r)))
+                .chain(cli.light_new_connections.then_some(Pace::NewConnections));
+            for pace in paces {
                 runs.push(wrk(
                     &dir,
                     t,
                     cli.concurrency,
                     cli.duration,
                     backend_proc.pid(),
-                    rate,
+                    pace,
                     counts(t.name).as_deref(),
                 )?);
             }
@@ -254,26 +256,39 @@ fn waited_children_cpu() -> f64 {
     (f.get(13).unwrap_or(&0.0) + f.get(14).unwrap_or(&0.0)) / 100.0
 }
 
-/// One wrk run of non-streamed chats against `t`: `connections` kept-alive connections on one
-/// thread for `duration`.
+/// How a wrk run offers its requests.
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    /// Each connection sends its next request as soon as the answer is in.
+    ClosedLoop,
+    /// About this many requests per second in all.
+    Rate(u64),
+    /// As the closed loop, each request on a new connection (`Connection: close`).
+    NewConnections,
+}
+
+/// One wrk run of non-streamed chats against `t`: `connections` connections on one thread for
+/// `duration`, kept alive unless `pace` says otherwise.
 fn wrk(
     dir: &Path,
     t: &Target,
     connections: usize,
     duration: Duration,
     backend_pid: u32,
-    rate: Option<u64>,
+    pace: Pace,
     callgrind: Option<&Path>,
 ) -> anyhow::Result<LightRun> {
     let script = dir.join(format!("{}.lua", t.name));
-    // wrk waits `delay()` ms before each request of a connection: `connections` of them
-    // offer about `rate` requests per second (less the time each answer takes).
-    let delay = rate.map_or(String::new(), |r| {
-        format!(
+    let pacing = match pace {
+        Pace::ClosedLoop => String::new(),
+        // wrk waits `delay()` ms before each request of a connection: `connections` of them
+        // offer about `rate` requests per second (less the time each answer takes).
+        Pace::Rate(r) => format!(
             "function delay() return {} end\n",
             (connections as u64 * 1000 / r.max(1)).max(1)
-        )
-    });
+        ),
+        Pace::NewConnections => "wrk.headers[\"Connection\"] = \"close\"\n".into(),
+    };
     let auth = t.token.map_or(String::new(), |tok| {
         format!("wrk.headers[\"Authorization\"] = \"Bearer {tok}\"\n")
     });
@@ -281,7 +296,7 @@ fn wrk(
         &script,
         format!(
             "wrk.method = \"POST\"\nwrk.body = '{}'\n\
-             wrk.headers[\"Content-Type\"] = \"application/json\"\n{auth}{delay}",
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n{auth}{pacing}",
             body(t.model(false), false, 5)
         ),
     )?;
@@ -338,9 +353,10 @@ fn wrk(
             });
     Ok(LightRun {
         target: t.name.into(),
-        scenario: match rate {
-            Some(r) => format!("wrk, ~{r}/s"),
-            None => format!("wrk, {connections} connections"),
+        scenario: match pace {
+            Pace::ClosedLoop => format!("wrk, {connections} connections"),
+            Pace::Rate(r) => format!("wrk, ~{r}/s"),
+            Pace::NewConnections => format!("wrk, {connections} new each"),
         },
         requests,
         errors,

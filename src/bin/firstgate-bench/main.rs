@@ -54,6 +54,10 @@ struct Cli {
     /// `delay()`), where every proxy has time to spare.
     #[arg(long, value_delimiter = ',')]
     light_rates: Vec<u64>,
+    /// Light generator: also run the closed loop with a new connection for every request (wrk
+    /// sends `Connection: close`): what taking a client connection costs each proxy.
+    #[arg(long)]
+    light_new_connections: bool,
     /// Concurrent streams (realistic profile).
     #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
     streams: Vec<usize>,
