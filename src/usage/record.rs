@@ -56,7 +56,7 @@ impl UsageRecord {
     /// are constants and the values rarely need escaping, where serde_json checked every byte
     /// of both (half of a line's 7,500 instructions, docs/benchmarks.md). A unit test holds it
     /// to serde's output.
-    pub fn write_json_open(&self, out: &mut Vec<u8>) {
+    pub(super) fn write_json_open(&self, out: &mut Vec<u8>) {
         let mut w = JsonFields(out);
         w.string("{\"request_id\":", &self.request_id);
         w.string(",\"trace_id\":", &self.trace_id);
