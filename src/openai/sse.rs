@@ -31,6 +31,15 @@ pub enum Piece {
     EndOfPrevious(Bytes),
 }
 
+impl Piece {
+    /// Its bytes.
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            Piece::Event(b) | Piece::EndOfPrevious(b) => b,
+        }
+    }
+}
+
 impl Default for SseSplitter {
     fn default() -> Self {
         SseSplitter {
@@ -59,29 +68,33 @@ impl SseSplitter {
             }
         }
         while self.pos < self.buf.len() {
-            let b = self.buf[self.pos];
+            // Only line ends change the state: skip to the next one (most of an event is JSON).
+            let Some(skip) = memchr::memchr2(b'\n', b'\r', &self.buf[self.pos..]) else {
+                self.pos = self.buf.len();
+                self.at_line_start = false;
+                self.after_cr = false;
+                break;
+            };
+            if skip > 0 {
+                self.at_line_start = false;
+                self.after_cr = false;
+            }
+            self.pos += skip;
+            let cr = self.buf[self.pos] == b'\r';
             self.pos += 1;
-            let ends = match b {
-                b'\r' => {
-                    let blank = self.at_line_start;
-                    self.at_line_start = true;
-                    self.after_cr = true;
-                    blank
-                }
-                b'\n' if self.after_cr => {
-                    self.after_cr = false;
-                    false
-                }
-                b'\n' => {
-                    let blank = self.at_line_start;
-                    self.at_line_start = true;
-                    blank
-                }
-                _ => {
-                    self.at_line_start = false;
-                    self.after_cr = false;
-                    false
-                }
+            let ends = if cr {
+                let blank = self.at_line_start;
+                self.at_line_start = true;
+                self.after_cr = true;
+                blank
+            } else if self.after_cr {
+                // The LF of a CRLF.
+                self.after_cr = false;
+                false
+            } else {
+                let blank = self.at_line_start;
+                self.at_line_start = true;
+                blank
             };
             if ends {
                 // An event ended by CR keeps the LF of its CRLF: now if it has arrived, else
@@ -122,7 +135,7 @@ pub fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
         if rest.is_empty() {
             return None;
         }
-        let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') else {
+        let Some(end) = memchr::memchr2(b'\n', b'\r', rest) else {
             let line = rest;
             rest = &[];
             return Some(line);

@@ -84,6 +84,9 @@ impl UsageScanner {
         if self.unscanned {
             return None;
         }
+        // Whether the chunk starts at an event's start, as backends write them: then, while
+        // every event of it passes unchanged, it is passed on as it came (no copy).
+        let mut whole = self.sse.pending() == 0 && self.held.is_none();
         self.sse.push(chunk);
         let Some(mut out) = self.strip_usage.then(BytesMut::new) else {
             // Passed on unchanged: only read.
@@ -98,17 +101,31 @@ impl UsageScanner {
             }
             return None;
         };
+        // With `whole`, what passed so far is `chunk[..passed]`, not yet copied to `out`.
+        let mut passed = 0;
         while let Some(piece) = self.sse.next_piece() {
+            let (verbatim, hold) = match &piece {
+                Piece::Event(event) => {
+                    self.kept_last = self.event(event);
+                    let hold = self.kept_last && has(event, &FINISH_REASON);
+                    (self.kept_last && !hold && self.held.is_none(), hold)
+                }
+                Piece::EndOfPrevious(_) => (self.kept_last && self.held.is_none(), false),
+            };
+            if whole {
+                if verbatim {
+                    passed += piece.bytes().len();
+                    continue;
+                }
+                whole = false;
+                out.extend_from_slice(&chunk[..passed]);
+            }
             match piece {
                 Piece::Event(event) => {
-                    self.kept_last = self.event(&event);
                     self.release(&mut out);
-                    if !self.kept_last {
-                        continue;
-                    }
-                    if has(&event, &FINISH_REASON) {
+                    if hold {
                         self.held = Some(BytesMut::from(&event[..]));
-                    } else {
+                    } else if self.kept_last {
                         out.extend_from_slice(&event);
                     }
                 }
@@ -122,8 +139,24 @@ impl UsageScanner {
         if end || self.sse.pending() > MAX_EVENT {
             // The stream's end, or an event too large to be a usage chunk: let the rest go.
             self.unscanned |= !end;
-            self.release(&mut out);
-            out.extend_from_slice(&self.sse.take_rest());
+            let rest = self.sse.take_rest();
+            if whole && self.held.is_none() {
+                passed += rest.len();
+            } else {
+                if whole {
+                    whole = false;
+                    out.extend_from_slice(&chunk[..passed]);
+                }
+                self.release(&mut out);
+                out.extend_from_slice(&rest);
+            }
+        }
+        if whole {
+            if passed == chunk.len() {
+                return None;
+            }
+            // The chunk's last event is incomplete: held back until its end arrives.
+            return Some(chunk.slice(..passed));
         }
         Some(out.freeze())
     }
@@ -172,6 +205,16 @@ impl UsageScanner {
 
     /// Reads one event; false when it is to be dropped.
     fn event(&mut self, event: &[u8]) -> bool {
+        let mut data = lines(event).filter_map(|l| field(l, b"data"));
+        // The usual event has one `data:` line: read it without gathering the lines.
+        let (Some(first), None) = (data.next(), data.next()) else {
+            return self.data_lines(event);
+        };
+        self.payload(first)
+    }
+
+    /// An event with several `data:` lines, or none.
+    fn data_lines(&mut self, event: &[u8]) -> bool {
         let mut data: Vec<&[u8]> = lines(event).filter_map(|l| field(l, b"data")).collect();
         if data.len() > 1 {
             // Several `data:` lines make one payload; relayed streams may also pack several
