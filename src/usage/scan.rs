@@ -12,6 +12,7 @@ use crate::openai::sse::{field, lines, Piece, SseSplitter};
 use bytes::{Bytes, BytesMut};
 use memchr::memmem::Finder;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 /// Largest JSON answer kept to read its usage (bigger ones are passed on, not parsed).
@@ -251,21 +252,23 @@ impl UsageScanner {
             }
             return true;
         }
-        let Ok(v) = serde_json::from_slice::<Value>(data) else {
-            return true;
+        let event = match serde_json::from_slice::<OpenAiUsageChunk>(data) {
+            Ok(chunk) if chunk.kind.is_none() => chunk.read(),
+            // Another shape (`/v1/responses`, Anthropic) or unexpected types: as any JSON.
+            _ => match serde_json::from_slice::<Value>(data) {
+                Ok(v) => UsageEvent::of(&v),
+                Err(_) => return true,
+            },
         };
-        // `/v1/responses`: the usage is the completed response's; Anthropic's: the message's
-        // at `message_start`, then the final counts in `message_delta`.
-        let kind = v["type"].as_str().unwrap_or_default();
-        let usage = match kind {
-            t if t.starts_with("response.") => &v["response"]["usage"],
-            "message_start" => &v["message"]["usage"],
-            _ => &v["usage"],
-        };
-        self.completed |= kind == "response.completed";
-        let tokens = tokens_of(usage).or_else(|| {
+        self.usage_event(event)
+    }
+
+    /// Takes what an event with a `usage` said; false when it is to be dropped.
+    fn usage_event(&mut self, e: UsageEvent) -> bool {
+        self.completed |= e.completed;
+        let tokens = e.counts.tokens().or_else(|| {
             // A `message_delta` may carry only the output tokens; the input came first.
-            let output = usage["output_tokens"].as_u64()?;
+            let output = e.counts.output_tokens?;
             let prompt = self.usage.map_or(0, |u| u.prompt);
             Some(Tokens {
                 prompt,
@@ -275,19 +278,12 @@ impl UsageScanner {
         });
         if let Some(t) = tokens {
             self.usage = Some(t);
-            let usage_only = v["choices"].as_array().is_some_and(Vec::is_empty);
-            if usage_only && self.strip_usage {
-                self.fingerprint = v["system_fingerprint"].as_str().map(str::to_owned);
+            if e.usage_only && self.strip_usage {
+                self.fingerprint = e.fingerprint;
                 return false;
             }
         }
-        let has_content = v["choices"].as_array().into_iter().flatten().any(|c| {
-            c["delta"]["content"]
-                .as_str()
-                .is_some_and(|s| !s.is_empty())
-                || c["text"].as_str().is_some_and(|s| !s.is_empty())
-        });
-        if has_content {
+        if e.has_content {
             self.content_chunks = self.content_chunks.saturating_add(1);
         }
         true
@@ -462,6 +458,10 @@ fn flat_counts(value: &[u8]) -> Option<Counts> {
 /// OpenAI's `prompt_tokens`/`completion_tokens`, or `/v1/responses`' `input_tokens`/
 /// `output_tokens`, of any JSON `usage` (counts that are not unsigned integers are missing).
 fn tokens_of(v: &Value) -> Option<Tokens> {
+    counts_of(v).tokens()
+}
+
+fn counts_of(v: &Value) -> Counts {
     Counts {
         prompt_tokens: v["prompt_tokens"].as_u64(),
         input_tokens: v["input_tokens"].as_u64(),
@@ -469,7 +469,88 @@ fn tokens_of(v: &Value) -> Option<Tokens> {
         output_tokens: v["output_tokens"].as_u64(),
         total_tokens: v["total_tokens"].as_u64(),
     }
-    .tokens()
+}
+
+/// What a streamed event with a `usage` says.
+#[derive(Debug, PartialEq)]
+struct UsageEvent {
+    counts: Counts,
+    /// `/v1/responses`' `response.completed`.
+    completed: bool,
+    /// Its `choices` is an empty list: the usage-only chunk.
+    usage_only: bool,
+    fingerprint: Option<String>,
+    /// A choice with generated text.
+    has_content: bool,
+}
+
+impl UsageEvent {
+    /// Any event, read as JSON: `/v1/responses`' usage is the completed response's,
+    /// Anthropic's the message's at `message_start`, then the final counts in `message_delta`.
+    fn of(v: &Value) -> UsageEvent {
+        let kind = v["type"].as_str().unwrap_or_default();
+        let usage = match kind {
+            t if t.starts_with("response.") => &v["response"]["usage"],
+            "message_start" => &v["message"]["usage"],
+            _ => &v["usage"],
+        };
+        let choices = v["choices"].as_array();
+        UsageEvent {
+            counts: counts_of(usage),
+            completed: kind == "response.completed",
+            usage_only: choices.is_some_and(Vec::is_empty),
+            fingerprint: v["system_fingerprint"].as_str().map(str::to_owned),
+            has_content: choices.into_iter().flatten().any(|c| {
+                c["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty())
+                    || c["text"].as_str().is_some_and(|s| !s.is_empty())
+            }),
+        }
+    }
+}
+
+/// An OpenAI chunk with `usage` (a stream's usage chunk, the usual event with one), read
+/// without building the JSON tree [`UsageEvent::of`] reads: a tenth of the instructions. An
+/// event with a `type`, or with a member of another type than these, is read as any JSON.
+#[derive(serde::Deserialize)]
+struct OpenAiUsageChunk<'a> {
+    #[serde(rename = "type")]
+    kind: Option<serde::de::IgnoredAny>,
+    usage: Option<Counts>,
+    #[serde(borrow)]
+    choices: Option<Vec<ChunkChoice<'a>>>,
+    #[serde(borrow)]
+    system_fingerprint: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(borrow)]
+    delta: Option<ChunkDelta<'a>>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkDelta<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+impl OpenAiUsageChunk<'_> {
+    fn read(self) -> UsageEvent {
+        let nonempty = |s: &Option<Cow<str>>| s.as_deref().is_some_and(|s| !s.is_empty());
+        UsageEvent {
+            counts: self.usage.unwrap_or_default(),
+            completed: false,
+            usage_only: self.choices.as_ref().is_some_and(Vec::is_empty),
+            fingerprint: self.system_fingerprint.map(Cow::into_owned),
+            has_content: self.choices.iter().flatten().any(|c| {
+                c.delta.as_ref().is_some_and(|d| nonempty(&d.content)) || nonempty(&c.text)
+            }),
+        }
+    }
 }
 
 /// Searches built once for the constant strings the scanner looks for in every chunk
@@ -529,6 +610,34 @@ mod tests {
         ];
         for text in other {
             assert_eq!(flat_counts(text.as_bytes()), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn an_openai_usage_chunk_reads_as_any_json_reads_it() {
+        let events = [
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":14,"total_tokens":20,"completion_tokens":6},"system_fingerprint":"vllm-0.32.0"}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"hi \"x\""}}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":""}},{"index":1,"text":"t"}],"usage":null}"#,
+            r#"{"choices":[{"index":0,"delta":{}}],"usage":{"output_tokens":4,"prompt_tokens_details":{"cached_tokens":0}}}"#,
+            r#"{"usage":{"input_tokens":2,"output_tokens":3}}"#,
+            r#"{"choices":null,"usage":{"prompt_tokens":1},"system_fingerprint":null}"#,
+        ];
+        for text in events {
+            let chunk: OpenAiUsageChunk = serde_json::from_str(text).unwrap();
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(chunk.read(), UsageEvent::of(&v), "{text}");
+        }
+        // Other shapes and types are left to the JSON reading.
+        for text in [
+            r#"{"type":"response.completed","response":{"usage":{"input_tokens":1}}}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1.5}}"#,
+            r#"{"choices":{},"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[{"text":5}],"usage":{"prompt_tokens":1}}"#,
+            r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+        ] {
+            let typed = serde_json::from_str::<OpenAiUsageChunk>(text);
+            assert!(typed.is_err() || typed.unwrap().kind.is_some(), "{text}");
         }
     }
 
