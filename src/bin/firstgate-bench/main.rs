@@ -45,9 +45,9 @@ struct Cli {
     #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000")]
     rates: Vec<u64>,
     /// Light generator: run firstgate and the bare Pingora proxy under valgrind's callgrind
-    /// and report the instructions each spends per request (user space only; as steady as CPU
-    /// time on a shared machine is not, for comparing two builds). Each runs some 50 times
-    /// slower there: the CPU and rate columns are then not costs.
+    /// and report the instructions each spends per request, and per stream (user space only;
+    /// as steady as CPU time on a shared machine is not, for comparing two builds). Each runs
+    /// some 50 times slower there: the CPU, rate and time columns are then not costs.
     #[arg(long)]
     callgrind: bool,
     /// Light generator: also offer these rates (requests per second, paced by wrk's
