@@ -641,6 +641,55 @@ mod tests {
         }
     }
 
+    /// A real vLLM stream with usage asked for (shared/reference/vllm-transcripts): however it
+    /// is cut, the client gets it byte for byte less the usage chunk, whose fingerprint moves
+    /// onto the chunk that finished the choice, and the usage is read.
+    #[test]
+    fn a_real_vllm_stream_reaches_the_client_less_its_usage_chunk_however_it_is_cut() {
+        let stream: &[u8] = include_bytes!("../../tests/fixtures/vllm-chat-stream-usage.body");
+        let text = std::str::from_utf8(stream).unwrap();
+        let usage_event = text
+            .split_inclusive("\n\n")
+            .find(|e| e.contains("\"choices\":[]"))
+            .unwrap();
+        let finish = text
+            .split_inclusive("\n\n")
+            .find(|e| e.contains("\"finish_reason\":\"length\""))
+            .unwrap();
+        let at = finish.rfind('}').unwrap();
+        let finish_with_fingerprint = format!(
+            "{},\"system_fingerprint\":\"vllm-0.32.0-31c91eae\"{}",
+            &finish[..at],
+            &finish[at..]
+        );
+        let expected =
+            text.replacen(usage_event, "", 1)
+                .replacen(finish, &finish_with_fingerprint, 1);
+        let scan = |cuts: &[usize]| {
+            let mut scanner = UsageScanner::new(true, true);
+            let mut out = Vec::new();
+            let mut from = 0;
+            for (i, &to) in cuts.iter().chain([&stream.len()]).enumerate() {
+                let chunk = Bytes::copy_from_slice(&stream[from..to]);
+                let sent = scanner.feed(&chunk, i == cuts.len());
+                out.extend_from_slice(&sent.unwrap_or(chunk));
+                from = to;
+            }
+            (String::from_utf8(out).unwrap(), scanner.tokens())
+        };
+        let tokens = Tokens {
+            prompt: 14,
+            completion: 6,
+            total: 20,
+        };
+        assert_eq!(scan(&[]), (expected.clone(), tokens));
+        for cut in 0..=stream.len() {
+            assert_eq!(scan(&[cut]), (expected.clone(), tokens), "cut at {cut}");
+        }
+        let every_byte: Vec<usize> = (1..stream.len()).collect();
+        assert_eq!(scan(&every_byte), (expected, tokens));
+    }
+
     fn feed_all(scanner: &mut UsageScanner, body: &str) -> String {
         let mut out = Vec::new();
         let parts: Vec<&str> = body.split_inclusive("\n\n").collect();
