@@ -419,7 +419,8 @@ fn callgrind_total(file: &Path, pid: u32) -> anyhow::Result<u64> {
             l.strip_prefix("summary:")
                 .or_else(|| l.strip_prefix("totals:"))
         })
-        .and_then(|n| n.trim().parse().ok())
+        // Instructions are the first event (cache simulation adds its misses after them).
+        .and_then(|n| n.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no instruction total in {}", newest.display()))
 }
 

@@ -48,6 +48,8 @@ struct Cli {
     /// and report the instructions each spends per request, and per stream (user space only;
     /// as steady as CPU time on a shared machine is not, for comparing two builds). Each runs
     /// some 50 times slower there: the CPU, rate and time columns are then not costs.
+    /// `VALGRIND_OPTS=--cache-sim=yes` adds simulated cache misses to the dumps kept with
+    /// `--keep` (`callgrind_annotate` reads them).
     #[arg(long)]
     callgrind: bool,
     /// Light generator: also offer these rates (requests per second, paced by wrk's
