@@ -42,6 +42,16 @@ struct LightRun {
     kib_per_stream: Option<f64>,
 }
 
+impl LightRun {
+    /// What a row is compared by: instructions (with --callgrind), else a stream's time to
+    /// first byte, else CPU per request.
+    fn cost(&self) -> Option<f64> {
+        self.instructions_per_request
+            .or(self.ttfb_mean_ms)
+            .or(self.cpu_s_per_1k)
+    }
+}
+
 pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     for tool in ["wrk", "h2load"] {
         anyhow::ensure!(
@@ -193,14 +203,9 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             .iter()
             .filter(|r| r.target == target && &r.scenario == scenario)
             .collect();
-        let cost = |r: &LightRun| {
-            r.ttfb_mean_ms
-                .or(r.instructions_per_request)
-                .or(r.cpu_s_per_1k)
-        };
         // Memory per stream from the first round: later ones reuse what the allocator kept.
         let first_memory = of.first()?.kib_per_stream;
-        of.sort_by(|a, b| cost(a).partial_cmp(&cost(b)).unwrap());
+        of.sort_by(|a, b| a.cost().partial_cmp(&b.cost()).unwrap());
         let mut median = of[of.len() / 2].clone();
         median.kib_per_stream = first_memory;
         Some(median)
@@ -305,16 +310,7 @@ fn wrk(
             body(t.model(false), false, 5)
         ),
     )?;
-    let pid = t.pid.expect("a proxy target");
-    let (cpu0, gen0, back0) = (
-        cpu_seconds(pid),
-        waited_children_cpu(),
-        cpu_seconds(backend_pid),
-    );
-    if callgrind.is_some() {
-        callgrind_control("-z", pid)?;
-    }
-    let start = Instant::now();
+    let meter = Meter::start(t, backend_pid, callgrind)?;
     let out = Command::new("wrk")
         .args(["-t1", &format!("-c{connections}")])
         .arg(format!("-d{}s", duration.as_secs().max(1)))
@@ -323,16 +319,7 @@ fn wrk(
         .arg(&script)
         .arg(t.url(false))
         .output()?;
-    let wall = start.elapsed().as_secs_f64();
-    let (cpu, generator, backend) = (
-        cpu_seconds(pid) - cpu0,
-        waited_children_cpu() - gen0,
-        cpu_seconds(backend_pid) - back0,
-    );
-    let instructions = match callgrind {
-        Some(file) => Some(callgrind_total(file, pid)?),
-        None => None,
-    };
+    let used = meter.stop()?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(out.status.success(), "wrk against {}: {text}", t.name);
     let requests = text
@@ -363,20 +350,80 @@ fn wrk(
             Pace::Rate(r) => format!("wrk, ~{r}/s"),
             Pace::NewConnections => format!("wrk, {connections} new each"),
         },
-        requests,
         errors,
-        rps: requests as f64 / wall,
         p50_ms: field("50%").map_or(0.0, |v| millis(&v)),
         p99_ms: field("99%").map_or(0.0, |v| millis(&v)),
-        cpu_s_per_1k: (requests > 0).then(|| cpu / requests as f64 * 1000.0),
-        instructions_per_request: instructions
-            .filter(|_| requests > 0)
-            .map(|n| n as f64 / requests as f64),
-        proxy_busy: cpu / wall,
-        generator_busy: generator / wall,
-        backend_busy: backend / wall,
-        ..LightRun::default()
+        ..used.per(requests)
     })
+}
+
+/// What a run costs: the CPU time of the proxy, of the generators this process waited for and
+/// of the backend, and with callgrind the proxy's instructions, from `start` to `stop`.
+struct Meter<'a> {
+    pid: u32,
+    backend_pid: u32,
+    callgrind: Option<&'a Path>,
+    cpu: f64,
+    generator: f64,
+    backend: f64,
+    start: Instant,
+}
+
+/// What a run used, over `wall` seconds.
+struct Used {
+    wall: f64,
+    cpu: f64,
+    generator: f64,
+    backend: f64,
+    instructions: Option<u64>,
+}
+
+impl<'a> Meter<'a> {
+    fn start(t: &Target, backend_pid: u32, callgrind: Option<&'a Path>) -> anyhow::Result<Self> {
+        let pid = t.pid.expect("a proxy target");
+        if callgrind.is_some() {
+            callgrind_control("-z", pid)?;
+        }
+        Ok(Meter {
+            pid,
+            backend_pid,
+            callgrind,
+            cpu: cpu_seconds(pid),
+            generator: waited_children_cpu(),
+            backend: cpu_seconds(backend_pid),
+            start: Instant::now(),
+        })
+    }
+
+    fn stop(self) -> anyhow::Result<Used> {
+        Ok(Used {
+            wall: self.start.elapsed().as_secs_f64(),
+            cpu: cpu_seconds(self.pid) - self.cpu,
+            generator: waited_children_cpu() - self.generator,
+            backend: cpu_seconds(self.backend_pid) - self.backend,
+            instructions: match self.callgrind {
+                Some(file) => Some(callgrind_total(file, self.pid)?),
+                None => None,
+            },
+        })
+    }
+}
+
+impl Used {
+    /// A row's rate, costs per request (or stream) and shares of a core, for `n` done.
+    fn per(&self, n: u64) -> LightRun {
+        let each = |total: f64| (n > 0).then(|| total / n as f64);
+        LightRun {
+            requests: n,
+            rps: n as f64 / self.wall,
+            cpu_s_per_1k: each(self.cpu * 1000.0),
+            instructions_per_request: self.instructions.and_then(|i| each(i as f64)),
+            proxy_busy: self.cpu / self.wall,
+            generator_busy: self.generator / self.wall,
+            backend_busy: self.backend / self.wall,
+            ..LightRun::default()
+        }
+    }
 }
 
 /// Asks the callgrind of process `pid` to zero (`-z`) or dump (`-d`) its counts.
@@ -453,13 +500,7 @@ async fn h2load(
     std::fs::write(&data, body(t.model(true), true, STREAM_TOKENS))?;
     let pid = t.pid.expect("a proxy target");
     let (rss0, _) = rss_kib(pid);
-    let gen0 = waited_children_cpu();
-    let cpu0 = cpu_seconds(pid);
-    let backend0 = cpu_seconds(backend_pid);
-    if callgrind.is_some() {
-        callgrind_control("-z", pid)?;
-    }
-    let start = Instant::now();
+    let meter = Meter::start(t, backend_pid, callgrind)?;
     let mut cmd = tokio::process::Command::new("h2load");
     cmd.args([
         "--h1",
@@ -484,7 +525,7 @@ async fn h2load(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let out = output.await??;
-    let wall = start.elapsed().as_secs_f64();
+    let used = meter.stop()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let numbers = |label: &str| -> Vec<String> {
         text.lines()
@@ -515,27 +556,13 @@ async fn h2load(
     );
     // "time to 1st byte:  min  max  mean  sd  +/- sd"
     let ttfb = numbers("time to 1st byte:").get(2).map(|v| millis(v));
-    let cpu = cpu_seconds(pid) - cpu0;
-    let instructions = match callgrind {
-        Some(file) => Some(callgrind_total(file, pid)?),
-        None => None,
-    };
     Ok(LightRun {
         target: t.name.into(),
         scenario: format!("{n} streams (h2load)"),
-        requests: succeeded,
         errors: failed,
-        rps: succeeded as f64 / wall,
-        cpu_s_per_1k: (succeeded > 0).then(|| cpu / succeeded as f64 * 1000.0),
-        instructions_per_request: instructions
-            .filter(|_| succeeded > 0)
-            .map(|i| i as f64 / succeeded as f64),
-        proxy_busy: cpu / wall,
-        generator_busy: (waited_children_cpu() - gen0) / wall,
-        backend_busy: (cpu_seconds(backend_pid) - backend0) / wall,
         ttfb_mean_ms: ttfb,
         kib_per_stream: Some(peak.saturating_sub(rss0) as f64 / n as f64),
-        ..LightRun::default()
+        ..used.per(succeeded)
     })
 }
 
@@ -567,13 +594,7 @@ fn print_table(results: &[LightRun]) {
             _ => "-".into(),
         };
         let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
-        let versus = if r.ttfb_mean_ms.is_some() {
-            ratio(|r| r.ttfb_mean_ms)
-        } else if r.instructions_per_request.is_some() {
-            ratio(|r| r.instructions_per_request)
-        } else {
-            ratio(|r| r.cpu_s_per_1k)
-        };
+        let versus = ratio(LightRun::cost);
         println!(
             "{:<16} {:<22} {:>9} {:>6} {:>9.0} {:>8.2} {:>8.2} {:>11} {:>9} {:>8} {:>6.0}% {:>8.0}% {:>7.0}% {:>9} {:>10}",
             r.target,
@@ -594,8 +615,8 @@ fn print_table(results: &[LightRun]) {
         );
     }
     println!(
-        "\n\"vs bare\": CPU per request (wrk rows; instructions per request with --callgrind) or \
-         mean time to first byte (stream rows) over pingora-bare's. A proxy whose one thread is \
+        "\n\"vs bare\": CPU per request (wrk rows) or mean time to first byte (stream rows) over \
+         pingora-bare's; with --callgrind, instructions per request or per stream. A proxy whose one thread is \
          not near 100% busy in a wrk row was not the bottleneck: the generator or the backend \
          was, and its figure is not a cost. In stream rows CPU and instructions are per stream, \
          and a backend (the streaming simulator) near 100% sets the pace, not the proxy."
