@@ -286,7 +286,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
         let local = || socket.as_ref().and_then(|d| inet(d.local_addr()));
         match &self.tls {
             Some(tls) if local().is_some_and(|l| tls.serves(l)) => {
-                let stream = self.tls_handshake(stream, tls, &permit).await?;
+                // Boxed: the handshake's state (7.5 KB) would otherwise be part of every
+                // connection's future, plain ones included.
+                let stream = Box::pin(self.tls_handshake(stream, tls, &permit)).await?;
                 if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
                     self.serve_h2(stream, BytesMut::new(), shutdown).await;
                 } else {

@@ -241,9 +241,7 @@ impl UsageScanner {
         }
         // Most events are content chunks: recognise them without parsing the JSON.
         if !has(data, &USAGE) {
-            let content = has(data, &CONTENT) || has(data, &TEXT) || has(data, &DELTA);
-            let empty = has(data, &EMPTY_CONTENT) || has(data, &EMPTY_TEXT);
-            if content && !empty {
+            if carries_text(data) {
                 self.content_chunks = self.content_chunks.saturating_add(1);
             }
             // Anthropic's last event, `{"type":"message_stop"}`, is short.
@@ -567,9 +565,18 @@ needles! {
     CONTENT = br#""content":""#;
     TEXT = br#""text":""#;
     DELTA = br#""delta":""#;
-    EMPTY_CONTENT = br#""content":"""#;
-    EMPTY_TEXT = br#""text":"""#;
     MESSAGE_STOP = br#""message_stop""#;
+}
+
+/// Whether a chunk's text member (`content`, `text`, or a string `delta`) holds text, judged
+/// at the first of each found: one search per member, no second one for the empty forms
+/// (vLLM's role chunk has `"content":""`).
+fn carries_text(data: &[u8]) -> bool {
+    [&CONTENT, &TEXT, &DELTA].into_iter().any(|member| {
+        member
+            .find(data)
+            .is_some_and(|at| data.get(at + member.needle().len()) != Some(&b'"'))
+    })
 }
 
 /// Whether `hay` contains the needle.
@@ -688,6 +695,33 @@ mod tests {
         }
         let every_byte: Vec<usize> = (1..stream.len()).collect();
         assert_eq!(scan(&every_byte), (expected, tokens));
+    }
+
+    /// Without a usage chunk the tokens are estimated from the chunks that carried text: in a
+    /// real vLLM stream four of seven (the role chunk and two more have `"content":""`), and
+    /// in the Responses API's events the text deltas, not the empty part announced first.
+    #[test]
+    fn without_usage_the_chunks_that_carried_text_are_counted() {
+        let estimate = |body: &str| {
+            let mut s = UsageScanner::new(true, true);
+            assert_eq!(feed_all(&mut s, body), body);
+            assert!(!s.tokens_known() && s.completed());
+            s.tokens()
+        };
+        let vllm = include_str!("../../tests/fixtures/vllm-chat-stream.body");
+        let four = Tokens {
+            prompt: 0,
+            completion: 4,
+            total: 4,
+        };
+        assert_eq!(estimate(vllm), four);
+        let responses = concat!(
+            "event: response.content_part.added\ndata: {\"type\":\"response.content_part.added\",\"part\":{\"type\":\"output_text\",\"text\":\"\"}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hel\"}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"lo\"}\n\n",
+            "data: [DONE]\n\n",
+        );
+        assert_eq!(estimate(responses).completion, 2);
     }
 
     fn feed_all(scanner: &mut UsageScanner, body: &str) -> String {
