@@ -106,11 +106,13 @@ struct Proc {
 }
 
 impl Drop for Proc {
-    /// SIGTERM first, so that nginx's master takes its workers down with it (killed outright
-    /// it leaves them running, holding whatever descriptors they inherited), then SIGKILL.
+    /// SIGINT first: every target stops at once and exits normally (nginx's master takes its
+    /// workers down with it, where killed outright it leaves them running, holding whatever
+    /// descriptors they inherited; Pingora's SIGTERM would wait out its 300 s grace period),
+    /// so a profiling build writes its profile. Then SIGKILL.
     fn drop(&mut self) {
         let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-INT", &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
