@@ -3,7 +3,7 @@
 # "Profile-guided optimization"): an instrumented build runs the light benchmark's workloads
 # (the lite and full gateways, kept-alive and new connections, 1,000 streams), and the second
 # build lays out and inlines the code by what ran. Some 15 % fewer instructions per request,
-# a third fewer instruction-cache misses. Takes two clean release builds (~11 min each on
+# a third fewer instruction-cache misses. Takes two clean release builds (~10 min each on
 # 2 cores) and a minute of benchmark.
 #
 # Out: target/pgo/release/firstgate, with firstgate-sim and examples/bare-proxy built the same
