@@ -32,7 +32,7 @@ pub struct Tokens {
 impl Tokens {
     /// The `usage` of a whole completion (missing counts are 0).
     pub fn of_completion(completion: &Value) -> Tokens {
-        tokens_of(&completion["usage"]).unwrap_or_default()
+        counts_of(&completion["usage"]).tokens().unwrap_or_default()
     }
 }
 
@@ -361,7 +361,7 @@ fn usage_of_answer(body: &[u8]) -> Option<Tokens> {
     }
     match serde_json::from_slice::<Answer<Counts>>(body) {
         Ok(answer) => answer.usage?.tokens(),
-        Err(_) => tokens_of(&serde_json::from_slice::<Answer<Value>>(body).ok()?.usage?),
+        Err(_) => counts_of(&serde_json::from_slice::<Answer<Value>>(body).ok()?.usage?).tokens(),
     }
 }
 
@@ -455,10 +455,6 @@ fn flat_counts(value: &[u8]) -> Option<Counts> {
 
 /// OpenAI's `prompt_tokens`/`completion_tokens`, or `/v1/responses`' `input_tokens`/
 /// `output_tokens`, of any JSON `usage` (counts that are not unsigned integers are missing).
-fn tokens_of(v: &Value) -> Option<Tokens> {
-    counts_of(v).tokens()
-}
-
 fn counts_of(v: &Value) -> Counts {
     Counts {
         prompt_tokens: v["prompt_tokens"].as_u64(),
