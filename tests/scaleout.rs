@@ -626,3 +626,42 @@ async fn one_starting_task_for_a_cold_endpoint_whichever_replica_is_asked() {
     );
     first.abort();
 }
+
+/// A post that reaches a replica as the stream ends: the replica checked the task's token, the
+/// holder then forgot the task (the stream over, its keys deleted), and only then does the
+/// post's event arrive. It is refused and leaves no list behind, where an unconditional append
+/// made the list again, to linger until its time to live ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_posted_after_its_task_ended_is_refused_and_stores_nothing() {
+    use firstgate::compute::relay::RelayEvent;
+    use firstgate::compute::relay_redis::{token_digest, RedisRelay};
+    use std::sync::Arc;
+
+    let servers = StateServers::start();
+    let cfg: firstgate::config::RedisConfig =
+        serde_yaml_ng::from_str(&format!("url: {}\ntimeout: 2s", servers.redis)).unwrap();
+    let metrics = Arc::new(firstgate::metrics::Metrics::new());
+    let state = Arc::new(firstgate::state::SharedState::new(&cfg, metrics).unwrap());
+    let relay = RedisRelay::new(state, Duration::from_secs(600));
+    let digest = token_digest(b"task-token");
+
+    relay.register("task-1", &digest).await.unwrap();
+    assert_eq!(relay.digest_of("task-1").await.unwrap(), Some(digest));
+    let line = RelayEvent::Data("data: {\"choices\":[]}".into());
+    assert!(
+        relay.push("task-1", &line).await.unwrap(),
+        "a waiting task takes events"
+    );
+    let drained = relay.drain(&[("task-1".to_string(), 8)]).await.unwrap();
+    assert_eq!(drained, vec![("task-1".to_string(), vec![line.clone()])]);
+
+    relay.forget("task-1").await;
+    assert!(
+        !relay.push("task-1", &RelayEvent::Done).await.unwrap(),
+        "an ended task takes no events"
+    );
+    assert_eq!(
+        servers.redis_keys("firstgate:stream:*"),
+        Vec::<String>::new()
+    );
+}

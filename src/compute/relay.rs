@@ -303,10 +303,12 @@ impl StreamRelay {
                 return Err(RelayRefusal::Token);
             }
         }
-        shared
-            .push(&post.task_id, &event)
-            .await
-            .map_err(|_| RelayRefusal::Unavailable)
+        match shared.push(&post.task_id, &event).await {
+            Ok(true) => Ok(()),
+            // The task ended between the token check and the append.
+            Ok(false) => Err(RelayRefusal::UnknownTask),
+            Err(_) => Err(RelayRefusal::Unavailable),
+        }
     }
 }
 

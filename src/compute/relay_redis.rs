@@ -5,17 +5,34 @@
 //! waiting there checks the token against it and appends the event to the list
 //! `{prefix}stream:{task}:events`; the holder drains its tasks' lists, all in one pipelined
 //! call per tick (FIRST polls every 25 ms). Keys expire like the shared limits' (set with a
-//! time to live on every write), so a replica that dies leaves nothing behind for long.
+//! time to live on every write), so a replica that dies leaves nothing behind for long; and an
+//! event is appended only while the task's token key is there, so a post that arrives after the
+//! holder forgot the task (between another replica's token check and its append) is refused
+//! instead of leaving a list behind.
 
 use super::relay::RelayEvent;
 use crate::state::{SharedState, Unavailable};
+use redis::Script;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 /// Events taken from one task's list per tick.
 const DRAIN: usize = 64;
+
+/// Appends ARGV[1] to the list KEYS[2] (its time to live renewed to ARGV[2] ms) if the task's
+/// token key KEYS[1] is still there; 1 when appended, 0 when the task is gone.
+static PUSH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+",
+    )
+});
 
 /// A relay's view of the replicas' Redis.
 pub struct RedisRelay {
@@ -95,23 +112,20 @@ impl RedisRelay {
             .await
     }
 
-    /// Appends an event for the replica holding the task.
-    pub async fn push(&self, task: &str, event: &RelayEvent) -> Result<(), Unavailable> {
-        let (key, text, ttl) = (self.events_key(task), encode(event), self.ttl_ms());
+    /// Appends an event for the replica holding the task; false when the task is no longer
+    /// registered (it ended, or its keys expired), and nothing was stored.
+    pub async fn push(&self, task: &str, event: &RelayEvent) -> Result<bool, Unavailable> {
+        let (token, events) = (self.token_key(task), self.events_key(task));
+        let (text, ttl) = (encode(event), self.ttl_ms());
         self.state
             .call("relay_push", |mut conn| async move {
-                redis::pipe()
-                    .atomic()
-                    .cmd("RPUSH")
-                    .arg(&key)
+                PUSH.key(&token)
+                    .key(&events)
                     .arg(&text)
-                    .ignore()
-                    .cmd("PEXPIRE")
-                    .arg(&key)
                     .arg(ttl)
-                    .ignore()
-                    .query_async::<()>(&mut conn)
+                    .invoke_async::<i64>(&mut conn)
                     .await
+                    .map(|appended| appended == 1)
             })
             .await
     }
