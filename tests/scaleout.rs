@@ -653,7 +653,7 @@ async fn an_event_posted_after_its_task_ended_is_refused_and_stores_nothing() {
         "a waiting task takes events"
     );
     let drained = relay.drain(&[("task-1".to_string(), 8)]).await.unwrap();
-    assert_eq!(drained, vec![("task-1".to_string(), vec![line.clone()])]);
+    assert_eq!(drained, vec![("task-1".to_string(), vec![line])]);
 
     relay.forget("task-1").await;
     assert!(
