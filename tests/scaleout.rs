@@ -633,7 +633,7 @@ async fn one_starting_task_for_a_cold_endpoint_whichever_replica_is_asked() {
 /// made the list again, to linger until its time to live ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_posted_after_its_task_ended_is_refused_and_stores_nothing() {
-    use firstgate::compute::relay::RelayEvent;
+    use firstgate::compute::relay::{RelayEvent, RelayRefusal};
     use firstgate::compute::relay_redis::{token_digest, RedisRelay};
     use std::sync::Arc;
 
@@ -646,18 +646,20 @@ async fn an_event_posted_after_its_task_ended_is_refused_and_stores_nothing() {
     let digest = token_digest(b"task-token");
 
     relay.register("task-1", &digest).await.unwrap();
-    assert_eq!(relay.digest_of("task-1").await.unwrap(), Some(digest));
     let line = RelayEvent::Data("data: {\"choices\":[]}".into());
-    assert!(
-        relay.push("task-1", &line).await.unwrap(),
-        "a waiting task takes events"
+    assert_eq!(
+        relay.push("task-1", &token_digest(b"other"), &line).await,
+        Err(RelayRefusal::Token),
+        "another token's post is refused"
     );
+    relay.push("task-1", &digest, &line).await.unwrap();
     let drained = relay.drain(&[("task-1".to_string(), 8)]).await.unwrap();
     assert_eq!(drained, vec![("task-1".to_string(), vec![line])]);
 
     relay.forget("task-1").await;
-    assert!(
-        !relay.push("task-1", &RelayEvent::Done).await.unwrap(),
+    assert_eq!(
+        relay.push("task-1", &digest, &RelayEvent::Done).await,
+        Err(RelayRefusal::UnknownTask),
         "an ended task takes no events"
     );
     assert_eq!(

@@ -269,46 +269,25 @@ impl StreamRelay {
             RelayKind::Error => RelayEvent::Error(post.error.unwrap_or_default()),
             RelayKind::Done => RelayEvent::Done,
         };
-        let checked_here = {
-            let tasks = self.lock();
-            match tasks.get(&post.task_id) {
-                Some(waiting) => {
-                    let token_ok =
-                        token.is_some_and(|t| bool::from(t.ct_eq(waiting.token.as_bytes())));
-                    if !token_ok {
-                        return Err(RelayRefusal::Token);
-                    }
-                    if !waiting.shared {
-                        return waiting.tx.try_send(event).map_err(|e| match e {
-                            mpsc::error::TrySendError::Full(_) => RelayRefusal::Behind,
-                            mpsc::error::TrySendError::Closed(_) => RelayRefusal::UnknownTask,
-                        });
-                    }
-                    true
-                }
-                None => false,
+        if let Some(waiting) = self.lock().get(&post.task_id) {
+            let token_ok = token.is_some_and(|t| bool::from(t.ct_eq(waiting.token.as_bytes())));
+            if !token_ok {
+                return Err(RelayRefusal::Token);
             }
-        };
+            if !waiting.shared {
+                return waiting.tx.try_send(event).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => RelayRefusal::Behind,
+                    mpsc::error::TrySendError::Closed(_) => RelayRefusal::UnknownTask,
+                });
+            }
+        }
         let Some(shared) = &self.shared else {
             return Err(RelayRefusal::UnknownTask);
         };
-        if !checked_here {
-            let stored = shared
-                .digest_of(&post.task_id)
-                .await
-                .map_err(|_| RelayRefusal::Unavailable)?
-                .ok_or(RelayRefusal::UnknownTask)?;
-            let given = token.map(token_digest).unwrap_or_default();
-            if !bool::from(given.as_bytes().ct_eq(stored.as_bytes())) {
-                return Err(RelayRefusal::Token);
-            }
-        }
-        match shared.push(&post.task_id, &event).await {
-            Ok(true) => Ok(()),
-            // The task ended between the token check and the append.
-            Ok(false) => Err(RelayRefusal::UnknownTask),
-            Err(_) => Err(RelayRefusal::Unavailable),
-        }
+        // Redis checks the token (its digest) where it appends, in one step: a task that ended
+        // meanwhile takes nothing.
+        let digest = token.map(token_digest).unwrap_or_default();
+        shared.push(&post.task_id, &digest, &event).await
     }
 }
 

@@ -5,12 +5,11 @@
 //! waiting there checks the token against it and appends the event to the list
 //! `{prefix}stream:{task}:events`; the holder drains its tasks' lists, all in one pipelined
 //! call per tick (FIRST polls every 25 ms). Keys expire like the shared limits' (set with a
-//! time to live on every write), so a replica that dies leaves nothing behind for long; and an
-//! event is appended only while the task's token key is there, so a post that arrives after the
-//! holder forgot the task (between another replica's token check and its append) is refused
-//! instead of leaving a list behind.
+//! time to live on every write), so a replica that dies leaves nothing behind for long. The
+//! token check and the append are one script, so a post that arrives after the holder forgot
+//! the task is refused instead of making its list again.
 
-use super::relay::RelayEvent;
+use super::relay::{RelayEvent, RelayRefusal};
 use crate::state::{SharedState, Unavailable};
 use redis::Script;
 use serde_json::{json, Value};
@@ -21,14 +20,17 @@ use std::time::Duration;
 /// Events taken from one task's list per tick.
 const DRAIN: usize = 64;
 
-/// Appends ARGV[1] to the list KEYS[2] (its time to live renewed to ARGV[2] ms) if the task's
-/// token key KEYS[1] is still there; 1 when appended, 0 when the task is gone.
+/// Appends ARGV[2] to the list KEYS[2] (its time to live renewed to ARGV[3] ms) if the task's
+/// token key KEYS[1] holds the digest ARGV[1]: 1 when appended, 0 when the task is gone, -1
+/// when the digest differs. (Lua's strings are interned: `~=` compares references, not bytes.)
 static PUSH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local stored = redis.call('GET', KEYS[1])
+if not stored then return 0 end
+if stored ~= ARGV[1] then return -1 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 ",
     )
@@ -99,35 +101,35 @@ impl RedisRelay {
             .await
     }
 
-    /// The token digest of a task waiting on some replica (`None`: no such task).
-    pub async fn digest_of(&self, task: &str) -> Result<Option<String>, Unavailable> {
-        let key = self.token_key(task);
-        self.state
-            .call("relay_lookup", |mut conn| async move {
-                redis::cmd("GET")
-                    .arg(&key)
-                    .query_async::<Option<String>>(&mut conn)
-                    .await
-            })
-            .await
-    }
-
-    /// Appends an event for the replica holding the task; false when the task is no longer
-    /// registered (it ended, or its keys expired), and nothing was stored.
-    pub async fn push(&self, task: &str, event: &RelayEvent) -> Result<bool, Unavailable> {
+    /// Appends an event for the replica holding the task, if `digest` is its token's: refused
+    /// as an unknown task when it is no longer registered (it ended, or its keys expired), and
+    /// then nothing is stored.
+    pub async fn push(
+        &self,
+        task: &str,
+        digest: &str,
+        event: &RelayEvent,
+    ) -> Result<(), RelayRefusal> {
         let (token, events) = (self.token_key(task), self.events_key(task));
         let (text, ttl) = (encode(event), self.ttl_ms());
-        self.state
+        let pushed = self
+            .state
             .call("relay_push", |mut conn| async move {
                 PUSH.key(&token)
                     .key(&events)
+                    .arg(digest)
                     .arg(&text)
                     .arg(ttl)
                     .invoke_async::<i64>(&mut conn)
                     .await
-                    .map(|appended| appended == 1)
             })
             .await
+            .map_err(|_| RelayRefusal::Unavailable)?;
+        match pushed {
+            1 => Ok(()),
+            0 => Err(RelayRefusal::UnknownTask),
+            _ => Err(RelayRefusal::Token),
+        }
     }
 
     /// The events posted for `tasks`, oldest first: at most the room given for each.
