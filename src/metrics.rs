@@ -100,6 +100,9 @@ pub struct Metrics {
     overhead_by_route: [Histogram; 3],
     /// `auth_cache{outcome="hit"}`.
     pub auth_cache_hits: IntCounter,
+    /// Route decisions of a script, reused for a request in the same situation
+    /// (`policy::memo`).
+    pub route_decisions_reused: IntCounter,
 }
 
 /// One deployment's series that every request to it updates, resolved once per deployment
@@ -222,6 +225,13 @@ impl Metrics {
                 "firstgate_policy_reloads_total",
                 "Policy file changes, by hook and result (a refused change leaves the last good version in force).",
                 &["hook", "result"],
+            ),
+            route_decisions_reused: registered(
+                &registry,
+                IntCounter::new(
+                    "firstgate_route_decisions_reused_total",
+                    "Requests routed by a route script's earlier decision for the same situation instead of running the script (a script that reads no loads, times, headers or prompt sizes; docs in conf/policies/prefer-hot.rhai).",
+                ),
             ),
             policy_errors: counter(
                 "firstgate_policy_errors_total",

@@ -287,3 +287,56 @@ async fn sighup_reloads_the_policies_at_once() {
         gw.log()
     );
 }
+
+/// The number after `name` in a metrics page (0 when absent).
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_route_decisions_follow_an_instance_going_down_and_coming_back() {
+    let (gw, a, b, _dir, policy) = alpha_and_beta("100ms").await;
+    // Reads nothing volatile: decided once per situation, then reused.
+    replace(
+        &policy,
+        "fn route(req, candidates) {\n\
+         \x20   let alpha = candidates.in_cluster(\"alpha\").hot();\n\
+         \x20   if alpha.is_empty() { direct(candidates.hot()) } else { direct(alpha) }\n\
+         }\n",
+    );
+    let reused = "firstgate_route_decisions_reused_total";
+    wait_for("decisions to be reused", || async {
+        assert_eq!(chat(&gw, &[]).await.0, 200);
+        (metric(&gw.metrics().await, reused) >= 3).then_some(())
+    })
+    .await;
+    let to_beta = b.stats().chat_requests.load(Ordering::SeqCst);
+
+    // alpha fails its health checks: a new situation, and the script sends requests to beta.
+    a.faults().unhealthy.store(true, Ordering::SeqCst);
+    wait_for("requests to move to beta", || async {
+        assert_eq!(chat(&gw, &[]).await.0, 200);
+        (b.stats().chat_requests.load(Ordering::SeqCst) > to_beta).then_some(())
+    })
+    .await;
+    let on_alpha = a.stats().chat_requests.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(chat(&gw, &[]).await.0, 200);
+    }
+    assert_eq!(a.stats().chat_requests.load(Ordering::SeqCst), on_alpha);
+
+    // Healthy again: back to alpha, and that situation's decision is reused once more.
+    a.faults().unhealthy.store(false, Ordering::SeqCst);
+    wait_for("requests to return to alpha", || async {
+        assert_eq!(chat(&gw, &[]).await.0, 200);
+        (a.stats().chat_requests.load(Ordering::SeqCst) > on_alpha).then_some(())
+    })
+    .await;
+    let before = metric(&gw.metrics().await, reused);
+    for _ in 0..3 {
+        assert_eq!(chat(&gw, &[]).await.0, 200);
+    }
+    assert!(metric(&gw.metrics().await, reused) >= before + 3);
+}

@@ -490,6 +490,26 @@ impl BackendPool {
             .min_by_key(|(load, _)| *load)
     }
 
+    /// How many instances there are, and how many take new requests (what a route policy
+    /// sees of them besides their loads), counted without copying them.
+    pub fn counts(&self) -> (usize, usize) {
+        let backends = self.lb.backends();
+        let all = backends.get_backend();
+        let serving = all
+            .iter()
+            .filter(|b| {
+                b.ext
+                    .get::<Arc<Instance>>()
+                    .is_some_and(|i| i.serves(backends.ready(b)))
+            })
+            .count();
+        let instances = all
+            .iter()
+            .filter(|b| b.ext.get::<Arc<Instance>>().is_some())
+            .count();
+        (instances, serving)
+    }
+
     /// Reserves a slot on `instance`, found serving just now, if it has one (its health is
     /// not looked up a second time).
     pub fn try_reserve(&self, instance: &Arc<Instance>) -> Option<InstanceGuard> {

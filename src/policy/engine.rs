@@ -87,6 +87,20 @@ pub fn with_engine<T>(f: impl FnOnce(&Engine) -> T) -> T {
     ENGINE.with(f)
 }
 
+thread_local! {
+    /// Set when a script turns a decision into text: what it does next may depend on the
+    /// instance chosen, so that decision is not reused (`policy::memo`).
+    static DECISION_SHOWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (a call of a script on this thread) and says whether it turned a decision into
+/// text.
+pub fn noting_shown_decisions<T>(f: impl FnOnce() -> T) -> (T, bool) {
+    DECISION_SHOWN.set(false);
+    let out = f();
+    (out, DECISION_SHOWN.replace(false))
+}
+
 fn register_request(e: &mut Engine) {
     e.register_type_with_name::<Req>("Request")
         .register_get("model", |r: &mut Req| r.0.model.clone())
@@ -272,6 +286,8 @@ fn register_decisions(e: &mut Engine) {
             },
         )
         .register_fn("to_string", |d: &mut Decision| {
+            // The text names the instance chosen on this moment's loads (also in `"" + d`).
+            DECISION_SHOWN.set(true);
             serde_json::to_string(d).unwrap_or_default()
         });
 }

@@ -5,12 +5,14 @@
 
 pub mod dry_run;
 mod engine;
+mod memo;
 pub mod replay;
 mod scale;
 mod script;
 mod service;
 mod view;
 
+pub use memo::{Recalled, RouteMemo, Situation, SituationKey};
 pub use scale::{ScaleAction, ScaleInput, ScaleInstance};
 pub use script::{PolicyError, Script, ROUTE, SCALE};
 pub use service::{candidates_of, state_of, PolicyWatcher, ScaleActuator, ScaleRunner};
@@ -41,14 +43,16 @@ impl Policies {
         }
     }
 
-    /// The route decision: the script's, or the built-in rule's.
+    /// The route decision: the script's (kept for `situation`, if given), or the built-in
+    /// rule's.
     pub fn route(
         &self,
         req: &Arc<RouteRequest>,
         candidates: &Candidates,
+        situation: Option<SituationKey>,
     ) -> Result<Decision, PolicyError> {
         match &self.route {
-            Some(script) => script.route(req, candidates),
+            Some(script) => script.route_in(req, candidates, situation),
             None => Ok(builtin_route(req, candidates)),
         }
     }
@@ -477,7 +481,7 @@ mod tests {
         ));
         let now = store.current();
         assert_eq!(now.version, 2);
-        let d = now.route(&req(""), &fixture()).unwrap();
+        let d = now.route(&req(""), &fixture(), None).unwrap();
         assert_eq!(
             d,
             Decision::Reject {
@@ -487,7 +491,7 @@ mod tests {
         );
         // The snapshot a request holds is unaffected.
         assert!(matches!(
-            first.route(&req(""), &fixture()).unwrap(),
+            first.route(&req(""), &fixture(), None).unwrap(),
             Decision::Direct { .. }
         ));
     }

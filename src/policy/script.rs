@@ -1,6 +1,7 @@
 //! A policy file compiled once, and calls of its hook with errors that name the file and line.
 
 use super::engine::{self, CandidateList, Req};
+use super::memo::{RouteMemo, SituationKey};
 use super::scale::{ScaleAction, ScaleInput};
 use super::view::{Candidates, Decision, RouteRequest};
 use rhai::{CallFnOptions, Dynamic, EvalAltResult, Position, Scope, AST};
@@ -50,6 +51,8 @@ pub struct Script {
     pub path: PathBuf,
     ast: AST,
     hook: &'static str,
+    /// Its route decisions by situation, if they can be reused.
+    memo: Option<RouteMemo>,
 }
 
 /// The route hook's name and arity.
@@ -86,6 +89,9 @@ impl Script {
             path: path.to_path_buf(),
             ast,
             hook: name,
+            memo: (hook == ROUTE)
+                .then(|| RouteMemo::for_source(source))
+                .flatten(),
         })
     }
 
@@ -130,23 +136,43 @@ impl Script {
         }))
     }
 
+    /// Its route decisions by situation, if they can be reused.
+    pub fn memo(&self) -> Option<&RouteMemo> {
+        self.memo.as_ref()
+    }
+
     /// Runs `route(req, candidates)`.
     pub fn route(
         &self,
         req: &Arc<RouteRequest>,
         candidates: &Candidates,
     ) -> Result<Decision, PolicyError> {
+        self.route_in(req, candidates, None)
+    }
+
+    /// Runs `route(req, candidates)` and keeps the decision for `situation` (the request's,
+    /// from [`RouteMemo::situation`]) unless the script turned it into text.
+    pub fn route_in(
+        &self,
+        req: &Arc<RouteRequest>,
+        candidates: &Candidates,
+        situation: Option<SituationKey>,
+    ) -> Result<Decision, PolicyError> {
         let list = CandidateList {
             model: req.model.as_str().into(),
             items: candidates.clone(),
             prefix: req.prefix,
         };
-        let out = self.call((Req(req.clone()), list))?;
-        engine::expect::<Decision>(
-            out,
+        let (out, shown) = engine::noting_shown_decisions(|| self.call((Req(req.clone()), list)));
+        let decision = engine::expect::<Decision>(
+            out?,
             "a decision: direct(..), compute(..) or reject(status, message)",
         )
-        .map_err(|m| PolicyError::new(&self.path, Position::NONE, format!("route() {m}")))
+        .map_err(|m| PolicyError::new(&self.path, Position::NONE, format!("route() {m}")))?;
+        if let (Some(memo), Some(situation), false) = (&self.memo, situation, shown) {
+            memo.remember(situation, &decision);
+        }
+        Ok(decision)
     }
 
     /// Runs `scale(model)`: an action, a list of actions, or `()` / `[]` for none.

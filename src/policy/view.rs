@@ -211,6 +211,11 @@ pub enum Decision {
         /// The instance was chosen by prefix affinity (else: fewest in flight).
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         by_prefix: bool,
+        /// The candidates (by index) the instance was chosen among, in order, so that a
+        /// decision reused for a like request chooses again on the loads of its moment
+        /// (`policy::memo`); empty where the choice was by prefix.
+        #[serde(skip)]
+        among: Vec<usize>,
     },
     /// Run through Globus Compute on this deployment's cluster.
     Compute {
@@ -245,6 +250,7 @@ pub fn direct_among<'a>(
     candidates: impl Iterator<Item = &'a Candidate> + Clone,
     model: &str,
 ) -> Decision {
+    let among = || candidates.clone().map(|c| c.index).collect();
     if let Some((c, i)) = least_in_flight(candidates.clone()) {
         return Decision::Direct {
             index: c.index,
@@ -252,6 +258,7 @@ pub fn direct_among<'a>(
             framework: c.framework.clone(),
             instance: Some(i.id.clone()),
             by_prefix: false,
+            among: among(),
         };
     }
     match candidates.clone().next() {
@@ -261,6 +268,7 @@ pub fn direct_among<'a>(
             framework: c.framework.clone(),
             instance: None,
             by_prefix: false,
+            among: among(),
         },
         None => no_candidate(model),
     }
@@ -317,6 +325,7 @@ pub fn direct_by_prefix<'a>(
                 framework: c.framework.clone(),
                 instance: Some(i.id.clone()),
                 by_prefix: true,
+                among: Vec::new(),
             }
         }
         None => direct_among(candidates, model),

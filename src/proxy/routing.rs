@@ -7,7 +7,7 @@ use crate::catalog::{Catalog, Deployment, Instance};
 use crate::metrics::Metrics;
 use crate::openai::Endpoint;
 use crate::openai::{ApiError, ControlFields};
-use crate::policy::{self, Decision, Policies, RouteRequest, UserView};
+use crate::policy::{self, Decision, Policies, Recalled, RouteRequest, Situation, UserView};
 use pingora::http::RequestHeader;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -101,6 +101,29 @@ pub fn route(
             });
         }
     }
+    // A script whose decisions are reused: this situation's, if it was decided before.
+    let memo = policies.route.as_deref().and_then(|s| s.memo());
+    let situation = memo.and_then(|memo| {
+        let situation = Situation {
+            model: &all[0].model,
+            endpoint: asked.endpoint.path(),
+            stream: asked.stream,
+            batch: asked.batch,
+            cluster,
+            framework,
+            user_id: &identity.id,
+            username: &identity.username,
+            domain: &identity.domain,
+            groups: &identity.groups,
+        };
+        memo.situation(&situation, &allowed)
+    });
+    if let (Some(memo), Some(situation)) = (memo, &situation) {
+        if let Some(recalled) = memo.recall(situation, &allowed) {
+            metrics.route_decisions_reused.inc();
+            return routed(recalled, &allowed);
+        }
+    }
     // The user and the headers are copied only for a script; the built-in rule needs neither.
     let req = Arc::new(RouteRequest {
         model: all[0].model.clone(),
@@ -147,7 +170,7 @@ pub fn route(
         },
     });
     let candidates = policy::candidates_of(&allowed);
-    let decision = policies.route(&req, &candidates).map_err(|e| {
+    let decision = policies.route(&req, &candidates, situation).map_err(|e| {
         log::error!("{e}");
         metrics.policy_errors.with_label_values(&["route"]).inc();
         errors::policy(&e)
@@ -173,19 +196,38 @@ pub fn route(
                 via_compute: false,
             })
         }
-        Decision::Compute { index, .. } => {
-            let deployment = allowed
-                .get(index)
-                .ok_or_else(|| errors::policy_index(index))?;
-            if deployment.compute.is_none() {
-                return Err(errors::compute_unavailable(deployment));
-            }
-            Ok(Routed {
-                deployment: deployment.clone(),
-                instance: None,
-                via_compute: true,
-            })
-        }
+        Decision::Compute { index, .. } => via_compute(&allowed, index),
         Decision::Reject { status, message } => Err(errors::policy_rejected(status, message)),
     }
+}
+
+/// Where a decision recalled for this request's situation sends it.
+fn routed(recalled: Recalled, allowed: &[Arc<Deployment>]) -> Result<Routed, ApiError> {
+    match recalled {
+        Recalled::Direct { index, instance } => Ok(Routed {
+            deployment: allowed
+                .get(index)
+                .ok_or_else(|| errors::policy_index(index))?
+                .clone(),
+            instance: instance.map(Pick::Serving),
+            via_compute: false,
+        }),
+        Recalled::Compute { index } => via_compute(allowed, index),
+        Recalled::Reject { status, message } => Err(errors::policy_rejected(status, message)),
+    }
+}
+
+/// Globus Compute on the deployment `index` of `allowed`, as a decision chose.
+fn via_compute(allowed: &[Arc<Deployment>], index: usize) -> Result<Routed, ApiError> {
+    let deployment = allowed
+        .get(index)
+        .ok_or_else(|| errors::policy_index(index))?;
+    if deployment.compute.is_none() {
+        return Err(errors::compute_unavailable(deployment));
+    }
+    Ok(Routed {
+        deployment: deployment.clone(),
+        instance: None,
+        via_compute: true,
+    })
 }
