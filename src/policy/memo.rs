@@ -93,13 +93,13 @@ pub struct Situation<'a> {
 }
 
 /// A situation, written out as bytes.
-pub type SituationKey = Box<[u8]>;
+pub type SituationKey = Vec<u8>;
 
 /// The decisions of one route script, by situation.
 pub struct RouteMemo {
     /// The situation includes the user.
     reads_user: bool,
-    decisions: Cache<SituationKey, Kept>,
+    decisions: Cache<Box<[u8]>, Kept, ahash::RandomState>,
 }
 
 /// A decision as kept: `direct(...)` by the candidates it chose among.
@@ -143,7 +143,10 @@ impl RouteMemo {
         }
         Some(RouteMemo {
             reads_user,
-            decisions: Cache::new(CAPACITY),
+            // A situation is some 100 bytes: SipHash, the default, costs more than the lookup.
+            decisions: Cache::builder()
+                .max_capacity(CAPACITY)
+                .build_with_hasher(ahash::RandomState::new()),
         })
     }
 
@@ -155,7 +158,8 @@ impl RouteMemo {
         s: &Situation<'_>,
         candidates: &[Arc<Deployment>],
     ) -> Option<SituationKey> {
-        let mut key = Vec::with_capacity(128);
+        // Room for a few candidates without growing; kept whole only when a decision is.
+        let mut key = Vec::with_capacity(256);
         let mut put = |bytes: &[u8]| {
             key.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             key.extend_from_slice(bytes);
@@ -185,7 +189,7 @@ impl RouteMemo {
             put(&(instances as u64).to_le_bytes());
             put(&(serving as u64).to_le_bytes());
         }
-        Some(key.into_boxed_slice())
+        Some(key)
     }
 
     /// The decision made for `situation` before, chosen again among `candidates` (the
@@ -231,7 +235,7 @@ impl RouteMemo {
             Decision::Compute { index, .. } => Kept::Compute(*index),
             Decision::Reject { status, message } => Kept::Reject(*status, message.as_str().into()),
         };
-        self.decisions.insert(situation, kept);
+        self.decisions.insert(situation.into_boxed_slice(), kept);
     }
 }
 
