@@ -230,7 +230,7 @@ impl Metrics {
                 &registry,
                 IntCounter::new(
                     "firstgate_route_decisions_reused_total",
-                    "Requests routed by a route script's earlier decision for the same situation instead of running the script (a script that reads no loads, times, headers or prompt sizes; docs in conf/policies/prefer-hot.rhai).",
+                    "Requests routed by a route script's earlier decision for the same situation instead of running the script (a script that reads no loads, times, headers or prompt sizes; README, \"Decisions reused\").",
                 ),
             ),
             policy_errors: counter(

@@ -228,6 +228,13 @@ async fn edits_to_the_route_policy_apply_without_restart_and_broken_ones_are_ref
         ),
         (3, 0)
     );
+    // It reads a header: run for every request, as the log says.
+    assert!(
+        gw.log()
+            .contains("it runs for every request (it names `header`)"),
+        "{}",
+        gw.log()
+    );
 
     // A script error fails that one decision with a 500 naming the file and line.
     let (s, v) = chat(&gw, &[("x-explode", "1")]).await;
@@ -312,6 +319,12 @@ async fn reused_route_decisions_follow_an_instance_going_down_and_coming_back() 
         (metric(&gw.metrics().await, reused) >= 3).then_some(())
     })
     .await;
+    assert!(
+        gw.log()
+            .contains("its decisions are reused for requests in the same situation"),
+        "{}",
+        gw.log()
+    );
     let to_beta = b.stats().chat_requests.load(Ordering::SeqCst);
 
     // alpha fails its health checks: a new situation, and the script sends requests to beta.

@@ -2,11 +2,11 @@
 //! the next (no loads, times, headers or prompt sizes) decides alike for requests that are
 //! alike in everything it can see: the situation. Its decision is kept per situation (the
 //! request's model, endpoint, stream and batch flags and URL cluster; the user, if the script
-//! reads who it is; each candidate's cluster, framework, state, compute fallback, routing and
-//! instance counts) and reused; a reused `direct(...)` chooses again among the same candidates
-//! on the loads of the moment, as the script's own call would have. Running the interpreter
-//! and copying the candidates cost a request some 20,000 instructions; recalling a decision,
-//! a few hundred (docs/benchmarks.md).
+//! reads who it is; each candidate's cluster, framework, state, compute fallback and instance
+//! counts) and reused; a reused `direct(...)` chooses again among the same candidates on the
+//! loads of the moment, as the script's own call would have. Running the interpreter and
+//! copying the candidates cost a request some 20,000 instructions; recalling a decision, some
+//! 3,700 (docs/benchmarks.md). Models routed by prompt prefix always run the script.
 //!
 //! Whether a script qualifies is read from its words when it is compiled, comments and
 //! string literals left out: one that names anything volatile ([`VOLATILE`]) runs for every
@@ -132,16 +132,17 @@ pub enum Recalled {
 const CAPACITY: u64 = 10_000;
 
 impl RouteMemo {
-    /// A memo for a route script's decisions, if its source qualifies.
-    pub fn for_source(source: &str) -> Option<RouteMemo> {
+    /// A memo for a route script's decisions if its source qualifies, else the first volatile
+    /// word it names.
+    pub fn for_source(source: &str) -> Result<RouteMemo, &'static str> {
         let mut reads_user = false;
         for word in code_words(source) {
-            if VOLATILE.contains(&word) {
-                return None;
+            if let Some(volatile) = VOLATILE.iter().find(|v| **v == word) {
+                return Err(volatile);
             }
             reads_user |= USER.contains(&word);
         }
-        Some(RouteMemo {
+        Ok(RouteMemo {
             reads_user,
             // A situation is some 100 bytes: SipHash, the default, costs more than the lookup.
             decisions: Cache::builder()
@@ -310,7 +311,7 @@ mod tests {
             include_str!("../../conf/policies/federated-order.rhai"),
         ];
         for src in reused {
-            assert!(RouteMemo::for_source(src).is_some(), "{src}");
+            assert!(RouteMemo::for_source(src).is_ok(), "{src}");
         }
         let run_each_time = [
             include_str!("../../conf/policies/avoid-ending-jobs.rhai"),
@@ -318,16 +319,16 @@ mod tests {
             include_str!("../../conf/policies/reserved-group.rhai"),
         ];
         for src in run_each_time {
-            assert!(RouteMemo::for_source(src).is_none(), "{src}");
+            assert!(RouteMemo::for_source(src).is_err(), "{src}");
         }
         for word in VOLATILE {
             let src = format!("fn route(req, c) {{ let x = c.{word}; direct(c) }}");
-            assert!(RouteMemo::for_source(&src).is_none(), "{word}");
+            assert_eq!(RouteMemo::for_source(&src).err(), Some(*word));
         }
         let by_user = RouteMemo::for_source("fn route(req, c) { if req.in_group(\"g\") {} }");
-        assert!(by_user.is_some_and(|m| m.reads_user));
+        assert!(by_user.is_ok_and(|m| m.reads_user));
         let anyone = RouteMemo::for_source("fn route(req, c) { direct(c.hot()) }");
-        assert!(anyone.is_some_and(|m| !m.reads_user));
+        assert!(anyone.is_ok_and(|m| !m.reads_user));
     }
 
     fn situation<'a>(user: &'a str, groups: &'a [String]) -> Situation<'a> {

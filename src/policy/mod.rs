@@ -166,7 +166,11 @@ impl PolicyStore {
         for (hook, path) in &files {
             let source =
                 std::fs::read_to_string(path).map_err(|e| PolicyError::unreadable(path, &e))?;
-            policies.set(*hook, Script::compile(path, &source, hook.signature())?);
+            let script = Script::compile(path, &source, hook.signature())?;
+            if let Some(reuse) = script.reuse() {
+                log::info!("route policy {}: {reuse}", path.display());
+            }
+            policies.set(*hook, script);
             seen.push(Some(Ok(source)));
         }
         let loaded = FileHistory {

@@ -51,8 +51,9 @@ pub struct Script {
     pub path: PathBuf,
     ast: AST,
     hook: &'static str,
-    /// Its route decisions by situation, if they can be reused.
-    memo: Option<RouteMemo>,
+    /// Its route decisions by situation, or the volatile word that keeps them from being
+    /// reused (`None` for other hooks).
+    memo: Option<Result<RouteMemo, &'static str>>,
 }
 
 /// The route hook's name and arity.
@@ -89,9 +90,7 @@ impl Script {
             path: path.to_path_buf(),
             ast,
             hook: name,
-            memo: (hook == ROUTE)
-                .then(|| RouteMemo::for_source(source))
-                .flatten(),
+            memo: (hook == ROUTE).then(|| RouteMemo::for_source(source)),
         })
     }
 
@@ -138,7 +137,16 @@ impl Script {
 
     /// Its route decisions by situation, if they can be reused.
     pub fn memo(&self) -> Option<&RouteMemo> {
-        self.memo.as_ref()
+        self.memo.as_ref()?.as_ref().ok()
+    }
+
+    /// Whether a route script's decisions are reused, said for the log (README, "Decisions
+    /// reused"); `None` for other hooks.
+    pub fn reuse(&self) -> Option<String> {
+        Some(match self.memo.as_ref()? {
+            Ok(_) => "its decisions are reused for requests in the same situation".into(),
+            Err(word) => format!("it runs for every request (it names `{word}`)"),
+        })
     }
 
     /// Runs `route(req, candidates)`.
@@ -169,7 +177,7 @@ impl Script {
             "a decision: direct(..), compute(..) or reject(status, message)",
         )
         .map_err(|m| PolicyError::new(&self.path, Position::NONE, format!("route() {m}")))?;
-        if let (Some(memo), Some(situation), false) = (&self.memo, situation, shown) {
+        if let (Some(memo), Some(situation), false) = (self.memo(), situation, shown) {
             memo.remember(situation, &decision);
         }
         Ok(decision)

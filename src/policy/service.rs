@@ -4,7 +4,7 @@
 
 use super::scale::{ScaleInput, ScaleInstance};
 use super::view::{Candidate, Candidates, DeploymentState, InstanceView};
-use super::{PolicyStore, Reload};
+use super::{Hook, PolicyStore, Reload};
 use crate::catalog::{Deployment, JobState, SharedCatalog};
 use crate::metrics::Metrics;
 use async_trait::async_trait;
@@ -106,8 +106,18 @@ fn reload(store: &PolicyStore, metrics: &Metrics) {
     for outcome in store.reload() {
         let (hook, result) = match outcome {
             Reload::Accepted(hook) => {
-                let version = store.current().version;
-                log::info!("{} policy reloaded (version {version})", hook.name());
+                let now = store.current();
+                // A route script says whether its decisions are reused: an edit may change it.
+                let reuse = match (hook, &now.route) {
+                    (Hook::Route, Some(script)) => script.reuse().map(|r| format!("; {r}")),
+                    _ => None,
+                };
+                log::info!(
+                    "{} policy reloaded (version {}){}",
+                    hook.name(),
+                    now.version,
+                    reuse.unwrap_or_default()
+                );
                 (hook, "accepted")
             }
             Reload::Refused(hook, e) => {
