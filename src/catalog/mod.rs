@@ -12,7 +12,9 @@ mod pool;
 mod selection;
 
 pub use monitor::BackendMonitor;
-pub use pool::{BackendPool, Instance, InstanceGuard, PoolError, UpstreamSettings, UpstreamTls};
+pub use pool::{
+    BackendPool, Instance, InstanceGuard, Loaded, PoolError, UpstreamSettings, UpstreamTls,
+};
 
 use crate::config::{AccessList, BackendAddr, Config};
 use crate::metrics::DeploymentMetrics;

@@ -364,6 +364,19 @@ pub enum PoolError {
     AtCapacity,
 }
 
+/// An instance and its load: requests in flight, then recent latency in milliseconds.
+pub type Loaded = ((i64, i64), Arc<Instance>);
+
+/// A pool's instances at a glance ([`BackendPool::survey`]).
+pub struct Survey {
+    pub instances: usize,
+    /// Those that take new requests (healthy, admitted, not draining).
+    pub serving: usize,
+    /// The serving one with the fewest requests in flight, then the lowest recent latency in
+    /// milliseconds (the first such), and that load.
+    pub least: Option<Loaded>,
+}
+
 /// The instances of one deployment.
 pub struct BackendPool {
     lb: LoadBalancer<LeastInFlight>,
@@ -474,40 +487,37 @@ impl BackendPool {
     /// The serving instance with the fewest requests in flight, then the lowest recent latency
     /// in milliseconds (the first such, in the pool's order): the order of the built-in route
     /// rule, read without copying the instances.
-    pub fn least_in_flight(&self) -> Option<((i64, i64), Arc<Instance>)> {
-        let backends = self.lb.backends();
-        backends
-            .get_backend()
-            .iter()
-            .filter_map(|b| {
-                let i = b.ext.get::<Arc<Instance>>()?;
-                let load = (
-                    i.in_flight() as i64,
-                    i.recent_latency().map_or(0, |l| l.as_millis() as i64),
-                );
-                i.serves(backends.ready(b)).then(|| (load, i.clone()))
-            })
-            .min_by_key(|(load, _)| *load)
+    pub fn least_in_flight(&self) -> Option<Loaded> {
+        self.survey().least
     }
 
-    /// How many instances there are, and how many take new requests (what a route policy
-    /// sees of them besides their loads), counted without copying them.
-    pub fn counts(&self) -> (usize, usize) {
+    /// In one pass: how many instances there are and how many take new requests (what a route
+    /// policy sees of them besides their loads), and [`Self::least_in_flight`].
+    pub fn survey(&self) -> Survey {
         let backends = self.lb.backends();
-        let all = backends.get_backend();
-        let serving = all
-            .iter()
-            .filter(|b| {
-                b.ext
-                    .get::<Arc<Instance>>()
-                    .is_some_and(|i| i.serves(backends.ready(b)))
-            })
-            .count();
-        let instances = all
-            .iter()
-            .filter(|b| b.ext.get::<Arc<Instance>>().is_some())
-            .count();
-        (instances, serving)
+        let mut survey = Survey {
+            instances: 0,
+            serving: 0,
+            least: None,
+        };
+        for b in backends.get_backend().iter() {
+            let Some(i) = b.ext.get::<Arc<Instance>>() else {
+                continue;
+            };
+            survey.instances += 1;
+            if !i.serves(backends.ready(b)) {
+                continue;
+            }
+            survey.serving += 1;
+            let load = (
+                i.in_flight() as i64,
+                i.recent_latency().map_or(0, |l| l.as_millis() as i64),
+            );
+            if survey.least.as_ref().is_none_or(|(least, _)| load < *least) {
+                survey.least = Some((load, i.clone()));
+            }
+        }
+        survey
     }
 
     /// Reserves a slot on `instance`, found serving just now, if it has one (its health is

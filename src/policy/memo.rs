@@ -14,7 +14,7 @@
 
 use super::service::state_of;
 use super::view::Decision;
-use crate::catalog::{Deployment, Instance};
+use crate::catalog::{Deployment, Instance, Loaded};
 use moka::sync::Cache;
 use std::sync::Arc;
 
@@ -92,8 +92,13 @@ pub struct Situation<'a> {
     pub groups: &'a [String],
 }
 
-/// A situation, written out as bytes.
-pub type SituationKey = Vec<u8>;
+/// A request's situation, written out as bytes, and what its candidates' pools were found
+/// doing when it was read.
+pub struct SituationKey {
+    bytes: Vec<u8>,
+    /// Each candidate's least-loaded serving instance, and its load.
+    least: Vec<Option<Loaded>>,
+}
 
 /// The decisions of one route script, by situation.
 pub struct RouteMemo {
@@ -161,6 +166,7 @@ impl RouteMemo {
     ) -> Option<SituationKey> {
         // Room for a few candidates without growing; kept whole only when a decision is.
         let mut key = Vec::with_capacity(256);
+        let mut least = Vec::with_capacity(candidates.len());
         let mut put = |bytes: &[u8]| {
             key.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             key.extend_from_slice(bytes);
@@ -182,33 +188,34 @@ impl RouteMemo {
             if d.pool.settings.routing != crate::config::Routing::LeastInFlight {
                 return None;
             }
-            let (instances, serving) = d.pool.counts();
+            let pool = d.pool.survey();
             let compute = d.compute.is_some() && d.live.load().endpoint_online != Some(false);
             put(d.cluster.as_bytes());
             put(d.framework.as_bytes());
-            put(&[state_of(d, serving > 0) as u8, u8::from(compute)]);
-            put(&(instances as u64).to_le_bytes());
-            put(&(serving as u64).to_le_bytes());
+            put(&[state_of(d, pool.serving > 0) as u8, u8::from(compute)]);
+            put(&(pool.instances as u64).to_le_bytes());
+            put(&(pool.serving as u64).to_le_bytes());
+            least.push(pool.least);
         }
-        Some(key)
+        Some(SituationKey { bytes: key, least })
     }
 
-    /// The decision made for `situation` before, chosen again among `candidates` (the
-    /// deployments the situation was made of).
-    pub fn recall(&self, situation: &[u8], candidates: &[Arc<Deployment>]) -> Option<Recalled> {
-        Some(match self.decisions.get(situation)? {
+    /// The decision made for `situation` before, chosen again on the loads the situation was
+    /// read with.
+    pub fn recall(&self, situation: &SituationKey) -> Option<Recalled> {
+        Some(match self.decisions.get(situation.bytes.as_slice())? {
             Kept::Direct(among) => {
                 let least = among
                     .iter()
                     .filter_map(|&index| {
-                        let (load, instance) = candidates.get(index)?.pool.least_in_flight()?;
-                        Some((load, index, instance))
+                        let (load, instance) = situation.least.get(index)?.as_ref()?;
+                        Some((*load, index, instance))
                     })
                     .min_by_key(|(load, ..)| *load);
                 match least {
                     Some((_, index, instance)) => Recalled::Direct {
                         index,
-                        instance: Some(instance),
+                        instance: Some(instance.clone()),
                     },
                     None => Recalled::Direct {
                         index: among[0],
@@ -236,7 +243,8 @@ impl RouteMemo {
             Decision::Compute { index, .. } => Kept::Compute(*index),
             Decision::Reject { status, message } => Kept::Reject(*status, message.as_str().into()),
         };
-        self.decisions.insert(situation.into_boxed_slice(), kept);
+        self.decisions
+            .insert(situation.bytes.into_boxed_slice(), kept);
     }
 }
 
@@ -413,11 +421,11 @@ clusters:
         let all = deployments().await;
         let script = script(include_str!("../../conf/policies/prefer-hot.rhai"));
         let memo = script.memo().unwrap();
-        let key = memo.situation(&situation("u", &[]), &all).unwrap();
-        assert!(memo.recall(&key, &all).is_none(), "nothing decided yet");
+        let key = || memo.situation(&situation("u", &[]), &all).unwrap();
+        assert!(memo.recall(&key()).is_none(), "nothing decided yet");
         let candidates = crate::policy::candidates_of(&all);
         script
-            .route_in(&request(), &candidates, Some(key.clone()))
+            .route_in(&request(), &candidates, Some(key()))
             .unwrap();
         let mut held = Vec::new();
         let instances: Vec<_> = all.iter().flat_map(|d| d.pool.instances()).collect();
@@ -425,7 +433,7 @@ clusters:
             let fresh = script
                 .route(&request(), &crate::policy::candidates_of(&all))
                 .unwrap();
-            let recalled = match memo.recall(&key, &all) {
+            let recalled = match memo.recall(&key()) {
                 Some(Recalled::Direct {
                     instance: Some(i), ..
                 }) => i.socket,
@@ -444,12 +452,13 @@ clusters:
             );
         }
         // The loads moved; the situation did not.
-        assert_eq!(memo.situation(&situation("u", &[]), &all).unwrap(), key);
+        let loaded = key();
+        assert!(memo.recall(&loaded).is_some());
         // An instance that stops serving is a new situation, decided by the script again.
         instances[0].0.set_draining(true);
-        let drained = memo.situation(&situation("u", &[]), &all).unwrap();
-        assert_ne!(drained, key);
-        assert!(memo.recall(&drained, &all).is_none());
+        let drained = key();
+        assert_ne!(drained.bytes, loaded.bytes);
+        assert!(memo.recall(&drained).is_none());
     }
 
     #[tokio::test]
@@ -461,16 +470,11 @@ clusters:
         );
         let memo = by_group.memo().unwrap();
         let (member, outsider) = (situation("a", &groups), situation("b", &[]));
-        assert_ne!(
-            memo.situation(&member, &all),
-            memo.situation(&outsider, &all)
-        );
+        let bytes = |memo: &RouteMemo, s| memo.situation(s, &all).unwrap().bytes;
+        assert_ne!(bytes(memo, &member), bytes(memo, &outsider));
         let anyone = script("fn route(req, c) { direct(c) }");
         let memo = anyone.memo().unwrap();
-        assert_eq!(
-            memo.situation(&member, &all),
-            memo.situation(&outsider, &all)
-        );
+        assert_eq!(bytes(memo, &member), bytes(memo, &outsider));
     }
 
     #[tokio::test]
@@ -481,20 +485,20 @@ clusters:
             "fn route(req, c) { let d = direct(c); if (\"\" + d).contains(\"127.0.0.1:1\") { reject(503, \"no\") } else { d } }",
         );
         let memo = shows.memo().unwrap();
-        let key = memo.situation(&situation("u", &[]), &all).unwrap();
+        let key = || memo.situation(&situation("u", &[]), &all).unwrap();
         shows
-            .route_in(&request(), &candidates, Some(key.clone()))
+            .route_in(&request(), &candidates, Some(key()))
             .unwrap();
-        assert!(memo.recall(&key, &all).is_none());
+        assert!(memo.recall(&key()).is_none());
         // Compute and reject decisions are kept as they are.
         let refuses = script("fn route(req, c) { reject(429, \"later\") }");
         let memo = refuses.memo().unwrap();
-        let key = memo.situation(&situation("u", &[]), &all).unwrap();
+        let key = || memo.situation(&situation("u", &[]), &all).unwrap();
         refuses
-            .route_in(&request(), &candidates, Some(key.clone()))
+            .route_in(&request(), &candidates, Some(key()))
             .unwrap();
         assert!(matches!(
-            memo.recall(&key, &all),
+            memo.recall(&key()),
             Some(Recalled::Reject { status: 429, .. })
         ));
     }

@@ -119,7 +119,7 @@ pub fn route(
         memo.situation(&situation, &allowed)
     });
     if let (Some(memo), Some(situation)) = (memo, &situation) {
-        if let Some(recalled) = memo.recall(situation, &allowed) {
+        if let Some(recalled) = memo.recall(situation) {
             metrics.route_decisions_reused.inc();
             return routed(recalled, &allowed);
         }
