@@ -300,6 +300,7 @@ fn code_words(source: &str) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::tests::deployments;
 
     #[test]
     fn words_are_read_from_code_only() {
@@ -352,38 +353,6 @@ mod tests {
             domain: "anl.gov",
             groups,
         }
-    }
-
-    /// Two deployments of `m` with real pools: sophia (2 instances), polaris (3).
-    async fn deployments() -> Vec<Arc<Deployment>> {
-        let cfg = crate::config::parse(
-            std::path::Path::new("t.yaml"),
-            r#"
-auth: {mode: none}
-clusters:
-  sophia:
-    frameworks:
-      vllm:
-        models:
-          - name: m
-            backends: [127.0.0.1:1, 127.0.0.1:2]
-            health_path: null
-  polaris:
-    frameworks:
-      vllm:
-        models:
-          - name: m
-            backends: [127.0.0.1:3, 127.0.0.1:4, 127.0.0.1:5]
-            health_path: null
-"#,
-        )
-        .unwrap();
-        let catalog = crate::catalog::Catalog::build(&cfg).unwrap();
-        let all = catalog.resolve_federated("m").unwrap().to_vec();
-        for d in &all {
-            d.pool.discover().await;
-        }
-        all
     }
 
     fn script(source: &str) -> crate::policy::Script {

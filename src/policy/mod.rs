@@ -500,8 +500,8 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn the_builtin_rule_reads_the_same_choice_without_a_snapshot() {
+    /// Two deployments of `m` with real pools, discovered: sophia (2 instances), polaris (3).
+    pub(super) async fn deployments() -> Vec<Arc<Deployment>> {
         let cfg = crate::config::parse(
             Path::new("t.yaml"),
             r#"
@@ -525,10 +525,16 @@ clusters:
         )
         .unwrap();
         let catalog = crate::catalog::Catalog::build(&cfg).unwrap();
-        let all = catalog.resolve_federated("m").unwrap();
-        for d in all {
+        let all = catalog.resolve_federated("m").unwrap().to_vec();
+        for d in &all {
             d.pool.discover().await;
         }
+        all
+    }
+
+    #[tokio::test]
+    async fn the_builtin_rule_reads_the_same_choice_without_a_snapshot() {
+        let all = &deployments().await;
         let instances: Vec<_> = all
             .iter()
             .flat_map(|d| d.pool.instances())
