@@ -49,6 +49,10 @@ enum Command {
         /// KV-cache blocks of 16 tokens the prefix cache holds (0: no prefix caching).
         #[arg(long, default_value_t = 4096)]
         prefix_cache_blocks: usize,
+        /// Seconds a kept-alive connection may wait for its next request before it is closed
+        /// (vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`).
+        #[arg(long, env = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", default_value_t = 5)]
+        timeout_keep_alive: u64,
     },
     /// Globus Auth (introspection, token grants) and Groups (`my_groups`) on one port; set it
     /// as both `auth.globus.auth_url` and `groups_url`.
@@ -74,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
             itl_ms,
             prefill_us_per_token,
             prefix_cache_blocks,
+            timeout_keep_alive,
         } => {
             if models.is_empty() && embedding_models.is_empty() {
                 anyhow::bail!("name at least one --model or --embedding-model to serve");
@@ -87,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
                 itl: Duration::from_millis(itl_ms),
                 prefill_per_token: Duration::from_micros(prefill_us_per_token),
                 prefix_cache_blocks,
+                keep_alive: Duration::from_secs(timeout_keep_alive),
                 ..VllmSimConfig::default()
             };
             let sim = VllmSim::start(listen, cfg)

@@ -1,12 +1,17 @@
 //! Serving a simulator's router with the ability to stop listening and listen again, as a
 //! node that goes down and comes back would; over plain HTTP or TLS (optionally requiring
-//! client certificates, as a direct API behind mutual TLS would).
+//! client certificates, as a direct API behind mutual TLS would); closing kept-alive
+//! connections left idle, as the real server does when it has a keep-alive timeout.
 
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
 /// A router served on a fixed address that can stop listening and listen again.
@@ -14,10 +19,13 @@ pub struct Listening {
     addr: SocketAddr,
     router: Router,
     tls: Option<TlsAcceptor>,
+    keep_alive: Option<Duration>,
+    /// Connections open now.
+    open: Arc<AtomicU64>,
     serving: Option<Serving>,
 }
 
-/// One `axum::serve` run: the signal that stops it and word that its listener is closed.
+/// One run of [`serve`]: the signal that stops it and word that its listener is closed.
 struct Serving {
     stop: oneshot::Sender<()>,
     listener_closed: oneshot::Receiver<()>,
@@ -25,26 +33,43 @@ struct Serving {
 
 impl Listening {
     /// Binds `addr` (port 0 picks one) and starts serving on the current runtime.
+    /// Connections stay open until the client closes them.
     pub async fn bind(addr: SocketAddr, router: Router) -> std::io::Result<Listening> {
-        Listening::bind_tls(addr, router, None).await
+        Listening::bind_with(addr, router, None, None).await
     }
 
-    /// Like [`Listening::bind`], over TLS when `tls` is given.
-    pub async fn bind_tls(
+    /// Like [`Listening::bind`], over TLS when `tls` is given, and closing a connection that
+    /// waits `keep_alive` for its next request (uvicorn's `timeout_keep_alive`).
+    pub async fn bind_with(
         addr: SocketAddr,
         router: Router,
         tls: Option<Arc<rustls::ServerConfig>>,
+        keep_alive: Option<Duration>,
     ) -> std::io::Result<Listening> {
         let listener = listen(addr)?;
         let addr = listener.local_addr()?;
         let tls = tls.map(TlsAcceptor::from);
-        let serving = serve(listener, router.clone(), tls.clone());
+        let open = Arc::new(AtomicU64::new(0));
+        let serving = serve(
+            listener,
+            router.clone(),
+            tls.clone(),
+            keep_alive,
+            open.clone(),
+        );
         Ok(Listening {
             addr,
             router,
             tls,
+            keep_alive,
+            open,
             serving: Some(serving),
         })
+    }
+
+    /// Client connections open now.
+    pub fn connections(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -64,7 +89,13 @@ impl Listening {
     pub async fn resume(&mut self) -> std::io::Result<()> {
         if self.serving.is_none() {
             let listener = listen(self.addr)?;
-            self.serving = Some(serve(listener, self.router.clone(), self.tls.clone()));
+            self.serving = Some(serve(
+                listener,
+                self.router.clone(),
+                self.tls.clone(),
+                self.keep_alive,
+                self.open.clone(),
+            ));
         }
         Ok(())
     }
@@ -89,25 +120,6 @@ impl Drop for Listening {
         if let Some(serving) = self.serving.take() {
             let _ = serving.stop.send(());
         }
-    }
-}
-
-/// A listener that reports when axum has dropped it.
-struct ReportingListener<L> {
-    inner: L,
-    _closed: oneshot::Sender<()>,
-}
-
-impl<L: axum::serve::Listener> axum::serve::Listener for ReportingListener<L> {
-    type Io = L::Io;
-    type Addr = L::Addr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        self.inner.accept().await
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
     }
 }
 
@@ -137,39 +149,78 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-fn serve(listener: TcpListener, router: Router, tls: Option<TlsAcceptor>) -> Serving {
+/// Serves `router` on `listener` until `stop`: each connection on its own task, over HTTP/1 as
+/// axum's `serve` does, with hyper's timer closing a connection that has waited `keep_alive`
+/// for its next request's head. Stopping drops the listener (new connections are refused) and
+/// tells the connections to close once their request in flight is answered.
+fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    keep_alive: Option<Duration>,
+    open: Arc<AtomicU64>,
+) -> Serving {
     let (stop, stop_rx) = oneshot::channel::<()>();
     let (closed_tx, listener_closed) = oneshot::channel();
-    tokio::spawn(async move {
-        let signal = async {
-            let _ = stop_rx.await;
-        };
-        let _ = match tls {
-            None => {
-                let listener = ReportingListener {
-                    inner: listener,
-                    _closed: closed_tx,
-                };
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(signal)
-                    .await
-            }
+    let mut http = hyper::server::conn::http1::Builder::new();
+    if let Some(idle) = keep_alive {
+        http.timer(TokioTimer::new()).header_read_timeout(idle);
+    }
+    let (closing, closing_rx) = watch::channel(false);
+    let accepting = async move {
+        match tls {
+            None => accept_loop(listener, http, router, closing_rx, open).await,
             Some(acceptor) => {
-                let listener = ReportingListener {
-                    inner: TlsListener {
-                        tcp: listener,
-                        acceptor,
-                    },
-                    _closed: closed_tx,
+                let listener = TlsListener {
+                    tcp: listener,
+                    acceptor,
                 };
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(signal)
-                    .await
+                accept_loop(listener, http, router, closing_rx, open).await
             }
-        };
+        }
+    };
+    tokio::spawn(async move {
+        // Stopping drops `accepting`, and the listener with it.
+        tokio::select! {
+            _ = stop_rx => {}
+            () = accepting => {}
+        }
+        let _ = closing.send(true);
+        drop(closed_tx);
     });
     Serving {
         stop,
         listener_closed,
+    }
+}
+
+/// Accepts connections and serves each on its own task until it ends, or until `closing` says
+/// so (then after its request in flight, if any).
+async fn accept_loop<L: axum::serve::Listener>(
+    mut listener: L,
+    http: hyper::server::conn::http1::Builder,
+    router: Router,
+    closing: watch::Receiver<bool>,
+    open: Arc<AtomicU64>,
+) {
+    loop {
+        let (io, _) = listener.accept().await;
+        let conn = http
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()))
+            .with_upgrades();
+        let (mut closing, open) = (closing.clone(), open.clone());
+        open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                _ = conn.as_mut() => true,
+                _ = closing.wait_for(|c| *c) => false,
+            };
+            if !ended {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 }

@@ -53,7 +53,14 @@ pub struct VllmSimConfig {
     pub prefill_per_token: Duration,
     /// KV-cache blocks (16 tokens each) the prefix cache holds (0: no prefix caching).
     pub prefix_cache_blocks: usize,
+    /// How long a kept-alive connection may wait for its next request before the server closes
+    /// it: vLLM's uvicorn closes it after `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`, 5 s by default, so a
+    /// proxy that pools connections must let them go sooner or meet closed ones.
+    pub keep_alive: Duration,
 }
+
+/// vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE` default (uvicorn's `timeout_keep_alive`).
+pub const VLLM_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 impl Default for VllmSimConfig {
     fn default() -> Self {
@@ -70,6 +77,7 @@ impl Default for VllmSimConfig {
             tls: None,
             prefill_per_token: Duration::ZERO,
             prefix_cache_blocks: 4096,
+            keep_alive: VLLM_KEEP_ALIVE,
         }
     }
 }
@@ -237,8 +245,9 @@ impl VllmSim {
             prefill_queue: Mutex::default(),
             cfg,
         });
-        let tls = shared.cfg.tls.clone();
-        let listening = Listening::bind_tls(addr, router(shared.clone()), tls).await?;
+        let (tls, keep_alive) = (shared.cfg.tls.clone(), shared.cfg.keep_alive);
+        let listening =
+            Listening::bind_with(addr, router(shared.clone()), tls, Some(keep_alive)).await?;
         Ok(VllmSim { shared, listening })
     }
 
@@ -252,6 +261,11 @@ impl VllmSim {
 
     pub fn faults(&self) -> &SimFaults {
         &self.shared.faults
+    }
+
+    /// Client connections open now.
+    pub fn connections(&self) -> u64 {
+        self.listening.connections()
     }
 
     /// The body of the last inference request, byte for byte.
