@@ -51,7 +51,8 @@ enum Command {
         prefix_cache_blocks: usize,
         /// Seconds a kept-alive connection may wait for its next request before it is closed
         /// (vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`).
-        #[arg(long, env = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", default_value_t = 5)]
+        #[arg(long, env = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", default_value_t = 5,
+              value_parser = clap::value_parser!(u64).range(1..))]
         timeout_keep_alive: u64,
     },
     /// Globus Auth (introspection, token grants) and Groups (`my_groups`) on one port; set it

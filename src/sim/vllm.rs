@@ -60,7 +60,7 @@ pub struct VllmSimConfig {
 }
 
 /// vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE` default (uvicorn's `timeout_keep_alive`).
-pub const VLLM_KEEP_ALIVE: Duration = Duration::from_secs(5);
+const VLLM_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 impl Default for VllmSimConfig {
     fn default() -> Self {
